@@ -1,0 +1,37 @@
+"""vmthunder: boot many identical VMs fast.
+
+Each compute node attaches an image volume over iSCSI, caches the blocks it reads on local
+storage, re-exports its cached copy to other nodes (a relay tree) and gives each VM a local
+copy-on-write snapshot. The data path is the kernel's (open-iscsi, LIO, device-mapper); this
+package only sets it up, tracks it and tears it down. No daemon.
+
+    node = vmthunder.Node(host="cn1", cache_device="/dev/sdb", state_dir="/var/lib/vmthunder",
+                          export_ip="198.18.0.2")
+    path = node.attach(image_id, sources=[cinder_connection_info], vm_id=vm_id, snapshot="dm")
+    node.export_info(image_id, initiator="iqn....:child")   # what a child logs in with
+    node.detach(vm_id)
+"""
+import logging as _logging
+
+from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
+    Node,
+    Error,
+    InvalidArgument,
+    NotFound,
+    Busy,
+    CacheDeviceError,
+    IscsiError,
+    LioError,
+    DeviceMapperError,
+    SnapshotError,
+    RollbackError,
+    __version__,
+)
+
+# Rust `log` records arrive here through pyo3-log; operators configure the "vmthunder" logger.
+_logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
+
+__all__ = [
+    "Node", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
+    "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "__version__",
+]
