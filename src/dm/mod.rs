@@ -1,0 +1,218 @@
+//! Device-mapper through the `devicemapper` crate's ioctls (no dmsetup at run time).
+//! `table` holds the typed targets; this module creates, adopts, reloads and removes devices.
+pub mod multipath;
+pub mod snapshot;
+pub mod table;
+
+use std::{
+    fs,
+    os::unix::fs::{FileTypeExt, MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use devicemapper::{DevId, Device, DmFlags, DmName, DmOptions, DmUuid, DM};
+use log::{debug, info};
+
+pub use table::{Table, Target};
+
+use crate::error::{Error, Kind, Result};
+
+pub(crate) fn parse_err(target: &str, s: &str, why: &str) -> Error {
+    Error::new(Kind::DeviceMapper, format!("cannot parse {target} table {s:?}: {why}"))
+}
+
+/// A device of ours that exists in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmDev {
+    pub name: String,
+    pub device: Device,
+    pub open_count: i32,
+}
+
+impl DmDev {
+    /// Stable path: `/dev/mapper/<name>` (made by udev, or by us where there is no udev).
+    pub fn path(&self) -> PathBuf {
+        mapper_path(&self.name)
+    }
+}
+
+pub fn mapper_path(name: &str) -> PathBuf {
+    Path::new("/dev/mapper").join(name)
+}
+
+pub struct Dm {
+    dm: DM,
+}
+
+fn dm_name(name: &str) -> Result<&DmName> {
+    DmName::new(name).map_err(|e| Error::invalid(format!("invalid device-mapper name {name:?}: {e}")))
+}
+
+impl Dm {
+    pub fn open() -> Result<Self> {
+        DM::new()
+            .map(|dm| Dm { dm })
+            .map_err(|e| Error::new(Kind::DeviceMapper, format!("cannot open /dev/mapper/control (is dm-mod loaded?): {e}")))
+    }
+
+    /// All devices whose name starts with `prefix`.
+    pub fn list(&self, prefix: &str) -> Result<Vec<DmDev>> {
+        let mut out = Vec::new();
+        for (name, device, _) in self.dm.list_devices()? {
+            let name = name.to_string();
+            if name.starts_with(prefix) {
+                let open_count = self.info(&name)?.map_or(0, |d| d.open_count);
+                out.push(DmDev { name, device, open_count });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub fn info(&self, name: &str) -> Result<Option<DmDev>> {
+        match self.dm.device_info(&DevId::Name(dm_name(name)?)) {
+            Ok(i) => Ok(Some(DmDev { name: name.to_string(), device: i.device(), open_count: i.open_count() })),
+            Err(e) if is_enxio(&e) => Ok(None),
+            Err(e) => Err(Error::from(e).context(format!("device-mapper info {name}"))),
+        }
+    }
+
+    /// The active table, typed.
+    pub fn table(&self, name: &str) -> Result<Table> {
+        let (_, lines) = self
+            .dm
+            .table_status(&DevId::Name(dm_name(name)?), DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE))
+            .map_err(|e| Error::from(e).context(format!("read table of {name}")))?;
+        Table::from_kernel(&lines)
+    }
+
+    /// The target status line(s) (`dmsetup status`).
+    pub fn status(&self, name: &str) -> Result<Vec<String>> {
+        let (_, lines) = self
+            .dm
+            .table_status(&DevId::Name(dm_name(name)?), DmOptions::default())
+            .map_err(|e| Error::from(e).context(format!("read status of {name}")))?;
+        Ok(lines.into_iter().map(|(_, _, t, p)| format!("{t} {p}")).collect())
+    }
+
+    /// Create `name` with `table`, or adopt it if it exists with the same table (idempotent).
+    /// Returns the device and whether this call created it.
+    pub fn ensure(&self, name: &str, table: &Table) -> Result<(DmDev, bool)> {
+        if let Some(dev) = self.info(name)? {
+            let current = self.table(name)?;
+            if &current != table {
+                return Err(Error::new(
+                    Kind::DeviceMapper,
+                    format!("{name} exists with table {current} but {table} was expected; refusing to adopt"),
+                ));
+            }
+            debug!("adopted {name} ({})", dev.device);
+            ensure_node(&dev)?;
+            return Ok((dev, false));
+        }
+        let dmn = dm_name(name)?;
+        let uuid = format!("VMTHUNDER-{name}");
+        let uuid = DmUuid::new(&uuid).map_err(|e| Error::invalid(format!("invalid dm uuid {uuid:?}: {e}")))?;
+        self.dm.device_create(dmn, Some(uuid), DmOptions::default()).map_err(|e| Error::from(e).context(format!("create {name}")))?;
+        let id = DevId::Name(dmn);
+        let loaded = self
+            .dm
+            .table_load(&id, &table.to_kernel(), DmOptions::default())
+            .and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
+        if let Err(e) = loaded {
+            // Leave nothing half-built: the empty device goes again.
+            let _ = self.dm.device_remove(&id, DmOptions::default());
+            return Err(Error::from(e).context(format!("load table {table} into {name}")));
+        }
+        let dev = self.info(name)?.ok_or_else(|| Error::new(Kind::DeviceMapper, format!("{name} vanished after creation")))?;
+        ensure_node(&dev)?;
+        info!("created {name} ({}): {table}", dev.device);
+        Ok((dev, true))
+    }
+
+    /// Replace the table of a live device (suspend, load, resume): used to change paths.
+    pub fn reload(&self, name: &str, table: &Table) -> Result<()> {
+        let id = DevId::Name(dm_name(name)?);
+        self.dm.table_load(&id, &table.to_kernel(), DmOptions::default())?;
+        self.dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))?;
+        self.dm.device_suspend(&id, DmOptions::default())?;
+        info!("reloaded {name}: {table}");
+        Ok(())
+    }
+
+    pub fn message(&self, name: &str, msg: &str) -> Result<Option<String>> {
+        let id = DevId::Name(dm_name(name)?);
+        Ok(self.dm.target_msg(&id, None, msg).map_err(|e| Error::from(e).context(format!("message {msg:?} to {name}")))?.1)
+    }
+
+    /// Remove a device if it exists. A device still open is `Busy`.
+    pub fn remove(&self, name: &str) -> Result<bool> {
+        let Some(dev) = self.info(name)? else { return Ok(false) };
+        if dev.open_count > 0 {
+            return Err(Error::new(Kind::Busy, format!("{name} is open {} time(s)", dev.open_count)));
+        }
+        self.dm
+            .device_remove(&DevId::Name(dm_name(name)?), DmOptions::default())
+            .map_err(|e| Error::from(e).context(format!("remove {name}")))?;
+        remove_node(&dev);
+        info!("removed {name}");
+        Ok(true)
+    }
+}
+
+fn is_enxio(e: &devicemapper::DmError) -> bool {
+    use devicemapper::{errors::Error as CoreErr, DmError};
+    matches!(e, DmError::Core(CoreErr::Ioctl(_, _, _, errno)) if **errno == nix::errno::Errno::ENXIO)
+}
+
+/// Without udev (containers, our UML test nodes) nobody makes `/dev/mapper/<name>`: do what
+/// libdevmapper does with DM_DISABLE_UDEV and make the node ourselves.
+fn ensure_node(dev: &DmDev) -> Result<()> {
+    let path = dev.path();
+    let want = libc::makedev(dev.device.major, dev.device.minor);
+    if let Ok(md) = fs::metadata(&path) {
+        if md.file_type().is_block_device() && md.rdev() == want {
+            return Ok(());
+        }
+        let _ = fs::remove_file(&path);
+    }
+    let _ = fs::create_dir_all("/dev/mapper");
+    match nix::sys::stat::mknod(&path, nix::sys::stat::SFlag::S_IFBLK, nix::sys::stat::Mode::from_bits_truncate(0o600), want) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(Error::new(Kind::DeviceMapper, format!("mknod {}: {e}", path.display()))),
+    }
+}
+
+fn remove_node(dev: &DmDev) {
+    let path = dev.path();
+    if let Ok(md) = fs::metadata(&path) {
+        if md.file_type().is_block_device() && md.rdev() == libc::makedev(dev.device.major, dev.device.minor) {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+/// `major:minor` of a block device node.
+pub fn device_of(path: &Path) -> Result<Device> {
+    let md = fs::metadata(path).map_err(|e| Error::new(Kind::NotFound, format!("{}: {e}", path.display())))?;
+    if !md.file_type().is_block_device() {
+        return Err(Error::invalid(format!("{} is not a block device", path.display())));
+    }
+    let rdev = md.rdev();
+    Ok(Device { major: libc::major(rdev), minor: libc::minor(rdev) })
+}
+
+/// Size in 512-byte sectors of a block device, from sysfs.
+pub fn size_sectors(dev: Device) -> Result<u64> {
+    let p = format!("/sys/dev/block/{}:{}/size", dev.major, dev.minor);
+    let s = fs::read_to_string(&p).map_err(|e| Error::new(Kind::NotFound, format!("{p}: {e}")))?;
+    s.trim().parse().map_err(|_| Error::new(Kind::DeviceMapper, format!("{p}: bad size {s:?}")))
+}
+
+/// Devices that hold `dev` open through the block layer (dm devices stacked on it).
+pub fn holders(dev: Device) -> Vec<String> {
+    let p = format!("/sys/dev/block/{}:{}/holders", dev.major, dev.minor);
+    fs::read_dir(p)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,14 @@
+//! vmthunder: fast boot of many identical VMs from one image volume.
+//!
+//! Layout (each folder one part of the data path):
+//! - [`names`]: validation of caller input and the deterministic names of our kernel objects
+//! - [`dm`]: device-mapper targets and ioctls
+//! - [`iscsi`]: the open-iscsi initiator (sessions to parents)
+//! - [`lio`]: the LIO target (exports to children) through configfs
+//! - [`node`]: lifecycle of templates (one image on a node) and snapshots (one VM)
+//! - [`bindings`]: the Python module
+pub mod dm;
+pub mod error;
+pub mod names;
+
+pub use error::{Error, Kind, Result};

@@ -1,0 +1,238 @@
+//! Validation of every caller-supplied name, and the deterministic, versioned names of the
+//! objects vmthunder creates. Names are how a restarted process re-adopts kernel state, so the
+//! scheme must be parseable back: ids may not contain `_`, which separates the fields.
+use crate::error::{Error, Result};
+
+/// Bump when the layout of a stack changes; old stacks stay recognisable by their prefix.
+pub const LAYOUT_VERSION: u32 = 1;
+pub const DM_PREFIX: &str = "vmthunder-1_";
+/// IQN naming authority for the targets vmthunder exports.
+pub const IQN_AUTHORITY: &str = "iqn.2026-11.org.vmthunder";
+const MAX_ID_LEN: usize = 40;
+
+/// An image id or a VM id: `[A-Za-z0-9][A-Za-z0-9.-]*`, at most 40 characters, no `..`.
+/// Glance and Nova UUIDs fit. Returned unchanged when valid.
+pub fn validate_id<'a>(what: &str, id: &'a str) -> Result<&'a str> {
+    let bad = |why: &str| Error::invalid(format!("invalid {what} {id:?}: {why}"));
+    if id.is_empty() {
+        return Err(bad("empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(bad(&format!("longer than {MAX_ID_LEN} characters")));
+    }
+    if !id.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(bad("must start with a letter or digit"));
+    }
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.')) {
+        return Err(bad(&format!("character {c:?} not allowed (letters, digits, '-', '.')")));
+    }
+    if id.contains("..") {
+        return Err(bad("'..' not allowed"));
+    }
+    Ok(id)
+}
+
+/// A host name as it appears in our target IQNs: lower-case letters, digits, '-', '.'.
+pub fn validate_host(host: &str) -> Result<&str> {
+    validate_id("host", host)?;
+    if host.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(Error::invalid(format!("invalid host {host:?}: must be lower case (it becomes part of an IQN)")));
+    }
+    Ok(host)
+}
+
+/// An iSCSI qualified name (RFC 3720 `iqn.` form; `eui.`/`naa.` also accepted).
+pub fn validate_iqn(iqn: &str) -> Result<&str> {
+    let bad = |why: &str| Error::invalid(format!("invalid IQN {iqn:?}: {why}"));
+    if iqn.len() > 223 {
+        return Err(bad("longer than 223 bytes"));
+    }
+    if let Some(rest) = iqn.strip_prefix("iqn.") {
+        // iqn.YYYY-MM.reversed.domain[:unique]
+        let date = rest.get(..7).ok_or_else(|| bad("missing iqn.YYYY-MM date"))?;
+        let b = date.as_bytes();
+        let date_ok = b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[5..].iter().all(u8::is_ascii_digit);
+        if !date_ok || rest.as_bytes().get(7) != Some(&b'.') {
+            return Err(bad("expected iqn.YYYY-MM.naming-authority"));
+        }
+    } else if !(iqn.starts_with("eui.") || iqn.starts_with("naa.")) {
+        return Err(bad("must start with iqn., eui. or naa."));
+    }
+    if let Some(c) = iqn.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || ".-:".contains(*c))) {
+        return Err(bad(&format!("character {c:?} not allowed (lower-case letters, digits, '.', '-', ':')")));
+    }
+    Ok(iqn)
+}
+
+/// An absolute path with no `..`, whitespace or control characters (it reaches dm tables,
+/// configfs and command lines).
+pub fn validate_path<'a>(what: &str, path: &'a str) -> Result<&'a str> {
+    let bad = |why: &str| Error::invalid(format!("invalid {what} {path:?}: {why}"));
+    if !path.starts_with('/') {
+        return Err(bad("must be an absolute path"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(bad("'..' not allowed"));
+    }
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("whitespace and control characters not allowed"));
+    }
+    Ok(path)
+}
+
+/// The role of one device-mapper device in an image's stack on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// dm-multipath over the iSCSI sessions to the parents.
+    Paths,
+    /// dm-linear slice of the local cache device: cache metadata.
+    CacheMeta,
+    /// dm-linear slice of the local cache device: cached blocks.
+    CacheData,
+    /// The cache-on-read device (template volume).
+    Cache,
+    /// snapshot-origin over the cache; what LIO exports to children.
+    Origin,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [Role::Paths, Role::CacheMeta, Role::CacheData, Role::Cache, Role::Origin];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Paths => "paths",
+            Role::CacheMeta => "cmeta",
+            Role::CacheData => "cdata",
+            Role::Cache => "cache",
+            Role::Origin => "origin",
+        }
+    }
+}
+
+/// Role of a per-VM device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmRole {
+    /// dm-linear slice of the local device holding the snapshot's exceptions.
+    Cow,
+    /// The dm-snapshot the VM boots from.
+    Snap,
+}
+
+impl VmRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmRole::Cow => "cow",
+            VmRole::Snap => "snap",
+        }
+    }
+}
+
+pub fn template_dm_name(image: &str, role: Role) -> String {
+    format!("{DM_PREFIX}{image}_{}", role.as_str())
+}
+
+pub fn vm_dm_name(image: &str, vm: &str, role: VmRole) -> String {
+    format!("{DM_PREFIX}{image}_vm_{vm}_{}", role.as_str())
+}
+
+/// What a dm name of ours stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    Template { image: String, role: Role },
+    Vm { image: String, vm: String, role: VmRole },
+}
+
+/// Parse one of our dm names back; `None` for names that are not ours (or of another layout).
+pub fn parse_dm_name(name: &str) -> Option<Parsed> {
+    let rest = name.strip_prefix(DM_PREFIX)?;
+    let fields: Vec<&str> = rest.split('_').collect();
+    match fields.as_slice() {
+        [image, role] => {
+            let role = Role::ALL.into_iter().find(|r| r.as_str() == *role)?;
+            validate_id("image", image).ok()?;
+            Some(Parsed::Template { image: image.to_string(), role })
+        }
+        [image, "vm", vm, role] => {
+            let role = [VmRole::Cow, VmRole::Snap].into_iter().find(|r| r.as_str() == *role)?;
+            validate_id("image", image).ok()?;
+            validate_id("vm", vm).ok()?;
+            Some(Parsed::Vm { image: image.to_string(), vm: vm.to_string(), role })
+        }
+        _ => None,
+    }
+}
+
+/// The IQN this node exports an image under: `iqn.2026-11.org.vmthunder:<host>.<image>`.
+/// IQNs are lower case; image ids differing only in case would collide, so they are rejected
+/// by `Node` before reaching here (see `template_iqn_checked`).
+pub fn template_iqn(host: &str, image: &str) -> String {
+    format!("{IQN_AUTHORITY}:{host}.{}", image.to_ascii_lowercase())
+}
+
+/// Name of the LIO iblock backstore (configfs directory) for an image.
+pub fn backstore_name(image: &str) -> String {
+    format!("{DM_PREFIX}{image}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_accept_uuids_and_reject_dangerous_names() {
+        assert!(validate_id("image", "3f1c2a6e-8f7b-4c1d-9e2f-0a1b2c3d4e5f").is_ok());
+        assert!(validate_id("vm", "vm1.a").is_ok());
+        for bad in ["", "a/b", "..", "a..b", "a b", "a\nb", "_x", "a_b", "-a", ".a", "é", &"x".repeat(41)] {
+            let e = validate_id("image", bad).unwrap_err();
+            assert_eq!(e.kind, crate::error::Kind::InvalidArgument, "{bad:?}");
+            assert!(e.message.contains(&format!("{bad:?}")), "message names the value: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn iqns() {
+        assert!(validate_iqn("iqn.2010-10.org.openstack:volume-00000001").is_ok());
+        assert!(validate_iqn("iqn.2026-11.org.vmthunder:cn1.img").is_ok());
+        for bad in ["", "iqn", "iqn.20x0-10.org", "iqn.2010-10org", "iqn.2010-10.org:Upper", "iqn.2010-10.a b",
+                    "iqn.2010-10.a/b", "iqn.2010-10.a\n", "foo.2010-10.a"] {
+            assert!(validate_iqn(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn paths() {
+        assert!(validate_path("cache device", "/dev/sdb").is_ok());
+        for bad in ["dev/sdb", "/dev/../etc/passwd", "/dev/s b", "/dev/sd\nb"] {
+            assert!(validate_path("cache device", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for role in Role::ALL {
+            let n = template_dm_name("img-1.a", role);
+            assert!(n.len() < 128);
+            assert_eq!(parse_dm_name(&n), Some(Parsed::Template { image: "img-1.a".into(), role }));
+        }
+        for role in [VmRole::Cow, VmRole::Snap] {
+            let n = vm_dm_name("3f1c2a6e-8f7b-4c1d-9e2f-0a1b2c3d4e5f", "0a1b2c3d-8f7b-4c1d-9e2f-3f1c2a6e4e5f", role);
+            assert!(n.len() < 128, "dm names are limited to 127 bytes");
+            assert_eq!(
+                parse_dm_name(&n),
+                Some(Parsed::Vm {
+                    image: "3f1c2a6e-8f7b-4c1d-9e2f-0a1b2c3d4e5f".into(),
+                    vm: "0a1b2c3d-8f7b-4c1d-9e2f-3f1c2a6e4e5f".into(),
+                    role
+                })
+            );
+        }
+        assert_eq!(parse_dm_name("vg0-lv0"), None);
+        assert_eq!(parse_dm_name("vmthunder-1_img_bogus"), None);
+        assert_eq!(parse_dm_name("vmthunder-0_img_cache"), None);
+    }
+
+    #[test]
+    fn iqn_of_template_is_valid() {
+        let iqn = template_iqn("cn-1", "3F1C2A6E-8f7b");
+        assert_eq!(validate_iqn(&iqn), Ok(iqn.as_str()));
+    }
+}
