@@ -7,8 +7,14 @@
 //! - [`lio`]: the LIO target (exports to children) through configfs
 //! - [`node`]: lifecycle of templates (one image on a node) and snapshots (one VM)
 //! - [`bindings`]: the Python module
+pub mod cmd;
 pub mod dm;
+pub mod iscsi;
+pub mod lio;
 pub mod error;
 pub mod names;
+pub mod node;
+
+mod bindings;
 
 pub use error::{Error, Kind, Result};

@@ -1,0 +1,165 @@
+//! The Python module `vmthunder._vmthunder`: the `Node` class and one exception class per
+//! error kind. Work runs with the GIL released; Rust `log` records go to Python's `logging`
+//! under the logger name `vmthunder` (pyo3-log).
+use std::time::Duration;
+
+use pyo3::{create_exception, exceptions::PyException, prelude::*, types::{PyList, PyTuple}};
+use serde_json::Value;
+
+use crate::{
+    error::{Error as RsError, Kind},
+    node::{self, Config, SnapshotMode},
+};
+
+create_exception!(vmthunder, Error, PyException, "Base class of every vmthunder error.");
+create_exception!(vmthunder, InvalidArgument, Error, "A value passed in is malformed; nothing was created.");
+create_exception!(vmthunder, NotFound, Error, "The image, VM or device does not exist on this node.");
+create_exception!(vmthunder, Busy, Error, "The object is in use (by a VM or a child node).");
+create_exception!(vmthunder, CacheDeviceError, Error, "The local cache device is missing, not a block device or full.");
+create_exception!(vmthunder, IscsiError, Error, "open-iscsi failed: discovery, login, LUN scan or logout.");
+create_exception!(vmthunder, LioError, Error, "The LIO target (configfs) refused an operation.");
+create_exception!(vmthunder, DeviceMapperError, Error, "A device-mapper operation failed.");
+create_exception!(vmthunder, SnapshotError, Error, "Creating or removing a VM snapshot failed.");
+create_exception!(vmthunder, RollbackError, Error, "An operation failed and undoing it failed too: objects were left behind (named in the message).");
+
+fn to_py(e: RsError) -> PyErr {
+    let m = e.message;
+    match e.kind {
+        Kind::InvalidArgument => InvalidArgument::new_err(m),
+        Kind::NotFound => NotFound::new_err(m),
+        Kind::Busy => Busy::new_err(m),
+        Kind::CacheDevice => CacheDeviceError::new_err(m),
+        Kind::Iscsi => IscsiError::new_err(m),
+        Kind::Lio => LioError::new_err(m),
+        Kind::DeviceMapper => DeviceMapperError::new_err(m),
+        Kind::Snapshot => SnapshotError::new_err(m),
+        Kind::Rollback => RollbackError::new_err(m),
+    }
+}
+
+fn json_to_py(py: Python<'_>, v: &Value) -> PyResult<PyObject> {
+    Ok(py.import("json")?.call_method1("loads", (v.to_string(),))?.unbind())
+}
+
+fn py_to_json(py: Python<'_>, what: &str, obj: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let s: String = py
+        .import("json")?
+        .call_method1("dumps", (obj,))
+        .map_err(|e| InvalidArgument::new_err(format!("{what} is not JSON-like data: {e}")))?
+        .extract()?;
+    serde_json::from_str(&s).map_err(|e| InvalidArgument::new_err(format!("{what}: {e}")))
+}
+
+/// One compute node's vmthunder state. Cheap to create: all state lives in the kernel.
+#[pyclass(module = "vmthunder", frozen)]
+pub struct Node {
+    inner: node::Node,
+}
+
+#[pymethods]
+impl Node {
+    /// Node(host, cache_device, state_dir, export_ip=None, export_port=3260, engine="dm-cache",
+    ///      cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0)
+    #[new]
+    #[pyo3(signature = (host, cache_device, state_dir, export_ip=None, export_port=3260, engine="dm-cache",
+                        cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        host: &str,
+        cache_device: &str,
+        state_dir: &str,
+        export_ip: Option<String>,
+        export_port: u16,
+        engine: &str,
+        cache_block_kib: u64,
+        cache_size_mib: Option<u64>,
+        cow_size_mib: u64,
+        scan_timeout_s: f64,
+    ) -> PyResult<Self> {
+        if engine != "dm-cache" {
+            return Err(InvalidArgument::new_err(format!("invalid cache engine {engine:?}: expected \"dm-cache\"")));
+        }
+        if !(scan_timeout_s > 0.0 && scan_timeout_s <= 600.0) {
+            return Err(InvalidArgument::new_err(format!("invalid scan_timeout_s {scan_timeout_s}: 0 < t <= 600")));
+        }
+        let mut cfg = Config::new(host, cache_device, state_dir);
+        cfg.export_ip = export_ip;
+        cfg.export_port = export_port;
+        cfg.cache_block_sectors = cache_block_kib.saturating_mul(2);
+        cfg.cache_sectors = cache_size_mib.map(|m| m.saturating_mul(2048));
+        cfg.cow_sectors = cow_size_mib.saturating_mul(2048);
+        cfg.scan_timeout = Duration::from_secs_f64(scan_timeout_s);
+        let inner = py.allow_threads(|| node::Node::new(cfg)).map_err(to_py)?;
+        Ok(Node { inner })
+    }
+
+    /// Attach VM `vm_id` to image `image_id`, building the image's template from `sources`
+    /// (a list of Cinder iSCSI connection_info dicts: parents first, the origin volume last)
+    /// unless this node has it already. Returns the path the hypervisor opens: a block device
+    /// (snapshot="dm") or a qcow2 overlay file (snapshot="vmm").
+    #[pyo3(signature = (image_id, sources, vm_id, snapshot="dm"))]
+    fn attach(&self, py: Python<'_>, image_id: &str, sources: &Bound<'_, PyAny>, vm_id: &str, snapshot: &str) -> PyResult<String> {
+        if !(sources.is_instance_of::<PyList>() || sources.is_instance_of::<PyTuple>()) {
+            return Err(InvalidArgument::new_err(format!("sources must be a list of connection dicts, got {}", sources.get_type().name()?)));
+        }
+        let sources = match py_to_json(py, "sources", sources)? {
+            Value::Array(v) => v,
+            _ => unreachable!("a list dumps to a JSON array"),
+        };
+        let mode: SnapshotMode = snapshot.parse().map_err(to_py)?;
+        py.allow_threads(|| self.inner.attach(image_id, &sources, vm_id, mode)).map_err(to_py)
+    }
+
+    /// Remove the VM's snapshot; the template goes too when no VM and no child uses it.
+    fn detach(&self, py: Python<'_>, vm_id: &str) -> PyResult<()> {
+        py.allow_threads(|| self.inner.detach(vm_id)).map_err(to_py)
+    }
+
+    /// Let a child node (its initiator IQN) read this node's copy of `image_id`; returns the
+    /// connection dict (with its own CHAP credentials) the child passes to `attach`.
+    fn export_info(&self, py: Python<'_>, image_id: &str, initiator: &str) -> PyResult<PyObject> {
+        let v = py.allow_threads(|| self.inner.export_info(image_id, initiator)).map_err(to_py)?;
+        json_to_py(py, &v)
+    }
+
+    /// Tear down every template no VM and no child uses; returns their image ids.
+    fn sweep(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        py.allow_threads(|| self.inner.sweep()).map_err(to_py)
+    }
+
+    /// What this node holds, read from the kernel: templates, their devices, VMs and children.
+    fn status(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let v = py.allow_threads(|| self.inner.status()).map_err(to_py)?;
+        json_to_py(py, &v)
+    }
+
+    #[getter]
+    fn host(&self) -> String {
+        self.inner.config().host.clone()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        format!("Node(host={:?}, cache_device={:?}, state_dir={:?}, export_ip={:?})", c.host, c.cache_device, c.state_dir, c.export_ip)
+    }
+}
+
+#[pymodule]
+fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    pyo3_log::init();
+    let py = m.py();
+    m.add_class::<Node>()?;
+    m.add("Error", py.get_type::<Error>())?;
+    m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
+    m.add("NotFound", py.get_type::<NotFound>())?;
+    m.add("Busy", py.get_type::<Busy>())?;
+    m.add("CacheDeviceError", py.get_type::<CacheDeviceError>())?;
+    m.add("IscsiError", py.get_type::<IscsiError>())?;
+    m.add("LioError", py.get_type::<LioError>())?;
+    m.add("DeviceMapperError", py.get_type::<DeviceMapperError>())?;
+    m.add("SnapshotError", py.get_type::<SnapshotError>())?;
+    m.add("RollbackError", py.get_type::<RollbackError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! Run an external tool (iscsiadm, qemu-img) with arguments passed as a vector (never a shell),
+//! a bounded run time, and secrets masked in logs and errors.
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use log::debug;
+
+use crate::error::{Error, Kind, Result};
+
+pub struct Output {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `program args...`; `secret` words are shown as `***`. Fails with `kind` when the tool
+/// cannot start or outlives `timeout`; a non-zero exit is returned, not an error.
+pub fn run(kind: Kind, program: &str, args: &[&str], secrets: &[&str], timeout: Duration) -> Result<Output> {
+    let shown = std::iter::once(program)
+        .chain(args.iter().map(|a| if secrets.contains(a) { "***" } else { a }))
+        .collect::<Vec<_>>()
+        .join(" ");
+    debug!("run: {shown}");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::new(kind, format!("cannot run {program}: {e}")))?;
+    let mut out_pipe = child.stdout.take().expect("piped");
+    let mut err_pipe = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out_pipe.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| Error::new(kind, format!("{shown}: {e}")))? {
+            break st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::new(kind, format!("{shown}: no answer within {}s, killed", timeout.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    Ok(Output { status: status.code().unwrap_or(-1), stdout, stderr })
+}
+
+/// Like `run`, but a non-zero exit is an error naming the command and its stderr.
+pub fn check(kind: Kind, program: &str, args: &[&str], secrets: &[&str], timeout: Duration) -> Result<Output> {
+    let out = run(kind, program, args, secrets, timeout)?;
+    if out.status != 0 {
+        let shown: Vec<&str> = args.iter().map(|a| if secrets.contains(a) { "***" } else { *a }).collect();
+        return Err(Error::new(
+            kind,
+            format!("{program} {} failed (exit {}): {}", shown.join(" "), out.status, out.stderr.trim()),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,249 @@
+//! The LIO target side, through configfs only (as rtslib does: configfs is the single source of
+//! truth, nothing is cached). One iblock backstore, one target IQN with TPG 1 and LUN 0 per
+//! exported image; one ACL with CHAP per child initiator; never demo mode (open to all).
+use std::{
+    fs,
+    io::ErrorKind,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+};
+
+use log::{info, warn};
+
+use crate::{
+    error::{Error, IoContext, Kind, Result},
+    iscsi::{Chap, Source, Target},
+    names,
+};
+
+pub const CONFIGFS: &str = "/sys/kernel/config/target";
+/// The HBA our backstores live under.
+const HBA: &str = "iblock_0";
+
+/// An image exported by this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    pub iqn: String,
+    pub backstore: String,
+    pub portal: String,
+}
+
+pub struct Lio {
+    root: PathBuf,
+}
+
+fn w(path: &Path, value: &str) -> Result<()> {
+    fs::write(path, value).io_ctx(Kind::Lio, || format!("write {value:?} to {}", path.display()))
+}
+
+fn mkdir(path: &Path) -> Result<bool> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::new(Kind::Lio, format!("mkdir {}: {e}", path.display()))),
+    }
+}
+
+fn rmdir(path: &Path, errs: &mut Vec<String>) {
+    match fs::remove_dir(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => errs.push(format!("rmdir {}: {e}", path.display())),
+    }
+}
+
+fn unlink(path: &Path, errs: &mut Vec<String>) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => errs.push(format!("unlink {}: {e}", path.display())),
+    }
+}
+
+fn subdirs(path: &Path) -> Vec<PathBuf> {
+    fs::read_dir(path)
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// A CHAP secret: 16 characters from the kernel's random pool.
+fn random_secret() -> Result<String> {
+    let mut buf = [0u8; 16];
+    use std::io::Read;
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).io_ctx(Kind::Lio, || "read /dev/urandom".into())?;
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    Ok(buf.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect())
+}
+
+impl Lio {
+    pub fn new() -> Result<Self> {
+        let root = PathBuf::from(CONFIGFS);
+        if !root.join("core").is_dir() {
+            return Err(Error::new(Kind::Lio, format!("{CONFIGFS}/core missing: load target_core_mod and mount configfs")));
+        }
+        // Creating the fabric directory loads iscsi_target_mod on demand.
+        mkdir(&root.join("iscsi"))?;
+        Ok(Lio { root })
+    }
+
+    fn backstore_dir(&self, name: &str) -> PathBuf {
+        self.root.join("core").join(HBA).join(name)
+    }
+    fn tpg_dir(&self, iqn: &str) -> PathBuf {
+        self.root.join("iscsi").join(iqn).join("tpgt_1")
+    }
+
+    /// Export `device` read-only as LUN 0 of `iqn` on `portal`, idempotently. On failure the
+    /// objects this call created are removed again.
+    pub fn export(&self, iqn: &str, backstore: &str, device: &Path, portal: &str) -> Result<Export> {
+        names::validate_iqn(iqn)?;
+        let dev = device.to_str().ok_or_else(|| Error::invalid(format!("device path {device:?} is not UTF-8")))?;
+        names::validate_path("device", dev)?;
+        let exp = Export { iqn: iqn.to_string(), backstore: backstore.to_string(), portal: portal.to_string() };
+        let r = self.export_steps(&exp, dev);
+        if let Err(e) = r {
+            if let Err(left) = self.unexport(&exp) {
+                return Err(Error::new(Kind::Rollback, format!("{e}; rollback left: {left}")));
+            }
+            return Err(e);
+        }
+        Ok(exp)
+    }
+
+    fn export_steps(&self, exp: &Export, dev: &str) -> Result<()> {
+        let so = self.backstore_dir(&exp.backstore);
+        mkdir(&so.parent().unwrap().to_path_buf())?;
+        if mkdir(&so)? {
+            w(&so.join("control"), &format!("udev_path={dev},readonly=1"))?;
+            w(&so.join("enable"), "1")?;
+        } else {
+            let cur = fs::read_to_string(so.join("udev_path")).unwrap_or_default();
+            if cur.trim() != dev {
+                return Err(Error::new(Kind::Lio, format!("backstore {} exists for {:?}, not {dev}", so.display(), cur.trim())));
+            }
+        }
+        let tpg = self.tpg_dir(&exp.iqn);
+        fs::create_dir_all(&tpg).io_ctx(Kind::Lio, || format!("mkdir {}", tpg.display()))?;
+        let lun = tpg.join("lun/lun_0");
+        if mkdir(&lun)? {
+            symlink(&so, lun.join("vmthunder")).io_ctx(Kind::Lio, || format!("link LUN 0 of {}", exp.iqn))?;
+        }
+        mkdir(&tpg.join("np").join(&exp.portal))?;
+        // Only initiators with an ACL and the right CHAP secret get in.
+        w(&tpg.join("attrib/generate_node_acls"), "0")?;
+        w(&tpg.join("attrib/demo_mode_write_protect"), "1")?;
+        w(&tpg.join("attrib/authentication"), "1")?;
+        w(&tpg.join("enable"), "1")?;
+        info!("exported {dev} as {} on {}", exp.iqn, exp.portal);
+        Ok(())
+    }
+
+    /// Allow `initiator` to log in (read-only) with CHAP; returns its credentials. Calling it
+    /// again returns the credentials already in configfs.
+    pub fn allow(&self, iqn: &str, initiator: &str) -> Result<Chap> {
+        names::validate_iqn(initiator)?;
+        let tpg = self.tpg_dir(iqn);
+        if !tpg.is_dir() {
+            return Err(Error::new(Kind::NotFound, format!("{iqn} is not exported on this node")));
+        }
+        let acl = tpg.join("acls").join(initiator);
+        let created = mkdir(&acl)?;
+        let r = (|| {
+            let user = fs::read_to_string(acl.join("auth/userid")).unwrap_or_default().trim().to_string();
+            let pass = fs::read_to_string(acl.join("auth/password")).unwrap_or_default().trim().to_string();
+            let chap = if user.is_empty() || pass.is_empty() {
+                let c = Chap { username: format!("vmt{}", &random_secret()?[..8]), password: random_secret()? };
+                w(&acl.join("auth/userid"), &c.username)?;
+                w(&acl.join("auth/password"), &c.password)?;
+                c
+            } else {
+                Chap { username: user, password: pass }
+            };
+            let mlun = acl.join("lun_0");
+            if mkdir(&mlun)? {
+                symlink(tpg.join("lun/lun_0"), mlun.join("vmthunder")).io_ctx(Kind::Lio, || format!("map LUN 0 for {initiator}"))?;
+                w(&mlun.join("write_protect"), "1")?;
+            }
+            Ok(chap)
+        })();
+        if r.is_err() && created {
+            let mut errs = vec![];
+            self.remove_acl(&acl, &mut errs);
+        }
+        if r.is_ok() && created {
+            info!("allowed {initiator} to read {iqn}");
+        }
+        r
+    }
+
+    /// What a child logs in with.
+    pub fn source_for(&self, exp_iqn: &str, portal: &str, chap: Chap) -> Source {
+        Source { targets: vec![Target { portal: portal.to_string(), iqn: exp_iqn.to_string(), lun: 0 }], chap: Some(chap) }
+    }
+
+    /// Initiators with a live session on `iqn`.
+    pub fn active_sessions(&self, iqn: &str) -> Vec<String> {
+        subdirs(&self.tpg_dir(iqn).join("acls"))
+            .into_iter()
+            .filter(|acl| fs::read_to_string(acl.join("info")).map_or(false, |s| s.contains("LIO Session ID")))
+            .filter_map(|acl| acl.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    pub fn acls(&self, iqn: &str) -> Vec<String> {
+        subdirs(&self.tpg_dir(iqn).join("acls")).iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect()
+    }
+
+    /// Our targets in configfs: `(iqn, backstore device)`.
+    pub fn exports(&self) -> Vec<String> {
+        let prefix = format!("{}:", names::IQN_AUTHORITY);
+        subdirs(&self.root.join("iscsi"))
+            .into_iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    }
+
+    fn remove_acl(&self, acl: &Path, errs: &mut Vec<String>) {
+        for mlun in subdirs(acl).into_iter().filter(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with("lun_"))) {
+            unlink(&mlun.join("vmthunder"), errs);
+            rmdir(&mlun, errs);
+        }
+        rmdir(acl, errs);
+    }
+
+    /// Remove the export completely (ACLs, LUN, portal, TPG, target, backstore). Every step is
+    /// tried; the failures are gathered into one error naming what was left.
+    pub fn unexport(&self, exp: &Export) -> std::result::Result<(), String> {
+        let mut errs = Vec::new();
+        let tpg = self.tpg_dir(&exp.iqn);
+        if tpg.is_dir() {
+            let _ = fs::write(tpg.join("enable"), "0");
+            for acl in subdirs(&tpg.join("acls")) {
+                self.remove_acl(&acl, &mut errs);
+            }
+            let lun = tpg.join("lun/lun_0");
+            unlink(&lun.join("vmthunder"), &mut errs);
+            rmdir(&lun, &mut errs);
+            for np in subdirs(&tpg.join("np")) {
+                rmdir(&np, &mut errs);
+            }
+            rmdir(&tpg, &mut errs);
+        }
+        rmdir(&self.root.join("iscsi").join(&exp.iqn), &mut errs);
+        rmdir(&self.backstore_dir(&exp.backstore), &mut errs);
+        // The HBA goes with its last backstore; busy means someone else still uses it.
+        let hba = self.root.join("core").join(HBA);
+        if subdirs(&hba).is_empty() {
+            if let Err(e) = fs::remove_dir(&hba) {
+                warn!("kept {}: {e}", hba.display());
+            }
+        }
+        if errs.is_empty() {
+            info!("unexported {}", exp.iqn);
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! One compute node: the lifecycle of templates (one image on this node:
+//! iSCSI sessions -> multipath -> cache on the local device -> snapshot-origin -> LIO export) and
+//! of snapshots (one VM: a dm-snapshot with its COW on the local device, or a qcow2 overlay).
+//!
+//! Nothing is kept in memory between calls: every call reads the kernel (dm tables, configfs,
+//! iSCSI sessions) and the state dir, so a new process sees exactly what an old one built.
+//! Every step adopts what exists, and a failed call undoes what it created.
+pub mod carve;
+pub mod lock;
+pub mod rollback;
+mod template;
+mod vm;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use devicemapper::Device;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    dm::{self, Dm},
+    error::{Error, Kind, Result},
+    iscsi::Source,
+    lio::Lio,
+    names::{self, Parsed, Role},
+};
+
+/// How a VM's writable disk is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// dm-snapshot with its COW on the local device; the VM gets a block device.
+    Dm,
+    /// qcow2 overlay over the template device, made with qemu-img; the VM gets a file.
+    Vmm,
+}
+
+impl std::str::FromStr for SnapshotMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dm" => Ok(SnapshotMode::Dm),
+            "vmm" => Ok(SnapshotMode::Vmm),
+            _ => Err(Error::invalid(format!("invalid snapshot mode {s:?}: expected \"dm\" or \"vmm\""))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's name in IQNs and in the registry (lower case).
+    pub host: String,
+    /// The local block device carved for caches and COWs of all images.
+    pub cache_device: PathBuf,
+    /// Locks and qcow2 overlays.
+    pub state_dir: PathBuf,
+    /// Where children reach this node's exports; `None`: this node does not relay.
+    pub export_ip: Option<String>,
+    pub export_port: u16,
+    /// dm-cache block size in sectors (multiple of 64).
+    pub cache_block_sectors: u64,
+    /// Cache data per image; `None`: as large as the image.
+    pub cache_sectors: Option<u64>,
+    /// COW space per VM (dm mode).
+    pub cow_sectors: u64,
+    /// How long to wait for a LUN to appear after a scan.
+    pub scan_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(host: &str, cache_device: &str, state_dir: &str) -> Self {
+        Config {
+            host: host.to_string(),
+            cache_device: cache_device.into(),
+            state_dir: state_dir.into(),
+            export_ip: None,
+            export_port: 3260,
+            cache_block_sectors: 128,
+            cache_sectors: None,
+            cow_sectors: 2 * 1024 * 1024, // 1 GiB
+            scan_timeout: Duration::from_secs(15),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        names::validate_host(&self.host)?;
+        let cd = self.cache_device.to_str().ok_or_else(|| Error::invalid("cache device path is not UTF-8"))?;
+        names::validate_path("cache device", cd)?;
+        let sd = self.state_dir.to_str().ok_or_else(|| Error::invalid("state dir path is not UTF-8"))?;
+        names::validate_path("state dir", sd)?;
+        if let Some(ip) = &self.export_ip {
+            ip.parse::<std::net::Ipv4Addr>().map_err(|_| Error::invalid(format!("invalid export IP {ip:?}: expected IPv4")))?;
+        }
+        if self.export_port == 0 {
+            return Err(Error::invalid("invalid export port 0"));
+        }
+        let b = self.cache_block_sectors;
+        if !(64..=2_097_152).contains(&b) || b % 64 != 0 {
+            return Err(Error::invalid(format!("invalid cache block size {} KiB: a multiple of 32 KiB, 32 KiB..1 GiB", b / 2)));
+        }
+        if self.cow_sectors < 2048 {
+            return Err(Error::invalid(format!("invalid COW size {} KiB: at least 1 MiB", self.cow_sectors / 2)));
+        }
+        Ok(())
+    }
+}
+
+pub struct Node {
+    cfg: Config,
+    cache_dev: Device,
+    cache_total: u64,
+}
+
+/// What `status()` reports of one image.
+#[derive(Debug, Serialize)]
+pub struct TemplateStatus {
+    pub devices: BTreeMap<String, String>,
+    pub complete: bool,
+    pub size_bytes: u64,
+    pub vms: Vec<String>,
+    pub export_iqn: Option<String>,
+    pub children: Vec<String>,
+    pub child_acls: Vec<String>,
+    pub cache_status: Option<String>,
+}
+
+impl Node {
+    pub fn new(cfg: Config) -> Result<Self> {
+        cfg.validate()?;
+        let cache_dev = dm::device_of(&cfg.cache_device)
+            .map_err(|e| Error::new(Kind::CacheDevice, format!("cache device {}: {}", cfg.cache_device.display(), e.message)))?;
+        let cache_total = dm::size_sectors(cache_dev)?;
+        if cache_total < 16 * 2048 {
+            return Err(Error::new(
+                Kind::CacheDevice,
+                format!("cache device {} has {} KiB: at least 16 MiB needed", cfg.cache_device.display(), cache_total / 2),
+            ));
+        }
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| Error::invalid(format!("state dir {}: {e}", cfg.state_dir.display())))?;
+        Ok(Node { cfg, cache_dev, cache_total })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn lock_image(&self, image: &str) -> Result<lock::Lock> {
+        lock::acquire(&self.cfg.state_dir.join("locks"), &format!("image-{image}"), Duration::from_secs(120))
+    }
+
+    fn lock_space(&self) -> Result<lock::Lock> {
+        lock::acquire(&self.cfg.state_dir.join("locks"), "local-device", Duration::from_secs(60))
+    }
+
+    fn vmm_dir(&self, image: &str) -> PathBuf {
+        self.cfg.state_dir.join("vmm").join(image)
+    }
+
+    /// Attach VM `vm` to image `image`: build (or reuse) the image's template from `sources`
+    /// and give the VM its own writable snapshot. Returns the path to hand the hypervisor.
+    pub fn attach(&self, image: &str, sources: &[Value], vm: &str, mode: SnapshotMode) -> Result<String> {
+        names::validate_id("image id", image)?;
+        names::validate_id("VM id", vm)?;
+        let sources = sources.iter().map(Source::from_json).collect::<Result<Vec<_>>>()?;
+        let dm = Dm::open()?;
+        if let Some((other, _)) = self.find_vm(&dm, vm)? {
+            if other != image {
+                return Err(Error::new(Kind::Busy, format!("VM {vm:?} is already attached to image {other:?}")));
+            }
+        }
+        let _lock = self.lock_image(image)?;
+        let mut undo = rollback::Undo::default();
+        let result = (|| {
+            let t = template::ensure(self, &dm, image, &sources, &mut undo)?;
+            vm::ensure(self, &dm, &t, vm, mode, &mut undo)
+        })();
+        match result {
+            Ok(path) => {
+                undo.commit();
+                log::info!("attached VM {vm} to image {image}: {path}");
+                Ok(path)
+            }
+            Err(e) => Err(undo.rollback(e.context(format!("attach VM {vm:?} to image {image:?}")))),
+        }
+    }
+
+    /// Remove a VM's snapshot; the template goes too when no VM and no child uses it.
+    pub fn detach(&self, vm: &str) -> Result<()> {
+        names::validate_id("VM id", vm)?;
+        let dm = Dm::open()?;
+        let (image, mode) = self.find_vm(&dm, vm)?.ok_or_else(|| Error::new(Kind::NotFound, format!("VM {vm:?} is not attached on this node")))?;
+        let _lock = self.lock_image(&image)?;
+        vm::remove(self, &dm, &image, vm, mode)?;
+        log::info!("detached VM {vm} from image {image}");
+        template::release_if_unused(self, &dm, &image)?;
+        Ok(())
+    }
+
+    /// Tear down every template that no VM and no child uses (after children left).
+    pub fn sweep(&self) -> Result<Vec<String>> {
+        let dm = Dm::open()?;
+        let mut removed = Vec::new();
+        for image in self.images(&dm)? {
+            let _lock = self.lock_image(&image)?;
+            if template::release_if_unused(self, &dm, &image)? {
+                removed.push(image);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The connection info a child node (`initiator`) attaches with: this node's export of
+    /// `image`, with CHAP credentials of its own.
+    pub fn export_info(&self, image: &str, initiator: &str) -> Result<Value> {
+        names::validate_id("image id", image)?;
+        names::validate_iqn(initiator)?;
+        let ip = self.cfg.export_ip.as_ref().ok_or_else(|| {
+            Error::new(Kind::Lio, format!("host {} has no export_ip: it does not relay", self.cfg.host))
+        })?;
+        let _lock = self.lock_image(image)?;
+        let iqn = names::template_iqn(&self.cfg.host, image);
+        let lio = Lio::new()?;
+        let chap = lio.allow(&iqn, initiator).map_err(|e| {
+            if e.kind == Kind::NotFound { Error::new(Kind::NotFound, format!("image {image:?} is not exported by {}", self.cfg.host)) } else { e }
+        })?;
+        Ok(lio.source_for(&iqn, &format!("{ip}:{}", self.cfg.export_port), chap).to_json())
+    }
+
+    /// Images with at least one device of ours on this node.
+    fn images(&self, dm: &Dm) -> Result<Vec<String>> {
+        let mut v: Vec<String> = dm
+            .list(names::DM_PREFIX)?
+            .into_iter()
+            .filter_map(|d| match names::parse_dm_name(&d.name)? {
+                Parsed::Template { image, .. } | Parsed::Vm { image, .. } => Some(image),
+            })
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("vmm")) {
+            v.extend(rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()));
+        }
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// `(image, mode)` of a VM, from the dm names and the overlay files.
+    fn find_vm(&self, dm: &Dm, vm: &str) -> Result<Option<(String, SnapshotMode)>> {
+        for d in dm.list(names::DM_PREFIX)? {
+            if let Some(Parsed::Vm { image, vm: v, .. }) = names::parse_dm_name(&d.name) {
+                if v == vm {
+                    return Ok(Some((image, SnapshotMode::Dm)));
+                }
+            }
+        }
+        for image in self.images(dm)? {
+            if vm::overlay_path(self, &image, vm).exists() {
+                return Ok(Some((image, SnapshotMode::Vmm)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// VMs using an image, both modes.
+    fn vms_of(&self, dm: &Dm, image: &str) -> Result<Vec<String>> {
+        let mut v: Vec<String> = dm
+            .list(names::DM_PREFIX)?
+            .into_iter()
+            .filter_map(|d| match names::parse_dm_name(&d.name)? {
+                Parsed::Vm { image: i, vm, role: names::VmRole::Snap } if i == image => Some(vm),
+                _ => None,
+            })
+            .collect();
+        v.extend(vm::overlays(self, image));
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        let dm = Dm::open()?;
+        let lio = Lio::new().ok();
+        let mut templates = BTreeMap::new();
+        for image in self.images(&dm)? {
+            let devs = template::devices(&dm, &image)?;
+            let iqn = names::template_iqn(&self.cfg.host, &image);
+            let exported = lio.as_ref().is_some_and(|l| l.exports().contains(&iqn));
+            let size_bytes = devs.get(&Role::Cache).and_then(|d| dm::size_sectors(d.device).ok()).unwrap_or(0) * 512;
+            let cache_status = devs.get(&Role::Cache).and_then(|d| dm.status(&d.name).ok()).map(|s| s.join("; "));
+            templates.insert(
+                image.clone(),
+                TemplateStatus {
+                    complete: Role::ALL.iter().all(|r| devs.contains_key(r)),
+                    devices: devs.iter().map(|(r, d)| (r.as_str().to_string(), d.path().display().to_string())).collect(),
+                    size_bytes,
+                    vms: self.vms_of(&dm, &image)?,
+                    children: if exported { lio.as_ref().map(|l| l.active_sessions(&iqn)).unwrap_or_default() } else { vec![] },
+                    child_acls: if exported { lio.as_ref().map(|l| l.acls(&iqn)).unwrap_or_default() } else { vec![] },
+                    export_iqn: exported.then_some(iqn),
+                    cache_status,
+                },
+            );
+        }
+        let used: u64 = carve::used_extents(&dm, self.cache_dev)?.iter().map(|u| u.1).sum();
+        Ok(serde_json::json!({
+            "host": self.cfg.host,
+            "cache_device": self.cfg.cache_device,
+            "local_device_bytes": self.cache_total * 512,
+            "local_device_used_bytes": used * 512,
+            "templates": templates,
+        }))
+    }
+}
+
+/// Zero the head of a fresh slice: dm-cache and dm-snapshot format their metadata only when
+/// they find zeroes there (a reused slice would otherwise look like a stale cache or COW).
+fn zero_head(path: &Path, bytes: usize) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::new(Kind::DeviceMapper, format!("open {}: {e}", path.display())))?;
+    f.write_all(&vec![0u8; bytes])
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::new(Kind::DeviceMapper, format!("zero {}: {e}", path.display())))
+}

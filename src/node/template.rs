@@ -1,0 +1,214 @@
+//! A template: one image on this node, shared by all its VMs and children.
+//! paths (dm-multipath over the iSCSI sessions to the parents, the origin volume last)
+//!   -> cache (dm-cache over the paths, metadata and data carved from the local device)
+//!   -> origin (snapshot-origin over the cache)
+//!   -> LIO export of the origin, read-only, for children.
+use std::collections::BTreeMap;
+
+use devicemapper::{CacheTargetParams, Device, Sectors};
+use log::{info, warn};
+
+use super::{carve, rollback::Undo, zero_head, Node};
+use crate::{
+    dm::{self, multipath::MultipathParams, snapshot::SnapshotOriginParams, Dm, DmDev, Table, Target},
+    error::{Error, Kind, Result},
+    iscsi::{self, Source},
+    lio::{Export, Lio},
+    names::{self, Role},
+};
+
+/// The parts of a built template the VM layer needs.
+pub struct Template {
+    pub image: String,
+    /// The cache device: the "real" device dm-snapshots read from.
+    pub cache: DmDev,
+    /// The snapshot-origin device: what is exported and what qcow2 overlays read from.
+    pub origin: DmDev,
+    pub sectors: u64,
+}
+
+pub fn devices(dm: &Dm, image: &str) -> Result<BTreeMap<Role, DmDev>> {
+    let mut m = BTreeMap::new();
+    for role in Role::ALL {
+        if let Some(d) = dm.info(&names::template_dm_name(image, role))? {
+            m.insert(role, d);
+        }
+    }
+    Ok(m)
+}
+
+fn export_of(node: &Node, image: &str) -> Option<Export> {
+    let ip = node.cfg.export_ip.as_ref()?;
+    Some(Export {
+        iqn: names::template_iqn(&node.cfg.host, image),
+        backstore: names::backstore_name(image),
+        portal: format!("{ip}:{}", node.cfg.export_port),
+    })
+}
+
+/// Create `name` with `table` (or adopt it), registering its removal with `undo` if created.
+fn ensure_dev<'a>(dm: &'a Dm, undo: &mut Undo<'a>, name: String, table: &Table) -> Result<DmDev> {
+    let (dev, created) = dm.ensure(&name, table)?;
+    if created {
+        undo.push(format!("device {name}"), move || dm.remove(&name).map(|_| ()).map_err(|e| e.to_string()));
+    }
+    Ok(dev)
+}
+
+pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], undo: &mut Undo<'a>) -> Result<Template> {
+    let have = devices(dm, image)?;
+    let paths_name = names::template_dm_name(image, Role::Paths);
+    let paths = match have.get(&Role::Paths) {
+        Some(p) => {
+            if !sources.is_empty() {
+                info!("image {image}: template exists, sources of this call not needed");
+            }
+            p.clone()
+        }
+        None => {
+            if sources.is_empty() {
+                return Err(Error::invalid(format!("image {image:?} is not on this node yet: at least one source is needed")));
+            }
+            let disks = login_all(node, sources, undo)?;
+            let sectors = dm::size_sectors(disks[0])?;
+            for d in &disks[1..] {
+                let s = dm::size_sectors(*d)?;
+                if s != sectors {
+                    return Err(Error::invalid(format!("sources of image {image:?} differ in size: {sectors} and {s} sectors")));
+                }
+            }
+            // Failover order = the order of `sources`: parents first, the origin last.
+            let table = Table::single(sectors, Target::Multipath(MultipathParams::failover(&disks, false)));
+            ensure_dev(dm, undo, paths_name, &table)?
+        }
+    };
+    let sectors = dm::size_sectors(paths.device)?;
+
+    // Cache: metadata and data slices of the local device.
+    let block = node.cfg.cache_block_sectors;
+    let data_sectors = node.cfg.cache_sectors.unwrap_or(sectors).min(sectors).div_ceil(block) * block;
+    let nblocks = data_sectors / block;
+    // dm-cache needs ~16 bytes per block plus a fixed part; be generous, it is small.
+    let meta_sectors = ((8u64 << 20) + nblocks * 64).div_ceil(1 << 20) * 2048;
+    let (meta, data) = {
+        let _space = node.lock_space()?;
+        let mut slice = |role: Role, want: u64, what: &str| -> Result<(DmDev, bool)> {
+            let name = names::template_dm_name(image, role);
+            let table = match dm.info(&name)? {
+                Some(_) => dm.table(&name)?,
+                None => carve::plan_slice(dm, node.cache_dev, node.cache_total, want, what)?,
+            };
+            let created = dm.info(&name)?.is_none();
+            Ok((ensure_dev(dm, undo, name, &table)?, created))
+        };
+        let (meta, meta_new) = slice(Role::CacheMeta, meta_sectors, &format!("the cache metadata of image {image}"))?;
+        let (data, _) = slice(Role::CacheData, data_sectors, &format!("the cache of image {image}"))?;
+        if meta_new {
+            zero_head(&meta.path(), 1 << 20)?;
+        }
+        (meta, data)
+    };
+    let cache_table = Table::single(
+        sectors,
+        Target::Cache(CacheTargetParams::new(
+            meta.device,
+            data.device,
+            paths.device,
+            Sectors(block),
+            vec!["writethrough".into()],
+            "smq".into(),
+            vec![],
+        )),
+    );
+    let cache = ensure_dev(dm, undo, names::template_dm_name(image, Role::Cache), &cache_table)?;
+    let origin_table = Table::single(sectors, Target::SnapshotOrigin(SnapshotOriginParams { origin: cache.device }));
+    let origin = ensure_dev(dm, undo, names::template_dm_name(image, Role::Origin), &origin_table)?;
+
+    if let Some(exp) = export_of(node, image) {
+        let lio = Lio::new()?;
+        let existed = lio.exports().contains(&exp.iqn);
+        lio.export(&exp.iqn, &exp.backstore, &origin.path(), &exp.portal)?;
+        if !existed {
+            undo.push(format!("export {}", exp.iqn), move || lio.unexport(&exp));
+        }
+    }
+    Ok(Template { image: image.to_string(), cache, origin, sectors })
+}
+
+/// Log in to every path of every source; the block devices in source order.
+fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result<Vec<Device>> {
+    let mut disks = Vec::new();
+    for src in sources {
+        for t in &src.targets {
+            let (session, created) = iscsi::login(t, src.chap.as_ref())?;
+            if created {
+                let t = t.clone();
+                undo.push(format!("iSCSI session to {} at {}", t.iqn, t.portal), move || {
+                    iscsi::logout_if_unused(&t).map(|_| ()).map_err(|e| e.to_string())
+                });
+            }
+            let disk = iscsi::scan_lun(&session, t.lun, node.cfg.scan_timeout)?;
+            disks.push(dm::device_of(&disk)?);
+        }
+    }
+    Ok(disks)
+}
+
+/// Tear the template down if no VM and no child session uses it. Returns whether it went.
+pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
+    let vms = node.vms_of(dm, image)?;
+    if !vms.is_empty() {
+        info!("image {image}: kept, used by VMs {vms:?}");
+        return Ok(false);
+    }
+    let lio = Lio::new().ok();
+    let export = export_of(node, image);
+    if let (Some(l), Some(exp)) = (&lio, &export) {
+        let children = l.active_sessions(&exp.iqn);
+        if !children.is_empty() {
+            info!("image {image}: kept, children {children:?} are logged in");
+            return Ok(false);
+        }
+    }
+    // Everything is tried; what could not be removed is reported together.
+    let mut left = Vec::new();
+    if let Some(l) = &lio {
+        // Also an export made under an earlier export_ip: match on the IQN.
+        let iqn = names::template_iqn(&node.cfg.host, image);
+        if l.exports().contains(&iqn) {
+            let exp = export.clone().unwrap_or(Export { iqn, backstore: names::backstore_name(image), portal: String::new() });
+            if let Err(e) = l.unexport(&exp) {
+                left.push(e);
+            }
+        }
+    }
+    let paths_table = dm.table(&names::template_dm_name(image, Role::Paths)).ok();
+    for role in [Role::Origin, Role::Cache, Role::CacheData, Role::CacheMeta, Role::Paths] {
+        if let Err(e) = dm.remove(&names::template_dm_name(image, role)) {
+            left.push(e.to_string());
+        }
+    }
+    // Log out of the sessions that carried the paths.
+    if let Some(Target::Multipath(mp)) = paths_table.and_then(|t| t.lines.into_iter().next()).map(|l| l.target) {
+        for dev in mp.devices() {
+            for s in iscsi::sessions() {
+                let disks = iscsi::session_disks(&s);
+                let owns = disks.iter().any(|(_, d)| dm::device_of(&std::path::Path::new("/dev").join(d)).ok() == Some(dev));
+                if owns {
+                    let lun = disks.iter().map(|(l, _)| *l).next().unwrap_or(0);
+                    let t = iscsi::Target { portal: s.portal.clone(), iqn: s.iqn.clone(), lun };
+                    if let Err(e) = iscsi::logout_if_unused(&t) {
+                        left.push(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+    if left.is_empty() {
+        info!("image {image}: template torn down");
+        Ok(true)
+    } else {
+        warn!("image {image}: teardown incomplete: {}", left.join("; "));
+        Err(Error::new(Kind::Rollback, format!("teardown of image {image:?} left: {}", left.join("; "))))
+    }
+}
