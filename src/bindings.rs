@@ -8,6 +8,8 @@ use serde_json::Value;
 
 use crate::{
     error::{Error as RsError, Kind},
+    lio::Lio,
+    names,
     node::{self, Config, SnapshotMode},
 };
 
@@ -145,11 +147,57 @@ impl Node {
     }
 }
 
+/// export_volume(name, device, portal) -> iqn
+///
+/// Export a block device read-only through LIO as `iqn.2026-11.org.vmthunder.volume:<name>`
+/// (an origin volume where there is no Cinder: test beds, benchmarks). Idempotent.
+#[pyfunction]
+fn export_volume(py: Python<'_>, name: &str, device: &str, portal: &str) -> PyResult<String> {
+    py.allow_threads(|| {
+        names::validate_id("volume name", name)?;
+        let portal = crate::iscsi::conninfo::validate_portal(portal)?;
+        let iqn = names::volume_iqn(name);
+        Lio::new()?.export(&iqn, &format!("volume_{name}"), std::path::Path::new(device), &portal)?;
+        Ok(iqn)
+    })
+    .map_err(to_py)
+}
+
+/// allow_initiator(name, initiator, portal) -> connection dict with fresh CHAP credentials
+#[pyfunction]
+fn allow_initiator(py: Python<'_>, name: &str, initiator: &str, portal: &str) -> PyResult<PyObject> {
+    let v = py
+        .allow_threads(|| {
+            names::validate_id("volume name", name)?;
+            let portal = crate::iscsi::conninfo::validate_portal(portal)?;
+            let lio = Lio::new()?;
+            let iqn = names::volume_iqn(name);
+            let chap = lio.allow(&iqn, initiator)?;
+            Ok(lio.source_for(&iqn, &portal, chap).to_json())
+        })
+        .map_err(to_py)?;
+    json_to_py(py, &v)
+}
+
+/// unexport_volume(name): remove what export_volume made (ACLs included).
+#[pyfunction]
+fn unexport_volume(py: Python<'_>, name: &str) -> PyResult<()> {
+    py.allow_threads(|| {
+        names::validate_id("volume name", name)?;
+        let exp = crate::lio::Export { iqn: names::volume_iqn(name), backstore: format!("volume_{name}"), portal: String::new() };
+        Lio::new()?.unexport(&exp).map_err(|left| RsError::new(Kind::Rollback, format!("unexport {}: left {left}", exp.iqn)))
+    })
+    .map_err(to_py)
+}
+
 #[pymodule]
 fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pyo3_log::init();
     let py = m.py();
     m.add_class::<Node>()?;
+    m.add_function(wrap_pyfunction!(export_volume, m)?)?;
+    m.add_function(wrap_pyfunction!(allow_initiator, m)?)?;
+    m.add_function(wrap_pyfunction!(unexport_volume, m)?)?;
     m.add("Error", py.get_type::<Error>())?;
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
     m.add("NotFound", py.get_type::<NotFound>())?;

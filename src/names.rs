@@ -168,6 +168,11 @@ pub fn template_iqn(host: &str, image: &str) -> String {
     format!("{IQN_AUTHORITY}:{host}.{}", image.to_ascii_lowercase())
 }
 
+/// IQN of a plain volume exported with `export_volume` (an origin where there is no Cinder).
+pub fn volume_iqn(name: &str) -> String {
+    format!("{IQN_AUTHORITY}.volume:{}", name.to_ascii_lowercase())
+}
+
 /// Name of the LIO iblock backstore (configfs directory) for an image.
 pub fn backstore_name(image: &str) -> String {
     format!("{DM_PREFIX}{image}")

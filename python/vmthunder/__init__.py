@@ -26,6 +26,9 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     SnapshotError,
     RollbackError,
     __version__,
+    export_volume,
+    allow_initiator,
+    unexport_volume,
 )
 
 # Rust `log` records arrive here through pyo3-log; operators configure the "vmthunder" logger.
@@ -34,4 +37,5 @@ _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 __all__ = [
     "Node", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "__version__",
+    "export_volume", "allow_initiator", "unexport_volume",
 ]

@@ -93,28 +93,34 @@ impl Lio {
         self.root.join("iscsi").join(iqn).join("tpgt_1")
     }
 
-    /// Export `device` read-only as LUN 0 of `iqn` on `portal`, idempotently. On failure the
+    /// Export `device` as LUN 0 of `iqn` on `portal`, idempotently. On failure the
     /// objects this call created are removed again.
     pub fn export(&self, iqn: &str, backstore: &str, device: &Path, portal: &str) -> Result<Export> {
         names::validate_iqn(iqn)?;
         let dev = device.to_str().ok_or_else(|| Error::invalid(format!("device path {device:?} is not UTF-8")))?;
         names::validate_path("device", dev)?;
         let exp = Export { iqn: iqn.to_string(), backstore: backstore.to_string(), portal: portal.to_string() };
+        let existed = self.backstore_dir(backstore).exists() || self.tpg_dir(iqn).exists();
         let r = self.export_steps(&exp, dev);
-        if let Err(e) = r {
+        if let (Err(e), false) = (&r, existed) {
+            let e = e.clone();
             if let Err(left) = self.unexport(&exp) {
                 return Err(Error::new(Kind::Rollback, format!("{e}; rollback left: {left}")));
             }
             return Err(e);
         }
-        Ok(exp)
+        r.map(|_| exp)
     }
 
     fn export_steps(&self, exp: &Export, dev: &str) -> Result<()> {
         let so = self.backstore_dir(&exp.backstore);
         mkdir(&so.parent().unwrap().to_path_buf())?;
         if mkdir(&so)? {
-            w(&so.join("control"), &format!("udev_path={dev},readonly=1"))?;
+            // Not `readonly=1`: dm-cache opens its origin read-write even though vmthunder never
+            // writes to it, so a write-protected LUN could not be cached by the child.
+            w(&so.join("control"), &format!("udev_path={dev}"))?;
+            // Also the attribute itself: it is what adoption compares against.
+            w(&so.join("udev_path"), dev)?;
             w(&so.join("enable"), "1")?;
         } else {
             let cur = fs::read_to_string(so.join("udev_path")).unwrap_or_default();
@@ -138,7 +144,7 @@ impl Lio {
         Ok(())
     }
 
-    /// Allow `initiator` to log in (read-only) with CHAP; returns its credentials. Calling it
+    /// Allow `initiator` to log in with CHAP; returns its credentials. Calling it
     /// again returns the credentials already in configfs.
     pub fn allow(&self, iqn: &str, initiator: &str) -> Result<Chap> {
         names::validate_iqn(initiator)?;
@@ -162,7 +168,6 @@ impl Lio {
             let mlun = acl.join("lun_0");
             if mkdir(&mlun)? {
                 symlink(tpg.join("lun/lun_0"), mlun.join("vmthunder")).io_ctx(Kind::Lio, || format!("map LUN 0 for {initiator}"))?;
-                w(&mlun.join("write_protect"), "1")?;
             }
             Ok(chap)
         })();
