@@ -79,9 +79,6 @@ impl Node {
         cow_size_mib: u64,
         scan_timeout_s: f64,
     ) -> PyResult<Self> {
-        if engine != "dm-cache" {
-            return Err(InvalidArgument::new_err(format!("invalid cache engine {engine:?}: expected \"dm-cache\"")));
-        }
         if !(scan_timeout_s > 0.0 && scan_timeout_s <= 600.0) {
             return Err(InvalidArgument::new_err(format!("invalid scan_timeout_s {scan_timeout_s}: 0 < t <= 600")));
         }
@@ -92,6 +89,7 @@ impl Node {
         cfg.cache_sectors = cache_size_mib.map(|m| m.saturating_mul(2048));
         cfg.cow_sectors = cow_size_mib.saturating_mul(2048);
         cfg.scan_timeout = Duration::from_secs_f64(scan_timeout_s);
+        cfg.engine = engine.parse().map_err(to_py)?;
         let inner = py.allow_threads(|| node::Node::new(cfg)).map_err(to_py)?;
         Ok(Node { inner })
     }

@@ -14,6 +14,7 @@ pub mod lio;
 pub mod error;
 pub mod names;
 pub mod node;
+pub mod placement;
 
 mod bindings;
 

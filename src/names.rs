@@ -93,10 +93,13 @@ pub enum Role {
     Cache,
     /// snapshot-origin over the cache; what LIO exports to children.
     Origin,
+    /// bcache engine: the backing device, a local 8 KiB head (bcache's superblock) followed by
+    /// the paths device, so no metadata is ever written to the parent.
+    Bdev,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [Role::Paths, Role::CacheMeta, Role::CacheData, Role::Cache, Role::Origin];
+    pub const ALL: [Role; 6] = [Role::Paths, Role::CacheMeta, Role::CacheData, Role::Cache, Role::Origin, Role::Bdev];
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Paths => "paths",
@@ -104,6 +107,7 @@ impl Role {
             Role::CacheData => "cdata",
             Role::Cache => "cache",
             Role::Origin => "origin",
+            Role::Bdev => "bdev",
         }
     }
 }
@@ -134,15 +138,23 @@ pub fn vm_dm_name(image: &str, vm: &str, role: VmRole) -> String {
     format!("{DM_PREFIX}{image}_vm_{vm}_{}", role.as_str())
 }
 
+/// The node-wide bcache cache set's slice of the local device (shared by every image, like the
+/// original design's "flashcache group").
+pub const CACHE_SET_DM_NAME: &str = "vmthunder-1_node_cset";
+
 /// What a dm name of ours stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
+    CacheSet,
     Template { image: String, role: Role },
     Vm { image: String, vm: String, role: VmRole },
 }
 
 /// Parse one of our dm names back; `None` for names that are not ours (or of another layout).
 pub fn parse_dm_name(name: &str) -> Option<Parsed> {
+    if name == CACHE_SET_DM_NAME {
+        return Some(Parsed::CacheSet);
+    }
     let rest = name.strip_prefix(DM_PREFIX)?;
     let fields: Vec<&str> = rest.split('_').collect();
     match fields.as_slice() {
@@ -230,6 +242,7 @@ mod tests {
                 })
             );
         }
+        assert_eq!(parse_dm_name(CACHE_SET_DM_NAME), Some(Parsed::CacheSet));
         assert_eq!(parse_dm_name("vg0-lv0"), None);
         assert_eq!(parse_dm_name("vmthunder-1_img_bogus"), None);
         assert_eq!(parse_dm_name("vmthunder-0_img_cache"), None);

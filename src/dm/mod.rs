@@ -13,7 +13,7 @@ use std::{
 use devicemapper::{DevId, Device, DmFlags, DmName, DmOptions, DmUuid, DM};
 use log::{debug, info};
 
-pub use table::{Table, Target};
+pub use table::{Line, Table, Target};
 
 use crate::error::{Error, Kind, Result};
 

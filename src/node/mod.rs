@@ -5,6 +5,7 @@
 //! Nothing is kept in memory between calls: every call reads the kernel (dm tables, configfs,
 //! iSCSI sessions) and the state dir, so a new process sees exactly what an old one built.
 //! Every step adopts what exists, and a failed call undoes what it created.
+pub mod cache;
 pub mod carve;
 pub mod lock;
 pub mod rollback;
@@ -69,6 +70,8 @@ pub struct Config {
     pub cow_sectors: u64,
     /// How long to wait for a LUN to appear after a scan.
     pub scan_timeout: Duration,
+    /// Cache engine for new templates (an existing one keeps its own).
+    pub engine: cache::Engine,
 }
 
 impl Config {
@@ -83,6 +86,7 @@ impl Config {
             cache_sectors: None,
             cow_sectors: 2 * 1024 * 1024, // 1 GiB
             scan_timeout: Duration::from_secs(15),
+            engine: cache::Engine::DmCache,
         }
     }
 
@@ -126,6 +130,7 @@ pub struct TemplateStatus {
     pub children: Vec<String>,
     pub child_acls: Vec<String>,
     pub cache_status: Option<String>,
+    pub engine: Option<String>,
 }
 
 impl Node {
@@ -238,6 +243,7 @@ impl Node {
             .into_iter()
             .filter_map(|d| match names::parse_dm_name(&d.name)? {
                 Parsed::Template { image, .. } | Parsed::Vm { image, .. } => Some(image),
+                Parsed::CacheSet => None,
             })
             .collect();
         if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("vmm")) {
@@ -289,12 +295,14 @@ impl Node {
             let devs = template::devices(&dm, &image)?;
             let iqn = names::template_iqn(&self.cfg.host, &image);
             let exported = lio.as_ref().is_some_and(|l| l.exports().contains(&iqn));
-            let size_bytes = devs.get(&Role::Cache).and_then(|d| dm::size_sectors(d.device).ok()).unwrap_or(0) * 512;
-            let cache_status = devs.get(&Role::Cache).and_then(|d| dm.status(&d.name).ok()).map(|s| s.join("; "));
+            let size_bytes = devs.get(&Role::Origin).and_then(|d| dm::size_sectors(d.device).ok()).unwrap_or(0) * 512;
+            let cache_status = cache::status(&dm, &image);
+            let engine = cache::engine_of(&dm, &image)?.map(|e| e.as_str().to_string());
             templates.insert(
                 image.clone(),
                 TemplateStatus {
-                    complete: Role::ALL.iter().all(|r| devs.contains_key(r)),
+                    complete: devs.contains_key(&Role::Paths) && devs.contains_key(&Role::Origin),
+                    engine,
                     devices: devs.iter().map(|(r, d)| (r.as_str().to_string(), d.path().display().to_string())).collect(),
                     size_bytes,
                     vms: self.vms_of(&dm, &image)?,
@@ -311,6 +319,7 @@ impl Node {
             "cache_device": self.cfg.cache_device,
             "local_device_bytes": self.cache_total * 512,
             "local_device_used_bytes": used * 512,
+            "engine": self.cfg.engine.as_str(),
             "templates": templates,
         }))
     }

@@ -1,14 +1,14 @@
 //! A template: one image on this node, shared by all its VMs and children.
 //! paths (dm-multipath over the iSCSI sessions to the parents, the origin volume last)
-//!   -> cache (dm-cache over the paths, metadata and data carved from the local device)
+//!   -> cache (cache.rs: dm-cache or bcache over the paths, on the local device)
 //!   -> origin (snapshot-origin over the cache)
 //!   -> LIO export of the origin, read-only, for children.
 use std::collections::BTreeMap;
 
-use devicemapper::{CacheTargetParams, Device, Sectors};
+use devicemapper::Device;
 use log::{info, warn};
 
-use super::{carve, rollback::Undo, zero_head, Node};
+use super::{cache, rollback::Undo, Node};
 use crate::{
     dm::{self, multipath::MultipathParams, snapshot::SnapshotOriginParams, Dm, DmDev, Table, Target},
     error::{Error, Kind, Result},
@@ -20,8 +20,8 @@ use crate::{
 /// The parts of a built template the VM layer needs.
 pub struct Template {
     pub image: String,
-    /// The cache device: the "real" device dm-snapshots read from.
-    pub cache: DmDev,
+    /// The cached device: the "real" device dm-snapshots read from.
+    pub cache: Device,
     /// The snapshot-origin device: what is exported and what qcow2 overlays read from.
     pub origin: DmDev,
     pub sectors: u64,
@@ -47,7 +47,7 @@ fn export_of(node: &Node, image: &str) -> Option<Export> {
 }
 
 /// Create `name` with `table` (or adopt it), registering its removal with `undo` if created.
-fn ensure_dev<'a>(dm: &'a Dm, undo: &mut Undo<'a>, name: String, table: &Table) -> Result<DmDev> {
+pub(super) fn ensure_dev<'a>(dm: &'a Dm, undo: &mut Undo<'a>, name: String, table: &Table) -> Result<DmDev> {
     let (dev, created) = dm.ensure(&name, table)?;
     if created {
         undo.push(format!("device {name}"), move || dm.remove(&name).map(|_| ()).map_err(|e| e.to_string()));
@@ -84,44 +84,8 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
     };
     let sectors = dm::size_sectors(paths.device)?;
 
-    // Cache: metadata and data slices of the local device.
-    let block = node.cfg.cache_block_sectors;
-    let data_sectors = node.cfg.cache_sectors.unwrap_or(sectors).min(sectors).div_ceil(block) * block;
-    let nblocks = data_sectors / block;
-    // dm-cache needs ~16 bytes per block plus a fixed part; be generous, it is small.
-    let meta_sectors = ((8u64 << 20) + nblocks * 64).div_ceil(1 << 20) * 2048;
-    let (meta, data) = {
-        let _space = node.lock_space()?;
-        let mut slice = |role: Role, want: u64, what: &str| -> Result<(DmDev, bool)> {
-            let name = names::template_dm_name(image, role);
-            let table = match dm.info(&name)? {
-                Some(_) => dm.table(&name)?,
-                None => carve::plan_slice(dm, node.cache_dev, node.cache_total, want, what)?,
-            };
-            let created = dm.info(&name)?.is_none();
-            Ok((ensure_dev(dm, undo, name, &table)?, created))
-        };
-        let (meta, meta_new) = slice(Role::CacheMeta, meta_sectors, &format!("the cache metadata of image {image}"))?;
-        let (data, _) = slice(Role::CacheData, data_sectors, &format!("the cache of image {image}"))?;
-        if meta_new {
-            zero_head(&meta.path(), 1 << 20)?;
-        }
-        (meta, data)
-    };
-    let cache_table = Table::single(
-        sectors,
-        Target::Cache(CacheTargetParams::new(
-            meta.device,
-            data.device,
-            paths.device,
-            Sectors(block),
-            vec!["writethrough".into()],
-            "smq".into(),
-            vec![],
-        )),
-    );
-    let cache = ensure_dev(dm, undo, names::template_dm_name(image, Role::Cache), &cache_table)?;
-    let origin_table = Table::single(sectors, Target::SnapshotOrigin(SnapshotOriginParams { origin: cache.device }));
+    let cached = cache::ensure(node, dm, image, &paths, sectors, undo)?;
+    let origin_table = Table::single(sectors, Target::SnapshotOrigin(SnapshotOriginParams { origin: cached.device }));
     let origin = ensure_dev(dm, undo, names::template_dm_name(image, Role::Origin), &origin_table)?;
 
     if let Some(exp) = export_of(node, image) {
@@ -132,7 +96,7 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
             undo.push(format!("export {}", exp.iqn), move || lio.unexport(&exp));
         }
     }
-    Ok(Template { image: image.to_string(), cache, origin, sectors })
+    Ok(Template { image: image.to_string(), cache: cached.device, origin, sectors })
 }
 
 /// Log in to every path of every source; the block devices in source order.
@@ -183,11 +147,14 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
         }
     }
     let paths_table = dm.table(&names::template_dm_name(image, Role::Paths)).ok();
-    for role in [Role::Origin, Role::Cache, Role::CacheData, Role::CacheMeta, Role::Paths] {
-        if let Err(e) = dm.remove(&names::template_dm_name(image, role)) {
-            left.push(e.to_string());
-        }
+    if let Err(e) = dm.remove(&names::template_dm_name(image, Role::Origin)) {
+        left.push(e.to_string());
     }
+    cache::remove(dm, image, &mut left);
+    if let Err(e) = dm.remove(&names::template_dm_name(image, Role::Paths)) {
+        left.push(e.to_string());
+    }
+    cache::release_cache_set_if_unused(dm, &mut left);
     // Log out of the sessions that carried the paths.
     if let Some(Target::Multipath(mp)) = paths_table.and_then(|t| t.lines.into_iter().next()).map(|l| l.target) {
         for dev in mp.devices() {

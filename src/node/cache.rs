@@ -1,0 +1,305 @@
+//! The cache engines: how a template caches what it reads on the node's local device.
+//!
+//! - `DmCache`: dm-cache (smq) with metadata and data slices per image. Ships in every
+//!   distribution kernel (RHEL's included), but smq promotes only after repeated hits.
+//! - `Bcache`: one cache set on a slice of the local device shared by every image (the
+//!   original "flashcache group"); each image's backing device is a dm-linear of a local 8 KiB
+//!   head (bcache's superblock lives there, never on the parent) and the paths device. bcache
+//!   allocates on a read miss: cache on read.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use devicemapper::{CacheTargetParams, Device, LinearTargetParams, Sectors};
+use log::info;
+
+use super::{carve, rollback::Undo, template::ensure_dev, zero_head, Node};
+use crate::{
+    cmd,
+    dm::{self, Dm, DmDev, Line, Table, Target},
+    error::{Error, Kind, Result},
+    names::{self, Role},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    DmCache,
+    Bcache,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dm-cache" => Ok(Engine::DmCache),
+            "bcache" => Ok(Engine::Bcache),
+            _ => Err(Error::invalid(format!("invalid cache engine {s:?}: expected \"bcache\" or \"dm-cache\""))),
+        }
+    }
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::DmCache => "dm-cache",
+            Engine::Bcache => "bcache",
+        }
+    }
+}
+
+/// bcache's default data offset: the backing device's superblock sits at 4 KiB, data at 8 KiB.
+const BDEV_HEAD_SECTORS: u64 = 16;
+const SYSFS_WAIT: Duration = Duration::from_secs(15);
+
+/// The cached device of a template (what snapshots and the snapshot-origin sit on).
+pub struct Cached {
+    pub device: Device,
+    pub path: PathBuf,
+}
+
+/// Which engine an existing template was built with, from its devices.
+pub fn engine_of(dm: &Dm, image: &str) -> Result<Option<Engine>> {
+    if dm.info(&names::template_dm_name(image, Role::Bdev))?.is_some() {
+        Ok(Some(Engine::Bcache))
+    } else if dm.info(&names::template_dm_name(image, Role::Cache))?.is_some() {
+        Ok(Some(Engine::DmCache))
+    } else {
+        Ok(None)
+    }
+}
+
+pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
+    // A template keeps the engine it was built with.
+    match engine_of(dm, image)?.unwrap_or(node.cfg.engine) {
+        Engine::DmCache => ensure_dm_cache(node, dm, image, paths, sectors, undo),
+        Engine::Bcache => ensure_bcache(node, dm, image, paths, sectors, undo),
+    }
+}
+
+fn slice<'a>(node: &Node, dm: &'a Dm, undo: &mut Undo<'a>, name: String, want: u64, what: &str) -> Result<(DmDev, bool)> {
+    let existing = dm.info(&name)?.is_some();
+    let table = if existing { dm.table(&name)? } else { carve::plan_slice(dm, node.cache_dev, node.cache_total, want, what)? };
+    Ok((ensure_dev(dm, undo, name, &table)?, !existing))
+}
+
+fn ensure_dm_cache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
+    let block = node.cfg.cache_block_sectors;
+    let data_sectors = node.cfg.cache_sectors.unwrap_or(sectors).min(sectors).div_ceil(block) * block;
+    let nblocks = data_sectors / block;
+    // dm-cache needs ~16 bytes per block plus a fixed part; be generous, it is small.
+    let meta_sectors = ((8u64 << 20) + nblocks * 64).div_ceil(1 << 20) * 2048;
+    let (meta, data) = {
+        let _space = node.lock_space()?;
+        let (meta, meta_new) =
+            slice(node, dm, undo, names::template_dm_name(image, Role::CacheMeta), meta_sectors, &format!("the cache metadata of image {image}"))?;
+        let (data, _) = slice(node, dm, undo, names::template_dm_name(image, Role::CacheData), data_sectors, &format!("the cache of image {image}"))?;
+        if meta_new {
+            zero_head(&meta.path(), 1 << 20)?;
+        }
+        (meta, data)
+    };
+    let table = Table::single(
+        sectors,
+        Target::Cache(CacheTargetParams::new(
+            meta.device,
+            data.device,
+            paths.device,
+            Sectors(block),
+            vec!["writethrough".into()],
+            "smq".into(),
+            vec![],
+        )),
+    );
+    let cache = ensure_dev(dm, undo, names::template_dm_name(image, Role::Cache), &table)?;
+    Ok(Cached { device: cache.device, path: cache.path() })
+}
+
+fn sysfs_dev(d: Device) -> PathBuf {
+    PathBuf::from(format!("/sys/dev/block/{}:{}", d.major, d.minor))
+}
+
+fn write_sysfs(p: &Path, v: &str) -> Result<()> {
+    fs::write(p, v).map_err(|e| Error::new(Kind::CacheDevice, format!("write {v:?} to {}: {e}", p.display())))
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > SYSFS_WAIT {
+            return Err(Error::new(Kind::CacheDevice, format!("timed out after {}s waiting for {what}", SYSFS_WAIT.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn register(dev: &Path) -> Result<()> {
+    // EEXIST-like errors when already registered are checked by the caller through sysfs.
+    let _ = fs::write("/sys/fs/bcache/register", dev.as_os_str().as_encoded_bytes());
+    Ok(())
+}
+
+/// The node's cache set: its dm slice and its UUID, made on first use.
+fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<String> {
+    if !Path::new("/sys/fs/bcache/register").exists() {
+        let _ = cmd::run(Kind::CacheDevice, "modprobe", &["bcache"], &[], Duration::from_secs(10));
+    }
+    if !Path::new("/sys/fs/bcache/register").exists() {
+        return Err(Error::new(Kind::CacheDevice, "the bcache kernel module is not available"));
+    }
+    let want = node.cfg.cache_sectors.unwrap_or(node.cache_total / 2);
+    let (cset, created) = {
+        let _space = node.lock_space()?;
+        slice(node, dm, undo, names::CACHE_SET_DM_NAME.to_string(), want, "the bcache cache set")?
+    };
+    let set_link = sysfs_dev(cset.device).join("bcache/set");
+    if created {
+        zero_head(&cset.path(), 1 << 20)?;
+        // Keep >= 1024 buckets (bcache refuses small sets), buckets of 64 KiB..1 MiB.
+        let bytes = dm::size_sectors(cset.device)? * 512;
+        let bucket_kib = (bytes / 1024 / 1024).next_power_of_two().clamp(64, 1024);
+        let path = cset.path().display().to_string();
+        cmd::check(Kind::CacheDevice, "make-bcache", &["-C", "--block", "4k", "--bucket", &format!("{bucket_kib}k"), &path], &[], Duration::from_secs(60))?;
+    }
+    if !set_link.exists() {
+        register(&cset.path())?;
+        wait_for("the cache set to register", || set_link.exists())?;
+    }
+    let uuid = fs::read_link(&set_link)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .ok_or_else(|| Error::new(Kind::CacheDevice, format!("{} is not a link to a cache set", set_link.display())))?;
+    let cs = PathBuf::from("/sys/fs/bcache").join(&uuid);
+    // Never bypass the cache because the local disk looks busy.
+    let _ = fs::write(cs.join("congested_read_threshold_us"), "0");
+    let _ = fs::write(cs.join("congested_write_threshold_us"), "0");
+    if created {
+        info!("made bcache cache set {uuid} on {}", cset.path().display());
+    }
+    Ok(uuid)
+}
+
+fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
+    let uuid = ensure_cache_set(node, dm, undo)?;
+    let name = names::template_dm_name(image, Role::Bdev);
+    let (bdev, created) = {
+        let _space = node.lock_space()?;
+        let table = match dm.info(&name)? {
+            Some(_) => dm.table(&name)?,
+            None => {
+                let head = carve::plan_slice(dm, node.cache_dev, node.cache_total, carve::ALIGN_SECTORS, &format!("the bcache head of image {image}"))?;
+                let mut head_line = head.lines[0].clone();
+                head_line.length = BDEV_HEAD_SECTORS;
+                Table {
+                    lines: vec![
+                        head_line,
+                        Line { start: BDEV_HEAD_SECTORS, length: sectors, target: Target::Linear(LinearTargetParams::new(paths.device, Sectors(0))) },
+                    ],
+                }
+            }
+        };
+        let created = dm.info(&name)?.is_none();
+        let dev = ensure_dev(dm, undo, name.clone(), &table)?;
+        if created {
+            zero_head(&dev.path(), (BDEV_HEAD_SECTORS * 512) as usize)?;
+        }
+        (dev, created)
+    };
+    let sys = sysfs_dev(bdev.device).join("bcache");
+    if created {
+        let path = bdev.path().display().to_string();
+        cmd::check(Kind::CacheDevice, "make-bcache", &["-B", "--block", "4k", &path], &[], Duration::from_secs(60))?;
+    }
+    if !sys.exists() {
+        register(&bdev.path())?;
+        wait_for(&format!("bcache to register {name}"), || sys.join("dev").exists())?;
+    }
+    // From here on the bcache device exists: stop it again if a later step fails.
+    if created {
+        let bdev2 = bdev.clone();
+        undo.push(format!("bcache device over {name}"), move || stop_backing(&bdev2).map_err(|e| e.to_string()));
+    }
+    let state = fs::read_to_string(sys.join("state")).unwrap_or_default();
+    if state.trim() == "no cache" {
+        write_sysfs(&sys.join("attach"), &uuid)?;
+    }
+    // Cache every read: no sequential bypass, no readahead inflation.
+    write_sysfs(&sys.join("sequential_cutoff"), "0")?;
+    let _ = fs::write(sys.join("readahead"), "0");
+    write_sysfs(&sys.join("cache_mode"), "writethrough")?;
+    let bc = fs::read_to_string(sys.join("dev/dev")).map_err(|e| Error::new(Kind::CacheDevice, format!("{}/dev/dev: {e}", sys.display())))?;
+    let device: Device = bc.trim().parse().map_err(|_| Error::new(Kind::CacheDevice, format!("bad bcache dev {bc:?}")))?;
+    let bname = fs::read_link(sys.join("dev")).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
+    Ok(Cached { device, path: PathBuf::from("/dev").join(bname) })
+}
+
+/// Detach (drop its cached blocks from the set: space returned) and stop a backing device.
+fn stop_backing(bdev: &DmDev) -> Result<()> {
+    let sys = sysfs_dev(bdev.device).join("bcache");
+    if !sys.exists() {
+        return Ok(());
+    }
+    if fs::read_to_string(sys.join("state")).map_or(false, |s| s.trim() != "no cache") {
+        let _ = fs::write(sys.join("detach"), "1");
+        let _ = wait_for("bcache detach", || fs::read_to_string(sys.join("state")).map_or(true, |s| s.trim() == "no cache"));
+    }
+    write_sysfs(&sys.join("stop"), "1")?;
+    wait_for(&format!("bcache to release {}", bdev.name), || !sys.exists())
+}
+
+/// Remove an image's cache devices (both engines); errors are collected.
+pub fn remove(dm: &Dm, image: &str, left: &mut Vec<String>) {
+    let bdev_name = names::template_dm_name(image, Role::Bdev);
+    if let Ok(Some(bdev)) = dm.info(&bdev_name) {
+        if let Err(e) = stop_backing(&bdev) {
+            left.push(e.to_string());
+        }
+    }
+    for role in [Role::Bdev, Role::Cache, Role::CacheData, Role::CacheMeta] {
+        if let Err(e) = dm.remove(&names::template_dm_name(image, role)) {
+            left.push(e.to_string());
+        }
+    }
+}
+
+/// Unregister and free the node's cache set once no image uses bcache.
+pub fn release_cache_set_if_unused(dm: &Dm, left: &mut Vec<String>) {
+    let Ok(Some(cset)) = dm.info(names::CACHE_SET_DM_NAME) else { return };
+    let in_use = dm.list(names::DM_PREFIX).map_or(true, |l| {
+        l.iter().any(|d| matches!(names::parse_dm_name(&d.name), Some(names::Parsed::Template { role: Role::Bdev, .. })))
+    });
+    if in_use {
+        return;
+    }
+    let sys = sysfs_dev(cset.device).join("bcache/set");
+    if let Ok(set) = fs::canonicalize(&sys) {
+        let _ = fs::write(set.join("unregister"), "1");
+        if let Err(e) = wait_for("the cache set to unregister", || !sys.exists()) {
+            left.push(e.to_string());
+            return;
+        }
+    }
+    if let Err(e) = dm.remove(names::CACHE_SET_DM_NAME) {
+        left.push(e.to_string());
+    } else {
+        info!("released the bcache cache set");
+    }
+}
+
+/// One line about the cache, for `status()`.
+pub fn status(dm: &Dm, image: &str) -> Option<String> {
+    if let Ok(Some(b)) = dm.info(&names::template_dm_name(image, Role::Bdev)) {
+        let sys = sysfs_dev(b.device).join("bcache");
+        let rd = |f: &str| fs::read_to_string(sys.join(f)).map(|s| s.trim().to_string()).unwrap_or_default();
+        return Some(format!(
+            "bcache state={} hits={} misses={} bypassed={}",
+            rd("state"),
+            rd("stats_total/cache_hits"),
+            rd("stats_total/cache_misses"),
+            rd("stats_total/bypassed")
+        ));
+    }
+    dm.status(&names::template_dm_name(image, Role::Cache)).ok().map(|s| s.join("; "))
+}
