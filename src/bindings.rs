@@ -52,6 +52,42 @@ fn py_to_json(py: Python<'_>, what: &str, obj: &Bound<'_, PyAny>) -> PyResult<Va
     serde_json::from_str(&s).map_err(|e| InvalidArgument::new_err(format!("{what}: {e}")))
 }
 
+fn sources_json(py: Python<'_>, sources: &Bound<'_, PyAny>) -> PyResult<Vec<Value>> {
+    if !(sources.is_instance_of::<PyList>() || sources.is_instance_of::<PyTuple>()) {
+        return Err(InvalidArgument::new_err(format!("sources must be a list of connection dicts, got {}", sources.get_type().name()?)));
+    }
+    match py_to_json(py, "sources", sources)? {
+        Value::Array(v) => Ok(v),
+        _ => Err(InvalidArgument::new_err("sources must be a list of connection dicts")),
+    }
+}
+
+/// choose_parents(newcomer, peers, policy) -> {"parents": [...], "depth": n}
+///
+/// The relay-tree placement (pure): which parents a newcomer should use. Arguments are dicts /
+/// lists as in `vmthunder.placement` (see src/placement); errors raise InvalidArgument (bad
+/// input) or Busy (no free Ready parent yet: retry later).
+#[pyfunction]
+fn choose_parents(py: Python<'_>, newcomer: &Bound<'_, PyAny>, peers: &Bound<'_, PyAny>, policy: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+    let (n, p, pol) = (py_to_json(py, "newcomer", newcomer)?, py_to_json(py, "peers", peers)?, py_to_json(py, "policy", policy)?);
+    let out = crate::placement::choose_parents_json(&n.to_string(), &p.to_string(), &pol.to_string()).map_err(placement_err)?;
+    Ok(py.import("json")?.call_method1("loads", (out,))?.unbind())
+}
+
+/// validate_choice(newcomer, placement, peers, policy): re-check a choice under the image lock.
+#[pyfunction]
+fn validate_choice(py: Python<'_>, newcomer: &Bound<'_, PyAny>, placement: &Bound<'_, PyAny>, peers: &Bound<'_, PyAny>, policy: &Bound<'_, PyAny>) -> PyResult<()> {
+    let args = [("newcomer", newcomer), ("placement", placement), ("peers", peers), ("policy", policy)]
+        .iter()
+        .map(|(w, o)| py_to_json(py, w, o).map(|v| v.to_string()))
+        .collect::<PyResult<Vec<_>>>()?;
+    crate::placement::validate_choice_json(&args[0], &args[1], &args[2], &args[3]).map_err(placement_err)
+}
+
+fn placement_err(e: crate::placement::PlacementError) -> PyErr {
+    if e.is_retryable() { Busy::new_err(e.to_string()) } else { InvalidArgument::new_err(e.to_string()) }
+}
+
 /// One compute node's vmthunder state. Cheap to create: all state lives in the kernel.
 #[pyclass(module = "vmthunder", frozen)]
 pub struct Node {
@@ -61,10 +97,11 @@ pub struct Node {
 #[pymethods]
 impl Node {
     /// Node(host, cache_device, state_dir, export_ip=None, export_port=3260, engine="dm-cache",
-    ///      cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0)
+    ///      cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0,
+    ///      path_timeout_s=5)
     #[new]
     #[pyo3(signature = (host, cache_device, state_dir, export_ip=None, export_port=3260, engine="dm-cache",
-                        cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0))]
+                        cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0, path_timeout_s=5))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -78,6 +115,7 @@ impl Node {
         cache_size_mib: Option<u64>,
         cow_size_mib: u64,
         scan_timeout_s: f64,
+        path_timeout_s: u32,
     ) -> PyResult<Self> {
         if !(scan_timeout_s > 0.0 && scan_timeout_s <= 600.0) {
             return Err(InvalidArgument::new_err(format!("invalid scan_timeout_s {scan_timeout_s}: 0 < t <= 600")));
@@ -90,6 +128,7 @@ impl Node {
         cfg.cow_sectors = cow_size_mib.saturating_mul(2048);
         cfg.scan_timeout = Duration::from_secs_f64(scan_timeout_s);
         cfg.engine = engine.parse().map_err(to_py)?;
+        cfg.path_timeout_s = path_timeout_s;
         let inner = py.allow_threads(|| node::Node::new(cfg)).map_err(to_py)?;
         Ok(Node { inner })
     }
@@ -100,15 +139,16 @@ impl Node {
     /// (snapshot="dm") or a qcow2 overlay file (snapshot="vmm").
     #[pyo3(signature = (image_id, sources, vm_id, snapshot="dm"))]
     fn attach(&self, py: Python<'_>, image_id: &str, sources: &Bound<'_, PyAny>, vm_id: &str, snapshot: &str) -> PyResult<String> {
-        if !(sources.is_instance_of::<PyList>() || sources.is_instance_of::<PyTuple>()) {
-            return Err(InvalidArgument::new_err(format!("sources must be a list of connection dicts, got {}", sources.get_type().name()?)));
-        }
-        let sources = match py_to_json(py, "sources", sources)? {
-            Value::Array(v) => v,
-            _ => unreachable!("a list dumps to a JSON array"),
-        };
+        let sources = sources_json(py, sources)?;
         let mode: SnapshotMode = snapshot.parse().map_err(to_py)?;
         py.allow_threads(|| self.inner.attach(image_id, &sources, vm_id, mode)).map_err(to_py)
+    }
+
+    /// Point the template of `image_id` at new parents (`sources`: parents first, the origin
+    /// last), reloading its multipath table in place; returns the new table.
+    fn reparent(&self, py: Python<'_>, image_id: &str, sources: &Bound<'_, PyAny>) -> PyResult<String> {
+        let sources = sources_json(py, sources)?;
+        py.allow_threads(|| self.inner.reparent(image_id, &sources)).map_err(to_py)
     }
 
     /// Remove the VM's snapshot; the template goes too when no VM and no child uses it.
@@ -194,6 +234,8 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Node>()?;
     m.add_function(wrap_pyfunction!(export_volume, m)?)?;
+    m.add_function(wrap_pyfunction!(choose_parents, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_choice, m)?)?;
     m.add_function(wrap_pyfunction!(allow_initiator, m)?)?;
     m.add_function(wrap_pyfunction!(unexport_volume, m)?)?;
     m.add("Error", py.get_type::<Error>())?;

@@ -29,6 +29,8 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     export_volume,
     allow_initiator,
     unexport_volume,
+    choose_parents,
+    validate_choice,
 )
 
 # Rust `log` records arrive here through pyo3-log; operators configure the "vmthunder" logger.
@@ -37,5 +39,5 @@ _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 __all__ = [
     "Node", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "__version__",
-    "export_volume", "allow_initiator", "unexport_volume",
+    "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice",
 ]

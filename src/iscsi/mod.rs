@@ -92,7 +92,11 @@ fn update(t: &Target, key: &str, value: &str, secrets: &[&str]) -> Result<()> {
 
 /// Log in to `t` unless a session exists already (then it is reused). Returns the session and
 /// whether this call created it. No automatic LUN scan: `scan_lun` adds only the LUN we need.
-pub fn login(t: &Target, chap: Option<&Chap>) -> Result<(Session, bool)> {
+///
+/// `path_timeout_s` bounds how long I/O waits on a dead parent before the session fails it up
+/// to dm-multipath, which then switches to the next parent or the origin (NOP-outs detect the
+/// death, `replacement_timeout` bounds the wait), as multipath set-ups do it.
+pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Session, bool)> {
     if let Some(s) = find_session(t) {
         info!("reusing iSCSI session {} to {} at {}", s.sid, t.iqn, t.portal);
         return Ok((s, false));
@@ -103,6 +107,10 @@ pub fn login(t: &Target, chap: Option<&Chap>) -> Result<(Session, bool)> {
     let result = (|| {
         update(t, "node.session.scan", "manual", &[])?;
         update(t, "node.startup", "manual", &[])?;
+        let noop = (path_timeout_s / 2).max(1).to_string();
+        update(t, "node.session.timeo.replacement_timeout", &path_timeout_s.to_string(), &[])?;
+        update(t, "node.conn[0].timeo.noop_out_interval", &noop, &[])?;
+        update(t, "node.conn[0].timeo.noop_out_timeout", &noop, &[])?;
         match chap {
             Some(c) => {
                 update(t, "node.session.auth.authmethod", "CHAP", &[])?;

@@ -72,6 +72,8 @@ pub struct Config {
     pub scan_timeout: Duration,
     /// Cache engine for new templates (an existing one keeps its own).
     pub engine: cache::Engine,
+    /// Seconds I/O waits on a dead parent before failing over to the next path.
+    pub path_timeout_s: u32,
 }
 
 impl Config {
@@ -87,6 +89,7 @@ impl Config {
             cow_sectors: 2 * 1024 * 1024, // 1 GiB
             scan_timeout: Duration::from_secs(15),
             engine: cache::Engine::DmCache,
+            path_timeout_s: 5,
         }
     }
 
@@ -105,6 +108,9 @@ impl Config {
         let b = self.cache_block_sectors;
         if !(64..=2_097_152).contains(&b) || b % 64 != 0 {
             return Err(Error::invalid(format!("invalid cache block size {} KiB: a multiple of 32 KiB, 32 KiB..1 GiB", b / 2)));
+        }
+        if !(1..=600).contains(&self.path_timeout_s) {
+            return Err(Error::invalid(format!("invalid path timeout {}s: 1..600", self.path_timeout_s)));
         }
         if self.cow_sectors < 2048 {
             return Err(Error::invalid(format!("invalid COW size {} KiB: at least 1 MiB", self.cow_sectors / 2)));
@@ -131,6 +137,8 @@ pub struct TemplateStatus {
     pub child_acls: Vec<String>,
     pub cache_status: Option<String>,
     pub engine: Option<String>,
+    /// Parent paths in failover order: `{"device", "state"}`, state "A" active or "F" failed.
+    pub paths: Vec<Value>,
 }
 
 impl Node {
@@ -192,6 +200,20 @@ impl Node {
             }
             Err(e) => Err(undo.rollback(e.context(format!("attach VM {vm:?} to image {image:?}")))),
         }
+    }
+
+    /// Point an existing template at new parents (`sources`, parents first, the origin last):
+    /// log in to the new paths, reload the multipath table in place (guest I/O is only
+    /// suspended for the swap), then log out of paths no longer used. Returns the new table.
+    pub fn reparent(&self, image: &str, sources: &[Value]) -> Result<String> {
+        names::validate_id("image id", image)?;
+        let sources = sources.iter().map(Source::from_json).collect::<Result<Vec<_>>>()?;
+        if sources.is_empty() {
+            return Err(Error::invalid(format!("reparent image {image:?}: at least one source is needed")));
+        }
+        let dm = Dm::open()?;
+        let _lock = self.lock_image(image)?;
+        template::reparent(self, &dm, image, &sources)
     }
 
     /// Remove a VM's snapshot; the template goes too when no VM and no child uses it.
@@ -303,6 +325,7 @@ impl Node {
                 TemplateStatus {
                     complete: devs.contains_key(&Role::Paths) && devs.contains_key(&Role::Origin),
                     engine,
+                    paths: template::path_states(&dm, &image),
                     devices: devs.iter().map(|(r, d)| (r.as_str().to_string(), d.path().display().to_string())).collect(),
                     size_bytes,
                     vms: self.vms_of(&dm, &image)?,

@@ -69,16 +69,7 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
             if sources.is_empty() {
                 return Err(Error::invalid(format!("image {image:?} is not on this node yet: at least one source is needed")));
             }
-            let disks = login_all(node, sources, undo)?;
-            let sectors = dm::size_sectors(disks[0])?;
-            for d in &disks[1..] {
-                let s = dm::size_sectors(*d)?;
-                if s != sectors {
-                    return Err(Error::invalid(format!("sources of image {image:?} differ in size: {sectors} and {s} sectors")));
-                }
-            }
-            // Failover order = the order of `sources`: parents first, the origin last.
-            let table = Table::single(sectors, Target::Multipath(MultipathParams::failover(&disks, false)));
+            let table = paths_table(node, image, sources, undo)?;
             ensure_dev(dm, undo, paths_name, &table)?
         }
     };
@@ -99,12 +90,95 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
     Ok(Template { image: image.to_string(), cache: cached.device, origin, sectors })
 }
 
+/// Log in to every source and make the multipath table over them: failover order = the order
+/// of `sources` (parents first, the origin last).
+fn paths_table<'a>(node: &Node, image: &str, sources: &[Source], undo: &mut Undo<'a>) -> Result<Table> {
+    let disks = login_all(node, sources, undo)?;
+    let sectors = dm::size_sectors(disks[0])?;
+    for d in &disks[1..] {
+        let s = dm::size_sectors(*d)?;
+        if s != sectors {
+            return Err(Error::invalid(format!("sources of image {image:?} differ in size: {sectors} and {s} sectors")));
+        }
+    }
+    Ok(Table::single(sectors, Target::Multipath(MultipathParams::failover(&disks, false))))
+}
+
+/// Swap the parents of a live template (see `Node::reparent`).
+pub fn reparent(node: &Node, dm: &Dm, image: &str, sources: &[Source]) -> Result<String> {
+    let name = names::template_dm_name(image, Role::Paths);
+    let old = dm.table(&name).map_err(|e| if dm.info(&name).ok().flatten().is_none() {
+        Error::new(Kind::NotFound, format!("image {image:?} has no template on this node"))
+    } else { e })?;
+    let mut undo = Undo::default();
+    let new = match paths_table(node, image, sources, &mut undo) {
+        Ok(t) => t,
+        Err(e) => return Err(undo.rollback(e.context(format!("reparent image {image:?}")))),
+    };
+    if new.length() != old.length() {
+        return Err(undo.rollback(Error::invalid(format!(
+            "reparent image {image:?}: new sources have {} sectors, the template {}", new.length(), old.length()))));
+    }
+    if new != old {
+        if let Err(e) = dm.reload(&name, &new) {
+            return Err(undo.rollback(e.context(format!("reparent image {image:?}"))));
+        }
+    }
+    undo.commit();
+    // Sessions only the old table used can go now.
+    let keep: Vec<Device> = multipath_devices(&new);
+    let mut left = Vec::new();
+    logout_devices(multipath_devices(&old).into_iter().filter(|d| !keep.contains(d)), &mut left);
+    for l in left {
+        warn!("image {image}: after reparent: {l}");
+    }
+    info!("image {image}: parents now {new}");
+    Ok(new.to_string())
+}
+
+fn multipath_devices(t: &Table) -> Vec<Device> {
+    match t.lines.first().map(|l| &l.target) {
+        Some(Target::Multipath(mp)) => mp.devices().collect(),
+        _ => vec![],
+    }
+}
+
+/// Log out of the sessions whose disks are `devices` (only when nothing holds them).
+fn logout_devices(devices: impl Iterator<Item = Device>, left: &mut Vec<String>) {
+    for dev in devices {
+        for s in iscsi::sessions() {
+            let disks = iscsi::session_disks(&s);
+            let owns = disks.iter().any(|(_, d)| dm::device_of(&std::path::Path::new("/dev").join(d)).ok() == Some(dev));
+            if owns {
+                let lun = disks.iter().map(|(l, _)| *l).next().unwrap_or(0);
+                let t = iscsi::Target { portal: s.portal.clone(), iqn: s.iqn.clone(), lun };
+                if let Err(e) = iscsi::logout_if_unused(&t) {
+                    left.push(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// The multipath status of a template's paths: device and "A"/"F" per path, in table order.
+pub fn path_states(dm: &Dm, image: &str) -> Vec<serde_json::Value> {
+    let name = names::template_dm_name(image, Role::Paths);
+    let Ok(status) = dm.status(&name) else { return vec![] };
+    // "... <dev> <A|F> <fail count> <selector args>..." per path; pick MAJOR:MINOR followed by A/F.
+    let words: Vec<&str> = status.iter().flat_map(|l| l.split_whitespace()).collect();
+    words
+        .windows(2)
+        .filter(|w| w[0].contains(':') && w[0].parse::<Device>().is_ok() && (w[1] == "A" || w[1] == "F"))
+        .map(|w| serde_json::json!({"device": w[0], "state": w[1]}))
+        .collect()
+}
+
 /// Log in to every path of every source; the block devices in source order.
 fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result<Vec<Device>> {
     let mut disks = Vec::new();
     for src in sources {
         for t in &src.targets {
-            let (session, created) = iscsi::login(t, src.chap.as_ref())?;
+            let (session, created) = iscsi::login(t, src.chap.as_ref(), node.cfg.path_timeout_s)?;
             if created {
                 let t = t.clone();
                 undo.push(format!("iSCSI session to {} at {}", t.iqn, t.portal), move || {
@@ -156,20 +230,8 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
     }
     cache::release_cache_set_if_unused(dm, &mut left);
     // Log out of the sessions that carried the paths.
-    if let Some(Target::Multipath(mp)) = paths_table.and_then(|t| t.lines.into_iter().next()).map(|l| l.target) {
-        for dev in mp.devices() {
-            for s in iscsi::sessions() {
-                let disks = iscsi::session_disks(&s);
-                let owns = disks.iter().any(|(_, d)| dm::device_of(&std::path::Path::new("/dev").join(d)).ok() == Some(dev));
-                if owns {
-                    let lun = disks.iter().map(|(l, _)| *l).next().unwrap_or(0);
-                    let t = iscsi::Target { portal: s.portal.clone(), iqn: s.iqn.clone(), lun };
-                    if let Err(e) = iscsi::logout_if_unused(&t) {
-                        left.push(e.to_string());
-                    }
-                }
-            }
-        }
+    if let Some(t) = paths_table {
+        logout_devices(multipath_devices(&t).into_iter(), &mut left);
     }
     if left.is_empty() {
         info!("image {image}: template torn down");
