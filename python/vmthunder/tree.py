@@ -1,0 +1,196 @@
+"""The relay tree of each image across compute nodes: membership through the registry (tooz),
+parent choice through the Rust placement function, failover and re-parenting.
+
+No daemon: `Tree` lives in the caller's process (nova-compute). `maintain()` is one round of
+upkeep (re-grant new hosts, re-parent away from dead or leaving parents); `start_watch()` runs it
+on a thread of that process.
+
+A relay cannot be asked for credentials at attach time (there is no daemon to answer), so every
+relay *grants* each known host ahead of time: it creates that host's ACL + CHAP with
+`Node.export_info` and publishes the resulting connection dict in its registry record
+(`grants[host]`). A peer that has not granted the newcomer yet is not eligible as its parent.
+"""
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+from vmthunder._vmthunder import Busy, Error, Node, choose_parents
+
+LOG = logging.getLogger("vmthunder.tree")
+
+
+class Tree:
+    def __init__(self, node: Node, registry=None, *, initiator: str, export_ip: Optional[str] = None,
+                 failure_domain: Optional[str] = None, fanout: int = 3, max_parents: int = 2,
+                 state_dir: str = "/var/lib/vmthunder", leave_timeout_s: float = 60.0):
+        self.node = node
+        self.registry = registry
+        self.host = node.host
+        self.initiator = initiator
+        self.export_ip = export_ip
+        self.failure_domain = failure_domain
+        self.policy = {"fanout": fanout, "max_parents": max_parents}
+        self.leave_timeout_s = leave_timeout_s
+        self._dir = os.path.join(state_dir, "tree")
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()   # one upkeep round at a time in this process
+
+    # -- registry access that degrades to "origin only" ------------------------------------
+    def _registry_ok(self, what: str) -> bool:
+        if self.registry is None:
+            return False
+        try:
+            self.registry.publish_host({"host": self.host, "initiator": self.initiator,
+                                        "export_ip": self.export_ip, "failure_domain": self.failure_domain})
+            return True
+        except Error as e:
+            LOG.warning("registry unavailable (%s): %s from the origin alone", e, what)
+            return False
+
+    def _origin_file(self, image_id: str) -> str:
+        return os.path.join(self._dir, f"{image_id}.json")
+
+    def _save_origin(self, image_id: str, origin: Dict[str, Any]) -> None:
+        # A cache of what the caller passed, needed to re-parent later; the kernel decides state.
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        tmp = self._origin_file(image_id) + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(origin, f)
+        os.replace(tmp, self._origin_file(image_id))
+
+    def _load_origin(self, image_id: str) -> Optional[Dict[str, Any]]:
+        try:
+            with open(self._origin_file(image_id)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    # -- placement ---------------------------------------------------------------------------
+    def _peers(self, records: List[Dict[str, Any]], exclude=()) -> List[Dict[str, Any]]:
+        """Registry records -> placement peers. Peers that have not granted us are 'joining'."""
+        peers = []
+        for r in records:
+            if r.get("host") in (self.host, *exclude):
+                continue
+            state = r.get("state", "joining")
+            if state == "ready" and self.host not in (r.get("grants") or {}):
+                state = "joining"
+            peers.append({"host": r["host"], "state": state, "depth": max(1, int(r.get("depth", 1))),
+                          "failure_domain": r.get("failure_domain"), "parents": r.get("parents", [])})
+        return peers
+
+    def _choose(self, image_id: str, records, exclude=()):
+        newcomer = {"host": self.host, "failure_domain": self.failure_domain}
+        peers = self._peers(records, exclude)
+        try:
+            placement = choose_parents(newcomer, peers, self.policy)
+        except Busy:
+            placement = {"parents": ["origin"], "depth": 1}
+        by_host = {r["host"]: r for r in records}
+        sources = [by_host[p]["grants"][self.host] for p in placement["parents"] if p != "origin"]
+        return placement, sources
+
+    def _publish(self, image_id: str, placement: Dict[str, Any], state: str = "ready") -> None:
+        grants = {}
+        if self.export_ip:
+            for h in self.registry.hosts():
+                if h.get("host") and h["host"] != self.host and h.get("initiator"):
+                    grants[h["host"]] = self.node.export_info(image_id, h["initiator"])
+        self.registry.publish(image_id, {"state": state, "depth": placement["depth"], "parents": placement["parents"],
+                                         "failure_domain": self.failure_domain, "grants": grants})
+
+    # -- the API Nova calls ------------------------------------------------------------------
+    def attach(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str = "dm") -> str:
+        """Attach a VM, joining the image's relay tree: parents chosen by placement, the origin
+        volume always kept as the last path."""
+        self._save_origin(image_id, origin)
+        if image_id in self.node.status()["templates"]:
+            return self.node.attach(image_id, [], vm_id, snapshot)
+        if not self._registry_ok(f"attaching image {image_id}"):
+            return self.node.attach(image_id, [origin], vm_id, snapshot)
+        with self.registry.lock(image_id):
+            placement, sources = self._choose(image_id, self.registry.peers(image_id))
+            LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
+            path = self.node.attach(image_id, sources + [origin], vm_id, snapshot)
+            self._publish(image_id, placement)
+        return path
+
+    def detach(self, vm_id: str) -> None:
+        """Detach a VM; when it was the image's last VM here and children still read from this
+        node, announce 'leaving' and give them time to move first."""
+        st = self.node.status()["templates"]
+        image_id = next((i for i, t in st.items() if vm_id in t["vms"]), None)
+        last = image_id is not None and st[image_id]["vms"] == [vm_id]
+        if last and st[image_id]["children"] and self._registry_ok(f"leaving image {image_id}"):
+            me = next((r for r in self.registry.peers(image_id) if r.get("host") == self.host), None)
+            if me:
+                self.registry.publish(image_id, dict(me, state="leaving"))
+            deadline = time.monotonic() + self.leave_timeout_s
+            while self.node.status()["templates"][image_id]["children"] and time.monotonic() < deadline:
+                time.sleep(0.5)
+        self.node.detach(vm_id)
+        if last and image_id not in self.node.status()["templates"]:
+            if self.registry is not None:
+                try:
+                    self.registry.leave(image_id)
+                except Error as e:
+                    LOG.warning("image %s: could not leave the registry group: %s", image_id, e)
+
+    def maintain(self) -> List[str]:
+        """One upkeep round over the images this node holds: grant new hosts, and re-parent
+        away from parents that died (left the registry) or are leaving. Returns re-parented ids."""
+        moved = []
+        with self._lock:
+            if not self._registry_ok("upkeep"):
+                return moved
+            for image_id, t in self.node.status()["templates"].items():
+                try:
+                    if self._maintain_image(image_id):
+                        moved.append(image_id)
+                except Error as e:
+                    LOG.warning("image %s: upkeep failed: %s", image_id, e)
+        return moved
+
+    def _maintain_image(self, image_id: str) -> bool:
+        origin = self._load_origin(image_id)
+        if origin is None:
+            return False
+        records = self.registry.peers(image_id)
+        by_host = {r["host"]: r for r in records}
+        me = by_host.get(self.host)
+        if me is None:
+            return False
+        bad = [p for p in me.get("parents", []) if p != "origin"
+               and (p not in by_host or by_host[p].get("state") in ("leaving", "failed"))]
+        if not bad:
+            if me.get("state") == "ready":
+                self._publish(image_id, me)          # grants for hosts that joined since
+            return False
+        with self.registry.lock(image_id):
+            records = self.registry.peers(image_id)
+            # never choose a dead/leaving parent, nor a node below us
+            placement, sources = self._choose(image_id, records, exclude=bad)
+            LOG.warning("image %s: parents %s gone or leaving; re-parenting to %s", image_id, bad, placement["parents"])
+            self.node.reparent(image_id, sources + [origin])
+            self._publish(image_id, placement, state=me.get("state", "ready"))
+        return True
+
+    def start_watch(self, interval_s: float = 2.0) -> None:
+        """Run maintain() every interval on a thread of this process."""
+        def loop():
+            while not self._stop.wait(interval_s):
+                try:
+                    self.maintain()
+                except Exception:   # keep the watcher alive; the next round retries
+                    LOG.exception("tree upkeep failed")
+        self._thread = threading.Thread(target=loop, name="vmthunder-tree", daemon=True)
+        self._thread.start()
+
+    def stop_watch(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
