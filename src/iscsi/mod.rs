@@ -67,7 +67,7 @@ pub fn sessions() -> Vec<Session> {
             .and_then(|p| {
                 p.components()
                     .filter_map(|c| c.as_os_str().to_str()?.strip_prefix("host")?.parse::<u32>().ok())
-                    .last()
+                    .next_back()
             });
         let Some(host_no) = host_no else { continue };
         out.push(Session { sid, iqn, portal: format!("{addr}:{port}"), host_no });
@@ -80,7 +80,7 @@ pub fn find_session(t: &Target) -> Option<Session> {
     sessions().into_iter().find(|s| s.iqn == t.iqn && s.portal == t.portal)
 }
 
-fn node_args<'a>(t: &'a Target) -> Vec<&'a str> {
+fn node_args(t: &Target) -> Vec<&str> {
     vec!["-m", "node", "-T", &t.iqn, "-p", &t.portal]
 }
 
@@ -181,7 +181,7 @@ pub fn scan_lun(s: &Session, lun: u32, timeout: Duration) -> Result<PathBuf> {
     loop {
         if let Some(d) = found(s) {
             let p = PathBuf::from("/dev").join(&d);
-            let size_ok = dm::device_of(&p).and_then(dm::size_sectors).map_or(false, |n| n > 0);
+            let size_ok = dm::device_of(&p).and_then(dm::size_sectors).is_ok_and(|n| n > 0);
             if size_ok {
                 return Ok(p);
             }

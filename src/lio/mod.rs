@@ -114,7 +114,7 @@ impl Lio {
 
     fn export_steps(&self, exp: &Export, dev: &str) -> Result<()> {
         let so = self.backstore_dir(&exp.backstore);
-        mkdir(&so.parent().unwrap().to_path_buf())?;
+        mkdir(so.parent().unwrap())?;
         if mkdir(&so)? {
             // Not `readonly=1`: dm-cache opens its origin read-write even though vmthunder never
             // writes to it, so a write-protected LUN could not be cached by the child.
@@ -190,7 +190,7 @@ impl Lio {
     pub fn active_sessions(&self, iqn: &str) -> Vec<String> {
         subdirs(&self.tpg_dir(iqn).join("acls"))
             .into_iter()
-            .filter(|acl| fs::read_to_string(acl.join("info")).map_or(false, |s| s.contains("LIO Session ID")))
+            .filter(|acl| fs::read_to_string(acl.join("info")).is_ok_and(|s| s.contains("LIO Session ID")))
             .filter_map(|acl| acl.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect()
     }
@@ -210,7 +210,7 @@ impl Lio {
     }
 
     fn remove_acl(&self, acl: &Path, errs: &mut Vec<String>) {
-        for mlun in subdirs(acl).into_iter().filter(|p| p.file_name().map_or(false, |n| n.to_string_lossy().starts_with("lun_"))) {
+        for mlun in subdirs(acl).into_iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("lun_"))) {
             unlink(&mlun.join("vmthunder"), errs);
             rmdir(&mlun, errs);
         }

@@ -241,7 +241,7 @@ fn stop_backing(bdev: &DmDev) -> Result<()> {
     if !sys.exists() {
         return Ok(());
     }
-    if fs::read_to_string(sys.join("state")).map_or(false, |s| s.trim() != "no cache") {
+    if fs::read_to_string(sys.join("state")).is_ok_and(|s| s.trim() != "no cache") {
         let _ = fs::write(sys.join("detach"), "1");
         let _ = wait_for("bcache detach", || fs::read_to_string(sys.join("state")).map_or(true, |s| s.trim() == "no cache"));
     }
