@@ -1,0 +1,1010 @@
+#!/usr/bin/env python3
+"""Boot a fleet of VMs from one image volume: the vmthunder relay tree against plain boot from
+volume ("direct") and a full copy before boot ("full_copy", Nova's image cache), on the same
+shaped links, in user-mode Linux nodes (tests/kernel/harness).
+
+Topology: one origin node "o" (the storage server: exports a random-data image volume over
+iSCSI, runs etcd, the registry of the tree) and N compute nodes cn1..cnN on one bridge, every
+link shaped with tc to --rate in each direction (default 100 Mbit/s: a 1 GbE cluster slowed ten
+times, so that two host cores keep up and the results are link-bound, not CPU-bound). M VMs
+(default one per node; more go round-robin) each replay a boot read trace on their device.
+
+Modes (each starts with cold caches; all readers of a mode start at the same instant):
+  tree       each compute node runs a member process (a stand-in for nova-compute: registry
+             membership, vmthunder.tree.Tree upkeep) that attaches its VMs with Tree.attach
+             (engine bcache: cache on read; re-export to children; a dm snapshot per VM); the
+             tree forms through the registry (etcd on the origin) with fan-out --fanout.
+             `tree-fK` runs the tree again with fan-out K in the same fleet (a new image id).
+  direct     every node logs in to the origin volume and every VM reads the raw iSCSI disk
+             with O_DIRECT: plain boot from volume, no cache, no reuse.
+  full_copy  every node first copies the whole image from the origin to a local disk (1 MiB
+             O_DIRECT reads, as Nova's image cache downloads the image), then its VMs replay
+             the trace on the local copy; a VM's time = copy + local replay.
+
+The trace: --trace PATH (default bench/traces/debian12-boot.json when it exists) is a recorded
+boot: {"image_bytes", "reads": [[t_seconds, offset, length], ...]}; --trace synthetic is a
+deterministic stand-in (mixed 4-128 KiB reads, mostly sequential runs over scattered "files",
+a few re-reads: --synthetic-ws-mib over --synthetic-image-mib). Reads are widened to 4 KiB
+alignment (O_DIRECT on bcache needs it). The working set W is the union of the reads.
+
+Replay: reads in trace order with O_DIRECT, at most --depth in flight. Think time is ignored by
+default (--no-think): the boot was recorded under an emulator, whose CPU time between reads
+would dominate and hide the data path being compared; --think honours each read's recorded
+time offset as a lower bound (the comparison then measures how much of the boot's I/O wait
+each mode removes).
+
+Measured per mode: each VM's time to finish its reads (from the common start), the fleet's
+completion (the last VM), bytes the origin's link sent (NIC counters, headers included) and the
+data bytes each child read from each parent (block-layer counters of its iSCSI disks, per
+session: the tree's edges), each divided by W; the tree (parents of every node, join times).
+Bounds: link_bound_s = W / rate (every node must receive W through its link); with fan-out k a
+tree relay uploads k x W, so the tree itself cannot finish before k x W / rate (tree_bound_s).
+
+Output: a table on stdout, progress on stderr, <out>/fleet.json, <out>/fleet-timeline.png
+(VMs over time and bytes per link per mode); with --scaling 2,4,8 one fleet per size,
+<out>/fleet-scaling.json and a markdown table. Needs root and user-mode Linux.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
+from tests.kernel.harness._util import parse_rate  # noqa: E402
+
+DEFAULT_OUT = os.path.join(HERE, "results")
+DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
+GUEST_SCRIPT = os.path.join(HERE, "fleet_guest.py")
+SUBNET = "198.18.30.0/24"
+VOLUME = "fleet"
+STATE_DIR = "/var/lib/vmthunder"
+COW_MIB = 32
+PAGE = 4096
+MIB = 1 << 20
+ALL_MODES = ("tree", "direct", "full_copy")
+
+log = logging.getLogger("bench.fleet")
+
+
+# ============================================================================= traces
+def align(off: int, ln: int, image: int):
+    a = off // PAGE * PAGE
+    b = min(-(-(off + ln) // PAGE) * PAGE, image)
+    return a, b - a
+
+
+def load_trace(path: str) -> dict:
+    with open(path) as f:
+        tr = json.load(f)
+    image = int(tr["image_bytes"])
+    reads = []
+    for rec in tr["reads"]:
+        t, off, ln = float(rec[0]), int(rec[1]), int(rec[2])
+        if ln <= 0 or off >= image:
+            continue
+        a, n = align(off, ln, image)
+        reads.append([round(t, 6), a, n])
+    t0 = min((r[0] for r in reads), default=0.0)
+    for r in reads:
+        r[0] = round(r[0] - t0, 6)
+    return {"image_bytes": image, "reads": reads, "source": os.path.relpath(path, REPO) if path.startswith(REPO) else path}
+
+
+def synthetic_trace(image_bytes: int, ws_bytes: int, seed: int, span_s: float = 20.0) -> dict:
+    """A deterministic boot-like trace: 'files' at random places of the image, each read from its
+    start in 4-128 KiB requests (log-uniform), interleaved a little, with ~5 % re-reads of earlier
+    extents; times spread over span_s. Union of the reads = ws_bytes (4 KiB granularity)."""
+    rng = random.Random(seed)
+    pages = image_bytes // PAGE
+    want = ws_bytes // PAGE
+    if want > pages // 2:
+        raise SystemExit(f"synthetic working set {ws_bytes} too large for image {image_bytes} (at most half)")
+    used = bytearray(pages)
+    files = []
+    have = 0
+    while have < want:
+        n = min(int(2 ** rng.uniform(2, 11)), want - have)          # 4 KiB .. 8 MiB files
+        p = rng.randrange(0, pages - n + 1)
+        if any(used[max(0, p - 1):p + n + 1]):
+            continue
+        used[p:p + n] = b"\1" * n
+        files.append([p, n])
+        have += n
+    reads, active, done = [], [], []
+    rng.shuffle(files)
+    it = iter(files)
+    while True:
+        while len(active) < 3:
+            f = next(it, None)
+            if f is None:
+                break
+            active.append(list(f))
+        if not active:
+            break
+        f = active[rng.randrange(len(active))]
+        n = min(f[1], rng.choice([1, 1, 2, 4, 4, 8, 16, 32]))
+        reads.append([f[0] * PAGE, n * PAGE])
+        done.append((f[0] * PAGE, n * PAGE))
+        f[0] += n
+        f[1] -= n
+        if f[1] == 0:
+            active.remove(f)
+        if done and rng.random() < 0.05:
+            reads.append(list(done[rng.randrange(len(done))]))
+    step = span_s / max(1, len(reads))
+    out = [[round(i * step, 6), off, ln] for i, (off, ln) in enumerate(reads)]
+    return {"image_bytes": image_bytes, "reads": out,
+            "source": f"synthetic (seed {seed}: {ws_bytes // MIB} MiB working set over {image_bytes // MIB} MiB)"}
+
+
+def union_bytes(reads) -> int:
+    total, end = 0, -1
+    for a, n in sorted((r[1], r[2]) for r in reads):
+        b = a + n
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def expected_digest(image_path: str, reads) -> str:
+    acc = 0
+    with open(image_path, "rb") as f:
+        for _t, off, n in reads:
+            f.seek(off)
+            data = f.read(n)
+            data += b"\0" * (n - len(data))
+            acc = zlib.crc32(zlib.crc32(data).to_bytes(4, "little"), acc)
+    return f"{acc:08x}"
+
+
+def make_origin_image(path: str, image_bytes: int, reads) -> None:
+    """Random data everywhere up to 1 GiB; above, random in every MiB the trace touches and
+    zeros elsewhere (a full copy moves the zeros over iSCSI all the same)."""
+    with open(path, "wb") as f:
+        f.truncate(image_bytes)
+        if image_bytes <= (1 << 30):
+            chunks = range(0, -(-image_bytes // MIB))
+        else:
+            s = set()
+            for _t, off, n in reads:
+                s.update(range(off // MIB, (off + n - 1) // MIB + 1))
+            chunks = sorted(s)
+        for c in chunks:
+            f.seek(c * MIB)
+            f.write(os.urandom(min(MIB, image_bytes - c * MIB)))
+
+
+# ============================================================================= guest helpers
+PRELUDE = """\
+import json, logging, os, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+import vmthunder
+def out(v):
+    print("@@JSON " + json.dumps(v))
+"""
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def py(node, code: str, timeout: float = 120):
+    body = PRELUDE + "try:\n" + textwrap.indent(textwrap.dedent(code), "    ") + """
+except vmthunder.Error as e:
+    print("@@ERR " + json.dumps([type(e).__name__, str(e)]))
+    sys.exit(3)
+"""
+    path = node.write_file(f"snippet-{uuid.uuid4().hex[:10]}.py", body.encode())
+    rc, output = node.run(f"python3 {path}", timeout=timeout)
+    result = None
+    for line in output.splitlines():
+        if line.startswith("@@ERR "):
+            t, m = json.loads(line[6:])
+            raise BenchError(f"{node.name}: {t}: {m}\n{output[-3000:]}")
+        if line.startswith("@@JSON "):
+            result = json.loads(line[7:])
+    if rc != 0:
+        raise BenchError(f"{node.name}: snippet failed rc={rc}\n{output[-3000:]}")
+    return result
+
+
+def guest(node, args: str, timeout: float = 120) -> str:
+    return node.check(f"python3 /vmt-share/fleet_guest.py {args}", timeout=timeout)
+
+
+def parallel(fn, items):
+    """fn(item) for every item on threads; returns {item: result}; re-raises the first error."""
+    res, errs = {}, []
+
+    def run(i):
+        try:
+            res[i] = fn(i)
+        except BaseException as e:         # re-raised below, in the caller's thread
+            errs.append((i, e))
+    ts = [threading.Thread(target=run, args=(i,)) for i in items]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errs:
+        i, e = errs[0]
+        raise BenchError(f"{i}: {type(e).__name__}: {e}") from e
+    return res
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def tap_counters(fleet) -> dict:
+    """Host view of every node's link: {node: [guest_tx, guest_rx]} in one host command."""
+    names = list(fleet.nodes)
+    files = " ".join(f"/sys/class/net/tap{fleet[n].index}/statistics/rx_bytes "
+                     f"/sys/class/net/tap{fleet[n].index}/statistics/tx_bytes" for n in names)
+    p = subprocess.run(["ip", "netns", "exec", fleet.netns, "sh", "-c", f"cat {files}"],
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=20)
+    v = [int(x) for x in p.stdout.split()]
+    if len(v) != 2 * len(names):
+        raise BenchError(f"tap counters: {p.stdout!r}")
+    return {n: [v[2 * i], v[2 * i + 1]] for i, n in enumerate(names)}
+
+
+# ============================================================================= one fleet
+class FleetRun:
+    def __init__(self, args, trace, image_path, ws_bytes, digest, n, m):
+        self.a = args
+        self.trace = trace
+        self.image_path = image_path
+        self.image_bytes = trace["image_bytes"]
+        self.W = ws_bytes
+        self.digest = digest
+        self.n = n
+        self.m = m
+        self.rate_bps = parse_rate(args.rate)
+        self.cns = [f"cn{i + 1}" for i in range(n)]
+        self.vms = {f"vm{j + 1:02d}": self.cns[j % n] for j in range(m)}
+        self.vms_of = {c: [v for v, h in self.vms.items() if h == c] for c in self.cns}
+        self.modes = args.modes
+        self.n_trees = sum(1 for md in self.modes if md.startswith("tree"))
+
+    # ------------------------------------------------------------------ sizing
+    def local_disks(self) -> dict:
+        cache_mib = max(128, -(-2 * self.W * max(1, self.n_trees) // MIB))
+        self.cache_mib = cache_mib
+        vpn = max(len(v) for v in self.vms_of.values())
+        local_mib = cache_mib + COW_MIB * vpn * max(1, self.n_trees) + 64 + 16
+        disks = {"ubdb": local_mib * MIB}
+        if "full_copy" in self.modes:
+            disks["ubdc"] = self.image_bytes
+        return disks
+
+    def fanout_of(self, mode: str) -> int:
+        return self.a.fanout if mode == "tree" else int(mode.split("-f", 1)[1])
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> dict:
+        a = self.a
+        nodes = {"o": {"disks": {"ubdb": self.image_path}, "mem": a.origin_mem}}
+        local = self.local_disks()
+        for c in self.cns:
+            nodes[c] = {"disks": dict(local)}
+        name = f"fl{os.getpid()}n{self.n}"[:20]
+        t0 = time.monotonic()
+        log.info("booting %d nodes (origin + %d compute, fleet %s, links %s, %s per node)", self.n + 1, self.n,
+                 name, a.rate, a.mem)
+        doc = {"nodes": self.n, "vms": self.m, "rate_bps": self.rate_bps, "fanout": a.fanout,
+               "working_set_bytes": self.W, "image_bytes": self.image_bytes,
+               "link_bound_s": round(self.W * 8 / self.rate_bps, 3),
+               "tree_bound_s": round(a.fanout * self.W * 8 / self.rate_bps, 3),
+               "direct_bound_s": round(self.m * self.W * 8 / self.rate_bps, 3),
+               "full_copy_bound_s": round(self.n * self.image_bytes * 8 / self.rate_bps, 3),
+               "modes": {}}
+        with Fleet(nodes=nodes, name=name, subnet=SUBNET, rate=a.rate, mem=a.mem, boot_timeout=180) as fleet:
+            self.fleet = fleet
+            doc["boot_s"] = round(time.monotonic() - t0, 1)
+            log.info("fleet up in %.1fs", doc["boot_s"])
+            self.ip_to_node = {fleet[x].ip: x for x in fleet.nodes}
+            self.prepare()
+            for mode in self.modes:
+                t = time.monotonic()
+                try:
+                    if mode.startswith("tree"):
+                        res = self.run_tree(mode, self.fanout_of(mode))
+                    elif mode == "direct":
+                        res = self.run_direct()
+                    else:
+                        res = self.run_full_copy()
+                except Exception as e:
+                    log.exception("[%s] failed", mode)
+                    res = {"error": f"{type(e).__name__}: {e}"[:4000]}
+                res["wall_s"] = round(time.monotonic() - t, 1)
+                doc["modes"][mode] = res
+                if "completion_s" in res:
+                    log.info("[%s] fleet completion %.1fs (%.2f x link bound), origin sent %.2f x W, max edge %.2f x W",
+                             mode, res["completion_s"], res["completion_s"] / doc["link_bound_s"],
+                             res["origin_bytes"] / self.W, res["max_edge_ratio"])
+        doc["total_s"] = round(time.monotonic() - t0, 1)
+        return doc
+
+    def prepare(self):
+        f = self.fleet
+        o = f["o"]
+        portal = f"{o.ip}:3260"
+        if self.n_trees:
+            o.spawn(f"etcd --name o --data-dir /tmp/etcd --listen-client-urls http://{o.ip}:2379 "
+                    f"--advertise-client-urls http://{o.ip}:2379 --listen-peer-urls http://127.0.0.1:2380 "
+                    f"> /tmp/etcd.log 2>&1")
+            self.registry = f"etcd3+http://{o.ip}:2379"
+        py(o, f"out(vmthunder.export_volume({VOLUME!r}, '/dev/ubdb', {portal!r}))")
+        self.conn = {}
+        for c in self.cns:
+            self.conn[c] = py(o, f"out(vmthunder.allow_initiator({VOLUME!r}, {f[c].initiator_iqn!r}, {portal!r}))")
+        script = open(GUEST_SCRIPT, "rb").read()
+        trace_json = json.dumps({"image_bytes": self.image_bytes, "reads": self.trace["reads"]}).encode()
+        for c in self.cns:
+            f[c].write_file("fleet_guest.py", script)
+            f[c].write_file("trace.json", trace_json)
+            f[c].write_file("origin.json", json.dumps(self.conn[c]).encode())
+        if self.n_trees:
+            deadline = time.monotonic() + 60
+            health = f"python3 -c \"import urllib.request; urllib.request.urlopen('http://{o.ip}:2379/health', timeout=2)\""
+            while o.run(health, timeout=20)[0] != 0:
+                if time.monotonic() > deadline:
+                    raise BenchError("etcd did not come up on the origin node")
+                time.sleep(1)
+
+    # ------------------------------------------------------------------ measuring
+    def counters(self) -> dict:
+        res = parallel(lambda c: json.loads(guest(self.fleet[c], "counters", timeout=60)), self.cns)
+        res["_taps"] = tap_counters(self.fleet)
+        return res
+
+    def replay_cmd(self, dev, vm, mode, go=True) -> str:
+        think = " --think" if self.a.think else ""
+        gof = f" --go /vmt-share/{mode}/go" if go else ""
+        return (f"python3 /vmt-share/fleet_guest.py replay {dev} /vmt-share/trace.json{gof} "
+                f"--out /vmt-share/{mode}/{vm}.json --depth {self.a.depth}{think}")
+
+    def go(self, mode, procs, ready_files) -> float:
+        """Wait (bounded) until every reader/copier is up and waiting, then start them all at
+        once: the host creates <mode>/go in every node's share (no clock agreement needed)."""
+        f = self.fleet
+        deadline = time.monotonic() + 60 + 2 * len(ready_files)
+        while True:
+            waiting = [(n, p) for n, p in ready_files if not (read_json(f[n].host_path(p)) or {}).get("ready")]
+            if not waiting:
+                break
+            for vm, (node, pr) in procs.items():
+                if pr.poll() is not None:
+                    raise BenchError(f"[{mode}] {vm} on {node} exited early rc={pr.poll()}\n{pr.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"[{mode}] not ready within 60s: {waiting}")
+            time.sleep(0.1)
+        t = time.time()
+        for c in self.cns:
+            with open(f[c].host_path(f"{mode}/go"), "w"):
+                pass
+        return t
+
+    def read_timeout(self, mode) -> float:
+        rate = self.rate_bps / 8 * 0.9
+        if mode == "full_copy":
+            t = self.n * self.image_bytes / rate * 2 + self.m * self.W / rate
+        elif mode == "direct":
+            t = self.m * self.W / rate * 3
+        else:
+            t = self.n * self.W / rate * 3
+        if self.a.think:
+            t += self.trace["reads"][-1][0] if self.trace["reads"] else 0
+        return t + 180
+
+    def monitor(self, mode, procs, start_at, copies=None) -> dict:
+        """Wait (bounded) until every VM's result is in; show progress; sample link counters."""
+        f = self.fleet
+        deadline = time.monotonic() + max(0.0, start_at - time.time()) + self.read_timeout(mode)
+        samples = []
+        total = len(self.trace["reads"])
+        last_show = 0.0
+        results = {}
+        origin_tx0 = None
+        while True:
+            now = time.time()
+            try:
+                taps = tap_counters(f)
+                samples.append([round(now - start_at, 3), {k: v for k, v in taps.items()}])
+                if origin_tx0 is None:
+                    origin_tx0 = taps["o"][0]
+            except Exception as e:           # sampling is best effort
+                log.debug("tap sampling failed: %s", e)
+            prog = {}
+            for vm, node in self.vms.items():
+                r = read_json(f[node].host_path(f"{mode}/{vm}.json"))
+                prog[vm] = r or {}
+                if r and "end" in r:
+                    results[vm] = r
+            for vm, (node, p) in procs.items():
+                rc = p.poll()
+                if rc is not None and vm not in results:
+                    r = read_json(f[node].host_path(f"{mode}/{vm}.json"))
+                    if r and "end" in r:
+                        results[vm] = r
+                    else:
+                        raise BenchError(f"[{mode}] {vm} on {node}: replay exited rc={rc}\n{p.output()[-3000:]}")
+            if len(results) == len(self.vms):
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"[{mode}] timed out: {len(results)}/{len(self.vms)} VMs finished")
+            if now - last_show >= self.a.progress_s and now >= start_at:
+                done_reads = sum(p.get("done", 0) for p in prog.values())
+                done_vms = len(results)
+                otx = (samples[-1][1]["o"][0] - origin_tx0) if samples and origin_tx0 is not None else 0
+                extra = ""
+                if copies:
+                    cp = [read_json(f[c].host_path(f"{mode}/copy.json")) or {} for c in self.cns]
+                    cbytes = sum(x.get("bytes", 0) for x in cp)
+                    extra = f", copies {cbytes / MIB:.0f}/{self.n * self.image_bytes / MIB:.0f} MiB"
+                log.info("[%s] %5.1fs: VMs done %d/%d, reads %d/%d%s, origin sent %.1f MiB", mode, now - start_at,
+                         done_vms, len(self.vms), done_reads, total * len(self.vms), extra, otx / MIB)
+                last_show = now
+            time.sleep(0.5)
+        try:
+            samples.append([round(time.time() - start_at, 3), tap_counters(f)])
+        except Exception:
+            pass
+        return {"results": results, "samples": samples}
+
+    def summarize(self, mode, base, results, before, after, parents=None) -> dict:
+        """base: {vm: guest time its boot began} (its replay start; the copy start for full_copy)."""
+        W = self.W
+        bad = {vm: r for vm, r in results.items() if r.get("errors") or not r.get("finished")}
+        wrong = {vm: r["digest"] for vm, r in results.items() if r.get("digest") != self.digest}
+        vm_times = {vm: round(r["end"] - base[vm], 3) for vm, r in sorted(results.items())}
+        edges = []
+        for c in self.cns:
+            b, a = before[c]["sessions"], after[c]["sessions"]
+            for sid, s in sorted(a.items(), key=lambda kv: int(kv[0])):
+                delta = s["read_bytes"] - (b.get(sid, {}).get("read_bytes", 0) if b.get(sid, {}).get("target") == s["target"] else 0)
+                parent = self.ip_to_node.get(s["address"], s["address"])
+                parent = "origin" if parent == "o" else parent
+                role = None
+                if parents is not None:
+                    # Tree.attach's path order (dm-multipath failover): the peer parents in
+                    # placement order, the origin always last; I/O goes to the first path.
+                    order = [p for p in (parents.get(c) or []) if p != "origin"] + ["origin"]
+                    role = "active" if order[0] == parent else "standby"
+                if delta == 0 and role != "active":
+                    continue
+                e = {"parent": parent, "child": c, "bytes": delta, "ratio": round(delta / W, 4)}
+                if role:
+                    e["role"] = role
+                edges.append(e)
+        taps0, taps1 = before["_taps"], after["_taps"]
+        links = {x: {"tx_bytes": taps1[x][0] - taps0[x][0], "rx_bytes": taps1[x][1] - taps0[x][1]} for x in taps1}
+        origin_bytes = links["o"]["tx_bytes"]
+        origin_data = sum(e["bytes"] for e in edges if e["parent"] == "origin")
+        times = list(vm_times.values())
+        res = {
+            "completion_s": round(max(times), 3),
+            "vm_times_s": vm_times,
+            "vm_node": dict(self.vms),
+            "vm_median_s": round(statistics.median(times), 3),
+            "vm_min_s": round(min(times), 3),
+            "origin_bytes": origin_bytes,
+            "origin_data_bytes": origin_data,
+            "origin_ratio": round(origin_bytes / W, 4),
+            "edges": edges,
+            "max_edge_ratio": round(max((e["ratio"] for e in edges), default=0.0), 4),
+            "links": links,
+            "all_finished": not bad and len(results) == len(self.vms),
+            "data_ok": not wrong,
+        }
+        if bad:
+            res["failed_vms"] = {vm: (r.get("errors") or ["unfinished"])[:3] for vm, r in bad.items()}
+        if wrong:
+            res["wrong_digests"] = wrong
+            log.error("[%s] DATA MISMATCH on %s", mode, sorted(wrong))
+        return res
+
+    def timeline(self, mon, results, base) -> dict:
+        """Downsampled link counters (cumulative bytes per node) and VM progress for the plot."""
+        s = mon["samples"]
+        step = max(1, len(s) // 300)
+        keep = s[::step] + ([s[-1]] if s and (len(s) - 1) % step else [])
+        t = [x[0] for x in keep]
+        tx = {n: [x[1][n][0] - keep[0][1][n][0] for x in keep] for n in (keep[0][1] if keep else {})}
+        rx = {n: [x[1][n][1] - keep[0][1][n][1] for x in keep] for n in (keep[0][1] if keep else {})}
+        vms = {}
+        for vm, r in results.items():
+            sm = r.get("samples") or []
+            st = max(1, len(sm) // 150)
+            off = r["start"] - base[vm]
+            pts = sm[::st] + ([sm[-1]] if sm and (len(sm) - 1) % st else [])
+            vms[vm] = [[round(off + a, 3), b] for a, b in pts]
+        return {"t": t, "tx": tx, "rx": rx, "vm_progress": vms, "vm_bytes": sum(x[2] for x in self.trace["reads"])}
+
+    # ------------------------------------------------------------------ tree
+    def run_tree(self, mode, fanout) -> dict:
+        f = self.fleet
+        image = f"img-{mode}".replace("_", "-")
+        wd = f"/vmt-share/{mode}/member"
+        for c in self.cns:
+            os.makedirs(f[c].host_path(f"{mode}/member"), exist_ok=True)
+        members = {}
+        for c in self.cns:
+            members[c] = f[c].spawn(
+                f"python3 /vmt-share/fleet_guest.py member --registry {self.registry} --host {c} --image {image} "
+                f"--origin /vmt-share/origin.json --vms {','.join(self.vms_of[c])} --export-ip {f[c].ip} "
+                f"--fanout {fanout} --expect-hosts {self.n} --cache-mib {self.cache_mib} --cow-mib {COW_MIB} "
+                f"--workdir {wd} --max-seconds {self.read_timeout(mode) + 900:.0f} > /vmt-share/{mode}/member/out 2>&1")
+
+        def wait_all(fname, timeout, what):
+            deadline = time.monotonic() + timeout
+            got = {}
+            while len(got) < len(self.cns):
+                for c in self.cns:
+                    if c in got:
+                        continue
+                    r = read_json(f[c].host_path(f"{mode}/member/{fname}"))
+                    if r is not None:
+                        if r.get("error"):
+                            raise BenchError(f"[{mode}] {c}: {r['error']}")
+                        got[c] = r
+                    elif members[c].poll() is not None:
+                        out = (read_json(f[c].host_path(f"{mode}/member/attached.json")) or {}).get("error", "")
+                        tail = open(f[c].host_path(f"{mode}/member/out"), errors="replace").read()[-2500:]
+                        raise BenchError(f"[{mode}] member on {c} exited rc={members[c].poll()} {out}\n{tail}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"[{mode}] {what}: {sorted(got)} of {self.cns} within {timeout:.0f}s")
+                time.sleep(0.2)
+            return got
+
+        try:
+            wait_all("registered.json", 120, "registered")
+            log.info("[%s] %d members registered; all join now (fan-out %d)", mode, self.n, fanout)
+            t_go = time.time()
+            for c in self.cns:
+                f[c].write_file(f"{mode}/member/go", b"")
+            att = wait_all("attached.json", 120 + 20 * self.n, "attached")
+            joins = {c: round(max(r["t_attached"].values()) - t_go, 3) for c, r in att.items()}
+            parents = {c: r.get("parents") for c, r in att.items()}
+            # where each node's data comes from: Tree.attach orders the paths peers first, the
+            # origin last (whatever placement calls the primary)
+            active = {c: ([p for p in (pl or []) if p != "origin"] + ["origin"])[0] for c, pl in parents.items()}
+            depth = {c: r.get("depth") for c, r in att.items()}
+            log.info("[%s] joined in %.1fs (last node); tree: %s", mode, max(joins.values()),
+                     {c: p for c, p in parents.items()})
+            paths = {vm: att[c]["paths"][vm] for vm, c in self.vms.items()}
+            before = self.counters()
+            procs = {vm: (c, f[c].spawn(self.replay_cmd(paths[vm], vm, mode))) for vm, c in self.vms.items()}
+            start_at = self.go(mode, procs, [(c, f"{mode}/{vm}.json") for vm, c in self.vms.items()])
+            mon = self.monitor(mode, procs, start_at)
+            after = self.counters()
+            base = {vm: r["start"] for vm, r in mon["results"].items()}
+            res = self.summarize(mode, base, mon["results"], before, after, parents)
+            res["fanout"] = fanout
+            kids = {}
+            for c, p in active.items():
+                kids[p] = kids.get(p, 0) + 1
+
+            def level(c, seen=()):
+                p = active.get(c, "origin")
+                return 1 if p == "origin" or p in seen else 1 + level(p, seen + (c,))
+            res["tree_shape"] = {"max_children": max(kids.values()), "origin_children": kids.get("origin", 0),
+                                 "levels": max(level(c) for c in active),
+                                 "bound_s": round(max(kids.values()) * self.W * 8 / self.rate_bps, 3)}
+            res["tree"] = {"parents": parents, "active_parent": active, "depth": depth, "join_s": joins,
+                           "joins_wall_s": round(max(joins.values()), 3),
+                           "attach_s": {vm: att[c]["attach_s"][vm] for vm, c in self.vms.items()}}
+            res["timeline"] = self.timeline(mon, mon["results"], base)
+            return res
+        finally:
+            for c in self.cns:
+                try:
+                    f[c].write_file(f"{mode}/member/stop", b"")
+                except Exception:
+                    pass
+            deadline = time.monotonic() + 30
+            for c, p in members.items():
+                try:
+                    p.wait(max(1.0, deadline - time.monotonic()))
+                except Exception:
+                    try:
+                        p.kill()
+                    except Exception:
+                        pass
+
+    # ------------------------------------------------------------------ baselines
+    def logins(self) -> dict:
+        return parallel(lambda c: guest(self.fleet[c], "login --origin /vmt-share/origin.json").strip().splitlines()[-1],
+                        self.cns)
+
+    def run_direct(self) -> dict:
+        f = self.fleet
+        mode = "direct"
+        devs = self.logins()
+        for c in self.cns:
+            os.makedirs(f[c].host_path(mode), exist_ok=True)
+        before = self.counters()
+        procs = {vm: (c, f[c].spawn(self.replay_cmd(devs[c], vm, mode))) for vm, c in self.vms.items()}
+        start_at = self.go(mode, procs, [(c, f"{mode}/{vm}.json") for vm, c in self.vms.items()])
+        mon = self.monitor(mode, procs, start_at)
+        after = self.counters()
+        base = {vm: r["start"] for vm, r in mon["results"].items()}
+        res = self.summarize(mode, base, mon["results"], before, after)
+        res["timeline"] = self.timeline(mon, mon["results"], base)
+        return res
+
+    def run_full_copy(self) -> dict:
+        f = self.fleet
+        mode = "full_copy"
+        devs = self.logins()
+        for c in self.cns:
+            os.makedirs(f[c].host_path(mode), exist_ok=True)
+        before = self.counters()
+        procs = {}
+        for c in self.cns:
+            vms = self.vms_of[c]
+            replays = " & ".join(self.replay_cmd("/dev/ubdc", vm, mode, go=False) for vm in vms)
+            script = (f"python3 /vmt-share/fleet_guest.py copy {devs[c]} /dev/ubdc --progress /vmt-share/{mode}/copy.json "
+                      f"--go /vmt-share/{mode}/go && {{ {replays} & wait; }}")
+            p = f[c].spawn(script)
+            for vm in vms:
+                procs[vm] = (c, p)
+        start_at = self.go(mode, procs, [(c, f"{mode}/copy.json") for c in self.cns])
+        mon = self.monitor(mode, procs, start_at, copies=True)
+        after = self.counters()
+        copies = {c: read_json(f[c].host_path(f"{mode}/copy.json")) or {} for c in self.cns}
+        base = {vm: copies[c]["start"] for vm, c in self.vms.items()}
+        res = self.summarize(mode, base, mon["results"], before, after)
+        res["copy_s"] = {c: round(x["end"] - x["start"], 3) for c, x in copies.items() if "end" in x}
+        res["copy_bytes"] = {c: x.get("bytes") for c, x in copies.items()}
+        res["timeline"] = self.timeline(mon, mon["results"], base)
+        return res
+
+
+# ============================================================================= report
+def mode_label(doc, mode):
+    r = doc["modes"][mode]
+    if mode.startswith("tree"):
+        return f"tree (fan-out {r.get('fanout', doc['fanout'])})"
+    return mode
+
+
+def tree_text(parents: dict, active: dict) -> list:
+    """The tree as the data flows (each node under its active parent), with placement's parents."""
+    kids = {}
+    for c in parents:
+        kids.setdefault(active.get(c, "origin"), []).append(c)
+    lines = []
+
+    def walk(node, prefix, last, top):
+        if top:
+            lines.append(node)
+        else:
+            lines.append(prefix + ("└─ " if last else "├─ ") + node + f"   placement: {' > '.join(parents.get(node) or [])}")
+        ch = sorted(kids.get(node, []), key=lambda x: int(x[2:]) if x[2:].isdigit() else 0)
+        for i, k in enumerate(ch):
+            walk(k, prefix + ("" if top else ("   " if last else "│  ")), i == len(ch) - 1, False)
+    walk("origin", "", True, True)
+    return lines
+
+
+def table(doc) -> str:
+    W = doc["working_set_bytes"]
+    lb = doc["link_bound_s"]
+    out = [f"Fleet: origin + {doc['nodes']} compute nodes, {doc['vms']} VMs, links {doc['rate_bps'] / 1e6:g} Mbit/s "
+           f"each way; trace {doc.get('trace', '?')}: {doc.get('reads', '?')} reads, W = {W / MIB:.1f} MiB, "
+           f"image {doc['image_bytes'] / MIB:.0f} MiB; replay depth {doc.get('depth', 1)}, "
+           f"{'think time honoured' if doc.get('think') else 'no think time'}.",
+           f"Link bound W/rate = {lb:.1f} s; a fan-out-{doc['fanout']} tree cannot beat {doc['tree_bound_s']:.1f} s "
+           f"(a relay uploads {doc['fanout']} x W); direct needs {doc['direct_bound_s']:.1f} s at the origin's link, "
+           f"full copy {doc['full_copy_bound_s']:.1f} s.", "",
+           "| mode | fleet completion (s) | x link bound | VM min / median / max (s) | origin sent (MiB) | origin / W "
+           "| max edge / W | joins (s) | all VMs done, data ok |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for mode, r in doc["modes"].items():
+        if "error" in r:
+            out.append(f"| {mode} | failed: {r['error'].splitlines()[0][:100]} | | | | | | | |")
+            continue
+        joins = f"{r['tree']['joins_wall_s']:.1f}" if "tree" in r else "-"
+        out.append(f"| {mode_label(doc, mode)} | {r['completion_s']:.1f} | {r['completion_s'] / lb:.2f} | "
+                   f"{r['vm_min_s']:.1f} / {r['vm_median_s']:.1f} / {r['completion_s']:.1f} | "
+                   f"{r['origin_bytes'] / MIB:.1f} | {r['origin_ratio']:.2f} | {r['max_edge_ratio']:.2f} | {joins} | "
+                   f"{'yes' if r['all_finished'] else 'NO'}, {'yes' if r['data_ok'] else 'NO'} |")
+    g = doc.get("goals")
+    if g:
+        out += ["", "Goals (tree vs the others):"]
+        for k, v in g.items():
+            out.append(f"- {k}: {v}")
+    modes = [m for m, r in doc["modes"].items() if "vm_times_s" in r]
+    if modes:
+        out += ["", "| VM | node | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+        first = doc["modes"][modes[0]]
+        for vm in sorted(first["vm_times_s"]):
+            out.append(f"| {vm} | {first['vm_node'][vm]} | " +
+                       " | ".join(f"{doc['modes'][m]['vm_times_s'].get(vm, float('nan')):.1f}" for m in modes) + " |")
+    for mode in modes:
+        r = doc["modes"][mode]
+        if "tree" not in r:
+            continue
+        out += ["", f"{mode_label(doc, mode)}: edges (data bytes the child read from the parent / W), joins"]
+        out.append("| parent → child | role | MiB | / W | child joined after (s) |")
+        out.append("|---|---|---|---|---|")
+        for e in r["edges"]:
+            out.append(f"| {e['parent']} → {e['child']} | {e.get('role', '')} | {e['bytes'] / MIB:.1f} | {e['ratio']:.2f} "
+                       f"| {r['tree']['join_s'].get(e['child'], float('nan')):.1f} |")
+        out += ["", "```"] + tree_text(r["tree"]["parents"], r["tree"]["active_parent"]) + ["```"]
+    return "\n".join(out)
+
+
+def goals(doc) -> dict:
+    m = doc["modes"]
+    t = m.get("tree")
+    if not t or "completion_s" not in t:
+        return {}
+    W, k = doc["working_set_bytes"], t.get("fanout", doc["fanout"])
+    g = {}
+    d = m.get("direct")
+    if d and "completion_s" in d:
+        sp = d["completion_s"] / t["completion_s"]
+        g["tree >= 4x faster than direct"] = f"{sp:.2f}x -> {'met' if sp >= 4 else 'NOT met'}"
+    fc = m.get("full_copy")
+    if fc and "completion_s" in fc:
+        g["tree vs full copy"] = f"{fc['completion_s'] / t['completion_s']:.2f}x faster"
+    lim = k * W * 1.1
+    g[f"origin sends <= fan-out x W x 1.1 ({lim / MIB:.1f} MiB)"] = (
+        f"NIC {t['origin_bytes'] / MIB:.1f} MiB, data {t['origin_data_bytes'] / MIB:.1f} MiB -> "
+        f"{'met' if t['origin_bytes'] <= lim else ('met on data bytes' if t['origin_data_bytes'] <= lim else 'NOT met')}")
+    x = t["completion_s"] / doc["link_bound_s"]
+    g["fleet within 1.5x link bound"] = (f"{x:.2f}x -> {'met' if x <= 1.5 else 'NOT met'} "
+                                         f"(tree bound with fan-out {k}: {k * W * 8 / doc['rate_bps'] / doc['link_bound_s']:.1f}x; "
+                                         f"measured / tree bound = {t['completion_s'] / (k * W * 8 / doc['rate_bps']):.2f})")
+    g["every edge <= 1.1 x W"] = f"max {t['max_edge_ratio']:.2f} -> {'met' if t['max_edge_ratio'] <= 1.1 else 'NOT met'}"
+    return g
+
+
+def plot(doc, path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib missing (pip install matplotlib): no PNG")
+        return False
+    modes = [m for m, r in doc["modes"].items() if "timeline" in r]
+    if not modes:
+        return False
+    fig, axes = plt.subplots(2, len(modes), figsize=(5.2 * len(modes), 7.5), squeeze=False)
+    rate_mib = doc["rate_bps"] / 8 / MIB
+    for j, mode in enumerate(modes):
+        r = doc["modes"][mode]
+        tl = r["timeline"]
+        ax = axes[0][j]
+        total = tl["vm_bytes"] or 1
+        for vm, pts in sorted(tl["vm_progress"].items()):
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [100 * p[1] / total for p in pts], lw=1, label=vm)
+            ax.plot([r["vm_times_s"][vm]], [100], "k|", ms=8)
+        ax.axvline(doc["link_bound_s"], color="grey", ls=":", lw=1)
+        ax.set_title(f"{mode_label(doc, mode)}: fleet {r['completion_s']:.1f} s")
+        ax.set_ylabel("boot reads done (%)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(0, 105)
+        if len(tl["vm_progress"]) <= 12:
+            ax.legend(fontsize=6, ncol=2, loc="lower right")
+        ax2 = axes[1][j]
+        t = tl["t"]
+        for node, cum in tl["tx"].items():
+            if len(t) < 2:
+                continue
+            rates = [max(0.0, (cum[i] - cum[i - 1]) / max(1e-3, t[i] - t[i - 1]) / MIB) for i in range(1, len(t))]
+            if node == "o":
+                ax2.plot(t[1:], rates, color="black", lw=2, label="origin")
+            elif max(rates, default=0) > 0.05 * rate_mib:
+                ax2.plot(t[1:], rates, lw=0.8, label=node)
+        ax2.axhline(rate_mib, color="grey", ls=":", lw=1)
+        ax2.set_xlabel("seconds since the common start")
+        ax2.set_ylabel("link upload (MiB/s)")
+        ax2.set_xlim(left=0)
+        ax2.set_ylim(0, rate_mib * 1.25)
+        ax2.legend(fontsize=6, ncol=2, loc="upper right")
+    fig.suptitle(f"vmthunder fleet: {doc['nodes']} nodes, {doc['vms']} VMs, {doc['rate_bps'] / 1e6:g} Mbit/s links, "
+                 f"W = {doc['working_set_bytes'] / MIB:.0f} MiB (dotted: link bound / link rate)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def scaling_table(rows) -> str:
+    out = ["| nodes | VMs | W (MiB) | link bound (s) | tree (s) | x link bound | direct (s) | full copy (s) | "
+           "tree speed-up vs direct | origin / W (tree) | origin / W (direct) | max edge / W | joins (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in rows:
+        m = d["modes"]
+
+        def c(k, f="{:.1f}"):
+            r = m.get(k) or {}
+            return f.format(r["completion_s"]) if "completion_s" in r else "-"
+        t, dr = m.get("tree") or {}, m.get("direct") or {}
+        sp = f"{dr['completion_s'] / t['completion_s']:.2f}x" if "completion_s" in t and "completion_s" in dr else "-"
+        xl = f"{t['completion_s'] / d['link_bound_s']:.2f}" if "completion_s" in t else "-"
+        out.append(f"| {d['nodes']} | {d['vms']} | {d['working_set_bytes'] / MIB:.1f} | {d['link_bound_s']:.1f} | "
+                   f"{c('tree')} | {xl} | {c('direct')} | {c('full_copy')} | {sp} | "
+                   f"{t.get('origin_ratio', float('nan')):.2f} | {dr.get('origin_ratio', float('nan')):.2f} | "
+                   f"{t.get('max_edge_ratio', float('nan')):.2f} | "
+                   f"{(t.get('tree') or {}).get('joins_wall_s', float('nan')):.1f} |")
+    return "\n".join(out)
+
+
+def write_json(path, doc):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ============================================================================= main
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="python bench/fleet.py",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  python bench/fleet.py                         # 8 nodes, 8 VMs, 100 Mbit/s, all modes\n"
+        "  python bench/fleet.py --nodes 4 --vms 8 --modes tree,direct\n"
+        "  python bench/fleet.py --modes tree,tree-f2,direct --trace synthetic\n"
+        "  python bench/fleet.py --scaling 2,4,8 --modes tree,direct\n"
+        "  python bench/fleet.py --nodes 3 --smoke --out /tmp/fleet   # the test suite's short run\n"
+        "Leftovers of a killed run: python -m tests.kernel.harness cleanup")
+    ap.add_argument("--nodes", type=int, default=8, help="compute nodes (default: %(default)s)")
+    ap.add_argument("--vms", type=int, default=None, help="VMs, round-robin over the nodes (default: one per node)")
+    ap.add_argument("--rate", default="100mbit", help="every link, each direction, tc syntax (default: %(default)s)")
+    ap.add_argument("--fanout", type=int, default=3, help="tree fan-out of mode 'tree' (default: %(default)s, the "
+                    "placement default); add modes tree-f2, tree-f1 ... to compare in the same fleet")
+    ap.add_argument("--modes", default="tree,direct,full_copy",
+                    help="comma-separated: tree, tree-fK (fan-out K), direct, full_copy (default: %(default)s)")
+    ap.add_argument("--trace", default=None, metavar="PATH|synthetic",
+                    help="boot read trace (default: bench/traces/debian12-boot.json if it exists, else synthetic)")
+    ap.add_argument("--synthetic-ws-mib", type=int, default=48, help="synthetic working set (default: %(default)s MiB)")
+    ap.add_argument("--synthetic-image-mib", type=int, default=256, help="synthetic image (default: %(default)s MiB)")
+    ap.add_argument("--seed", type=int, default=7, help="seed of the synthetic trace (default: %(default)s)")
+    ap.add_argument("--depth", type=int, default=4, help="reads in flight per VM (default: %(default)s)")
+    th = ap.add_mutually_exclusive_group()
+    th.add_argument("--think", action="store_true", help="honour the trace's time offsets as a lower bound")
+    th.add_argument("--no-think", dest="think", action="store_false", help="ignore think time (default)")
+    ap.add_argument("--mem", default="288M", help="RAM per compute node (default: %(default)s)")
+    ap.add_argument("--origin-mem", default="320M", help="RAM of the origin node (default: %(default)s)")
+    ap.add_argument("--progress-s", type=float, default=5.0, help="progress line interval (default: %(default)s s)")
+    ap.add_argument("--scaling", default=None, metavar="N1,N2,...", help="run one fleet per size (VMs = nodes "
+                    "x --vms-per-node) and write fleet-scaling.json")
+    ap.add_argument("--vms-per-node", type=int, default=1, help="with --scaling (default: %(default)s)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "
+                    "32 MiB image, short delays")
+    a = ap.parse_args(argv)
+    a.modes = [x.strip() for x in a.modes.split(",") if x.strip()]
+    for md in a.modes:
+        if md not in ALL_MODES and not (md.startswith("tree-f") and md[6:].isdigit() and int(md[6:]) >= 1):
+            ap.error(f"unknown mode {md!r}")
+    if len(set(a.modes)) != len(a.modes):
+        ap.error("a mode twice")
+    if a.fanout < 1 or a.depth < 1:
+        ap.error("--fanout and --depth must be >= 1")
+    try:
+        parse_rate(a.rate)
+    except HarnessError as e:
+        ap.error(str(e))
+    if a.smoke:
+        a.trace = "synthetic"
+        a.synthetic_ws_mib, a.synthetic_image_mib = 8, 32
+        a.progress_s = min(a.progress_s, 2.0)
+        a.mem = "256M"
+    if a.scaling:
+        try:
+            a.sizes = [int(x) for x in a.scaling.split(",") if x.strip()]
+        except ValueError:
+            ap.error("--scaling takes sizes like 2,4,8")
+    else:
+        a.sizes = None
+    for n in a.sizes or [a.nodes]:
+        if not 1 <= n <= 60:
+            ap.error("nodes: 1..60")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("vmthunder.harness").setLevel(logging.WARNING)
+    if os.geteuid() != 0:
+        print("bench/fleet.py must run as root (UML nodes, network namespaces)", file=sys.stderr)
+        return 2
+    ok, why = uml_available()
+    if not ok:
+        print(f"user-mode Linux cannot run here: {why}", file=sys.stderr)
+        return 2
+    if a.trace in (None, "") and os.path.exists(DEFAULT_TRACE):
+        a.trace = DEFAULT_TRACE
+    if a.trace in (None, "", "synthetic"):
+        trace = synthetic_trace(a.synthetic_image_mib * MIB, a.synthetic_ws_mib * MIB, a.seed)
+    else:
+        trace = load_trace(a.trace)
+    W = union_bytes(trace["reads"])
+    log.info("trace: %s: %d reads, %.1f MiB read, W = %.1f MiB over a %.0f MiB image", trace["source"],
+             len(trace["reads"]), sum(r[2] for r in trace["reads"]) / MIB, W / MIB, trace["image_bytes"] / MIB)
+    os.makedirs(a.out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="vmt-fleet-")
+    try:
+        image_path = os.path.join(tmp, "origin.img")
+        make_origin_image(image_path, trace["image_bytes"], trace["reads"])
+        digest = expected_digest(image_path, trace["reads"])
+        common = {"trace": trace["source"], "reads": len(trace["reads"]),
+                  "read_bytes": sum(r[2] for r in trace["reads"]), "depth": a.depth, "think": a.think,
+                  "rate": a.rate, "command": " ".join(["python", "bench/fleet.py"] + (sys.argv[1:] if argv is None else argv)),
+                  "bytes_note": "origin_bytes: the origin's link tx (NIC, TCP/iSCSI headers and etcd included); "
+                  "origin_data_bytes and edges[].bytes: data the child read over that iSCSI session "
+                  "(block-layer counters); ratio = bytes / working_set_bytes"}
+        sizes = a.sizes or [a.nodes]
+        docs = []
+        for n in sizes:
+            m = a.vms if (a.vms and not a.sizes) else n * (a.vms_per_node if a.sizes else 1)
+            run = FleetRun(a, trace, image_path, W, digest, n, m)
+            doc = run.run()
+            doc.update(common)
+            doc["goals"] = goals(doc)
+            docs.append(doc)
+            if not a.sizes:
+                path = os.path.join(a.out, "fleet.json")
+                png = os.path.join(a.out, "fleet-timeline.png")
+                doc["png"] = os.path.basename(png) if plot(doc, png) else None
+                write_json(path, doc)
+                log.info("wrote %s%s", path, f" and {png}" if doc["png"] else "")
+                print(table(doc))
+            else:
+                log.info("size %d done: %s", n, {k: r.get("completion_s", r.get("error", "")[:60]) for k, r in doc["modes"].items()})
+        if a.sizes:
+            for d in docs:
+                for r in d["modes"].values():
+                    r.pop("timeline", None)
+            md = scaling_table(docs)
+            path = os.path.join(a.out, "fleet-scaling.json")
+            write_json(path, {"sizes": sizes, "rate_bps": docs[0]["rate_bps"], "fanout": a.fanout,
+                              "working_set_bytes": W, "runs": docs, "table_md": md, **common})
+            log.info("wrote %s", path)
+            print(md)
+        failed = [(d["nodes"], k) for d in docs for k, r in d["modes"].items() if "error" in r or not r.get("all_finished")]
+        return 1 if failed else 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""Guest side of bench/fleet.py: runs inside a UML compute node (stdlib + vmthunder only).
+
+    fleet_guest.py member  --registry URL --host cn1 --image IMG --origin FILE --vms vm01,vm09 \
+                           --export-ip IP --fanout 3 --expect-hosts 8 --workdir DIR ...
+        Stand-in for nova-compute: holds the registry membership (heartbeats live with this
+        process), registers the host, waits until every compute host is registered (so every
+        relay can grant every other host up front, as long-running nova-computes would have),
+        then attaches its VMs through vmthunder.tree.Tree (engine bcache), writes
+        DIR/attached.json, runs the tree upkeep on a thread and stays until DIR/stop exists.
+    fleet_guest.py login   --origin FILE
+        Log in to the origin volume (open-iscsi, CHAP from the connection dict; an existing
+        session is reused) and print the raw disk (/dev/sdX): plain boot from volume.
+    fleet_guest.py copy    SRC DST --progress FILE [--go FILE]
+        Copy SRC to DST (1 MiB O_DIRECT reads and writes): Nova's image cache download.
+    fleet_guest.py replay  DEV TRACE --out FILE [--go FILE] [--depth 1] [--think]
+        Replay a boot read trace on DEV with O_DIRECT (page-aligned mmap buffers, os.preadv),
+        in trace order, at most DEPTH reads in flight, starting when the file --go exists (the
+        host creates it on every node at once); with --think a read is never issued before the
+        start + its recorded time offset. Writes progress and the result (start, end, bytes, a
+        digest of the data read, errors, progress samples) to FILE.
+    fleet_guest.py counters
+        Bytes read per iSCSI session (block-layer counters of its disks), with the session's
+        target and portal, and the NIC counters: JSON on stdout.
+"""
+import argparse
+import glob
+import json
+import logging
+import mmap
+import os
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+PAGE = 4096
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def read_first_line(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- counters
+def counters():
+    sessions = {}
+    for sdir in glob.glob("/sys/class/iscsi_session/session*"):
+        sid = os.path.basename(sdir)[len("session"):]
+        conn = glob.glob(f"/sys/class/iscsi_connection/connection{sid}:*")
+        addr = read_first_line(os.path.join(conn[0], "persistent_address")) if conn else None
+        port = read_first_line(os.path.join(conn[0], "persistent_port")) if conn else None
+        read_bytes = 0
+        disks = []
+        for blk in glob.glob(f"{sdir}/device/target*/*:*:*:*/block/*"):
+            name = os.path.basename(blk)
+            stat = read_first_line(f"/sys/block/{name}/stat")
+            if stat:
+                read_bytes += int(stat.split()[2]) * 512
+                disks.append(name)
+        sessions[sid] = {"target": read_first_line(os.path.join(sdir, "targetname")),
+                         "address": addr, "port": port, "read_bytes": read_bytes, "disks": disks}
+    nic = {k: int(read_first_line(f"/sys/class/net/vec0/statistics/{k}") or 0) for k in ("rx_bytes", "tx_bytes")}
+    return {"sessions": sessions, "nic": nic, "clock": time.time()}
+
+
+# ----------------------------------------------------------------------------- raw iSCSI login
+def conn_data(conn):
+    d = conn.get("data", conn) if isinstance(conn, dict) else {}
+    portal = d.get("target_portal") or (d.get("target_portals") or [None])[0]
+    iqn = d.get("target_iqn") or (d.get("target_iqns") or [None])[0]
+    lun = d.get("target_lun", (d.get("target_luns") or [0])[0])
+    if not portal or not iqn:
+        raise SystemExit(f"connection info without portal/iqn: {sorted(d)}")
+    if ":" not in portal:
+        portal += ":3260"
+    return portal, iqn, int(lun), d
+
+
+def session_of(iqn, portal):
+    ip, port = portal.rsplit(":", 1)
+    for sdir in glob.glob("/sys/class/iscsi_session/session*"):
+        sid = os.path.basename(sdir)[len("session"):]
+        if read_first_line(os.path.join(sdir, "targetname")) != iqn:
+            continue
+        for c in glob.glob(f"/sys/class/iscsi_connection/connection{sid}:*"):
+            if read_first_line(os.path.join(c, "persistent_address")) == ip and \
+                    read_first_line(os.path.join(c, "persistent_port")) == port:
+                return sid
+    return None
+
+
+def session_disk(sid, lun):
+    for blk in glob.glob(f"/sys/class/iscsi_session/session{sid}/device/target*/*:*:*:{lun}/block/*"):
+        return "/dev/" + os.path.basename(blk)
+    return None
+
+
+def adm(*args, secret=None):
+    p = subprocess.run(["iscsiadm", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    if p.returncode not in (0, 15):          # 15: session exists
+        out = p.stdout.decode(errors="replace")
+        if secret:
+            out = out.replace(secret, "***")
+        raise SystemExit(f"iscsiadm {' '.join(a if a != secret else '***' for a in args)}: rc={p.returncode}\n{out}")
+
+
+def login(conn):
+    portal, iqn, lun, d = conn_data(conn)
+    sid = session_of(iqn, portal)
+    if sid is None:
+        node = ["-m", "node", "-T", iqn, "-p", portal]
+        adm(*node, "-o", "new")
+        adm(*node, "-o", "update", "-n", "node.startup", "-v", "manual")
+        if d.get("auth_method") == "CHAP" or d.get("auth_username"):
+            adm(*node, "-o", "update", "-n", "node.session.auth.authmethod", "-v", "CHAP")
+            adm(*node, "-o", "update", "-n", "node.session.auth.username", "-v", d["auth_username"])
+            adm(*node, "-o", "update", "-n", "node.session.auth.password", "-v", d["auth_password"],
+                secret=d["auth_password"])
+        adm(*node, "--login")
+        sid = session_of(iqn, portal)
+        if sid is None:
+            raise SystemExit(f"login to {iqn} at {portal}: no session appeared")
+    deadline = time.monotonic() + 30
+    scanned = False
+    while True:
+        dev = session_disk(sid, lun)
+        if dev and os.path.exists(dev):
+            with open(dev, "rb") as f:
+                if f.seek(0, os.SEEK_END) > 0:
+                    return dev
+        if not scanned:
+            host = glob.glob(f"/sys/class/iscsi_session/session{sid}/device/../scsi_host/host*")
+            hosts = [os.path.basename(h) for h in host] or \
+                [os.path.basename(os.path.dirname(os.path.realpath(f"/sys/class/iscsi_session/session{sid}/device")))]
+            for h in hosts:
+                if h.startswith("host"):
+                    try:
+                        with open(f"/sys/class/scsi_host/{h}/scan", "w") as f:
+                            f.write(f"- - {lun}")
+                    except OSError:
+                        pass
+            scanned = True
+        if time.monotonic() > deadline:
+            raise SystemExit(f"LUN {lun} of {iqn} at {portal} did not appear")
+        time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- copy
+def copy(src, dst, progress, go):
+    write_json(progress, {"ready": True})
+    wait_go(go)
+    chunk = 1 << 20
+    buf = mmap.mmap(-1, chunk)
+    fi = os.open(src, os.O_RDONLY | os.O_DIRECT)
+    fo = os.open(dst, os.O_WRONLY | os.O_DIRECT)
+    size = os.lseek(fi, 0, os.SEEK_END)
+    t0 = time.time()
+    done, last = 0, 0.0
+    while done < size:
+        n = os.preadv(fi, [buf], done)
+        if n <= 0:
+            raise SystemExit(f"short read at {done}")
+        n -= n % 512
+        w = os.pwritev(fo, [memoryview(buf)[:n]], done)
+        done += w
+        now = time.time()
+        if now - last > 0.5:
+            write_json(progress, {"start": t0, "t": now, "bytes": done, "size": size})
+            last = now
+    os.fsync(fo)
+    os.close(fi)
+    os.close(fo)
+    write_json(progress, {"start": t0, "t": time.time(), "end": time.time(), "bytes": done, "size": size, "done": True})
+
+
+# ----------------------------------------------------------------------------- replay
+def wait_go(go, timeout=600.0):
+    """Wait for the host's start signal (a file it creates in /vmt-share): every guest starts
+    within a few ms of the others without relying on guest and host clocks agreeing."""
+    if not go:
+        return
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no start signal {go} within {timeout}s")
+        time.sleep(0.005)
+
+
+def replay(dev, trace_path, go, out, depth, think):
+    with open(trace_path) as f:
+        tr = json.load(f)
+    reads = tr["reads"]                     # [[t, off, len]] page aligned already
+    total = sum(r[2] for r in reads)
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    maxlen = max(r[2] for r in reads)
+    crcs = [0] * len(reads)
+    errors = []
+    state = {"next": 0, "done": 0, "bytes": 0}
+    lock = threading.Lock()
+    samples = []
+
+    def worker():
+        buf = mmap.mmap(-1, maxlen)         # page aligned, as O_DIRECT wants
+        mv = memoryview(buf)
+        while True:
+            with lock:
+                i = state["next"]
+                state["next"] += 1
+            if i >= len(reads) or errors:
+                return
+            t, off, n = reads[i]
+            if think:
+                wait = start_at + t - time.time()
+                if wait > 0:
+                    time.sleep(wait)
+            try:
+                got = os.preadv(fd, [mv[:n]], off)
+                if got != n:
+                    raise OSError(f"short read {got}/{n} at {off}")
+                crcs[i] = zlib.crc32(mv[:n])
+            except Exception as e:          # reported in the result
+                errors.append(f"{type(e).__name__}: {e}")
+                return
+            with lock:
+                state["done"] += 1
+                state["bytes"] += n
+                state["last"] = time.time()
+
+    write_json(out, {"ready": True})
+    wait_go(go)
+    t0 = time.time()
+    start_at = t0
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, depth))]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        now = time.time()
+        with lock:
+            samples.append([round(now - t0, 3), state["bytes"]])
+            prog = {"start": t0, "t": now, "done": state["done"], "bytes": state["bytes"], "reads": len(reads),
+                    "total": total}
+        write_json(out, prog)
+        time.sleep(0.25)
+    t1 = state.get("last", time.time())
+    samples.append([round(t1 - t0, 3), state["bytes"]])
+    acc = 0
+    for c in crcs:
+        acc = zlib.crc32(c.to_bytes(4, "little"), acc)
+    os.close(fd)
+    write_json(out, {"start": t0, "end": t1, "reads": len(reads), "done": state["done"],
+                     "bytes": state["bytes"], "total": total, "digest": f"{acc:08x}", "errors": errors,
+                     "samples": samples, "finished": not errors and state["done"] == len(reads)})
+
+
+# ----------------------------------------------------------------------------- member
+def member(a):
+    import vmthunder
+    from vmthunder.registry import Registry
+    from vmthunder.tree import Tree
+
+    os.makedirs(a.workdir, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, filename=os.path.join(a.workdir, "log"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    deadline = time.monotonic() + a.max_seconds
+    stop_file = os.path.join(a.workdir, "stop")
+    initiator = open("/etc/iscsi/initiatorname.iscsi").read().split("=", 1)[1].strip()
+    node = vmthunder.Node(host=a.host, cache_device=a.cache_device, state_dir=a.state_dir,
+                          export_ip=a.export_ip, engine="bcache", cache_size_mib=a.cache_mib,
+                          cow_size_mib=a.cow_mib, path_timeout_s=4)
+    reg = Registry(a.registry, a.host, lease_s=6.0)
+    reg.start()
+    result = {"host": a.host, "t_registered": None, "paths": {}, "attach_s": {}}
+    try:
+        tree = Tree(node, reg, initiator=initiator, export_ip=a.export_ip, fanout=a.fanout)
+        reg.publish_host({"host": a.host, "initiator": initiator, "export_ip": a.export_ip, "failure_domain": None})
+        while len(reg.hosts()) < a.expect_hosts:
+            if time.monotonic() > deadline - 60:
+                raise SystemExit(f"only {len(reg.hosts())}/{a.expect_hosts} hosts registered")
+            time.sleep(0.3)
+        result["t_registered"] = time.time()
+        write_json(os.path.join(a.workdir, "registered.json"), result)
+        go = os.path.join(a.workdir, "go")
+        while not os.path.exists(go):
+            if time.monotonic() > deadline - 60:
+                raise SystemExit("no go")
+            time.sleep(0.1)
+        origin = json.load(open(a.origin))
+        for vm in a.vms.split(","):
+            t = time.time()
+            result["paths"][vm] = tree.attach(a.image, origin, vm)
+            result["attach_s"][vm] = round(time.time() - t, 3)
+            result.setdefault("t_attached", {})[vm] = time.time()
+        me = next((r for r in reg.peers(a.image) if r.get("host") == a.host), {})
+        result["parents"] = me.get("parents")
+        result["depth"] = me.get("depth")
+        write_json(os.path.join(a.workdir, "attached.json"), result)
+    except BaseException as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+        write_json(os.path.join(a.workdir, "attached.json"), result)
+        reg.stop()
+        raise
+    tree.start_watch(interval_s=1.0)
+    while not os.path.exists(stop_file) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    tree.stop_watch()
+    try:
+        result["status"] = node.status()
+    except vmthunder.Error as e:
+        result["status"] = f"{type(e).__name__}: {e}"
+    write_json(os.path.join(a.workdir, "final.json"), result)
+    reg.stop()
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("member")
+    m.add_argument("--registry", required=True)
+    m.add_argument("--host", required=True)
+    m.add_argument("--image", required=True)
+    m.add_argument("--origin", required=True, help="JSON file: the origin's connection dict")
+    m.add_argument("--vms", required=True, help="comma-separated VM ids to attach on this node")
+    m.add_argument("--export-ip", required=True)
+    m.add_argument("--fanout", type=int, default=3)
+    m.add_argument("--expect-hosts", type=int, required=True)
+    m.add_argument("--cache-device", default="/dev/ubdb")
+    m.add_argument("--cache-mib", type=int, default=None)
+    m.add_argument("--cow-mib", type=int, default=32)
+    m.add_argument("--state-dir", default="/var/lib/vmthunder")
+    m.add_argument("--workdir", required=True)
+    m.add_argument("--max-seconds", type=float, default=1800)
+    lg = sub.add_parser("login")
+    lg.add_argument("--origin", required=True)
+    cp = sub.add_parser("copy")
+    cp.add_argument("src")
+    cp.add_argument("dst")
+    cp.add_argument("--progress", required=True)
+    cp.add_argument("--go", help="start when this file exists (default: at once)")
+    rp = sub.add_parser("replay")
+    rp.add_argument("dev")
+    rp.add_argument("trace")
+    rp.add_argument("--go", help="start when this file exists (default: at once)")
+    rp.add_argument("--out", required=True)
+    rp.add_argument("--depth", type=int, default=1)
+    rp.add_argument("--think", action="store_true")
+    sub.add_parser("counters")
+    a = ap.parse_args()
+    if a.cmd == "member":
+        return member(a)
+    if a.cmd == "login":
+        print(login(json.load(open(a.origin))))
+        return 0
+    if a.cmd == "copy":
+        copy(a.src, a.dst, a.progress, a.go)
+        return 0
+    if a.cmd == "replay":
+        replay(a.dev, a.trace, a.go, a.out, a.depth, a.think)
+        return 0
+    if a.cmd == "counters":
+        print(json.dumps(counters()))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
