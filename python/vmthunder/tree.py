@@ -25,7 +25,8 @@ LOG = logging.getLogger("vmthunder.tree")
 class Tree:
     def __init__(self, node: Node, registry=None, *, initiator: str, export_ip: Optional[str] = None,
                  failure_domain: Optional[str] = None, fanout: int = 3, max_parents: int = 2,
-                 state_dir: str = "/var/lib/vmthunder", leave_timeout_s: float = 60.0):
+                 state_dir: str = "/var/lib/vmthunder", leave_timeout_s: float = 60.0,
+                 lock_timeout_s: float = 120.0, join_wait_s: float = 60.0):
         self.node = node
         self.registry = registry
         self.host = node.host
@@ -34,6 +35,8 @@ class Tree:
         self.failure_domain = failure_domain
         self.policy = {"fanout": fanout, "max_parents": max_parents}
         self.leave_timeout_s = leave_timeout_s
+        self.lock_timeout_s = lock_timeout_s
+        self.join_wait_s = join_wait_s
         self._dir = os.path.join(state_dir, "tree")
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -83,12 +86,18 @@ class Tree:
                           "failure_domain": r.get("failure_domain"), "parents": r.get("parents", [])})
         return peers
 
-    def _choose(self, image_id: str, records, exclude=()):
+    def _choose(self, image_id: str, records, exclude=(), last_resort=False):
+        """Placement over the registry records. Raises Busy while every free slot belongs to a
+        peer that is not ready (or has not granted us) yet, unless `last_resort`: then the
+        origin alone."""
         newcomer = {"host": self.host, "failure_domain": self.failure_domain}
         peers = self._peers(records, exclude)
         try:
             placement = choose_parents(newcomer, peers, self.policy)
         except Busy:
+            if not last_resort:
+                raise
+            LOG.warning("image %s: no parent ready in time; using the origin alone", image_id)
             placement = {"parents": ["origin"], "depth": 1}
         by_host = {r["host"]: r for r in records}
         sources = [by_host[p]["grants"][self.host] for p in placement["parents"] if p != "origin"]
@@ -112,11 +121,30 @@ class Tree:
             return self.node.attach(image_id, [], vm_id, snapshot)
         if not self._registry_ok(f"attaching image {image_id}"):
             return self.node.attach(image_id, [origin], vm_id, snapshot)
-        with self.registry.lock(image_id):
-            placement, sources = self._choose(image_id, self.registry.peers(image_id))
-            LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
+        # Choose and claim the slot under the image lock (others then count us as a child of
+        # our parents), but build the data path outside it: joins proceed in parallel.
+        deadline = time.monotonic() + self.join_wait_s
+        while True:
+            with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
+                try:
+                    placement, sources = self._choose(image_id, self.registry.peers(image_id),
+                                                      last_resort=time.monotonic() > deadline)
+                except Busy:
+                    placement = None
+                else:
+                    self.registry.publish(image_id, {"state": "joining", "depth": placement["depth"],
+                                                     "parents": placement["parents"],
+                                                     "failure_domain": self.failure_domain})
+            if placement is not None:
+                break
+            time.sleep(1.0)     # a parent with a free slot is still joining: wait for it
+        LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
+        try:
             path = self.node.attach(image_id, sources + [origin], vm_id, snapshot)
-            self._publish(image_id, placement)
+        except Error:
+            self.registry.leave(image_id)
+            raise
+        self._publish(image_id, placement)
         return path
 
     def detach(self, vm_id: str) -> None:
@@ -170,10 +198,10 @@ class Tree:
             if me.get("state") == "ready":
                 self._publish(image_id, me)          # grants for hosts that joined since
             return False
-        with self.registry.lock(image_id):
+        with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
             records = self.registry.peers(image_id)
             # never choose a dead/leaving parent, nor a node below us
-            placement, sources = self._choose(image_id, records, exclude=bad)
+            placement, sources = self._choose(image_id, records, exclude=bad, last_resort=True)
             LOG.warning("image %s: parents %s gone or leaving; re-parenting to %s", image_id, bad, placement["parents"])
             self.node.reparent(image_id, sources + [origin])
             self._publish(image_id, placement, state=me.get("state", "ready"))

@@ -152,8 +152,11 @@ fn logout_devices(devices: impl Iterator<Item = Device>, left: &mut Vec<String>)
             if owns {
                 let lun = disks.iter().map(|(l, _)| *l).next().unwrap_or(0);
                 let t = iscsi::Target { portal: s.portal.clone(), iqn: s.iqn.clone(), lun };
-                if let Err(e) = iscsi::logout_if_unused(&t) {
-                    left.push(e.to_string());
+                match iscsi::logout_if_unused(&t) {
+                    // Another template reads through the same session (same volume): keep it.
+                    Err(e) if e.kind == Kind::Busy => info!("kept iSCSI session {}: {e}", s.sid),
+                    Err(e) => left.push(e.to_string()),
+                    Ok(_) => {}
                 }
             }
         }
