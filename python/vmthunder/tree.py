@@ -100,8 +100,15 @@ class Tree:
             LOG.warning("image %s: no parent ready in time; using the origin alone", image_id)
             placement = {"parents": ["origin"], "depth": 1}
         by_host = {r["host"]: r for r in records}
-        sources = [by_host[p]["grants"][self.host] for p in placement["parents"] if p != "origin"]
+        # Failover order = placement order; "origin" stands for the origin volume itself.
+        sources = [None if p == "origin" else by_host[p]["grants"][self.host] for p in placement["parents"]]
+        if None not in sources:
+            sources.append(None)
         return placement, sources
+
+    @staticmethod
+    def _with_origin(sources, origin):
+        return [origin if s is None else s for s in sources]
 
     def _publish(self, image_id: str, placement: Dict[str, Any], state: str = "ready") -> None:
         grants = {}
@@ -140,7 +147,7 @@ class Tree:
             time.sleep(1.0)     # a parent with a free slot is still joining: wait for it
         LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
         try:
-            path = self.node.attach(image_id, sources + [origin], vm_id, snapshot)
+            path = self.node.attach(image_id, self._with_origin(sources, origin), vm_id, snapshot)
         except Error:
             self.registry.leave(image_id)
             raise
@@ -203,7 +210,7 @@ class Tree:
             # never choose a dead/leaving parent, nor a node below us
             placement, sources = self._choose(image_id, records, exclude=bad, last_resort=True)
             LOG.warning("image %s: parents %s gone or leaving; re-parenting to %s", image_id, bad, placement["parents"])
-            self.node.reparent(image_id, sources + [origin])
+            self.node.reparent(image_id, self._with_origin(sources, origin))
             self._publish(image_id, placement, state=me.get("state", "ready"))
         return True
 

@@ -1,0 +1,88 @@
+"""Placement with concurrent joiners: many processes on one real etcd, each following the join
+protocol (image lock -> peers -> choose_parents -> publish), form a valid relay tree: fan-out
+never exceeded, depth <= ceil(log_k N) + 1, no cycles, failure domains spread."""
+import math
+import multiprocessing
+import os
+import time
+import traceback
+import uuid
+
+import pytest
+
+import vmthunder
+from vmthunder.registry import Registry
+from tests.registry import registry_workers as W
+
+N = 12
+K = 3
+DOMAINS = ["rack1", "rack2", "rack3"]
+
+
+def place_joiner(url, host, domain, image_id, barrier, done, results):
+    out = {"host": host}
+    reg = Registry(url, host, lease_s=10.0, timeout_s=10)
+    try:
+        reg.start()
+        barrier.wait(60)
+        with reg.lock(image_id, timeout_s=120):
+            peers = [{"host": p["host"], "state": p["state"], "depth": p["depth"],
+                      "failure_domain": p.get("failure_domain"), "parents": p["parents"]}
+                     for p in reg.peers(image_id)]
+            placement = vmthunder.choose_parents({"host": host, "failure_domain": domain}, peers,
+                                                 {"fanout": K, "max_parents": 2})
+            vmthunder.validate_choice({"host": host, "failure_domain": domain}, placement, peers,
+                                      {"fanout": K, "max_parents": 2})
+            reg.publish(image_id, {"state": "ready", "depth": placement["depth"], "parents": placement["parents"],
+                                   "failure_domain": domain})
+        out["placement"] = placement
+    except BaseException:
+        out["error"] = traceback.format_exc()
+    results.put(out)
+    done.wait(120)
+    reg.stop()
+
+
+def test_concurrent_joiners_form_a_valid_tree(etcd_url):
+    img = "img-" + uuid.uuid4().hex[:12]
+    ctx = multiprocessing.get_context(W.FORK)
+    barrier, done, results = ctx.Barrier(N), ctx.Event(), ctx.Queue()
+    W.prewarm()
+    procs = [ctx.Process(target=place_joiner, args=(etcd_url, f"cn{i}", DOMAINS[i % 3], img, barrier, done, results),
+                         daemon=True) for i in range(N)]
+    for p in procs:
+        p.start()
+    try:
+        outs = [results.get(timeout=240) for _ in procs]
+        errors = [o["error"] for o in outs if "error" in o]
+        assert not errors, "\n".join(errors)
+        with Registry(etcd_url, "observer", lease_s=10.0) as obs:
+            recs = {r["host"]: r for r in obs.peers(img)}
+    finally:
+        done.set()
+        for p in procs:
+            p.join(20)
+            W.kill(p)
+    assert sorted(recs) == sorted(f"cn{i}" for i in range(N))
+    primaries = [r["parents"][0] for r in recs.values()]
+    for parent in set(primaries):
+        assert primaries.count(parent) <= K, f"fan-out of {parent} exceeded: {primaries}"
+    bound = math.ceil(math.log(N, K)) + 1
+    for host, r in recs.items():
+        assert "origin" in r["parents"], "the origin is always kept (first as primary, else last resort)"
+        assert r["parents"][0] == "origin" or r["parents"][-1] == "origin"
+        seen, cur = [], host
+        while cur != "origin":
+            assert cur not in seen, f"cycle: {seen + [cur]}"
+            seen.append(cur)
+            cur = recs[cur]["parents"][0]
+        assert len(seen) == r["depth"] <= bound, (host, seen, bound)
+        peers_ = [p for p in r["parents"] if p != "origin"]
+        if len(peers_) == 2:
+            d = {recs[p]["failure_domain"] for p in peers_}
+            # two parents from different domains whenever both domains had free parents
+            assert len(d) == 2, f"{host}: both parents in one failure domain: {peers_}"
+    # children of one parent are spread over domains where possible
+    for parent in set(primaries) - {"origin"}:
+        kids = [recs[h]["failure_domain"] for h, r in recs.items() if r["parents"][0] == parent]
+        assert len(set(kids)) >= min(len(kids), 2), f"children of {parent} all in one domain: {kids}"
