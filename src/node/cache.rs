@@ -52,6 +52,7 @@ impl Engine {
 /// bcache's default data offset: the backing device's superblock sits at 4 KiB, data at 8 KiB.
 const BDEV_HEAD_SECTORS: u64 = 16;
 const SYSFS_WAIT: Duration = Duration::from_secs(15);
+const MIN_CACHE_SET_SECTORS: u64 = 64 * 2048;
 
 /// The cached device of a template (what snapshots and the snapshot-origin sit on).
 pub struct Cached {
@@ -150,6 +151,13 @@ fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Resu
         return Err(Error::new(Kind::CacheDevice, "the bcache kernel module is not available"));
     }
     let want = node.cfg.cache_sectors.unwrap_or(node.cache_total / 2);
+    // bcache refuses a set of fewer than 1024 buckets, and buckets are at least 64 KiB.
+    if want < MIN_CACHE_SET_SECTORS && dm.info(names::CACHE_SET_DM_NAME)?.is_none() {
+        return Err(Error::new(
+            Kind::CacheDevice,
+            format!("bcache cache set of {} MiB is too small: at least {} MiB", want / 2048, MIN_CACHE_SET_SECTORS / 2048),
+        ));
+    }
     let (cset, created) = {
         let _space = node.lock_space()?;
         slice(node, dm, undo, names::CACHE_SET_DM_NAME.to_string(), want, "the bcache cache set")?

@@ -104,7 +104,7 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet):
         node = fleet[r]
         node.spawn(f"python3 /vmt-share/tree_member.py --registry {fleet.registry} --host {r} --image {IMAGE_ID} "
                    f"--origin /vmt-share/origin.json --vm vm-{r} --export-ip {node.ip} --domain {DOMAINS[r]} "
-                   f"--fanout {FANOUT} --workdir /vmt-share/member --max-seconds 400")
+                   f"--fanout {FANOUT} --workdir /vmt-share/member --max-seconds 1500")
     for r in RELAYS:
         att = wait_file(fleet[r], "/vmt-share/member/attached.json", 240)
         assert "error" not in att, att
@@ -180,3 +180,30 @@ out({{"started": started, "path": path, "log": buf.getvalue(), "paths": st["temp
     assert out["started"] is not True and "2999" in out["started"], out
     assert "registry unavailable" in out["log"] and "origin alone" in out["log"], out["log"]
     assert len(out["paths"]) == 1
+
+
+def test_a_relay_leaving_cleanly_moves_its_children_first(fleet):
+    """Runs after the failover test: the surviving tree. A relay with children detaches its
+    last VM: it announces 'leaving', its children re-parent, then its template goes."""
+    recs = {r["host"]: r for r in peers(fleet)}
+    parents = [p for r in recs.values() for p in r["parents"] if p != "origin"]
+    relay = next((p for p in sorted(set(parents)) if p in recs), None)
+    if relay is None:
+        pytest.skip(f"no relay with children in {recs}")
+    children = [h for h, r in recs.items() if relay in r["parents"]]
+    node = fleet[relay]
+    node.write_file("member/detach", b"")
+    node.write_file("member/stop", b"")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        recs = {r["host"]: r for r in peers(fleet)}
+        st = node.run("cat /vmt-share/member/status.json", timeout=20)[1]
+        if relay not in recs and all(relay not in recs[c]["parents"] for c in children) and IMAGE_ID not in st:
+            break
+        time.sleep(2)
+    else:
+        raise AssertionError(f"{relay} did not leave cleanly: {recs}")
+    for c in children:
+        att = wait_file(fleet[c], "/vmt-share/member/attached.json", 10)
+        assert md5_of(fleet[c], att["path"], IMAGE) == fleet.origin_md5, f"{c} reads the image after moving"
+    assert node.check("ls /sys/class/iscsi_session | wc -l").strip() == "0"

@@ -101,9 +101,9 @@ def main():
         write_json(os.path.join(a.workdir, "status.json"), node.status())
         time.sleep(0.5)
     tree.stop_watch()
-    write_json(os.path.join(a.workdir, "status.json"), node.status())
     if os.path.exists(os.path.join(a.workdir, "detach")):
         tree.detach(a.vm)
+    write_json(os.path.join(a.workdir, "status.json"), node.status())
     reg.stop()
     return 0
 
