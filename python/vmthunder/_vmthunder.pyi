@@ -22,7 +22,7 @@ class Node:
         state_dir: str,
         export_ip: Optional[str] = None,
         export_port: int = 3260,
-        engine: str = "dm-cache",
+        engine: str = "bcache",
         cache_block_kib: int = 64,
         cache_size_mib: Optional[int] = None,
         cow_size_mib: int = 1024,

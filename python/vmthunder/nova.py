@@ -8,39 +8,82 @@ ids); every vmthunder-specific choice is made here, so that the Nova patch stays
     # -> {"driver_volume_type": "local", "serial": volume_id, "data": {"device_path": ...}}
     vmthunder.nova.detach(node, instance.uuid)
 
-``attach`` and ``detach`` block in the kernel (iSCSI login, device-mapper): Nova runs them in a
-native thread (``nova.utils.tpool_wrap``).
+``attach`` and ``detach`` block in the kernel (iSCSI login, device-mapper; the extension
+releases the GIL): under eventlet Nova runs them in a native thread (``nova.utils.tpool_wrap``).
 """
+import hashlib
+import logging
 import os
 import re
 import threading
 
 import vmthunder
+from vmthunder.tree import Tree
 
+LOG = logging.getLogger("vmthunder.nova")
+
+_MAX_HOST = 40          # src/names.rs MAX_ID_LEN
 _nodes = {}
 _lock = threading.Lock()
 
 
-def get_node(conf, host, export_ip=None):
-    """This process's Node for ``conf`` (Nova's ``[vmthunder]`` group, or any object with the
-    attributes ``cache_device``, ``state_dir`` and, optional, ``coordination_url``, ``fanout``).
+def host_name(host):
+    """Nova's host name as vmthunder accepts it (lower case letters, digits, '-', '.', at
+    most 40 characters; it becomes part of IQNs and registry ids)."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", host.lower())
+    name = re.sub(r"\.{2,}", ".", name).strip("-.") or "host"
+    if len(name) > _MAX_HOST:
+        digest = hashlib.sha256(host.encode()).hexdigest()[:8]
+        name = name[:_MAX_HOST - 9].rstrip("-.") + "-" + digest
+    return name
 
-    One Node per process and configuration: it is built on first use and kept.
-    ``coordination_url`` and ``fanout`` are passed on only when set, so that a Node without the
-    registry works as long as nobody asks for one.
+
+def _initiator():
+    """This host's open-iSCSI initiator name (what parents grant access to), or None."""
+    try:
+        with open("/etc/iscsi/initiatorname.iscsi") as f:
+            for line in f:
+                if line.strip().startswith("InitiatorName="):
+                    return line.split("=", 1)[1].strip()
+    except OSError as e:
+        LOG.warning("no iSCSI initiator name (%s): other nodes cannot relay to this one", e)
+    return None
+
+
+def get_node(conf, host, export_ip=None):
+    """What Nova attaches through: this process's relay ``Tree`` around its ``Node``, for
+    ``conf`` (Nova's ``[vmthunder]`` group, or any object with ``cache_device``,
+    ``state_dir`` and, optional, ``coordination_url`` and ``fanout``).
+
+    Built on first use and kept, one per configuration. With ``coordination_url`` the tree
+    joins the registry (tooz) and keeps itself up on a thread; without it, or while the
+    registry is unreachable, every node reads the origin volume directly.
     """
-    kwargs = {"host": host, "cache_device": conf.cache_device, "state_dir": conf.state_dir,
-              "export_ip": export_ip}
-    for name in ("coordination_url", "fanout"):
-        value = getattr(conf, name, None)
-        if value is not None:
-            kwargs[name] = value
-    key = tuple(sorted(kwargs.items()))
+    url = getattr(conf, "coordination_url", None)
+    fanout = getattr(conf, "fanout", None)
+    host = host_name(host)
+    key = (host, conf.cache_device, conf.state_dir, export_ip, url, fanout)
     with _lock:
-        node = _nodes.get(key)
-        if node is None:
-            node = _nodes[key] = vmthunder.Node(**kwargs)
-    return node
+        tree = _nodes.get(key)
+        if tree is None:
+            node = vmthunder.Node(host=host, cache_device=conf.cache_device,
+                                  state_dir=conf.state_dir, export_ip=export_ip)
+            registry = None
+            if url:
+                from vmthunder.registry import Registry
+                registry = Registry(url, host)
+            extra = {"fanout": fanout} if fanout else {}
+            tree = Tree(node, registry, initiator=_initiator(), export_ip=export_ip,
+                        state_dir=conf.state_dir, **extra)
+            if registry is not None:
+                tree.start_watch()
+            _nodes[key] = tree
+        if tree.registry is not None and not tree.registry.started:
+            try:
+                tree.registry.start()
+            except vmthunder.Error as e:
+                LOG.warning("%s; relaying from the origin volume until it answers", e)
+    return tree
 
 
 def _stable_path(path):
@@ -60,9 +103,10 @@ def _stable_path(path):
 
 
 def attach(node, connection_info, vm_id, image_id, snapshot="dm"):
-    """Build ``image_id``'s template on this node (once: later VMs share it) from
-    ``connection_info`` (Cinder's iSCSI connection for this host), and ``vm_id``'s
-    copy-on-write snapshot of it. Idempotent for the same ``vm_id``.
+    """Build ``image_id``'s template on this node (once: later VMs share it) from its parents
+    in the relay tree, the origin ``connection_info`` (Cinder's iSCSI connection for this host)
+    always kept as a path, and ``vm_id``'s copy-on-write snapshot of it. Idempotent for the
+    same ``vm_id``. ``node`` is what ``get_node`` returned.
 
     Returns the os-brick style connection dict of the snapshot, a local device or file:
     ``{"driver_volume_type": "local", "serial": image_id,
@@ -70,7 +114,7 @@ def attach(node, connection_info, vm_id, image_id, snapshot="dm"):
     ("vmm" snapshots are qcow2 overlay files; "dm" ones raw block devices).
     ``data["vmthunder"]`` marks the connection as vmthunder's.
     """
-    path = node.attach(image_id, sources=[connection_info], vm_id=vm_id, snapshot=snapshot)
+    path = node.attach(image_id, connection_info, vm_id, snapshot)
     data = {"device_path": _stable_path(path),
             "vmthunder": {"image_id": image_id, "vm_id": vm_id, "snapshot": snapshot}}
     if snapshot == "vmm":

@@ -148,7 +148,7 @@ fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Resu
         let _ = cmd::run(Kind::CacheDevice, "modprobe", &["bcache"], &[], Duration::from_secs(10));
     }
     if !Path::new("/sys/fs/bcache/register").exists() {
-        return Err(Error::new(Kind::CacheDevice, "the bcache kernel module is not available"));
+        return Err(Error::new(Kind::CacheDevice, "the bcache kernel module is not available: load it, or use engine=\"dm-cache\""));
     }
     let want = node.cfg.cache_sectors.unwrap_or(node.cache_total / 2);
     // bcache refuses a set of fewer than 1024 buckets, and buckets are at least 64 KiB.
@@ -288,6 +288,12 @@ pub fn release_cache_set_if_unused(dm: &Dm, left: &mut Vec<String>) {
             left.push(e.to_string());
             return;
         }
+    }
+    // bcache lets go of the device a moment after the set is gone.
+    let released = || dm.info(names::CACHE_SET_DM_NAME).ok().flatten().is_none_or(|d| d.open_count == 0);
+    if let Err(e) = wait_for("bcache to release the cache set device", released) {
+        left.push(e.to_string());
+        return;
     }
     if let Err(e) = dm.remove(names::CACHE_SET_DM_NAME) {
         left.push(e.to_string());

@@ -88,7 +88,7 @@ impl Config {
             cache_sectors: None,
             cow_sectors: 2 * 1024 * 1024, // 1 GiB
             scan_timeout: Duration::from_secs(15),
-            engine: cache::Engine::DmCache,
+            engine: cache::Engine::Bcache,
             path_timeout_s: 5,
         }
     }
