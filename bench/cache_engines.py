@@ -37,10 +37,8 @@ import re
 import shutil
 import sys
 import tempfile
-import textwrap
 import threading
 import time
-import uuid
 import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +47,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
+from tests.kernel.harness.guestpy import py as guest_py  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "cache-engines.json")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
@@ -158,13 +157,6 @@ def make_origin_image(path: str, image_bytes: int, extents, full_random: bool) -
 
 
 # ----------------------------------------------------------------------------- guest side
-PRELUDE = """\
-import json, logging, os, sys
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-import vmthunder
-def out(v):
-    print("@@JSON " + json.dumps(v))
-"""
 
 READER = r'''
 import json, mmap, os, sys, threading, time, zlib
@@ -219,33 +211,12 @@ python3 -c 'import time; print("clock", time.time())'
 '''
 
 
-class GuestError(RuntimeError):
-    pass
-
-
 class SetupError(RuntimeError):
     """The fleet or the tree could not be set up (nothing measured yet): worth a retry."""
 
 
 def py(node, code: str, timeout: float = 240):
-    """Run a Python snippet in the guest; returns what it passed to out()."""
-    body = PRELUDE + "try:\n" + textwrap.indent(textwrap.dedent(code), "    ") + """
-except vmthunder.Error as e:
-    print("@@ERR " + json.dumps([type(e).__name__, str(e)]))
-    sys.exit(3)
-"""
-    path = node.write_file(f"snippet-{uuid.uuid4().hex[:10]}.py", body.encode())
-    rc, output = node.run(f"python3 {path}", timeout=timeout)
-    result = None
-    for line in output.splitlines():
-        if line.startswith("@@ERR "):
-            t, m = json.loads(line[6:])
-            raise GuestError(f"{node.name}: {t}: {m}\n{output[-3000:]}")
-        if line.startswith("@@JSON "):
-            result = json.loads(line[7:])
-    if rc != 0:
-        raise GuestError(f"{node.name}: snippet failed rc={rc}\n{output[-3000:]}")
-    return result
+    return guest_py(node, code, timeout=timeout)
 
 
 def on_all(fleet, names, fn):

@@ -136,6 +136,12 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
     Ok(())
 }
 
+/// bcache lets go of a device a moment after its sysfs directory is gone: wait (bounded)
+/// until nothing holds the dm device open.
+fn wait_released(dm: &Dm, name: &str) -> Result<()> {
+    wait_for(&format!("bcache to release {name}"), || dm.info(name).ok().flatten().is_none_or(|d| d.open_count == 0))
+}
+
 fn register(dev: &Path) -> Result<()> {
     // EEXIST-like errors when already registered are checked by the caller through sysfs.
     let _ = fs::write("/sys/fs/bcache/register", dev.as_os_str().as_encoded_bytes());
@@ -261,7 +267,7 @@ fn stop_backing(bdev: &DmDev) -> Result<()> {
 pub fn remove(dm: &Dm, image: &str, left: &mut Vec<String>) {
     let bdev_name = names::template_dm_name(image, Role::Bdev);
     if let Ok(Some(bdev)) = dm.info(&bdev_name) {
-        if let Err(e) = stop_backing(&bdev) {
+        if let Err(e) = stop_backing(&bdev).and_then(|_| wait_released(dm, &bdev_name)) {
             left.push(e.to_string());
         }
     }
@@ -289,9 +295,7 @@ pub fn release_cache_set_if_unused(dm: &Dm, left: &mut Vec<String>) {
             return;
         }
     }
-    // bcache lets go of the device a moment after the set is gone.
-    let released = || dm.info(names::CACHE_SET_DM_NAME).ok().flatten().is_none_or(|d| d.open_count == 0);
-    if let Err(e) = wait_for("bcache to release the cache set device", released) {
+    if let Err(e) = wait_released(dm, names::CACHE_SET_DM_NAME) {
         left.push(e.to_string());
         return;
     }

@@ -4,55 +4,15 @@ Every `py()` call is a new Python process on the node: state must come back from
 which is exactly what a restarted Nova compute does.
 """
 import hashlib
-import json
 import os
-import textwrap
-import uuid
 
 import pytest
 
-from tests.kernel.harness import Fleet, uml_available
+from tests.kernel.harness import uml_available
+
+from tests.kernel.harness.guestpy import GuestError, py  # noqa: F401  (re-exported for the tests)
 
 STATE_DIR = "/var/lib/vmthunder"
-PRELUDE = """\
-import json, logging, os, sys
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-import vmthunder
-def out(v):
-    print("@@JSON " + json.dumps(v))
-"""
-
-
-class GuestError(AssertionError):
-    """A snippet raised: carries the exception class name and message."""
-
-    def __init__(self, node, exc_type, message, output):
-        super().__init__(f"{node}: {exc_type}: {message}\n{output}")
-        self.exc_type = exc_type
-        self.message = message
-
-
-def py(node, code, timeout=180):
-    """Run Python `code` on `node`; returns what it passed to out(), raises GuestError with the
-    vmthunder exception's class name if it raised."""
-    body = PRELUDE + "try:\n" + textwrap.indent(textwrap.dedent(code), "    ") + """
-except vmthunder.Error as e:
-    print("@@ERR " + json.dumps([type(e).__name__, str(e)]))
-    sys.exit(3)
-"""
-    name = f"snippet-{uuid.uuid4().hex[:10]}.py"
-    path = node.write_file(name, body.encode())
-    rc, output = node.run(f"python3 {path}", timeout=timeout)
-    result = None
-    for line in output.splitlines():
-        if line.startswith("@@ERR "):
-            t, m = json.loads(line[6:])
-            raise GuestError(node.name, t, m, output)
-        if line.startswith("@@JSON "):
-            result = json.loads(line[7:])
-    if rc != 0:
-        raise AssertionError(f"{node.name}: snippet failed rc={rc}\n{output}")
-    return result
 
 
 def node_ctor(node, **kw):
