@@ -261,6 +261,41 @@ def read_json(path):
         return None
 
 
+def cpu_snapshot(fleet) -> dict:
+    """CPU ticks of every process of the fleet's UML process groups, the host's busy/total
+    ticks (/proc/stat) and load average: to tell link-bound from CPU-bound runs."""
+    pgids = {n.pid for n in fleet if n.pid}
+    fleet_ticks = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                st = fh.read()
+        except OSError:
+            continue
+        fields = st[st.rfind(")") + 2:].split()
+        if len(fields) > 12 and int(fields[2]) in pgids:
+            fleet_ticks += int(fields[11]) + int(fields[12])
+    with open("/proc/stat") as fh:
+        cpu = [int(x) for x in fh.readline().split()[1:]]
+    idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
+    with open("/proc/loadavg") as fh:
+        load = float(fh.read().split()[0])
+    return {"fleet": fleet_ticks, "busy": sum(cpu) - idle, "total": sum(cpu), "load": load, "t": time.time()}
+
+
+def cpu_summary(a, b) -> dict:
+    hz = os.sysconf("SC_CLK_TCK")
+    ncpu = os.cpu_count() or 1
+    wall = max(1e-3, b["t"] - a["t"])
+    total = max(1, b["total"] - a["total"])
+    return {"fleet_cpu_s": round((b["fleet"] - a["fleet"]) / hz, 1),
+            "fleet_cores": round((b["fleet"] - a["fleet"]) / hz / wall, 2),
+            "host_busy": round((b["busy"] - a["busy"]) / total, 3),
+            "host_cores": ncpu, "loadavg_1m": [a["load"], b["load"]]}
+
+
 def tap_counters(fleet) -> dict:
     """Host view of every node's link: {node: [guest_tx, guest_rx]} in one host command."""
     names = list(fleet.nodes)
@@ -335,10 +370,8 @@ class FleetRun:
                 try:
                     if mode.startswith("tree"):
                         res = self.run_tree(mode, self.fanout_of(mode))
-                    elif mode == "direct":
-                        res = self.run_direct()
                     else:
-                        res = self.run_full_copy()
+                        res = self.run_baseline(mode)
                 except Exception as e:
                     log.exception("[%s] failed", mode)
                     res = {"error": f"{type(e).__name__}: {e}"[:4000]}
@@ -382,6 +415,7 @@ class FleetRun:
     def counters(self) -> dict:
         res = parallel(lambda c: json.loads(guest(self.fleet[c], "counters", timeout=60)), self.cns)
         res["_taps"] = tap_counters(self.fleet)
+        res["_cpu"] = cpu_snapshot(self.fleet)
         return res
 
     def replay_cmd(self, dev, vm, mode, go=True) -> str:
@@ -421,6 +455,8 @@ class FleetRun:
             t = self.n * self.W / rate * 3
         if self.a.think:
             t += self.trace["reads"][-1][0] if self.trace["reads"] else 0
+        if self.a.start == "attach":
+            t += 120 + 20 * self.n if mode.startswith("tree") else 60
         return t + 180
 
     def monitor(self, mode, procs, start_at, copies=None) -> dict:
@@ -465,7 +501,7 @@ class FleetRun:
                 otx = (samples[-1][1]["o"][0] - origin_tx0) if samples and origin_tx0 is not None else 0
                 extra = ""
                 if copies:
-                    cp = [read_json(f[c].host_path(f"{mode}/copy.json")) or {} for c in self.cns]
+                    cp = [read_json(f[c].host_path(f"{mode}/copy-{c}.json")) or {} for c in self.cns]
                     cbytes = sum(x.get("bytes", 0) for x in cp)
                     extra = f", copies {cbytes / MIB:.0f}/{self.n * self.image_bytes / MIB:.0f} MiB"
                 log.info("[%s] %5.1fs: VMs done %d/%d, reads %d/%d%s, origin sent %.1f MiB", mode, now - start_at,
@@ -484,6 +520,8 @@ class FleetRun:
         bad = {vm: r for vm, r in results.items() if r.get("errors") or not r.get("finished")}
         wrong = {vm: r["digest"] for vm, r in results.items() if r.get("digest") != self.digest}
         vm_times = {vm: round(r["end"] - base[vm], 3) for vm, r in sorted(results.items())}
+        # the boot reads alone (from the VM's first read), without attach/login/copy time
+        vm_read = {vm: round(r["end"] - r["start"], 3) for vm, r in sorted(results.items())}
         edges = []
         for c in self.cns:
             b, a = before[c]["sessions"], after[c]["sessions"]
@@ -491,18 +529,16 @@ class FleetRun:
                 delta = s["read_bytes"] - (b.get(sid, {}).get("read_bytes", 0) if b.get(sid, {}).get("target") == s["target"] else 0)
                 parent = self.ip_to_node.get(s["address"], s["address"])
                 parent = "origin" if parent == "o" else parent
-                role = None
-                if parents is not None:
-                    # Tree.attach's path order (dm-multipath failover): the peer parents in
-                    # placement order, the origin always last; I/O goes to the first path.
-                    order = [p for p in (parents.get(c) or []) if p != "origin"] + ["origin"]
-                    role = "active" if order[0] == parent else "standby"
-                if delta == 0 and role != "active":
-                    continue
-                e = {"parent": parent, "child": c, "bytes": delta, "ratio": round(delta / W, 4)}
-                if role:
-                    e["role"] = role
-                edges.append(e)
+                edges.append({"parent": parent, "child": c, "bytes": delta, "ratio": round(delta / W, 4)})
+        if parents is not None:
+            # the active path of each child (dm-multipath failover: I/O goes to one path): the
+            # session its data came over; the other paths are standby
+            for c in self.cns:
+                mine = [e for e in edges if e["child"] == c]
+                top = max(mine, key=lambda e: e["bytes"], default=None)
+                for e in mine:
+                    e["role"] = "active" if e is top else "standby"
+        edges = [e for e in edges if e["bytes"] > 0 or e.get("role") == "active"]
         taps0, taps1 = before["_taps"], after["_taps"]
         links = {x: {"tx_bytes": taps1[x][0] - taps0[x][0], "rx_bytes": taps1[x][1] - taps0[x][1]} for x in taps1}
         origin_bytes = links["o"]["tx_bytes"]
@@ -511,6 +547,7 @@ class FleetRun:
         res = {
             "completion_s": round(max(times), 3),
             "vm_times_s": vm_times,
+            "vm_read_s": vm_read,
             "vm_node": dict(self.vms),
             "vm_median_s": round(statistics.median(times), 3),
             "vm_min_s": round(min(times), 3),
@@ -520,6 +557,7 @@ class FleetRun:
             "edges": edges,
             "max_edge_ratio": round(max((e["ratio"] for e in edges), default=0.0), 4),
             "links": links,
+            "cpu": cpu_summary(before["_cpu"], after["_cpu"]),
             "all_finished": not bad and len(results) == len(self.vms),
             "data_ok": not wrong,
         }
@@ -555,12 +593,18 @@ class FleetRun:
         for c in self.cns:
             os.makedirs(f[c].host_path(f"{mode}/member"), exist_ok=True)
         members = {}
+        replay = ""
+        if self.a.start == "attach":
+            # as Nova would: each VM boots as soon as its disk is attached
+            replay = (f" --replay-trace /vmt-share/trace.json --replay-dir /vmt-share/{mode} --depth {self.a.depth}"
+                      + (" --think" if self.a.think else ""))
         for c in self.cns:
             members[c] = f[c].spawn(
                 f"python3 /vmt-share/fleet_guest.py member --registry {self.registry} --host {c} --image {image} "
                 f"--origin /vmt-share/origin.json --vms {','.join(self.vms_of[c])} --export-ip {f[c].ip} "
                 f"--fanout {fanout} --expect-hosts {self.n} --cache-mib {self.cache_mib} --cow-mib {COW_MIB} "
-                f"--workdir {wd} --max-seconds {self.read_timeout(mode) + 900:.0f} > /vmt-share/{mode}/member/out 2>&1")
+                f"--workdir {wd} --max-seconds {self.read_timeout(mode) + 900:.0f}{replay} "
+                f"> /vmt-share/{mode}/member/out 2>&1")
 
         def wait_all(fname, timeout, what):
             deadline = time.monotonic() + timeout
@@ -586,26 +630,35 @@ class FleetRun:
         try:
             wait_all("registered.json", 120, "registered")
             log.info("[%s] %d members registered; all join now (fan-out %d)", mode, self.n, fanout)
-            t_go = time.time()
-            for c in self.cns:
-                f[c].write_file(f"{mode}/member/go", b"")
-            att = wait_all("attached.json", 120 + 20 * self.n, "attached")
-            joins = {c: round(max(r["t_attached"].values()) - t_go, 3) for c, r in att.items()}
+            if self.a.start == "attach":
+                before = self.counters()
+                start_at = self.go(mode, {}, [])
+                for c in self.cns:
+                    f[c].write_file(f"{mode}/member/go", b"")
+                mon = self.monitor(mode, {vm: (c, members[c]) for vm, c in self.vms.items()}, start_at)
+                after = self.counters()
+                att = wait_all("attached.json", 30, "attached")
+                base = {vm: att[c]["t_go"] for vm, c in self.vms.items()}
+                joins = {c: round(max(r["t_attached"].values()) - r["t_go"], 3) for c, r in att.items()}
+            else:
+                t_go = time.time()
+                for c in self.cns:
+                    f[c].write_file(f"{mode}/member/go", b"")
+                att = wait_all("attached.json", 120 + 20 * self.n, "attached")
+                joins = {c: round(max(r["t_attached"].values()) - r["t_go"], 3) for c, r in att.items()}
+                log.info("[%s] joined in %.1fs (last node)", mode, max(joins.values()))
+                paths = {vm: att[c]["paths"][vm] for vm, c in self.vms.items()}
+                before = self.counters()
+                procs = {vm: (c, f[c].spawn(self.replay_cmd(paths[vm], vm, mode))) for vm, c in self.vms.items()}
+                start_at = self.go(mode, procs, [(c, f"{mode}/{vm}.json") for vm, c in self.vms.items()])
+                mon = self.monitor(mode, procs, start_at)
+                after = self.counters()
+                base = {vm: r["start"] for vm, r in mon["results"].items()}
             parents = {c: r.get("parents") for c, r in att.items()}
-            # where each node's data comes from: Tree.attach orders the paths peers first, the
-            # origin last (whatever placement calls the primary)
-            active = {c: ([p for p in (pl or []) if p != "origin"] + ["origin"])[0] for c, pl in parents.items()}
             depth = {c: r.get("depth") for c, r in att.items()}
-            log.info("[%s] joined in %.1fs (last node); tree: %s", mode, max(joins.values()),
-                     {c: p for c, p in parents.items()})
-            paths = {vm: att[c]["paths"][vm] for vm, c in self.vms.items()}
-            before = self.counters()
-            procs = {vm: (c, f[c].spawn(self.replay_cmd(paths[vm], vm, mode))) for vm, c in self.vms.items()}
-            start_at = self.go(mode, procs, [(c, f"{mode}/{vm}.json") for vm, c in self.vms.items()])
-            mon = self.monitor(mode, procs, start_at)
-            after = self.counters()
-            base = {vm: r["start"] for vm, r in mon["results"].items()}
+            log.info("[%s] tree (placement): %s", mode, parents)
             res = self.summarize(mode, base, mon["results"], before, after, parents)
+            active = {e["child"]: e["parent"] for e in res["edges"] if e.get("role") == "active"}
             res["fanout"] = fanout
             kids = {}
             for c, p in active.items():
@@ -621,68 +674,90 @@ class FleetRun:
                            "joins_wall_s": round(max(joins.values()), 3),
                            "attach_s": {vm: att[c]["attach_s"][vm] for vm, c in self.vms.items()}}
             res["timeline"] = self.timeline(mon, mon["results"], base)
+            self.stop_members(mode, members)
+            members = {}
+            cache = {}
+            for c in self.cns:
+                fin = read_json(f[c].host_path(f"{mode}/member/final.json")) or {}
+                st = fin.get("status")
+                if isinstance(st, dict):
+                    cache[c] = ((st.get("templates") or {}).get(image) or {}).get("cache_status")
+            res["cache_status"] = cache
             return res
         finally:
+            self.stop_members(mode, members)
+
+    def stop_members(self, mode, members):
+        f = self.fleet
+        if members:
             for c in self.cns:
                 try:
                     f[c].write_file(f"{mode}/member/stop", b"")
                 except Exception:
                     pass
-            deadline = time.monotonic() + 30
-            for c, p in members.items():
+        deadline = time.monotonic() + 30
+        for c, p in members.items():
+            try:
+                p.wait(max(1.0, deadline - time.monotonic()))
+            except Exception:
                 try:
-                    p.wait(max(1.0, deadline - time.monotonic()))
+                    p.kill()
                 except Exception:
-                    try:
-                        p.kill()
-                    except Exception:
-                        pass
+                    pass
 
     # ------------------------------------------------------------------ baselines
     def logins(self) -> dict:
         return parallel(lambda c: guest(self.fleet[c], "login --origin /vmt-share/origin.json").strip().splitlines()[-1],
                         self.cns)
 
-    def run_direct(self) -> dict:
-        f = self.fleet
-        mode = "direct"
-        devs = self.logins()
-        for c in self.cns:
-            os.makedirs(f[c].host_path(mode), exist_ok=True)
-        before = self.counters()
-        procs = {vm: (c, f[c].spawn(self.replay_cmd(devs[c], vm, mode))) for vm, c in self.vms.items()}
-        start_at = self.go(mode, procs, [(c, f"{mode}/{vm}.json") for vm, c in self.vms.items()])
-        mon = self.monitor(mode, procs, start_at)
-        after = self.counters()
-        base = {vm: r["start"] for vm, r in mon["results"].items()}
-        res = self.summarize(mode, base, mon["results"], before, after)
-        res["timeline"] = self.timeline(mon, mon["results"], base)
-        return res
+    def boot_cmd(self, mode, c) -> str:
+        think = " --think" if self.a.think else ""
+        args = (f"boot --host {c} --origin /vmt-share/origin.json --vms {','.join(self.vms_of[c])} "
+                f"--trace /vmt-share/trace.json --out-dir /vmt-share/{mode} --go /vmt-share/{mode}/go "
+                f"--depth {self.a.depth}{think}")
+        if self.a.start == "sync":
+            args += " --login-first"
+        if mode == "full_copy":
+            args += " --copy-to /dev/ubdc"
+        return f"python3 /vmt-share/fleet_guest.py {args} > /vmt-share/{mode}/boot-{c}.log 2>&1"
 
-    def run_full_copy(self) -> dict:
+    def run_baseline(self, mode) -> dict:
+        """direct: plain boot from volume (every VM reads the raw iSCSI disk of the origin);
+        full_copy: the node copies the whole image first, its VMs then read the local copy."""
         f = self.fleet
-        mode = "full_copy"
-        devs = self.logins()
         for c in self.cns:
             os.makedirs(f[c].host_path(mode), exist_ok=True)
+        sync_direct = mode == "direct" and self.a.start == "sync"
+        if sync_direct:
+            devs = self.logins()
         before = self.counters()
         procs = {}
-        for c in self.cns:
-            vms = self.vms_of[c]
-            replays = " & ".join(self.replay_cmd("/dev/ubdc", vm, mode, go=False) for vm in vms)
-            script = (f"python3 /vmt-share/fleet_guest.py copy {devs[c]} /dev/ubdc --progress /vmt-share/{mode}/copy.json "
-                      f"--go /vmt-share/{mode}/go && {{ {replays} & wait; }}")
-            p = f[c].spawn(script)
-            for vm in vms:
-                procs[vm] = (c, p)
-        start_at = self.go(mode, procs, [(c, f"{mode}/copy.json") for c in self.cns])
-        mon = self.monitor(mode, procs, start_at, copies=True)
+        if sync_direct:
+            # every VM's reader is up and waiting: all start within milliseconds of the signal
+            procs = {vm: (c, f[c].spawn(self.replay_cmd(devs[c], vm, mode))) for vm, c in self.vms.items()}
+            ready = [(c, f"{mode}/{vm}.json") for vm, c in self.vms.items()]
+        else:
+            for c in self.cns:
+                p = f[c].spawn(self.boot_cmd(mode, c))
+                for vm in self.vms_of[c]:
+                    procs[vm] = (c, p)
+            ready = [(c, f"{mode}/node-{c}.json") for c in self.cns]
+        start_at = self.go(mode, procs, ready)
+        mon = self.monitor(mode, procs, start_at, copies=mode == "full_copy")
         after = self.counters()
-        copies = {c: read_json(f[c].host_path(f"{mode}/copy.json")) or {} for c in self.cns}
-        base = {vm: copies[c]["start"] for vm, c in self.vms.items()}
+        if sync_direct:
+            base = {vm: r["start"] for vm, r in mon["results"].items()}
+            nodes = {}
+        else:
+            nodes = {c: read_json(f[c].host_path(f"{mode}/node-{c}.json")) or {} for c in self.cns}
+            base = {vm: nodes[c]["t_go"] for vm, c in self.vms.items()}
         res = self.summarize(mode, base, mon["results"], before, after)
-        res["copy_s"] = {c: round(x["end"] - x["start"], 3) for c, x in copies.items() if "end" in x}
-        res["copy_bytes"] = {c: x.get("bytes") for c, x in copies.items()}
+        if nodes:
+            res["login_s"] = {c: round(x["t_attached"] - x["t_go"], 3) for c, x in nodes.items() if "t_attached" in x}
+        if mode == "full_copy":
+            copies = {c: read_json(f[c].host_path(f"{mode}/copy-{c}.json")) or {} for c in self.cns}
+            res["copy_s"] = {c: round(x["end"] - nodes[c]["t_go"], 3) for c, x in copies.items() if "end" in x}
+            res["copy_bytes"] = {c: x.get("bytes") for c, x in copies.items()}
         res["timeline"] = self.timeline(mon, mon["results"], base)
         return res
 
@@ -720,21 +795,24 @@ def table(doc) -> str:
     out = [f"Fleet: origin + {doc['nodes']} compute nodes, {doc['vms']} VMs, links {doc['rate_bps'] / 1e6:g} Mbit/s "
            f"each way; trace {doc.get('trace', '?')}: {doc.get('reads', '?')} reads, W = {W / MIB:.1f} MiB, "
            f"image {doc['image_bytes'] / MIB:.0f} MiB; replay depth {doc.get('depth', 1)}, "
-           f"{'think time honoured' if doc.get('think') else 'no think time'}.",
+           f"{'think time honoured' if doc.get('think') else 'no think time'}; "
+           + ("each VM boots as soon as it is attached, times from the fleet's launch (joins included)."
+              if doc.get("start") == "attach" else "all VMs attached first, then they start reading together."),
            f"Link bound W/rate = {lb:.1f} s; a fan-out-{doc['fanout']} tree cannot beat {doc['tree_bound_s']:.1f} s "
            f"(a relay uploads {doc['fanout']} x W); direct needs {doc['direct_bound_s']:.1f} s at the origin's link, "
            f"full copy {doc['full_copy_bound_s']:.1f} s.", "",
            "| mode | fleet completion (s) | x link bound | VM min / median / max (s) | origin sent (MiB) | origin / W "
-           "| max edge / W | joins (s) | all VMs done, data ok |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| max edge / W | joins (s) | fleet CPU (cores) / host busy | all VMs done, data ok |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, r in doc["modes"].items():
         if "error" in r:
-            out.append(f"| {mode} | failed: {r['error'].splitlines()[0][:100]} | | | | | | | |")
+            out.append(f"| {mode} | failed: {r['error'].splitlines()[0][:100]} | | | | | | | | |")
             continue
         joins = f"{r['tree']['joins_wall_s']:.1f}" if "tree" in r else "-"
         out.append(f"| {mode_label(doc, mode)} | {r['completion_s']:.1f} | {r['completion_s'] / lb:.2f} | "
                    f"{r['vm_min_s']:.1f} / {r['vm_median_s']:.1f} / {r['completion_s']:.1f} | "
                    f"{r['origin_bytes'] / MIB:.1f} | {r['origin_ratio']:.2f} | {r['max_edge_ratio']:.2f} | {joins} | "
+                   f"{r['cpu']['fleet_cores']:.2f} / {100 * r['cpu']['host_busy']:.0f} % | "
                    f"{'yes' if r['all_finished'] else 'NO'}, {'yes' if r['data_ok'] else 'NO'} |")
     g = doc.get("goals")
     if g:
@@ -863,6 +941,32 @@ def scaling_table(rows) -> str:
     return "\n".join(out)
 
 
+def provenance() -> dict:
+    """What ran: the repository commit (and whether the Python layer differs from it) and the
+    installed vmthunder package the guests import."""
+    import hashlib
+    out = {}
+    try:
+        out["git_commit"] = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                                           stderr=subprocess.DEVNULL, timeout=10).stdout.decode().strip()
+    except Exception:
+        pass
+    try:
+        import vmthunder
+        pkg = os.path.dirname(vmthunder.__file__)
+        out["vmthunder"] = vmthunder.__version__
+        for mod in ("tree.py", "registry.py"):
+            p = os.path.join(pkg, mod)
+            if os.path.exists(p):
+                h = hashlib.sha1(open(p, "rb").read()).hexdigest()[:12]
+                repo_p = os.path.join(REPO, "python", "vmthunder", mod)
+                same = os.path.exists(repo_p) and hashlib.sha1(open(repo_p, "rb").read()).hexdigest()[:12] == h
+                out[mod] = h + ("" if same else " (differs from the repository's)")
+    except Exception as e:
+        out["vmthunder"] = f"not importable: {e}"
+    return out
+
+
 def write_json(path, doc):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -896,7 +1000,12 @@ def parse_args(argv):
     ap.add_argument("--synthetic-ws-mib", type=int, default=48, help="synthetic working set (default: %(default)s MiB)")
     ap.add_argument("--synthetic-image-mib", type=int, default=256, help="synthetic image (default: %(default)s MiB)")
     ap.add_argument("--seed", type=int, default=7, help="seed of the synthetic trace (default: %(default)s)")
-    ap.add_argument("--depth", type=int, default=4, help="reads in flight per VM (default: %(default)s)")
+    ap.add_argument("--depth", type=int, default=8, help="reads in flight per VM (default: %(default)s)")
+    ap.add_argument("--start", choices=("attach", "sync"), default="attach",
+                    help="attach (default): as Nova would, each VM boots as soon as its disk is attached and "
+                    "times run from the fleet's launch (joins and logins included); sync: attach everything "
+                    "first, then all VMs start their reads at the same instant (the data path alone, worst-case "
+                    "lockstep)")
     th = ap.add_mutually_exclusive_group()
     th.add_argument("--think", action="store_true", help="honour the trace's time offsets as a lower bound")
     th.add_argument("--no-think", dest="think", action="store_false", help="ignore think time (default)")
@@ -966,8 +1075,9 @@ def main(argv=None):
         image_path = os.path.join(tmp, "origin.img")
         make_origin_image(image_path, trace["image_bytes"], trace["reads"])
         digest = expected_digest(image_path, trace["reads"])
-        common = {"trace": trace["source"], "reads": len(trace["reads"]),
+        common = {"provenance": provenance(), "trace": trace["source"], "reads": len(trace["reads"]),
                   "read_bytes": sum(r[2] for r in trace["reads"]), "depth": a.depth, "think": a.think,
+                  "start": a.start,
                   "rate": a.rate, "command": " ".join(["python", "bench/fleet.py"] + (sys.argv[1:] if argv is None else argv)),
                   "bytes_note": "origin_bytes: the origin's link tx (NIC, TCP/iSCSI headers and etcd included); "
                   "origin_data_bytes and edges[].bytes: data the child read over that iSCSI session "

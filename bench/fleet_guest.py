@@ -6,8 +6,14 @@
         Stand-in for nova-compute: holds the registry membership (heartbeats live with this
         process), registers the host, waits until every compute host is registered (so every
         relay can grant every other host up front, as long-running nova-computes would have),
-        then attaches its VMs through vmthunder.tree.Tree (engine bcache), writes
+        then, at the start signal (DIR/go), attaches its VMs through vmthunder.tree.Tree (engine
+        bcache), starting each VM's replay as soon as it is attached (--replay-trace), writes
         DIR/attached.json, runs the tree upkeep on a thread and stays until DIR/stop exists.
+    fleet_guest.py boot    --host cn1 --origin FILE --vms vm01 --trace T --out-dir D --go FILE
+                           [--login-first] [--copy-to /dev/ubdc] [--depth 8] [--think]
+        A node of a baseline mode: at the start signal log in to the origin (plain boot from
+        volume), optionally copy the whole image to a local disk first (full copy), then start
+        one replay process per VM.
     fleet_guest.py login   --origin FILE
         Log in to the origin volume (open-iscsi, CHAP from the connection dict; an existing
         session is reused) and print the raw disk (/dev/sdX): plain boot from volume.
@@ -264,6 +270,43 @@ def replay(dev, trace_path, go, out, depth, think):
                      "samples": samples, "finished": not errors and state["done"] == len(reads)})
 
 
+def start_replay(dev, trace, out, depth, think):
+    """A 'VM': the replay in its own process, starting at once."""
+    argv = [sys.executable, os.path.abspath(__file__), "replay", dev, trace, "--out", out, "--depth", str(depth)]
+    if think:
+        argv.append("--think")
+    return subprocess.Popen(argv, stdout=open(out + ".log", "w"), stderr=subprocess.STDOUT)
+
+
+# ----------------------------------------------------------------------------- baselines
+def boot(a):
+    """A node of a baseline mode: log in to the origin (before the start signal with
+    --login-first), optionally copy the whole image to a local disk, then start its VMs."""
+    os.makedirs(a.out_dir, exist_ok=True)
+    state = os.path.join(a.out_dir, f"node-{a.host}.json")
+    conn = json.load(open(a.origin))
+    res = {}
+    dev = login(conn) if a.login_first else None
+    write_json(state, {"ready": True})
+    wait_go(a.go)
+    res["t_go"] = time.time()
+    if dev is None:
+        dev = login(conn)
+    res["t_attached"] = time.time()
+    res["dev"] = dev
+    if a.copy_to:
+        copy(dev, a.copy_to, os.path.join(a.out_dir, f"copy-{a.host}.json"), None)
+        res["t_copied"] = time.time()
+        dev = a.copy_to
+    write_json(state, res)
+    procs = [start_replay(dev, a.trace, os.path.join(a.out_dir, f"{vm}.json"), a.depth, a.think)
+             for vm in a.vms.split(",")]
+    rcs = [p.wait() for p in procs]
+    res["replay_rcs"] = rcs
+    write_json(state, res)
+    return 0 if not any(rcs) else 1
+
+
 # ----------------------------------------------------------------------------- member
 def member(a):
     import vmthunder
@@ -296,12 +339,17 @@ def member(a):
             if time.monotonic() > deadline - 60:
                 raise SystemExit("no go")
             time.sleep(0.1)
+        result["t_go"] = time.time()
         origin = json.load(open(a.origin))
+        vms = []
         for vm in a.vms.split(","):
             t = time.time()
             result["paths"][vm] = tree.attach(a.image, origin, vm)
             result["attach_s"][vm] = round(time.time() - t, 3)
             result.setdefault("t_attached", {})[vm] = time.time()
+            if a.replay_trace:           # the VM boots as soon as its disk is attached
+                vms.append(start_replay(result["paths"][vm], a.replay_trace, os.path.join(a.replay_dir, f"{vm}.json"),
+                                        a.depth, a.think))
         me = next((r for r in reg.peers(a.image) if r.get("host") == a.host), {})
         result["parents"] = me.get("parents")
         result["depth"] = me.get("depth")
@@ -342,6 +390,21 @@ def main():
     m.add_argument("--state-dir", default="/var/lib/vmthunder")
     m.add_argument("--workdir", required=True)
     m.add_argument("--max-seconds", type=float, default=1800)
+    m.add_argument("--replay-trace", help="start a replay of this trace on each VM as soon as it is attached")
+    m.add_argument("--replay-dir", help="where the replays write <vm>.json")
+    m.add_argument("--depth", type=int, default=1)
+    m.add_argument("--think", action="store_true")
+    b = sub.add_parser("boot")
+    b.add_argument("--host", required=True)
+    b.add_argument("--origin", required=True)
+    b.add_argument("--vms", required=True)
+    b.add_argument("--trace", required=True)
+    b.add_argument("--out-dir", required=True)
+    b.add_argument("--go", required=True)
+    b.add_argument("--login-first", action="store_true", help="log in before the start signal")
+    b.add_argument("--copy-to", help="copy the whole image here first (full copy), then boot from it")
+    b.add_argument("--depth", type=int, default=1)
+    b.add_argument("--think", action="store_true")
     lg = sub.add_parser("login")
     lg.add_argument("--origin", required=True)
     cp = sub.add_parser("copy")
@@ -360,6 +423,8 @@ def main():
     a = ap.parse_args()
     if a.cmd == "member":
         return member(a)
+    if a.cmd == "boot":
+        return boot(a)
     if a.cmd == "login":
         print(login(json.load(open(a.origin))))
         return 0
