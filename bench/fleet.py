@@ -9,7 +9,8 @@ link shaped with tc to --rate in each direction (default 100 Mbit/s: a 1 GbE clu
 times, so that two host cores keep up and the results are link-bound, not CPU-bound). M VMs
 (default one per node; more go round-robin) each replay a boot read trace on their device.
 
-Modes (each starts with cold caches; all readers of a mode start at the same instant):
+Modes (each in a fresh fleet of the same shape and links: cold caches, no session or page
+cache left by another mode):
   tree       each compute node runs a member process (a stand-in for nova-compute: registry
              membership, vmthunder.tree.Tree upkeep) that attaches its VMs with Tree.attach
              (engine bcache: cache on read; re-export to children; a dm snapshot per VM); the
@@ -27,11 +28,17 @@ deterministic stand-in (mixed 4-128 KiB reads, mostly sequential runs over scatt
 a few re-reads: --synthetic-ws-mib over --synthetic-image-mib). Reads are widened to 4 KiB
 alignment (O_DIRECT on bcache needs it). The working set W is the union of the reads.
 
-Replay: reads in trace order with O_DIRECT, at most --depth in flight. Think time is ignored by
-default (--no-think): the boot was recorded under an emulator, whose CPU time between reads
-would dominate and hide the data path being compared; --think honours each read's recorded
-time offset as a lower bound (the comparison then measures how much of the boot's I/O wait
-each mode removes).
+Start (--start): "attach" (default), as Nova would: at the launch instant every node starts
+attaching (tree: Tree.attach through the registry; direct: iSCSI login; full_copy: login and
+copy) and each VM boots as soon as its disk is ready; a VM's time runs from the launch, joins
+included. "sync": everything is attached first, then all VMs start reading at the same instant
+(the data path alone; with identical traces in lockstep, the worst case for concurrent misses).
+
+Replay: reads in trace order with O_DIRECT, at most --depth in flight (default 8: one VM alone
+then gets close to its link; at depth 1 a VM is bound by per-request latency, not by links).
+Think time is ignored by default (--no-think): the recorded boot ran under an emulator (TCG,
+234 s), whose CPU time between reads would dominate every mode and hide the data path being
+compared; --think honours each read's recorded time offset as a lower bound.
 
 Measured per mode: each VM's time to finish its reads (from the common start), the fleet's
 completion (the last VM), bytes the origin's link sent (NIC counters, headers included) and the
@@ -325,16 +332,15 @@ class FleetRun:
         self.vms = {f"vm{j + 1:02d}": self.cns[j % n] for j in range(m)}
         self.vms_of = {c: [v for v, h in self.vms.items() if h == c] for c in self.cns}
         self.modes = args.modes
-        self.n_trees = sum(1 for md in self.modes if md.startswith("tree"))
 
     # ------------------------------------------------------------------ sizing
-    def local_disks(self) -> dict:
-        cache_mib = max(128, -(-2 * self.W * max(1, self.n_trees) // MIB))
-        self.cache_mib = cache_mib
+    def local_disks(self, mode) -> dict:
+        """Per compute node: ubdb, the local device (bcache cache set: the working set twice
+        over, at least 128 MiB; a COW slice per VM); ubdc, the copy target of full_copy."""
+        self.cache_mib = max(128, -(-2 * self.W // MIB))
         vpn = max(len(v) for v in self.vms_of.values())
-        local_mib = cache_mib + COW_MIB * vpn * max(1, self.n_trees) + 64 + 16
-        disks = {"ubdb": local_mib * MIB}
-        if "full_copy" in self.modes:
+        disks = {"ubdb": (self.cache_mib + COW_MIB * vpn + 64 + 16) * MIB}
+        if mode == "full_copy":
             disks["ubdc"] = self.image_bytes
         return disks
 
@@ -343,15 +349,10 @@ class FleetRun:
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict:
+        """Every mode in a fresh fleet of the same shape and links: cold caches, no iSCSI
+        session, cache set or page cache left by another mode."""
         a = self.a
-        nodes = {"o": {"disks": {"ubdb": self.image_path}, "mem": a.origin_mem}}
-        local = self.local_disks()
-        for c in self.cns:
-            nodes[c] = {"disks": dict(local)}
-        name = f"fl{os.getpid()}n{self.n}"[:20]
         t0 = time.monotonic()
-        log.info("booting %d nodes (origin + %d compute, fleet %s, links %s, %s per node)", self.n + 1, self.n,
-                 name, a.rate, a.mem)
         doc = {"nodes": self.n, "vms": self.m, "rate_bps": self.rate_bps, "fanout": a.fanout,
                "working_set_bytes": self.W, "image_bytes": self.image_bytes,
                "link_bound_s": round(self.W * 8 / self.rate_bps, 3),
@@ -359,36 +360,43 @@ class FleetRun:
                "direct_bound_s": round(self.m * self.W * 8 / self.rate_bps, 3),
                "full_copy_bound_s": round(self.n * self.image_bytes * 8 / self.rate_bps, 3),
                "modes": {}}
-        with Fleet(nodes=nodes, name=name, subnet=SUBNET, rate=a.rate, mem=a.mem, boot_timeout=180) as fleet:
-            self.fleet = fleet
-            doc["boot_s"] = round(time.monotonic() - t0, 1)
-            log.info("fleet up in %.1fs", doc["boot_s"])
-            self.ip_to_node = {fleet[x].ip: x for x in fleet.nodes}
-            self.prepare()
-            for mode in self.modes:
-                t = time.monotonic()
-                try:
+        for i, mode in enumerate(self.modes):
+            t = time.monotonic()
+            nodes = {"o": {"disks": {"ubdb": self.image_path}, "mem": a.origin_mem}}
+            for c in self.cns:
+                nodes[c] = {"disks": self.local_disks(mode)}
+            name = f"fl{os.getpid()}n{self.n}m{i}"[:20]
+            log.info("[%s] booting %d nodes (origin + %d compute, fleet %s, links %s, %s per node)", mode, self.n + 1,
+                     self.n, name, a.rate, a.mem)
+            try:
+                with Fleet(nodes=nodes, name=name, subnet=SUBNET, rate=a.rate, mem=a.mem, boot_timeout=180) as fleet:
+                    self.fleet = fleet
+                    boot_s = round(time.monotonic() - t, 1)
+                    self.ip_to_node = {fleet[x].ip: x for x in fleet.nodes}
+                    self.prepare(mode)
                     if mode.startswith("tree"):
                         res = self.run_tree(mode, self.fanout_of(mode))
                     else:
                         res = self.run_baseline(mode)
-                except Exception as e:
-                    log.exception("[%s] failed", mode)
-                    res = {"error": f"{type(e).__name__}: {e}"[:4000]}
-                res["wall_s"] = round(time.monotonic() - t, 1)
-                doc["modes"][mode] = res
-                if "completion_s" in res:
-                    log.info("[%s] fleet completion %.1fs (%.2f x link bound), origin sent %.2f x W, max edge %.2f x W",
-                             mode, res["completion_s"], res["completion_s"] / doc["link_bound_s"],
-                             res["origin_bytes"] / self.W, res["max_edge_ratio"])
+                    res["boot_s"] = boot_s
+            except Exception as e:
+                log.exception("[%s] failed", mode)
+                res = {"error": f"{type(e).__name__}: {e}"[:4000]}
+            res["wall_s"] = round(time.monotonic() - t, 1)
+            doc["modes"][mode] = res
+            if "completion_s" in res:
+                log.info("[%s] fleet completion %.1fs (%.2f x link bound), origin sent %.2f x W, max edge %.2f x W",
+                         mode, res["completion_s"], res["completion_s"] / doc["link_bound_s"],
+                         res["origin_bytes"] / self.W, res["max_edge_ratio"])
         doc["total_s"] = round(time.monotonic() - t0, 1)
         return doc
 
-    def prepare(self):
+    def prepare(self, mode):
         f = self.fleet
         o = f["o"]
         portal = f"{o.ip}:3260"
-        if self.n_trees:
+        tree = mode.startswith("tree")
+        if tree:
             o.spawn(f"etcd --name o --data-dir /tmp/etcd --listen-client-urls http://{o.ip}:2379 "
                     f"--advertise-client-urls http://{o.ip}:2379 --listen-peer-urls http://127.0.0.1:2380 "
                     f"> /tmp/etcd.log 2>&1")
@@ -403,7 +411,7 @@ class FleetRun:
             f[c].write_file("fleet_guest.py", script)
             f[c].write_file("trace.json", trace_json)
             f[c].write_file("origin.json", json.dumps(self.conn[c]).encode())
-        if self.n_trees:
+        if tree:
             deadline = time.monotonic() + 60
             health = f"python3 -c \"import urllib.request; urllib.request.urlopen('http://{o.ip}:2379/health', timeout=2)\""
             while o.run(health, timeout=20)[0] != 0:
@@ -490,7 +498,13 @@ class FleetRun:
                     if r and "end" in r:
                         results[vm] = r
                     else:
-                        raise BenchError(f"[{mode}] {vm} on {node}: replay exited rc={rc}\n{p.output()[-3000:]}")
+                        logs = ""
+                        for name in (f"{mode}/member/out", f"{mode}/boot-{node}.log", f"{mode}/{vm}.json.log"):
+                            try:
+                                logs += f"--- {name}\n" + open(f[node].host_path(name), errors="replace").read()[-2500:]
+                            except OSError:
+                                pass
+                        raise BenchError(f"[{mode}] {vm} on {node}: exited rc={rc}\n{p.output()[-2000:]}{logs}")
             if len(results) == len(self.vms):
                 break
             if time.monotonic() > deadline:

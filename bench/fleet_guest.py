@@ -344,7 +344,8 @@ def member(a):
         vms = []
         for vm in a.vms.split(","):
             t = time.time()
-            result["paths"][vm] = tree.attach(a.image, origin, vm)
+            # VM ids are unique per node: one fleet may run several tree modes (images)
+            result["paths"][vm] = tree.attach(a.image, origin, f"{vm}-{a.image}")
             result["attach_s"][vm] = round(time.time() - t, 3)
             result.setdefault("t_attached", {})[vm] = time.time()
             if a.replay_trace:           # the VM boots as soon as its disk is attached
