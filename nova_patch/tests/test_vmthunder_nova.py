@@ -1,0 +1,229 @@
+"""Unit tests of python/vmthunder/nova.py, the helpers the Nova patch calls.
+
+The native vmthunder package (and its tree and registry modules) is replaced by fakes in
+sys.modules, so these tests run without the extension being built:
+``python -m unittest discover -s nova_patch/tests``.
+"""
+import importlib.util
+import os
+import re
+import sys
+import types
+import unittest
+from unittest import mock
+
+HELPERS = os.path.join(os.path.dirname(__file__), "..", "..", "python", "vmthunder", "nova.py")
+
+
+class Error(Exception):
+    pass
+
+
+class NotFound(Error):
+    pass
+
+
+def load_helpers():
+    """vmthunder/nova.py, importing fake vmthunder, vmthunder.tree and vmthunder.registry."""
+    fake = types.ModuleType("vmthunder")
+    fake.Node = mock.Mock(name="Node")
+    fake.Error, fake.NotFound = Error, NotFound
+    tree = types.ModuleType("vmthunder.tree")
+    tree.Tree = mock.Mock(name="Tree")
+    tree.Tree.return_value.registry = None
+    registry = types.ModuleType("vmthunder.registry")
+    registry.Registry = mock.Mock(name="Registry")
+    registry.Registry.return_value.started = False
+    fake.tree, fake.registry = tree, registry
+    modules = {"vmthunder": fake, "vmthunder.tree": tree, "vmthunder.registry": registry}
+    patcher = mock.patch.dict(sys.modules, modules)
+    patcher.start()
+    spec = importlib.util.spec_from_file_location("vmthunder_nova_under_test", HELPERS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, fake, patcher
+
+
+class Conf:
+    def __init__(self, **kw):
+        self.cache_device = "/dev/vdb"
+        self.state_dir = "/var/lib/nova/vmthunder"
+        self.coordination_url = None
+        self.fanout = None
+        self.__dict__.update(kw)
+
+
+class HelperTestCase(unittest.TestCase):
+    def setUp(self):
+        self.helpers, self.vmthunder, patcher = load_helpers()
+        self.addCleanup(patcher.stop)
+        self.Node = self.vmthunder.Node
+        self.Tree = self.vmthunder.tree.Tree
+        self.Registry = self.vmthunder.registry.Registry
+        initiator = mock.patch.object(self.helpers, "_initiator", return_value="iqn.2004-10.com.ubuntu:01:cn1")
+        initiator.start()
+        self.addCleanup(initiator.stop)
+
+
+class GetNodeTest(HelperTestCase):
+    def test_one_tree_per_configuration_without_registry(self):
+        tree = self.helpers.get_node(Conf(), "cn1", "198.18.0.2")
+        self.assertIs(tree, self.helpers.get_node(Conf(), "cn1", "198.18.0.2"))
+        self.Node.assert_called_once_with(host="cn1", cache_device="/dev/vdb",
+                                          state_dir="/var/lib/nova/vmthunder", export_ip="198.18.0.2")
+        self.Tree.assert_called_once_with(self.Node.return_value, None,
+                                          initiator="iqn.2004-10.com.ubuntu:01:cn1",
+                                          export_ip="198.18.0.2", state_dir="/var/lib/nova/vmthunder")
+        self.Registry.assert_not_called()
+        tree.start_watch.assert_not_called()
+        self.helpers.get_node(Conf(cache_device="/dev/vdc"), "cn1", "198.18.0.2")
+        self.assertEqual(2, self.Node.call_count)
+
+    def test_registry_joined_when_configured(self):
+        self.Tree.return_value.registry = self.Registry.return_value
+        tree = self.helpers.get_node(Conf(coordination_url="etcd3+http://ctl:2379", fanout=3), "CN1")
+        self.Registry.assert_called_once_with("etcd3+http://ctl:2379", "cn1")
+        self.Tree.assert_called_once_with(self.Node.return_value, self.Registry.return_value,
+                                          initiator=mock.ANY, export_ip=None,
+                                          state_dir="/var/lib/nova/vmthunder", fanout=3)
+        tree.start_watch.assert_called_once_with()
+        self.Registry.return_value.start.assert_called_once_with()
+
+    def test_unreachable_registry_is_retried_on_next_use(self):
+        self.Tree.return_value.registry = registry = self.Registry.return_value
+        registry.start.side_effect = [Error("etcd unreachable"), None]
+        conf = Conf(coordination_url="etcd3+http://ctl:2379")
+        with self.assertLogs("vmthunder.nova", "WARNING"):
+            tree = self.helpers.get_node(conf, "cn1")
+        self.assertIs(tree, self.helpers.get_node(conf, "cn1"))
+        self.assertEqual(2, registry.start.call_count)
+        self.assertEqual(1, self.Node.call_count)
+
+    def test_node_errors_propagate_and_nothing_is_cached(self):
+        self.Node.side_effect = [Error("no cache device"), mock.sentinel.node]
+        self.assertRaises(Error, self.helpers.get_node, Conf(), "cn1")
+        self.helpers.get_node(Conf(), "cn1")
+        self.assertEqual(mock.sentinel.node, self.Tree.call_args.args[0])
+
+    def test_host_names(self):
+        self.assertEqual("cn1", self.helpers.host_name("cn1"))
+        self.assertEqual("compute-1.example.com", self.helpers.host_name("Compute_1.Example.COM"))
+        self.assertEqual("a.b", self.helpers.host_name("-a..b_"))
+        long_a = self.helpers.host_name("rack12-compute-node-0042.dc1.example.org.internal")
+        long_b = self.helpers.host_name("rack12-compute-node-0042.dc1.example.org.internal2")
+        for name in (long_a, long_b):
+            self.assertLessEqual(len(name), 40)
+            self.assertRegex(name, re.compile(r"[a-z0-9][a-z0-9.-]*\Z"))
+        self.assertNotEqual(long_a, long_b)
+
+    def test_initiator_name(self):
+        self.helpers.__dict__.pop("_initiator", None)
+        spec = importlib.util.spec_from_file_location("h2", HELPERS)
+        fresh = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh)
+        text = "## comment\nInitiatorName=iqn.1993-08.org.debian:01:abc\n"
+        with mock.patch("builtins.open", mock.mock_open(read_data=text)):
+            self.assertEqual("iqn.1993-08.org.debian:01:abc", fresh._initiator())
+        with mock.patch("builtins.open", side_effect=FileNotFoundError("x")), \
+                self.assertLogs("vmthunder.nova", "WARNING"):
+            self.assertIsNone(fresh._initiator())
+
+
+class AttachDetachTest(HelperTestCase):
+    def setUp(self):
+        super().setUp()
+        self.tree = mock.Mock()
+        self.cinder = {"driver_volume_type": "iscsi", "data": {"target_lun": 1}}
+
+    def test_dm_snapshot_is_a_local_block_device(self):
+        self.tree.attach.return_value = "/dev/vmthunder-test-nonexistent"
+        info = self.helpers.attach(self.tree, self.cinder, "vm1", "vol1")
+        self.tree.attach.assert_called_once_with("vol1", self.cinder, "vm1", "dm")
+        self.assertEqual(
+            {"driver_volume_type": "local", "serial": "vol1",
+             "data": {"device_path": "/dev/vmthunder-test-nonexistent",
+                      "vmthunder": {"image_id": "vol1", "vm_id": "vm1", "snapshot": "dm"}}},
+            info)
+
+    def test_vmm_snapshot_is_a_qcow2_file(self):
+        self.tree.attach.return_value = "/var/lib/nova/vmthunder/vm1.qcow2"
+        info = self.helpers.attach(self.tree, self.cinder, "vm1", "vol1", "vmm")
+        self.assertEqual("qcow2", info["data"]["format"])
+        self.assertEqual("/var/lib/nova/vmthunder/vm1.qcow2", info["data"]["device_path"])
+
+    def test_attach_errors_propagate(self):
+        self.tree.attach.side_effect = Error("iSCSI login failed")
+        self.assertRaises(Error, self.helpers.attach, self.tree, self.cinder, "vm1", "vol1")
+
+    def test_dm_n_becomes_the_stable_mapper_name(self):
+        opened = mock.mock_open(read_data="vmthunder-1-vm1-snap\n")
+        with mock.patch("builtins.open", opened), \
+                mock.patch("os.path.exists", return_value=True) as exists:
+            self.assertEqual("/dev/mapper/vmthunder-1-vm1-snap", self.helpers._stable_path("/dev/dm-7"))
+        opened.assert_called_once_with("/sys/block/dm-7/dm/name")
+        exists.assert_called_once_with("/dev/mapper/vmthunder-1-vm1-snap")
+
+    def test_dm_n_kept_without_mapper_node(self):
+        with mock.patch("builtins.open", mock.mock_open(read_data="x\n")), \
+                mock.patch("os.path.exists", return_value=False):
+            self.assertEqual("/dev/dm-7", self.helpers._stable_path("/dev/dm-7"))
+        with mock.patch("builtins.open", side_effect=FileNotFoundError):
+            self.assertEqual("/dev/dm-7", self.helpers._stable_path("/dev/dm-7"))
+
+    def test_detach(self):
+        self.assertTrue(self.helpers.detach(self.tree, "vm1"))
+        self.tree.detach.assert_called_once_with("vm1")
+
+    def test_detach_of_unknown_vm_is_not_an_error(self):
+        self.tree.detach.side_effect = NotFound("vm1")
+        self.assertFalse(self.helpers.detach(self.tree, "vm1"))
+
+    def test_other_errors_propagate(self):
+        self.tree.detach.side_effect = Error("busy")
+        self.assertRaises(Error, self.helpers.detach, self.tree, "vm1")
+
+
+class WithTheRealTreeTest(unittest.TestCase):
+    """nova.py over the project's own vmthunder/tree.py (only the extension is faked)."""
+
+    def setUp(self):
+        ext = types.ModuleType("vmthunder._vmthunder")
+        ext.Error, ext.NotFound, ext.Busy = Error, NotFound, type("Busy", (Error,), {})
+        ext.Node = mock.Mock(name="Node")
+        ext.choose_parents = mock.Mock(name="choose_parents")
+        fake = types.ModuleType("vmthunder")
+        fake.Node, fake.Error, fake.NotFound = ext.Node, Error, NotFound
+        patcher = mock.patch.dict(sys.modules, {"vmthunder": fake, "vmthunder._vmthunder": ext})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for name in ("tree", "nova"):
+            spec = importlib.util.spec_from_file_location(
+                "vmthunder." + name, os.path.join(os.path.dirname(HELPERS), name + ".py"))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["vmthunder." + name] = module
+            setattr(fake, name, module)
+            spec.loader.exec_module(module)
+        self.helpers = fake.nova
+        self.node = ext.Node.return_value
+        self.node.host = "cn1"
+        self.state = {"templates": {}}
+        self.node.status.side_effect = lambda: self.state
+
+    def test_attach_and_detach_without_registry(self):
+        import tempfile
+        with tempfile.TemporaryDirectory() as state_dir:
+            tree = self.helpers.get_node(Conf(state_dir=state_dir), "cn1", "198.18.0.2")
+            self.node.attach.return_value = "/dev/vmthunder-nonexistent"
+            cinder = {"driver_volume_type": "iscsi", "data": {"target_lun": 1}}
+            info = self.helpers.attach(tree, cinder, "vm1", "vol1", "dm")
+            self.node.attach.assert_called_once_with("vol1", [cinder], "vm1", "dm")
+            self.assertEqual("/dev/vmthunder-nonexistent", info["data"]["device_path"])
+            self.state = {"templates": {"vol1": {"vms": ["vm1"], "children": []}}}
+            self.assertTrue(self.helpers.detach(tree, "vm1"))
+            self.node.detach.assert_called_once_with("vm1")
+            self.node.detach.side_effect = NotFound("vm1")
+            self.assertFalse(self.helpers.detach(tree, "vm1"))
+
+
+if __name__ == "__main__":
+    unittest.main()
