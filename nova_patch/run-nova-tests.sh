@@ -3,8 +3,9 @@
 # applied, plus the patch's new tests. The last line is "nova: N passed, N failed, N skipped";
 # the exit status is non-zero when a test failed or the set-up did.
 #
-#   nova_patch/run-nova-tests.sh [--full] [--concurrency N]
+#   nova_patch/run-nova-tests.sh [--full] [--concurrency N] [--setup-only]
 #
+#   --setup-only     build the venv and apply the patch, run no tests
 #   --full           add nova.tests.unit.compute.test_compute (511 tests, ~10 more minutes)
 #   --concurrency N  parallel test workers (default: number of CPUs, at most 4)
 #
@@ -19,14 +20,16 @@ patch_file=$here/vmthunder-nova-34.0.0.patch
 constraints=$here/test-constraints.txt
 venv=${NOVA_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/vmthunder/nova-34.0.0-venv}
 full=0
+setup_only=0
 jobs=$(nproc 2>/dev/null || echo 2)
 [ "$jobs" -le 4 ] || jobs=4
 
 while [ $# -gt 0 ]; do
     case $1 in
         --full) full=1 ;;
+        --setup-only) setup_only=1 ;;
         --concurrency) jobs=$2; shift ;;
-        -h|--help) sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "run-nova-tests.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -105,6 +108,7 @@ if ! cmp -s "$applied" "$patch_file"; then
 fi
 state=$("$here/apply.sh" --check --python "$vpy") || fail_setup "$state"
 case $state in *"is applied"*) ;; *) fail_setup "the patch is not applied: $state" ;; esac
+[ "$setup_only" = 0 ] || { log "patched Nova ready in $venv"; exit 0; }
 
 # -- Tests -------------------------------------------------------------------------------------
 # One stestr run per test directory (discovery imports every module under it).
