@@ -100,8 +100,10 @@ def align(off: int, ln: int, image: int):
 
 
 def load_trace(path: str) -> dict:
-    with open(path) as f:
-        tr = json.load(f)
+    import hashlib
+    with open(path, "rb") as f:
+        raw = f.read()
+    tr = json.loads(raw)
     image = int(tr["image_bytes"])
     reads = []
     for rec in tr["reads"]:
@@ -113,7 +115,8 @@ def load_trace(path: str) -> dict:
     t0 = min((r[0] for r in reads), default=0.0)
     for r in reads:
         r[0] = round(r[0] - t0, 6)
-    return {"image_bytes": image, "reads": reads, "source": os.path.relpath(path, REPO) if path.startswith(REPO) else path}
+    return {"image_bytes": image, "reads": reads, "sha1": hashlib.sha1(raw).hexdigest()[:12],
+            "source": os.path.relpath(path, REPO) if path.startswith(REPO) else path}
 
 
 def synthetic_trace(image_bytes: int, ws_bytes: int, seed: int, span_s: float = 20.0) -> dict:
@@ -844,10 +847,13 @@ def table(doc) -> str:
         r = doc["modes"][mode]
         if "tree" not in r:
             continue
-        out += ["", f"{mode_label(doc, mode)}: edges (data bytes the child read from the parent / W), joins"]
-        out.append("| parent → child | role | MiB | / W | child joined after (s) |")
+        out += ["", f"{mode_label(doc, mode)}: edges (data bytes the child read from the parent / W; idle "
+                    "standby paths omitted), joins"]
+        out.append("| parent → child | path | MiB | / W | child joined after (s) |")
         out.append("|---|---|---|---|---|")
         for e in r["edges"]:
+            if e["bytes"] == 0:
+                continue                    # standby paths (in the JSON)
             out.append(f"| {e['parent']} → {e['child']} | {e.get('role', '')} | {e['bytes'] / MIB:.1f} | {e['ratio']:.2f} "
                        f"| {r['tree']['join_s'].get(e['child'], float('nan')):.1f} |")
         out += ["", "```"] + tree_text(r["tree"]["parents"], r["tree"]["active_parent"]) + ["```"]
@@ -1089,7 +1095,10 @@ def main(argv=None):
         image_path = os.path.join(tmp, "origin.img")
         make_origin_image(image_path, trace["image_bytes"], trace["reads"])
         digest = expected_digest(image_path, trace["reads"])
-        common = {"provenance": provenance(), "trace": trace["source"], "reads": len(trace["reads"]),
+        prov = provenance()
+        if trace.get("sha1"):
+            prov["trace_sha1"] = trace["sha1"]
+        common = {"provenance": prov, "trace": trace["source"], "reads": len(trace["reads"]),
                   "read_bytes": sum(r[2] for r in trace["reads"]), "depth": a.depth, "think": a.think,
                   "start": a.start,
                   "rate": a.rate, "command": " ".join(["python", "bench/fleet.py"] + (sys.argv[1:] if argv is None else argv)),

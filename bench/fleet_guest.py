@@ -21,7 +21,8 @@
         Copy SRC to DST (1 MiB O_DIRECT reads and writes): Nova's image cache download.
     fleet_guest.py replay  DEV TRACE --out FILE [--go FILE] [--depth 1] [--think]
         Replay a boot read trace on DEV with O_DIRECT (page-aligned mmap buffers, os.preadv),
-        in trace order, at most DEPTH reads in flight, starting when the file --go exists (the
+        in trace order, at most DEPTH reads in flight (a read overlapping one in flight waits
+        for it), starting when the file --go exists (the
         host creates it on every node at once); with --think a read is never issued before the
         start + its recorded time offset. Writes progress and the result (start, end, bytes, a
         digest of the data read, errors, progress samples) to FILE.
@@ -215,6 +216,8 @@ def replay(dev, trace_path, go, out, depth, think):
     errors = []
     state = {"next": 0, "done": 0, "bytes": 0}
     lock = threading.Lock()
+    cond = threading.Condition(lock)
+    inflight = {}                           # read index -> (start, end) while in flight
     samples = []
 
     def worker():
@@ -231,6 +234,13 @@ def replay(dev, trace_path, go, out, depth, think):
                 wait = start_at + t - time.time()
                 if wait > 0:
                     time.sleep(wait)
+            # A read overlapping one still in flight waits for it: a guest never has two reads
+            # of one page in flight (the trace's sub-page reads, widened to 4 KiB, would
+            # otherwise be issued as concurrent duplicates).
+            with cond:
+                while any(a < off + n and off < b for a, b in inflight.values()):
+                    cond.wait(1.0)
+                inflight[i] = (off, off + n)
             try:
                 got = os.preadv(fd, [mv[:n]], off)
                 if got != n:
@@ -238,8 +248,13 @@ def replay(dev, trace_path, go, out, depth, think):
                 crcs[i] = zlib.crc32(mv[:n])
             except Exception as e:          # reported in the result
                 errors.append(f"{type(e).__name__}: {e}")
+                with cond:
+                    inflight.pop(i, None)
+                    cond.notify_all()
                 return
-            with lock:
+            with cond:
+                inflight.pop(i, None)
+                cond.notify_all()
                 state["done"] += 1
                 state["bytes"] += n
                 state["last"] = time.time()
