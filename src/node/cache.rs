@@ -180,6 +180,18 @@ fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Resu
     if !set_link.exists() {
         register(&cset.path())?;
         wait_for("the cache set to register", || set_link.exists())?;
+        if created {
+            // Undone before the slice's own removal: bcache must let go of it first.
+            let link = set_link.clone();
+            undo.push("bcache cache set registration", move || {
+                if let Ok(set) = fs::canonicalize(&link) {
+                    let _ = fs::write(set.join("unregister"), "1");
+                }
+                wait_for("the cache set to unregister", || !link.exists())
+                    .and_then(|_| wait_released(dm, names::CACHE_SET_DM_NAME))
+                    .map_err(|e| e.to_string())
+            });
+        }
     }
     let uuid = fs::read_link(&set_link)
         .ok()

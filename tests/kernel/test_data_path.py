@@ -176,3 +176,14 @@ def test_bad_names(fleet, image, vm):
         py(b, node_ctor(b) + f"node.attach({image!r}, [{origin_conn(fleet, b)!r}], {vm!r})")
     assert e.value.exc_type == "InvalidArgument"
     assert_clean(b)
+
+
+def test_failure_after_the_cache_set_leaves_nothing(fleet):
+    """The VM's COW does not fit: the failure comes after the iSCSI session, the paths, the
+    bcache cache set and the template exist; all of it is undone."""
+    b = fleet["b"]
+    with pytest.raises(GuestError) as e:
+        py(b, node_ctor(b, export_ip=b.ip, cow_size_mib=100000)
+           + f"node.attach({IMAGE_ID!r}, [{origin_conn(fleet, b)!r}], 'vm1')")
+    assert e.value.exc_type == "CacheDeviceError" and "COW" in e.value.message, e.value.message
+    assert_clean(b)
