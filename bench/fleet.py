@@ -693,13 +693,18 @@ class FleetRun:
             res["timeline"] = self.timeline(mon, mon["results"], base)
             self.stop_members(mode, members)
             members = {}
-            cache = {}
+            cache, events = {}, {}
             for c in self.cns:
                 fin = read_json(f[c].host_path(f"{mode}/member/final.json")) or {}
                 st = fin.get("status")
                 if isinstance(st, dict):
                     cache[c] = ((st.get("templates") or {}).get(image) or {}).get("cache_status")
+                if fin.get("events"):
+                    events[c] = fin["events"]
             res["cache_status"] = cache
+            res["tree"]["events"] = events
+            if events:
+                log.warning("[%s] tree events: %s", mode, events)
             return res
         finally:
             self.stop_members(mode, members)

@@ -337,7 +337,7 @@ def member(a):
     node = vmthunder.Node(host=a.host, cache_device=a.cache_device, state_dir=a.state_dir,
                           export_ip=a.export_ip, engine="bcache", cache_size_mib=a.cache_mib,
                           cow_size_mib=a.cow_mib, path_timeout_s=4)
-    reg = Registry(a.registry, a.host, lease_s=6.0)
+    reg = Registry(a.registry, a.host)          # the library default lease (10 s)
     reg.start()
     result = {"host": a.host, "t_registered": None, "paths": {}, "attach_s": {}}
     try:
@@ -383,6 +383,14 @@ def member(a):
         result["status"] = node.status()
     except vmthunder.Error as e:
         result["status"] = f"{type(e).__name__}: {e}"
+    # tree events worth reporting (re-parenting in a healthy fleet, origin as last resort)
+    try:
+        with open(os.path.join(a.workdir, "log"), errors="replace") as fh:
+            result["events"] = [ln.strip()[:300] for ln in fh
+                                if "re-parenting" in ln or "last resort" in ln or "origin alone" in ln
+                                or "WARNING" in ln or "ERROR" in ln][:20]
+    except OSError:
+        pass
     write_json(os.path.join(a.workdir, "final.json"), result)
     reg.stop()
     return 0
