@@ -710,14 +710,22 @@ class FleetRun:
             self.stop_members(mode, members)
 
     def stop_members(self, mode, members):
+        """Two phases: every member stops its upkeep (stop), then all leave the registry (exit)."""
         f = self.fleet
-        if members:
+        if not members:
+            return
+        for phase, done in (("stop", "final.json"), ("exit", None)):
             for c in self.cns:
                 try:
-                    f[c].write_file(f"{mode}/member/stop", b"")
+                    f[c].write_file(f"{mode}/member/{phase}", b"")
                 except Exception:
                     pass
-        deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 30
+            if done:
+                while time.monotonic() < deadline and not all(
+                        os.path.exists(f[c].host_path(f"{mode}/member/{done}")) or members[c].poll() is not None
+                        for c in members):
+                    time.sleep(0.2)
         for c, p in members.items():
             try:
                 p.wait(max(1.0, deadline - time.monotonic()))
@@ -857,8 +865,8 @@ def table(doc) -> str:
         out.append("| parent → child | path | MiB | / W | child joined after (s) |")
         out.append("|---|---|---|---|---|")
         for e in r["edges"]:
-            if e["bytes"] == 0:
-                continue                    # standby paths (in the JSON)
+            if e.get("role") == "standby" and e["ratio"] < 0.01:
+                continue                    # idle standby paths (a few KiB of probes; in the JSON)
             out.append(f"| {e['parent']} → {e['child']} | {e.get('role', '')} | {e['bytes'] / MIB:.1f} | {e['ratio']:.2f} "
                        f"| {r['tree']['join_s'].get(e['child'], float('nan')):.1f} |")
         out += ["", "```"] + tree_text(r["tree"]["parents"], r["tree"]["active_parent"]) + ["```"]
@@ -916,6 +924,11 @@ def plot(doc, path) -> bool:
             ax.plot([r["vm_times_s"][vm]], [100], "k|", ms=8)
         ax.axvline(doc["link_bound_s"], color="grey", ls=":", lw=1)
         ax.set_title(f"{mode_label(doc, mode)}: fleet {r['completion_s']:.1f} s")
+        if r.get("copy_s"):
+            ax.axvline(max(r["copy_s"].values()), color="tab:red", ls="--", lw=1)
+            ax.text(0.02, 0.5, f"copies of the {doc['image_bytes'] / MIB:.0f} MiB image:\n"
+                    f"{min(r['copy_s'].values()):.0f}-{max(r['copy_s'].values()):.0f} s (red: last)",
+                    transform=ax.transAxes, fontsize=8)
         ax.set_ylabel("boot reads done (%)")
         ax.set_xlim(left=0)
         ax.set_ylim(0, 105)
@@ -932,7 +945,7 @@ def plot(doc, path) -> bool:
             elif max(rates, default=0) > 0.05 * rate_mib:
                 ax2.plot(t[1:], rates, lw=0.8, label=node)
         ax2.axhline(rate_mib, color="grey", ls=":", lw=1)
-        ax2.set_xlabel("seconds since the common start")
+        ax2.set_xlabel("seconds since the launch" if doc.get("start") == "attach" else "seconds since the common start")
         ax2.set_ylabel("link upload (MiB/s)")
         ax2.set_xlim(left=0)
         ax2.set_ylim(0, rate_mib * 1.25)

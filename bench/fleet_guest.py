@@ -8,7 +8,8 @@
         relay can grant every other host up front, as long-running nova-computes would have),
         then, at the start signal (DIR/go), attaches its VMs through vmthunder.tree.Tree (engine
         bcache), starting each VM's replay as soon as it is attached (--replay-trace), writes
-        DIR/attached.json, runs the tree upkeep on a thread and stays until DIR/stop exists.
+        DIR/attached.json, runs the tree upkeep on a thread until DIR/stop exists, writes
+        DIR/final.json and leaves the registry when DIR/exit exists.
     fleet_guest.py boot    --host cn1 --origin FILE --vms vm01 --trace T --out-dir D --go FILE
                            [--login-first] [--copy-to /dev/ubdc] [--depth 8] [--think]
         A node of a baseline mode: at the start signal log in to the origin (plain boot from
@@ -392,6 +393,11 @@ def member(a):
     except OSError:
         pass
     write_json(os.path.join(a.workdir, "final.json"), result)
+    # Leave the registry only when every member has stopped its upkeep (the host creates
+    # DIR/exit then): a member leaving first would make the others re-parent at teardown.
+    end = min(deadline, time.monotonic() + 60)
+    while not os.path.exists(os.path.join(a.workdir, "exit")) and time.monotonic() < end:
+        time.sleep(0.2)
     reg.stop()
     return 0
 
