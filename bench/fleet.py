@@ -60,6 +60,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -712,10 +713,11 @@ class FleetRun:
     def stop_members(self, mode, members):
         """Two phases: every member stops its upkeep (stop), then all leave the registry (exit)."""
         f = self.fleet
+        members = {c: p for c, p in members.items() if f[c].alive()}
         if not members:
-            return
+            return                      # (after a teardown: nothing to stop, nothing to write)
         for phase, done in (("stop", "final.json"), ("exit", None)):
-            for c in self.cns:
+            for c in members:
                 try:
                     f[c].write_file(f"{mode}/member/{phase}", b"")
                 except Exception:
@@ -1053,6 +1055,7 @@ def parse_args(argv):
     ap.add_argument("--scaling", default=None, metavar="N1,N2,...", help="run one fleet per size (VMs = nodes "
                     "x --vms-per-node) and write fleet-scaling.json")
     ap.add_argument("--vms-per-node", type=int, default=1, help="with --scaling (default: %(default)s)")
+    ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "
                     "32 MiB image, short delays")
@@ -1090,7 +1093,7 @@ def parse_args(argv):
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("vmthunder.harness").setLevel(logging.WARNING)
+    logging.getLogger("vmthunder.harness").setLevel(logging.INFO if a.verbose else logging.WARNING)
     if os.geteuid() != 0:
         print("bench/fleet.py must run as root (UML nodes, network namespaces)", file=sys.stderr)
         return 2
@@ -1108,6 +1111,11 @@ def main(argv=None):
     log.info("trace: %s: %d reads, %.1f MiB read, W = %.1f MiB over a %.0f MiB image", trace["source"],
              len(trace["reads"]), sum(r[2] for r in trace["reads"]) / MIB, W / MIB, trace["image_bytes"] / MIB)
     os.makedirs(a.out, exist_ok=True)
+
+    def on_sigterm(signum, frame):      # the harness tears its fleets down first, then calls this
+        raise SystemExit(128 + signum)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     tmp = tempfile.mkdtemp(prefix="vmt-fleet-")
     try:
         image_path = os.path.join(tmp, "origin.img")
