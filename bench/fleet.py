@@ -59,6 +59,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -89,6 +90,8 @@ COW_MIB = 32
 PAGE = 4096
 MIB = 1 << 20
 ALL_MODES = ("tree", "direct", "full_copy")
+# tree, tree-fK (fan-out K), tree-nopf / tree-fK-nopf (no boot-profile prefetch)
+TREE_MODE = re.compile(r"tree(?:-f(\d+))?(-nopf)?")
 
 log = logging.getLogger("bench.fleet")
 
@@ -349,7 +352,11 @@ class FleetRun:
         return disks
 
     def fanout_of(self, mode: str) -> int:
-        return self.a.fanout if mode == "tree" else int(mode.split("-f", 1)[1])
+        m = TREE_MODE.fullmatch(mode)
+        return int(m.group(1)) if m.group(1) else self.a.fanout
+
+    def prefetch_of(self, mode: str) -> bool:
+        return TREE_MODE.fullmatch(mode).group(2) is None
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict:
@@ -379,7 +386,7 @@ class FleetRun:
                     self.ip_to_node = {fleet[x].ip: x for x in fleet.nodes}
                     self.prepare(mode)
                     if mode.startswith("tree"):
-                        res = self.run_tree(mode, self.fanout_of(mode))
+                        res = self.run_tree(mode, self.fanout_of(mode), self.prefetch_of(mode))
                     else:
                         res = self.run_baseline(mode)
                     res["boot_s"] = boot_s
@@ -604,7 +611,7 @@ class FleetRun:
         return {"t": t, "tx": tx, "rx": rx, "vm_progress": vms, "vm_bytes": sum(x[2] for x in self.trace["reads"])}
 
     # ------------------------------------------------------------------ tree
-    def run_tree(self, mode, fanout) -> dict:
+    def run_tree(self, mode, fanout, prefetch) -> dict:
         f = self.fleet
         image = f"img-{mode}".replace("_", "-")
         wd = f"/vmt-share/{mode}/member"
@@ -616,6 +623,9 @@ class FleetRun:
             # as Nova would: each VM boots as soon as its disk is attached
             replay = (f" --replay-trace /vmt-share/trace.json --replay-dir /vmt-share/{mode} --depth {self.a.depth}"
                       + (" --think" if self.a.think else ""))
+        if prefetch:
+            # the recorded boot profile of the image: the member prefetches it through its template
+            replay += " --profile /vmt-share/trace.json"
         for c in self.cns:
             members[c] = f[c].spawn(
                 f"python3 /vmt-share/fleet_guest.py member --registry {self.registry} --host {c} --image {image} "
@@ -678,6 +688,7 @@ class FleetRun:
             res = self.summarize(mode, base, mon["results"], before, after, parents)
             active = {e["child"]: e["parent"] for e in res["edges"] if e.get("role") == "active"}
             res["fanout"] = fanout
+            res["prefetch"] = prefetch
             kids = {}
             for c, p in active.items():
                 kids[p] = kids.get(p, 0) + 1
@@ -694,9 +705,11 @@ class FleetRun:
             res["timeline"] = self.timeline(mon, mon["results"], base)
             self.stop_members(mode, members)
             members = {}
-            cache, events = {}, {}
+            cache, events, prefetch_reports = {}, {}, {}
             for c in self.cns:
                 fin = read_json(f[c].host_path(f"{mode}/member/final.json")) or {}
+                if fin.get("prefetch"):
+                    prefetch_reports[c] = fin["prefetch"]
                 st = fin.get("status")
                 if isinstance(st, dict):
                     cache[c] = ((st.get("templates") or {}).get(image) or {}).get("cache_status")
@@ -704,6 +717,7 @@ class FleetRun:
                     events[c] = fin["events"]
             res["cache_status"] = cache
             res["tree"]["events"] = events
+            res["tree"]["prefetch"] = prefetch_reports
             if events:
                 log.warning("[%s] tree events: %s", mode, events)
             return res
@@ -1062,7 +1076,8 @@ def parse_args(argv):
     a = ap.parse_args(argv)
     a.modes = [x.strip() for x in a.modes.split(",") if x.strip()]
     for md in a.modes:
-        if md not in ALL_MODES and not (md.startswith("tree-f") and md[6:].isdigit() and int(md[6:]) >= 1):
+        m = TREE_MODE.fullmatch(md)
+        if md not in ALL_MODES and not (m and (m.group(1) is None or int(m.group(1)) >= 1)):
             ap.error(f"unknown mode {md!r}")
     if len(set(a.modes)) != len(a.modes):
         ap.error("a mode twice")

@@ -327,7 +327,7 @@ def boot(a):
 def member(a):
     import vmthunder
     from vmthunder.registry import Registry
-    from vmthunder.tree import Tree
+    from vmthunder.tree import Tree, load_profile
 
     os.makedirs(a.workdir, exist_ok=True)
     logging.basicConfig(level=logging.INFO, filename=os.path.join(a.workdir, "log"),
@@ -357,11 +357,12 @@ def member(a):
             time.sleep(0.1)
         result["t_go"] = time.time()
         origin = json.load(open(a.origin))
+        profile = load_profile(a.profile) if a.profile else None
         vms = []
         for vm in a.vms.split(","):
             t = time.time()
             # VM ids are unique per node: one fleet may run several tree modes (images)
-            result["paths"][vm] = tree.attach(a.image, origin, f"{vm}-{a.image}")
+            result["paths"][vm] = tree.attach(a.image, origin, f"{vm}-{a.image}", profile=profile)
             result["attach_s"][vm] = round(time.time() - t, 3)
             result.setdefault("t_attached", {})[vm] = time.time()
             if a.replay_trace:           # the VM boots as soon as its disk is attached
@@ -380,6 +381,7 @@ def member(a):
     while not os.path.exists(stop_file) and time.monotonic() < deadline:
         time.sleep(0.3)
     tree.stop_watch()
+    result["prefetch"] = tree.prefetch_report(a.image, wait_s=5.0)
     try:
         result["status"] = node.status()
     except vmthunder.Error as e:
@@ -424,6 +426,7 @@ def main():
     m.add_argument("--replay-dir", help="where the replays write <vm>.json")
     m.add_argument("--depth", type=int, default=1)
     m.add_argument("--think", action="store_true")
+    m.add_argument("--profile", help="boot profile (trace file) the tree prefetches when it builds the template")
     b = sub.add_parser("boot")
     b.add_argument("--host", required=True)
     b.add_argument("--origin", required=True)

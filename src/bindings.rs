@@ -62,6 +62,19 @@ fn sources_json(py: Python<'_>, sources: &Bound<'_, PyAny>) -> PyResult<Vec<Valu
     }
 }
 
+/// A boot profile from Python: [[offset, length], ...] of non-negative integers.
+fn ranges_of(v: Value) -> PyResult<Vec<(u64, u64)>> {
+    let Value::Array(items) = v else { return Err(InvalidArgument::new_err("ranges must be a list of [offset, length] pairs")) };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match r.as_array().map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>()).as_deref() {
+            Some([Some(o), Some(l)]) => Ok((*o, *l)),
+            _ => Err(InvalidArgument::new_err(format!("ranges[{i}] = {r}: expected [offset, length], non-negative integers"))),
+        })
+        .collect()
+}
+
 /// choose_parents(newcomer, peers, policy) -> {"parents": [...], "depth": n}
 ///
 /// The relay-tree placement (pure): which parents a newcomer should use. Arguments are dicts /
@@ -149,6 +162,27 @@ impl Node {
     fn reparent(&self, py: Python<'_>, image_id: &str, sources: &Bound<'_, PyAny>) -> PyResult<String> {
         let sources = sources_json(py, sources)?;
         py.allow_threads(|| self.inner.reparent(image_id, &sources)).map_err(to_py)
+    }
+
+    /// prefetch(image_id, ranges, depth=1, chunk_kib=64, reverse=False, stop=None) -> dict
+    ///
+    /// Read a boot profile (`ranges`: [(offset, length)] in bytes, first-read order) through the
+    /// template so the cache holds it. `stop`: an object with `is_set()` (threading.Event),
+    /// asked before each read. Returns {"bytes", "reads", "planned_bytes", "seconds", "complete"}.
+    /// Defaults are measured: bcache drops inserts of misses when they come faster than its
+    /// allocator frees buckets (in UML, a second pass refetched 7 % at 64 KiB x 1, 23 % at
+    /// 64 KiB x 2, 53 % at 256 KiB x 1), and a dropped insert means a second fetch later.
+    #[pyo3(signature = (image_id, ranges, depth=1, chunk_kib=64, reverse=false, stop=None))]
+    fn prefetch(&self, py: Python<'_>, image_id: &str, ranges: &Bound<'_, PyAny>, depth: usize, chunk_kib: u64, reverse: bool,
+                stop: Option<PyObject>) -> PyResult<PyObject> {
+        let ranges = ranges_of(py_to_json(py, "ranges", ranges)?)?;
+        let asked = |stop: &Option<PyObject>| -> bool {
+            stop.as_ref().is_some_and(|s| Python::with_gil(|py| s.call_method0(py, "is_set").and_then(|v| v.is_truthy(py)).unwrap_or(true)))
+        };
+        let report = py
+            .allow_threads(|| self.inner.prefetch(image_id, &ranges, depth, chunk_kib.saturating_mul(1024), reverse, &|| asked(&stop)))
+            .map_err(to_py)?;
+        json_to_py(py, &serde_json::to_value(report).expect("report serialises"))
     }
 
     /// Remove the VM's snapshot; the template goes too when no VM and no child uses it.

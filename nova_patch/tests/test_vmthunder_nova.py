@@ -8,6 +8,7 @@ import importlib.util
 import os
 import re
 import sys
+import tempfile
 import types
 import unittest
 from unittest import mock
@@ -31,6 +32,7 @@ def load_helpers():
     tree = types.ModuleType("vmthunder.tree")
     tree.Tree = mock.Mock(name="Tree")
     tree.Tree.return_value.registry = None
+    tree.load_profile = mock.Mock(name="load_profile", return_value=[[0, 4096]])
     registry = types.ModuleType("vmthunder.registry")
     registry.Registry = mock.Mock(name="Registry")
     registry.Registry.return_value.started = False
@@ -133,12 +135,38 @@ class AttachDetachTest(HelperTestCase):
     def setUp(self):
         super().setUp()
         self.tree = mock.Mock()
+        state_dir = tempfile.TemporaryDirectory()
+        self.addCleanup(state_dir.cleanup)
+        self.tree.state_dir = state_dir.name
         self.cinder = {"driver_volume_type": "iscsi", "data": {"target_lun": 1}}
+
+    def _write_profile(self, image_id):
+        os.makedirs(os.path.join(self.tree.state_dir, "profiles"))
+        path = os.path.join(self.tree.state_dir, "profiles", f"{image_id}.json")
+        with open(path, "w") as f:
+            f.write('{"reads": [[0.0, 0, 4096]]}')
+        return path
+
+    def test_a_recorded_boot_profile_is_passed_for_prefetch(self):
+        path = self._write_profile("vol1")
+        self.tree.attach.return_value = "/dev/vmthunder-test-nonexistent"
+        self.helpers.attach(self.tree, self.cinder, "vm1", "vol1")
+        self.vmthunder.tree.load_profile.assert_called_once_with(path)
+        self.tree.attach.assert_called_once_with("vol1", self.cinder, "vm1", "dm", profile=[[0, 4096]])
+
+    def test_a_broken_boot_profile_is_skipped_with_a_warning(self):
+        self._write_profile("vol1")
+        self.vmthunder.tree.load_profile.side_effect = ValueError("not a trace")
+        self.tree.attach.return_value = "/dev/vmthunder-test-nonexistent"
+        with self.assertLogs(self.helpers.LOG, "WARNING") as logs:
+            self.helpers.attach(self.tree, self.cinder, "vm1", "vol1")
+        self.assertIn("not a trace", logs.output[0])
+        self.tree.attach.assert_called_once_with("vol1", self.cinder, "vm1", "dm", profile=None)
 
     def test_dm_snapshot_is_a_local_block_device(self):
         self.tree.attach.return_value = "/dev/vmthunder-test-nonexistent"
         info = self.helpers.attach(self.tree, self.cinder, "vm1", "vol1")
-        self.tree.attach.assert_called_once_with("vol1", self.cinder, "vm1", "dm")
+        self.tree.attach.assert_called_once_with("vol1", self.cinder, "vm1", "dm", profile=None)
         self.assertEqual(
             {"driver_volume_type": "local", "serial": "vol1",
              "data": {"device_path": "/dev/vmthunder-test-nonexistent",

@@ -18,7 +18,7 @@ import re
 import threading
 
 import vmthunder
-from vmthunder.tree import Tree
+from vmthunder.tree import Tree, load_profile
 
 LOG = logging.getLogger("vmthunder.nova")
 
@@ -102,6 +102,20 @@ def _stable_path(path):
     return path
 
 
+def _profile(tree, image_id):
+    """The image's boot profile, if the operator recorded one: ``<state_dir>/profiles/<image_id>.json``
+    (a trace as bench/traces/record_boot_trace.sh writes it). A broken file is logged and skipped:
+    the VM boots without prefetch."""
+    path = os.path.join(tree.state_dir, "profiles", f"{image_id}.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        return load_profile(path)
+    except (OSError, ValueError) as e:
+        LOG.warning("boot profile of image %s not used: %s", image_id, e)
+        return None
+
+
 def attach(node, connection_info, vm_id, image_id, snapshot="dm"):
     """Build ``image_id``'s template on this node (once: later VMs share it) from its parents
     in the relay tree, the origin ``connection_info`` (Cinder's iSCSI connection for this host)
@@ -114,7 +128,7 @@ def attach(node, connection_info, vm_id, image_id, snapshot="dm"):
     ("vmm" snapshots are qcow2 overlay files; "dm" ones raw block devices).
     ``data["vmthunder"]`` marks the connection as vmthunder's.
     """
-    path = node.attach(image_id, connection_info, vm_id, snapshot)
+    path = node.attach(image_id, connection_info, vm_id, snapshot, profile=_profile(node, image_id))
     data = {"device_path": _stable_path(path),
             "vmthunder": {"image_id": image_id, "vm_id": vm_id, "snapshot": snapshot}}
     if snapshot == "vmm":

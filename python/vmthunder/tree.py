@@ -5,6 +5,11 @@ No daemon: `Tree` lives in the caller's process (nova-compute). `maintain()` is 
 upkeep (re-grant new hosts, re-parent away from dead or leaving parents); `start_watch()` runs it
 on a thread of that process.
 
+Boot profiles: when the caller gives one (the recorded boot reads of the image, `load_profile`),
+the node that builds a template reads those blocks through it on a thread, from the profile's
+end backwards (`Node.prefetch(reverse=True)`): the first VM boots forwards, the prefetch fills
+the cache from the other end, and children reading this relay find the blocks already here.
+
 A relay cannot be asked for credentials at attach time (there is no daemon to answer), so every
 relay *grants* each known host ahead of time: it creates that host's ACL + CHAP with
 `Node.export_info` and publishes the resulting connection dict in its registry record
@@ -26,7 +31,7 @@ class Tree:
     def __init__(self, node: Node, registry=None, *, initiator: str, export_ip: Optional[str] = None,
                  failure_domain: Optional[str] = None, fanout: int = 3, max_parents: int = 2,
                  state_dir: str = "/var/lib/vmthunder", leave_timeout_s: float = 60.0,
-                 lock_timeout_s: float = 120.0, join_wait_s: float = 60.0):
+                 lock_timeout_s: float = 120.0, join_wait_s: float = 60.0, prefetch_depth: int = 1):
         self.node = node
         self.registry = registry
         self.host = node.host
@@ -37,10 +42,13 @@ class Tree:
         self.leave_timeout_s = leave_timeout_s
         self.lock_timeout_s = lock_timeout_s
         self.join_wait_s = join_wait_s
+        self.state_dir = state_dir
         self._dir = os.path.join(state_dir, "tree")
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()   # one upkeep round at a time in this process
+        self.prefetch_depth = prefetch_depth
+        self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
@@ -120,14 +128,18 @@ class Tree:
                                          "failure_domain": self.failure_domain, "grants": grants})
 
     # -- the API Nova calls ------------------------------------------------------------------
-    def attach(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str = "dm") -> str:
+    def attach(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str = "dm",
+               profile: Optional[List[List[int]]] = None) -> str:
         """Attach a VM, joining the image's relay tree: parents chosen by placement, the origin
-        volume always kept as the last path."""
+        volume always kept as the last path. `profile` ([[offset, length], ...], first-read
+        order): prefetch those blocks in the background when this call builds the template."""
         self._save_origin(image_id, origin)
         if image_id in self.node.status()["templates"]:
             return self.node.attach(image_id, [], vm_id, snapshot)
         if not self._registry_ok(f"attaching image {image_id}"):
-            return self.node.attach(image_id, [origin], vm_id, snapshot)
+            path = self.node.attach(image_id, [origin], vm_id, snapshot)
+            self._start_prefetch(image_id, profile)
+            return path
         # Choose and claim the slot under the image lock (others then count us as a child of
         # our parents), but build the data path outside it: joins proceed in parallel.
         deadline = time.monotonic() + self.join_wait_s
@@ -151,8 +163,42 @@ class Tree:
         except Error:
             self.registry.leave(image_id)
             raise
+        self._start_prefetch(image_id, profile)
         self._publish(image_id, placement)
         return path
+
+    # -- boot-profile prefetch -----------------------------------------------------------------
+    def _start_prefetch(self, image_id: str, profile) -> None:
+        if not profile:
+            return
+        stop, report = threading.Event(), {}
+
+        def run():
+            try:
+                report.update(self.node.prefetch(image_id, profile, depth=self.prefetch_depth,
+                                                 reverse=True, stop=stop))
+            except Error as e:   # the VM still boots, reading on demand
+                report["error"] = str(e)
+                LOG.warning("image %s: prefetch failed: %s", image_id, e)
+
+        t = threading.Thread(target=run, name=f"vmthunder-prefetch-{image_id}", daemon=True)
+        self._prefetches[image_id] = (t, stop, report)
+        t.start()
+
+    def prefetch_report(self, image_id: str, wait_s: float = 0.0) -> Optional[Dict[str, Any]]:
+        """The prefetch's report ({"bytes", "seconds", "complete", ...} or {"error"}) once it
+        has ended (waiting up to `wait_s`), else None (running, or none was started)."""
+        entry = self._prefetches.get(image_id)
+        if entry is None:
+            return None
+        entry[0].join(timeout=wait_s)
+        return None if entry[0].is_alive() else dict(entry[2])
+
+    def _stop_prefetch(self, image_id: str) -> None:
+        entry = self._prefetches.pop(image_id, None)
+        if entry is not None:
+            entry[1].set()
+            entry[0].join(timeout=30)   # ends after the reads in flight
 
     def detach(self, vm_id: str) -> None:
         """Detach a VM; when it was the image's last VM here and children still read from this
@@ -160,6 +206,8 @@ class Tree:
         st = self.node.status()["templates"]
         image_id = next((i for i, t in st.items() if vm_id in t["vms"]), None)
         last = image_id is not None and st[image_id]["vms"] == [vm_id]
+        if last:
+            self._stop_prefetch(image_id)   # it holds the template's device open
         if last and st[image_id]["children"] and self._registry_ok(f"leaving image {image_id}"):
             me = next((r for r in self.registry.peers(image_id) if r.get("host") == self.host), None)
             if me:
@@ -229,3 +277,15 @@ class Tree:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+
+
+def load_profile(path: str) -> List[List[int]]:
+    """A boot profile from a recorded trace ({"reads": [[t, offset, length], ...]}, as
+    bench/traces/record_boot_trace.sh writes it) or a plain [[offset, length], ...] list.
+    Raises ValueError naming the file when it is neither."""
+    with open(path) as f:
+        data = json.load(f)
+    reads = data.get("reads") if isinstance(data, dict) else data
+    if not isinstance(reads, list) or not all(isinstance(r, list) and len(r) in (2, 3) for r in reads):
+        raise ValueError(f"{path}: expected {{\"reads\": [[t, offset, length], ...]}} or [[offset, length], ...]")
+    return [r[-2:] for r in reads]

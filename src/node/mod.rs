@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod carve;
 pub mod lock;
+pub mod prefetch;
 pub mod rollback;
 mod template;
 mod vm;
@@ -214,6 +215,27 @@ impl Node {
         let dm = Dm::open()?;
         let _lock = self.lock_image(image)?;
         template::reparent(self, &dm, image, &sources)
+    }
+
+    /// Read a recorded boot profile (`ranges`: byte offset, length; first-read order) through
+    /// the image's template so that its cache holds those blocks (see prefetch.rs). Takes no
+    /// lock: it only reads, and `stop()` lets a detach end it early.
+    pub fn prefetch(&self, image: &str, ranges: &[(u64, u64)], depth: usize, chunk_bytes: u64, reverse: bool,
+                    stop: &(dyn Fn() -> bool + Sync)) -> Result<prefetch::Report> {
+        names::validate_id("image id", image)?;
+        let dm = Dm::open()?;
+        let origin = template::devices(&dm, image)?
+            .remove(&Role::Origin)
+            .ok_or_else(|| Error::new(Kind::NotFound, format!("image {image:?} has no template on this node")))?;
+        let size = dm::size_sectors(origin.device)? * 512;
+        let plan = prefetch::plan(ranges, size, chunk_bytes, reverse).map_err(|e| e.context(format!("prefetch image {image:?}")))?;
+        let report = prefetch::run(&origin.path(), &plan, depth, stop)?;
+        log::info!(
+            "image {image}: prefetched {} of {} bytes in {:.1}s ({} reads{}{})",
+            report.bytes, report.planned_bytes, report.seconds, report.reads,
+            if reverse { ", from the end" } else { "" }, if report.complete { "" } else { ", stopped early" }
+        );
+        Ok(report)
     }
 
     /// Remove a VM's snapshot; the template goes too when no VM and no child uses it.
