@@ -707,6 +707,12 @@ class FleetRun:
             members = {}
             cache, events, prefetch_reports = {}, {}, {}
             for c in self.cns:
+                if self.a.logs:
+                    os.makedirs(self.a.logs, exist_ok=True)
+                    try:
+                        shutil.copy(f[c].host_path(f"{mode}/member/log"), os.path.join(self.a.logs, f"{mode}-{c}.log"))
+                    except OSError as e:
+                        log.warning("[%s] no member log of %s: %s", mode, c, e)
                 fin = read_json(f[c].host_path(f"{mode}/member/final.json")) or {}
                 if fin.get("prefetch"):
                     prefetch_reports[c] = fin["prefetch"]
@@ -1069,6 +1075,7 @@ def parse_args(argv):
     ap.add_argument("--scaling", default=None, metavar="N1,N2,...", help="run one fleet per size (VMs = nodes "
                     "x --vms-per-node) and write fleet-scaling.json")
     ap.add_argument("--vms-per-node", type=int, default=1, help="with --scaling (default: %(default)s)")
+    ap.add_argument("--logs", metavar="DIR", help="keep each tree member's log (vmthunder's own log lines) in DIR")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "

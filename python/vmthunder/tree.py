@@ -156,7 +156,7 @@ class Tree:
                                                      "failure_domain": self.failure_domain})
             if placement is not None:
                 break
-            time.sleep(1.0)     # a parent with a free slot is still joining: wait for it
+            time.sleep(0.25)    # a parent with a free slot is still joining: wait for it
         LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
         try:
             path = self.node.attach(image_id, self._with_origin(sources, origin), vm_id, snapshot)

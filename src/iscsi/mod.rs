@@ -84,9 +84,14 @@ fn node_args(t: &Target) -> Vec<&str> {
     vec!["-m", "node", "-T", &t.iqn, "-p", &t.portal]
 }
 
-fn update(t: &Target, key: &str, value: &str, secrets: &[&str]) -> Result<()> {
+/// Set node-record keys in one iscsiadm call (open-iscsi >= 2.1 takes several -n/-v pairs):
+/// every iscsiadm run costs a process start, which dominates a join on a small node.
+fn update(t: &Target, pairs: &[(&str, &str)], secrets: &[&str]) -> Result<()> {
     let mut a = node_args(t);
-    a.extend(["-o", "update", "-n", key, "-v", value]);
+    a.extend(["-o", "update"]);
+    for (k, v) in pairs {
+        a.extend(["-n", k, "-v", v]);
+    }
     cmd::check(Kind::Iscsi, ISCSIADM, &a, secrets, ADM_TIMEOUT).map(|_| ())
 }
 
@@ -105,20 +110,25 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
     a.extend(["-o", "new"]);
     cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], ADM_TIMEOUT)?;
     let result = (|| {
-        update(t, "node.session.scan", "manual", &[])?;
-        update(t, "node.startup", "manual", &[])?;
         let noop = (path_timeout_s / 2).max(1).to_string();
-        update(t, "node.session.timeo.replacement_timeout", &path_timeout_s.to_string(), &[])?;
-        update(t, "node.conn[0].timeo.noop_out_interval", &noop, &[])?;
-        update(t, "node.conn[0].timeo.noop_out_timeout", &noop, &[])?;
+        let replacement = path_timeout_s.to_string();
+        let mut pairs = vec![
+            ("node.session.scan", "manual"),
+            ("node.startup", "manual"),
+            ("node.session.timeo.replacement_timeout", replacement.as_str()),
+            ("node.conn[0].timeo.noop_out_interval", noop.as_str()),
+            ("node.conn[0].timeo.noop_out_timeout", noop.as_str()),
+        ];
+        let mut secrets = vec![];
         match chap {
             Some(c) => {
-                update(t, "node.session.auth.authmethod", "CHAP", &[])?;
-                update(t, "node.session.auth.username", &c.username, &[])?;
-                update(t, "node.session.auth.password", &c.password, &[&c.password])?;
+                pairs.extend([("node.session.auth.authmethod", "CHAP"), ("node.session.auth.username", c.username.as_str()),
+                              ("node.session.auth.password", c.password.as_str())]);
+                secrets.push(c.password.as_str());
             }
-            None => update(t, "node.session.auth.authmethod", "None", &[])?,
+            None => pairs.push(("node.session.auth.authmethod", "None")),
         }
+        update(t, &pairs, &secrets)?;
         let mut a = node_args(t);
         a.push("--login");
         cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], LOGIN_TIMEOUT)?;

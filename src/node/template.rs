@@ -186,21 +186,43 @@ pub fn path_states(dm: &Dm, image: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Log in to every path of every source; the block devices in source order.
+/// Log in to every path of every source, all at once (a login is several round trips and
+/// process starts: in sequence they add up to most of a join); the block devices in source order.
 fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result<Vec<Device>> {
-    let mut disks = Vec::new();
-    for src in sources {
-        for t in &src.targets {
-            let (session, created) = iscsi::login(t, src.chap.as_ref(), node.cfg.path_timeout_s)?;
-            if created {
-                let t = t.clone();
-                undo.push(format!("iSCSI session to {} at {}", t.iqn, t.portal), move || {
-                    iscsi::logout_if_unused(&t).map(|_| ()).map_err(|e| e.to_string())
-                });
+    let paths: Vec<_> = sources.iter().flat_map(|src| src.targets.iter().map(move |t| (t, src.chap.as_ref()))).collect();
+    let logins: Vec<Result<(iscsi::Session, bool)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .iter()
+            .map(|(t, chap)| s.spawn(move || iscsi::login(t, *chap, node.cfg.path_timeout_s)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::new(Kind::Iscsi, "iSCSI login thread panicked")))).collect()
+    });
+    // Every session this call created is undone on failure, also when another login failed.
+    let mut first_err = None;
+    let mut sessions = Vec::new();
+    for ((t, _), login) in paths.iter().zip(logins) {
+        match login {
+            Ok((session, created)) => {
+                if created {
+                    let t = (*t).clone();
+                    undo.push(format!("iSCSI session to {} at {}", t.iqn, t.portal), move || {
+                        iscsi::logout_if_unused(&t).map(|_| ()).map_err(|e| e.to_string())
+                    });
+                }
+                sessions.push((session, t.lun));
             }
-            let disk = iscsi::scan_lun(&session, t.lun, node.cfg.scan_timeout)?;
-            disks.push(dm::device_of(&disk)?);
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
         }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let mut disks = Vec::new();
+    for (session, lun) in sessions {
+        let disk = iscsi::scan_lun(&session, lun, node.cfg.scan_timeout)?;
+        disks.push(dm::device_of(&disk)?);
     }
     Ok(disks)
 }
