@@ -47,7 +47,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
-from tests.kernel.harness.guestpy import py as guest_py  # noqa: E402
+from tests.kernel.harness.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "cache-engines.json")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
@@ -361,6 +361,15 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
         start_at = time.time() + args.start_delay
         procs = {n: fleet[n].spawn(f"python3 /vmt-share/reader.py {vm[n]} /vmt-share/ws.json {start_at:.6f} {args.depth}")
                  for n in vm if n in args.readers}
+        prefetchers = {}
+        if args.prefetch:
+            # the boot-profile prefetch (as Tree.attach starts it): from the end, beside the VM
+            for n in vm:
+                code = (node_ctor(fleet[n], engine, block_kib, cache_mib, export=False)
+                        + f"import json, time\ntime.sleep(max(0.0, {start_at:.6f} - time.time()))\n"
+                        + f"out(node.prefetch({IMAGE_ID!r}, json.load(open('/vmt-share/ws.json')), reverse=True))\n")
+                fleet[n].write_file("prefetch.py", (PY_PRELUDE + code).encode())
+                prefetchers[n] = fleet[n].spawn("python3 /vmt-share/prefetch.py")
         log.info("[%s] %d readers start together in %.1fs, each reads %d extents (%.1f MiB)", key, len(procs),
                  start_at - time.time(), len(extents), sum(n for _, n in extents) / mib)
         results, failed = {}, []
@@ -380,6 +389,13 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
                 continue
             results[n] = r
             log.info("[%s] reader %s done in %.1fs (started %.2fs late)", key, n, r["end"] - start_at, max(0.0, r["late_s"]))
+        prefetch_reports = {}
+        for n, p in prefetchers.items():
+            rc, out = p.wait(max(1.0, deadline - time.monotonic()))
+            rep = next((json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("@@JSON ")), None)
+            if rc != 0 or rep is None:
+                failed.append(f"{n} prefetch: rc={rc} {out[-2000:]}")
+            prefetch_reports[n] = rep
         if failed:
             raise RuntimeError(f"[{key}] readers failed:\n" + "\n".join(failed))
         after = on_all(fleet, NODES, counters)
@@ -415,6 +431,7 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
                       "parent_read_bytes": d[n]["disk_read_bytes"]} for n in NODES},
         "clock_skew_s": skew,
         "cache_status": status,
+        "prefetch": prefetch_reports,
         "wall_s": round(time.monotonic() - t_engine, 1),
     }
     res["meets_goals"] = bool(all(e["ratio"] <= EDGE_GOAL for e in edges)
@@ -483,6 +500,8 @@ def main(argv=None):
     ap.add_argument("--readers", default=",".join(TREE), help="the relays whose VM reads the working set "
                     "(default: all: %(default)s); every relay attaches a VM either way (for experiments: "
                     "e.g. 'r3' alone shows what one stream costs each edge)")
+    ap.add_argument("--prefetch", action="store_true", help="every relay also prefetches the working set (the boot "
+                    "profile) from its end backwards, from the common start, as Tree.attach does")
     ap.add_argument("--depth", type=int, default=1, help="concurrent reads per reader (default: %(default)s)")
     ap.add_argument("--mem", default="384M", help="guest RAM per node (default: %(default)s)")
     ap.add_argument("--start-delay", type=float, default=8.0, help="seconds from spawning the readers to their "
