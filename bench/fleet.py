@@ -16,6 +16,8 @@ cache left by another mode):
              (engine bcache: cache on read; re-export to children; a dm snapshot per VM); the
              tree forms through the registry (etcd on the origin) with fan-out --fanout.
              `tree-fK` runs the tree again with fan-out K in the same fleet (a new image id).
+             Each node that builds a template prefetches the trace as its boot profile
+             (Tree.attach(profile=...)); `tree-nopf`, `tree-fK-nopf`: without the prefetch.
   direct     every node logs in to the origin volume and every VM reads the raw iSCSI disk
              with O_DIRECT: plain boot from volume, no cache, no reuse.
   full_copy  every node first copies the whole image from the origin to a local disk (1 MiB
