@@ -6,7 +6,8 @@ shaped links, in user-mode Linux nodes (tests/kernel/harness).
 Topology: one origin node "o" (the storage server: exports a random-data image volume over
 iSCSI, runs etcd, the registry of the tree) and N compute nodes cn1..cnN on one bridge, every
 link shaped with tc to --rate in each direction (default 100 Mbit/s: a 1 GbE cluster slowed ten
-times, so that two host cores keep up and the results are link-bound, not CPU-bound). M VMs
+times; measured, two host cores do NOT keep up with an 8-node tree at that rate — the tree runs
+are CPU-bound, see bench/README.md — while at --rate 25mbit the chain is link-bound). M VMs
 (default one per node; more go round-robin) each replay a boot read trace on their device.
 
 Modes (each in a fresh fleet of the same shape and links: cold caches, no session or page
