@@ -224,19 +224,12 @@ class Tree:
                     LOG.warning("image %s: could not leave the registry group: %s", image_id, e)
 
     def maintain(self) -> List[str]:
-        """One upkeep round over the images this node holds: remove templates left unused (and
-        leave their registry groups), grant new hosts, and re-parent away from parents that died
-        (left the registry) or are leaving. Returns re-parented ids."""
+        """One upkeep round over the images this node holds: grant new hosts, and re-parent
+        away from parents that died (left the registry) or are leaving. Returns re-parented ids."""
         moved = []
         with self._lock:
-            swept = self._sweep()
             if not self._registry_ok("upkeep"):
                 return moved
-            for image_id in swept:
-                try:
-                    self.registry.leave(image_id)
-                except Error as e:
-                    LOG.warning("image %s: could not leave the registry group: %s", image_id, e)
             for image_id, t in self.node.status()["templates"].items():
                 try:
                     if self._maintain_image(image_id):
@@ -244,18 +237,6 @@ class Tree:
                 except Error as e:
                     LOG.warning("image %s: upkeep failed: %s", image_id, e)
         return moved
-
-    def _sweep(self) -> List[str]:
-        """Remove templates no VM and no child uses any more: a relay whose last VM went
-        while children still read from it keeps its template until they have moved."""
-        try:
-            swept = self.node.sweep()
-        except Error as e:
-            LOG.warning("sweep of unused templates failed: %s", e)
-            return []
-        for image_id in swept:
-            LOG.info("image %s: no VM and no child left; template removed", image_id)
-        return swept
 
     def _maintain_image(self, image_id: str) -> bool:
         origin = self._load_origin(image_id)
