@@ -208,6 +208,9 @@ fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Resu
 }
 
 fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
+    // The cache set is shared by every image: hold it until our backing device is attached,
+    // or a teardown of another image's last use could release it under us.
+    let _set = node.lock_cache_set()?;
     let uuid = ensure_cache_set(node, dm, undo)?;
     let name = names::template_dm_name(image, Role::Bdev);
     let (bdev, created) = {
@@ -291,7 +294,13 @@ pub fn remove(dm: &Dm, image: &str, left: &mut Vec<String>) {
 }
 
 /// Unregister and free the node's cache set once no image uses bcache.
-pub fn release_cache_set_if_unused(dm: &Dm, left: &mut Vec<String>) {
+pub fn release_cache_set_if_unused(node: &Node, dm: &Dm, left: &mut Vec<String>) {
+    // Same lock as ensure_bcache: an attach of another image between our check and the
+    // teardown would otherwise lose the set it just found.
+    let _set = match node.lock_cache_set() {
+        Ok(l) => l,
+        Err(e) => return left.push(e.to_string()),
+    };
     let Ok(Some(cset)) = dm.info(names::CACHE_SET_DM_NAME) else { return };
     let in_use = dm.list(names::DM_PREFIX).map_or(true, |l| {
         l.iter().any(|d| matches!(names::parse_dm_name(&d.name), Some(names::Parsed::Template { role: Role::Bdev, .. })))

@@ -167,6 +167,11 @@ impl Node {
         lock::acquire(&self.cfg.state_dir.join("locks"), &format!("image-{image}"), Duration::from_secs(120))
     }
 
+    /// The node's shared bcache cache set (lock order: image -> cache set -> local device).
+    fn lock_cache_set(&self) -> Result<lock::Lock> {
+        lock::acquire(&self.cfg.state_dir.join("locks"), "cache-set", Duration::from_secs(120))
+    }
+
     fn lock_space(&self) -> Result<lock::Lock> {
         lock::acquire(&self.cfg.state_dir.join("locks"), "local-device", Duration::from_secs(60))
     }

@@ -263,7 +263,7 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
     if let Err(e) = dm.remove(&names::template_dm_name(image, Role::Paths)) {
         left.push(e.to_string());
     }
-    cache::release_cache_set_if_unused(dm, &mut left);
+    cache::release_cache_set_if_unused(node, dm, &mut left);
     // Log out of the sessions that carried the paths.
     if let Some(t) = paths_table {
         logout_devices(multipath_devices(&t).into_iter(), &mut left);
