@@ -176,11 +176,12 @@ impl Node {
     fn prefetch(&self, py: Python<'_>, image_id: &str, ranges: &Bound<'_, PyAny>, depth: usize, chunk_kib: u64, reverse: bool,
                 stop: Option<PyObject>) -> PyResult<PyObject> {
         let ranges = ranges_of(py_to_json(py, "ranges", ranges)?)?;
-        let asked = |stop: &Option<PyObject>| -> bool {
+        // A stop whose is_set() raises counts as set: better end early than read on.
+        let asked = || {
             stop.as_ref().is_some_and(|s| Python::with_gil(|py| s.call_method0(py, "is_set").and_then(|v| v.is_truthy(py)).unwrap_or(true)))
         };
         let report = py
-            .allow_threads(|| self.inner.prefetch(image_id, &ranges, depth, chunk_kib.saturating_mul(1024), reverse, &|| asked(&stop)))
+            .allow_threads(|| self.inner.prefetch(image_id, &ranges, depth, chunk_kib.saturating_mul(1024), reverse, &asked))
             .map_err(to_py)?;
         json_to_py(py, &serde_json::to_value(report).expect("report serialises"))
     }

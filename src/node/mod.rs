@@ -229,8 +229,8 @@ impl Node {
                     stop: &(dyn Fn() -> bool + Sync)) -> Result<prefetch::Report> {
         names::validate_id("image id", image)?;
         let dm = Dm::open()?;
-        let origin = template::devices(&dm, image)?
-            .remove(&Role::Origin)
+        let origin = dm
+            .info(&names::template_dm_name(image, Role::Origin))?
             .ok_or_else(|| Error::new(Kind::NotFound, format!("image {image:?} has no template on this node")))?;
         let size = dm::size_sectors(origin.device)? * 512;
         let plan = prefetch::plan(ranges, size, chunk_bytes, reverse).map_err(|e| e.context(format!("prefetch image {image:?}")))?;
