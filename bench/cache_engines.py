@@ -51,7 +51,7 @@ from tests.kernel.harness.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  
 
 DEFAULT_OUT = os.path.join(HERE, "results", "cache-engines.json")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
-DEFAULT_ENGINES = ["bcache", "dm-cache-32k", "dm-cache-64k", "dm-cache-256k"]
+DEFAULT_ENGINES = ["bcache", "bcache-direct", "dm-cache-64k", "dm-cache-256k"]
 SUBNET = "198.18.20.0/24"
 IMAGE_ID = "img-bench"
 VOLUME = "vol"
@@ -69,13 +69,17 @@ log = logging.getLogger("bench.cache_engines")
 
 # ----------------------------------------------------------------------------- working set
 def parse_engine(key: str):
-    """'bcache' -> ('bcache', None); 'dm-cache-64k' -> ('dm-cache', 64)."""
-    if key == "bcache":
-        return "bcache", None
-    m = re.fullmatch(r"dm-cache-(\d+)k", key)
+    """'bcache' -> ('bcache', None, True); 'dm-cache-64k-direct' -> ('dm-cache', 64, False).
+    '-direct': the node does not coalesce misses (Node(coalesce=False): children read through
+    iblock, VMs the cache device directly) — the layout before miss coalescing."""
+    base, coalesce = (key[:-len("-direct")], False) if key.endswith("-direct") else (key, True)
+    if base == "bcache":
+        return "bcache", None, coalesce
+    m = re.fullmatch(r"dm-cache-(\d+)k", base)
     if m and int(m.group(1)) >= 32 and int(m.group(1)) % 32 == 0:
-        return "dm-cache", int(m.group(1))
-    raise argparse.ArgumentTypeError(f"bad engine {key!r}: 'bcache' or 'dm-cache-<N>k' (N a multiple of 32)")
+        return "dm-cache", int(m.group(1)), coalesce
+    raise argparse.ArgumentTypeError(f"bad engine {key!r}: 'bcache' or 'dm-cache-<N>k' (N a multiple of 32), "
+                                     "optionally with '-direct' (no miss coalescing)")
 
 
 def synthetic_working_set(image_bytes: int, ws_bytes: int, seed: int):
@@ -261,9 +265,9 @@ def counters(node):
 
 
 # ----------------------------------------------------------------------------- one engine
-def node_ctor(node, engine, block_kib, cache_mib, export: bool) -> str:
+def node_ctor(node, engine, block_kib, cache_mib, export: bool, coalesce: bool = True) -> str:
     args = {"host": node.name, "cache_device": "/dev/ubdb", "state_dir": STATE_DIR,
-            "cow_size_mib": COW_MIB, "engine": engine, "cache_size_mib": cache_mib}
+            "cow_size_mib": COW_MIB, "engine": engine, "cache_size_mib": cache_mib, "coalesce": coalesce}
     if block_kib:
         args["cache_block_kib"] = block_kib
     if export:
@@ -272,7 +276,7 @@ def node_ctor(node, engine, block_kib, cache_mib, export: bool) -> str:
 
 
 def run_engine(key, args, image_path, image_bytes, extents, ws_bytes, digest):
-    engine, block_kib = parse_engine(key)
+    engine, block_kib, coalesce = parse_engine(key)
     mib = 1 << 20
     # Cache sizes: nothing is ever evicted. dm-cache: twice what the working set touches at
     # 1 MiB granularity (any cache block up to 1 MiB), at most the image. bcache (4 KiB blocks):
@@ -301,6 +305,7 @@ def run_engine(key, args, image_path, image_bytes, extents, ws_bytes, digest):
 
 def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_mib, nodes, name, t_engine, state):
     mib = 1 << 20
+    coalesce = parse_engine(key)[2]
     with Fleet(nodes=nodes, name=name, subnet=SUBNET, rate=args.rate, mem=args.mem,
                halt_timeout=5.0) as fleet:
         o = fleet["o"]
@@ -313,7 +318,7 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
         def attach(n):
             node = fleet[n]
             kids = children[n]
-            code = node_ctor(node, engine, block_kib, cache_mib, export=bool(kids))
+            code = node_ctor(node, engine, block_kib, cache_mib, export=bool(kids), coalesce=coalesce)
             code += f"path = node.attach({IMAGE_ID!r}, [{conn[n]!r}], 'vm-{n}')\n"
             code += "exp = {}\n"
             for k in kids:
@@ -365,7 +370,7 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
         if args.prefetch:
             # the boot-profile prefetch (as Tree.attach starts it): from the end, beside the VM
             for n in vm:
-                code = (node_ctor(fleet[n], engine, block_kib, cache_mib, export=False)
+                code = (node_ctor(fleet[n], engine, block_kib, cache_mib, export=False, coalesce=coalesce)
                         + f"import json, time\ntime.sleep(max(0.0, {start_at:.6f} - time.time()))\n"
                         + f"out(node.prefetch({IMAGE_ID!r}, json.load(open('/vmt-share/ws.json')), reverse=True))\n")
                 fleet[n].write_file("prefetch.py", (PY_PRELUDE + code).encode())
@@ -402,7 +407,7 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
 
         def cache_status(node):
             try:
-                st = py(node, node_ctor(node, engine, block_kib, cache_mib, export=False) + "out(node.status())")
+                st = py(node, node_ctor(node, engine, block_kib, cache_mib, export=False, coalesce=coalesce) + "out(node.status())")
                 return (st.get("templates", {}).get(IMAGE_ID) or {}).get("cache_status")
             except Exception as e:       # informative only
                 return f"status failed: {e}"

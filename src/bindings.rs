@@ -111,10 +111,11 @@ pub struct Node {
 impl Node {
     /// Node(host, cache_device, state_dir, export_ip=None, export_port=3260, engine="bcache",
     ///      cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0,
-    ///      path_timeout_s=5)
+    ///      path_timeout_s=5, coalesce=True, readahead_kib=128)
     #[new]
     #[pyo3(signature = (host, cache_device, state_dir, export_ip=None, export_port=3260, engine="bcache",
-                        cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0, path_timeout_s=5))]
+                        cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0, path_timeout_s=5,
+                        coalesce=true, readahead_kib=128))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -129,6 +130,8 @@ impl Node {
         cow_size_mib: u64,
         scan_timeout_s: f64,
         path_timeout_s: u32,
+        coalesce: bool,
+        readahead_kib: u32,
     ) -> PyResult<Self> {
         if !(scan_timeout_s > 0.0 && scan_timeout_s <= 600.0) {
             return Err(InvalidArgument::new_err(format!("invalid scan_timeout_s {scan_timeout_s}: 0 < t <= 600")));
@@ -142,6 +145,8 @@ impl Node {
         cfg.scan_timeout = Duration::from_secs_f64(scan_timeout_s);
         cfg.engine = engine.parse().map_err(to_py)?;
         cfg.path_timeout_s = path_timeout_s;
+        cfg.coalesce = coalesce;
+        cfg.readahead_kib = readahead_kib;
         let inner = py.allow_threads(|| node::Node::new(cfg)).map_err(to_py)?;
         Ok(Node { inner })
     }
@@ -230,7 +235,7 @@ fn export_volume(py: Python<'_>, name: &str, device: &str, portal: &str) -> PyRe
         names::validate_id("volume name", name)?;
         let portal = crate::iscsi::conninfo::validate_portal(portal)?;
         let iqn = names::volume_iqn(name);
-        Lio::new()?.export(&iqn, &format!("volume_{name}"), std::path::Path::new(device), &portal)?;
+        Lio::new()?.export(&iqn, &format!("volume_{name}"), crate::lio::Backstore::Block, std::path::Path::new(device), &portal)?;
         Ok(iqn)
     })
     .map_err(to_py)
@@ -257,7 +262,7 @@ fn allow_initiator(py: Python<'_>, name: &str, initiator: &str, portal: &str) ->
 fn unexport_volume(py: Python<'_>, name: &str) -> PyResult<()> {
     py.allow_threads(|| {
         names::validate_id("volume name", name)?;
-        let exp = crate::lio::Export { iqn: names::volume_iqn(name), backstore: format!("volume_{name}"), portal: String::new() };
+        let exp = crate::lio::Export { iqn: names::volume_iqn(name), backstore: format!("volume_{name}"), portal: String::new(), kind: crate::lio::Backstore::Block };
         Lio::new()?.unexport(&exp).map_err(|left| RsError::new(Kind::Rollback, format!("unexport {}: left {left}", exp.iqn)))
     })
     .map_err(to_py)

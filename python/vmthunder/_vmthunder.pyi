@@ -28,6 +28,8 @@ class Node:
         cow_size_mib: int = 1024,
         scan_timeout_s: float = 15.0,
         path_timeout_s: int = 5,
+        coalesce: bool = True,
+        readahead_kib: int = 128,
     ) -> None: ...
     @property
     def host(self) -> str: ...

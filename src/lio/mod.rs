@@ -1,6 +1,7 @@
 //! The LIO target side, through configfs only (as rtslib does: configfs is the single source of
-//! truth, nothing is cached). One iblock backstore, one target IQN with TPG 1 and LUN 0 per
-//! exported image; one ACL with CHAP per child initiator; never demo mode (open to all).
+//! truth, nothing is cached). One backstore (iblock, or fileio for reads through the page cache),
+//! one target IQN with TPG 1 and LUN 0 per exported image; one ACL with CHAP per child
+//! initiator; never demo mode (open to all).
 use std::{
     fs,
     io::ErrorKind,
@@ -10,6 +11,9 @@ use std::{
 
 use log::{info, warn};
 
+mod loopback;
+pub use loopback::LocalDisk;
+
 use crate::{
     error::{Error, IoContext, Kind, Result},
     iscsi::{Chap, Source, Target},
@@ -17,8 +21,26 @@ use crate::{
 };
 
 pub const CONFIGFS: &str = "/sys/kernel/config/target";
-/// The HBA our backstores live under.
-const HBA: &str = "iblock_0";
+/// How LIO reads the exported device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backstore {
+    /// iblock: bios straight to the device.
+    Block,
+    /// fileio: buffered reads, through the device's page cache, so concurrent reads of a
+    /// block by several children (and by the node itself) wait for one fetch.
+    File,
+}
+
+impl Backstore {
+    /// The HBA directory backstores of this kind live under.
+    fn hba(self) -> &'static str {
+        match self {
+            Backstore::Block => "iblock_0",
+            Backstore::File => "fileio_0",
+        }
+    }
+    const ALL: [Backstore; 2] = [Backstore::Block, Backstore::File];
+}
 
 /// An image exported by this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +48,7 @@ pub struct Export {
     pub iqn: String,
     pub backstore: String,
     pub portal: String,
+    pub kind: Backstore,
 }
 
 pub struct Lio {
@@ -86,8 +109,8 @@ impl Lio {
         Ok(Lio { root })
     }
 
-    fn backstore_dir(&self, name: &str) -> PathBuf {
-        self.root.join("core").join(HBA).join(name)
+    fn backstore_dir(&self, kind: Backstore, name: &str) -> PathBuf {
+        self.root.join("core").join(kind.hba()).join(name)
     }
     fn tpg_dir(&self, iqn: &str) -> PathBuf {
         self.root.join("iscsi").join(iqn).join("tpgt_1")
@@ -95,12 +118,12 @@ impl Lio {
 
     /// Export `device` as LUN 0 of `iqn` on `portal`, idempotently. On failure the
     /// objects this call created are removed again.
-    pub fn export(&self, iqn: &str, backstore: &str, device: &Path, portal: &str) -> Result<Export> {
+    pub fn export(&self, iqn: &str, backstore: &str, kind: Backstore, device: &Path, portal: &str) -> Result<Export> {
         names::validate_iqn(iqn)?;
         let dev = device.to_str().ok_or_else(|| Error::invalid(format!("device path {device:?} is not UTF-8")))?;
         names::validate_path("device", dev)?;
-        let exp = Export { iqn: iqn.to_string(), backstore: backstore.to_string(), portal: portal.to_string() };
-        let existed = self.backstore_dir(backstore).exists() || self.tpg_dir(iqn).exists();
+        let exp = Export { iqn: iqn.to_string(), backstore: backstore.to_string(), portal: portal.to_string(), kind };
+        let existed = self.backstore_dir(kind, backstore).exists() || self.tpg_dir(iqn).exists();
         let r = self.export_steps(&exp, dev);
         if let (Err(e), false) = (&r, existed) {
             let e = e.clone();
@@ -112,13 +135,19 @@ impl Lio {
         r.map(|_| exp)
     }
 
-    fn export_steps(&self, exp: &Export, dev: &str) -> Result<()> {
-        let so = self.backstore_dir(&exp.backstore);
+    /// Make (or adopt) backstore `name` of `kind` over `dev`; its configfs directory.
+    fn ensure_backstore(&self, kind: Backstore, name: &str, dev: &str) -> Result<PathBuf> {
+        let so = self.backstore_dir(kind, name);
         mkdir(so.parent().unwrap())?;
         if mkdir(&so)? {
             // Not `readonly=1`: dm-cache opens its origin read-write even though vmthunder never
             // writes to it, so a write-protected LUN could not be cached by the child.
-            w(&so.join("control"), &format!("udev_path={dev}"))?;
+            let control = match kind {
+                Backstore::Block => format!("udev_path={dev}"),
+                // A block device brings its own size; nothing writes, so no write cache mode.
+                Backstore::File => format!("fd_dev_name={dev}"),
+            };
+            w(&so.join("control"), &control)?;
             // Also the attribute itself: it is what adoption compares against.
             w(&so.join("udev_path"), dev)?;
             w(&so.join("enable"), "1")?;
@@ -128,6 +157,26 @@ impl Lio {
                 return Err(Error::new(Kind::Lio, format!("backstore {} exists for {:?}, not {dev}", so.display(), cur.trim())));
             }
         }
+        Ok(so)
+    }
+
+    /// Remove backstore `name` (of either kind) once no LUN links to it; gathers failures.
+    pub fn remove_backstore(&self, name: &str, errs: &mut Vec<String>) {
+        for kind in Backstore::ALL {
+            let so = self.backstore_dir(kind, name);
+            rmdir(&so, errs);
+            // The HBA goes with its last backstore; busy means someone else still uses it.
+            let hba = self.root.join("core").join(kind.hba());
+            if hba.is_dir() && subdirs(&hba).is_empty() {
+                if let Err(e) = fs::remove_dir(&hba) {
+                    warn!("kept {}: {e}", hba.display());
+                }
+            }
+        }
+    }
+
+    fn export_steps(&self, exp: &Export, dev: &str) -> Result<()> {
+        let so = self.ensure_backstore(exp.kind, &exp.backstore, dev)?;
         let tpg = self.tpg_dir(&exp.iqn);
         fs::create_dir_all(&tpg).io_ctx(Kind::Lio, || format!("mkdir {}", tpg.display()))?;
         let lun = tpg.join("lun/lun_0");
@@ -236,13 +285,11 @@ impl Lio {
             rmdir(&tpg, &mut errs);
         }
         rmdir(&self.root.join("iscsi").join(&exp.iqn), &mut errs);
-        rmdir(&self.backstore_dir(&exp.backstore), &mut errs);
-        // The HBA goes with its last backstore; busy means someone else still uses it.
-        let hba = self.root.join("core").join(HBA);
-        if subdirs(&hba).is_empty() {
-            if let Err(e) = fs::remove_dir(&hba) {
-                warn!("kept {}: {e}", hba.display());
-            }
+        // Under either HBA: an export made with the other read path goes too. Still linked
+        // (a local disk of the node's own VMs): kept, its owner removes it.
+        let so = self.backstore_dir(exp.kind, &exp.backstore);
+        if !self.backstore_linked(&so) {
+            self.remove_backstore(&exp.backstore, &mut errs);
         }
         if errs.is_empty() {
             info!("unexported {}", exp.iqn);

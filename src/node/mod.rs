@@ -75,6 +75,12 @@ pub struct Config {
     pub engine: cache::Engine,
     /// Seconds I/O waits on a dead parent before failing over to the next path.
     pub path_timeout_s: u32,
+    /// VMs, children and the prefetch read a template through one page cache (LIO fileio,
+    /// VMs through a local tcm_loop disk), so concurrent misses on a block fetch it once.
+    /// Off: children read through iblock and VMs the cached device directly.
+    pub coalesce: bool,
+    /// Readahead of a coalescing template (KiB): what the page cache reads beyond a miss.
+    pub readahead_kib: u32,
 }
 
 impl Config {
@@ -91,6 +97,8 @@ impl Config {
             scan_timeout: Duration::from_secs(15),
             engine: cache::Engine::Bcache,
             path_timeout_s: 5,
+            coalesce: true,
+            readahead_kib: 128,
         }
     }
 
@@ -112,6 +120,9 @@ impl Config {
         }
         if !(1..=600).contains(&self.path_timeout_s) {
             return Err(Error::invalid(format!("invalid path timeout {}s: 1..600", self.path_timeout_s)));
+        }
+        if self.readahead_kib > 65536 {
+            return Err(Error::invalid(format!("invalid readahead {} KiB: 0..65536", self.readahead_kib)));
         }
         if self.cow_sectors < 2048 {
             return Err(Error::invalid(format!("invalid COW size {} KiB: at least 1 MiB", self.cow_sectors / 2)));
@@ -234,7 +245,9 @@ impl Node {
             .ok_or_else(|| Error::new(Kind::NotFound, format!("image {image:?} has no template on this node")))?;
         let size = dm::size_sectors(origin.device)? * 512;
         let plan = prefetch::plan(ranges, size, chunk_bytes, reverse).map_err(|e| e.context(format!("prefetch image {image:?}")))?;
-        let report = prefetch::run(&origin.path(), &plan, depth, stop)?;
+        // Through the local disk where there is one: the page cache the VMs and children share.
+        let device = template::local_disk(image).map(|d| d.path).unwrap_or_else(|| origin.path());
+        let report = prefetch::run(&device, &plan, depth, stop)?;
         log::info!(
             "image {image}: prefetched {} of {} bytes in {:.1}s ({} reads{}{})",
             report.bytes, report.planned_bytes, report.seconds, report.reads,
@@ -342,6 +355,11 @@ impl Node {
         let mut templates = BTreeMap::new();
         for image in self.images(&dm)? {
             let devs = template::devices(&dm, &image)?;
+            let mut devices: BTreeMap<String, String> =
+                devs.iter().map(|(r, d)| (r.as_str().to_string(), d.path().display().to_string())).collect();
+            if let Some(disk) = lio.as_ref().and_then(|l| l.find_local_disk(&image)) {
+                devices.insert("disk".into(), disk.path.display().to_string());
+            }
             let iqn = names::template_iqn(&self.cfg.host, &image);
             let exported = lio.as_ref().is_some_and(|l| l.exports().contains(&iqn));
             let size_bytes = devs.get(&Role::Origin).and_then(|d| dm::size_sectors(d.device).ok()).unwrap_or(0) * 512;
@@ -353,7 +371,7 @@ impl Node {
                     complete: devs.contains_key(&Role::Paths) && devs.contains_key(&Role::Origin),
                     engine,
                     paths: template::path_states(&dm, &image),
-                    devices: devs.iter().map(|(r, d)| (r.as_str().to_string(), d.path().display().to_string())).collect(),
+                    devices,
                     size_bytes,
                     vms: self.vms_of(&dm, &image)?,
                     children: if exported { lio.as_ref().map(|l| l.active_sessions(&iqn)).unwrap_or_default() } else { vec![] },

@@ -2,7 +2,13 @@
 //! paths (dm-multipath over the iSCSI sessions to the parents, the origin volume last)
 //!   -> cache (cache.rs: dm-cache or bcache over the paths, on the local device)
 //!   -> origin (snapshot-origin over the cache)
-//!   -> LIO export of the origin, read-only, for children.
+//!   -> LIO backstore over the origin, exported for children (iSCSI) and, when coalescing,
+//!      also read by this node's own VMs through a local tcm_loop disk.
+//!
+//! Coalescing (the default): the backstore is fileio, so every reader of the template — VMs,
+//! children, the prefetch — goes through the origin's page cache, where concurrent reads of a
+//! block wait for one fetch from the parent. Neither bcache nor dm-cache merges concurrent
+//! misses, and a relay's VM and its children read the same blocks at the same moment.
 use std::collections::BTreeMap;
 
 use devicemapper::Device;
@@ -13,15 +19,15 @@ use crate::{
     dm::{self, multipath::MultipathParams, snapshot::SnapshotOriginParams, Dm, DmDev, Table, Target},
     error::{Error, Kind, Result},
     iscsi::{self, Source},
-    lio::{Export, Lio},
+    lio::{Backstore, Export, LocalDisk, Lio},
     names::{self, Role},
 };
 
 /// The parts of a built template the VM layer needs.
 pub struct Template {
     pub image: String,
-    /// The cached device: the "real" device dm-snapshots read from.
-    pub cache: Device,
+    /// What the VMs' dm-snapshots read: the local disk (coalescing) or the cached device.
+    pub read_dev: Device,
     /// The snapshot-origin device: what is exported and what qcow2 overlays read from.
     pub origin: DmDev,
     pub sectors: u64,
@@ -37,13 +43,30 @@ pub fn devices(dm: &Dm, image: &str) -> Result<BTreeMap<Role, DmDev>> {
     Ok(m)
 }
 
+fn backstore_kind(node: &Node) -> Backstore {
+    if node.cfg.coalesce { Backstore::File } else { Backstore::Block }
+}
+
 fn export_of(node: &Node, image: &str) -> Option<Export> {
     let ip = node.cfg.export_ip.as_ref()?;
     Some(Export {
         iqn: names::template_iqn(&node.cfg.host, image),
         backstore: names::backstore_name(image),
         portal: format!("{ip}:{}", node.cfg.export_port),
+        kind: backstore_kind(node),
     })
+}
+
+/// The local disk of a coalescing template, if it has one.
+pub fn local_disk(image: &str) -> Option<LocalDisk> {
+    Lio::new().ok()?.find_local_disk(image)
+}
+
+/// Readahead of the origin, as the fileio backstore will see it: the kernel copies it into
+/// the backstore's open file, so it is set before the backstore opens the device.
+fn set_readahead(dev: Device, kib: u32) -> Result<()> {
+    let p = format!("/sys/dev/block/{}:{}/queue/read_ahead_kb", dev.major, dev.minor);
+    std::fs::write(&p, kib.to_string()).map_err(|e| Error::new(Kind::DeviceMapper, format!("write {kib} to {p}: {e}")))
 }
 
 /// Create `name` with `table` (or adopt it), registering its removal with `undo` if created.
@@ -89,15 +112,36 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
     let origin_table = Table::single(sectors, Target::SnapshotOrigin(SnapshotOriginParams { origin: cached.device }));
     let origin = ensure_dev(dm, undo, names::template_dm_name(image, Role::Origin), &origin_table)?;
 
+    let mut read_dev = cached.device;
+    if node.cfg.coalesce {
+        let lio = Lio::new()?;
+        let backstore = names::backstore_name(image);
+        let existed = lio.find_local_disk(image).is_some();
+        if !existed {
+            set_readahead(origin.device, node.cfg.readahead_kib)?;
+        }
+        let dev = origin.path().display().to_string();
+        let disk = lio.local_disk(image, &backstore, Backstore::File, &dev, node.cfg.scan_timeout);
+        if !existed {
+            let image = image.to_string();
+            undo.push(format!("local disk of {image}"), move || {
+                let mut left = vec![];
+                lio.remove_local_disk(&image, &mut left);
+                lio.remove_backstore(&backstore, &mut left);
+                if left.is_empty() { Ok(()) } else { Err(left.join("; ")) }
+            });
+        }
+        read_dev = disk?.device;
+    }
     if let Some(exp) = export_of(node, image) {
         let lio = Lio::new()?;
         let existed = lio.exports().contains(&exp.iqn);
-        lio.export(&exp.iqn, &exp.backstore, &origin.path(), &exp.portal)?;
+        lio.export(&exp.iqn, &exp.backstore, exp.kind, &origin.path(), &exp.portal)?;
         if !existed {
             undo.push(format!("export {}", exp.iqn), move || lio.unexport(&exp));
         }
     }
-    Ok(Template { image: image.to_string(), cache: cached.device, origin, sectors })
+    Ok(Template { image: image.to_string(), read_dev, origin, sectors })
 }
 
 /// Log in to every source and make the multipath table over them: failover order = the order
@@ -249,11 +293,16 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
         // Also an export made under an earlier export_ip: match on the IQN.
         let iqn = names::template_iqn(&node.cfg.host, image);
         if l.exports().contains(&iqn) {
-            let exp = export.clone().unwrap_or(Export { iqn, backstore: names::backstore_name(image), portal: String::new() });
+            let exp = export.clone().unwrap_or(Export {
+                iqn, backstore: names::backstore_name(image), portal: String::new(), kind: backstore_kind(node),
+            });
             if let Err(e) = l.unexport(&exp) {
                 left.push(e);
             }
         }
+        // The VMs' local disk, then the backstore it kept (also after a crash left them).
+        l.remove_local_disk(image, &mut left);
+        l.remove_backstore(&names::backstore_name(image), &mut left);
     }
     let paths_table = dm.table(&names::template_dm_name(image, Role::Paths)).ok();
     if let Err(e) = dm.remove(&names::template_dm_name(image, Role::Origin)) {

@@ -57,7 +57,7 @@ fn ensure_dm<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, undo: &mut 
     };
     let table = Table::single(
         t.sectors,
-        Target::Snapshot(SnapshotParams { origin: t.cache, cow: cow.device, persistence: Persistence::Persistent, chunk_sectors: CHUNK_SECTORS }),
+        Target::Snapshot(SnapshotParams { origin: t.read_dev, cow: cow.device, persistence: Persistence::Persistent, chunk_sectors: CHUNK_SECTORS }),
     );
     let (snap, created) = dm.ensure(&snap_name, &table).map_err(|e| Error::new(Kind::Snapshot, e.message))?;
     if created {

@@ -26,7 +26,8 @@ def leftovers(node):
     script = r"""
 echo "dm: $(dmsetup ls 2>/dev/null | awk '/^vmthunder/{print $1}' | tr '\n' ' ')"
 echo "targets: $(ls /sys/kernel/config/target/iscsi 2>/dev/null | grep '^iqn' | tr '\n' ' ')"
-echo "backstores: $(ls /sys/kernel/config/target/core/iblock_0 2>/dev/null | grep -v -e '^hba_' | tr '\n' ' ')"
+echo "backstores: $(ls /sys/kernel/config/target/core/iblock_0 /sys/kernel/config/target/core/fileio_0 2>/dev/null | grep -v -e '^hba_' -e ':$' -e '^$' | tr '\n' ' ')"
+echo "local_disks: $(ls /sys/kernel/config/target/loopback 2>/dev/null | grep '^naa' | tr '\n' ' ')"
 echo "sessions: $(ls /sys/class/iscsi_session 2>/dev/null | tr '\n' ' ')"
 """
     out = node.check(script, timeout=30)
@@ -42,7 +43,7 @@ def assert_clean(node, keep_targets=()):
     left = leftovers(node)
     left["targets"] = [t for t in left.get("targets", []) if t not in keep_targets]
     left["backstores"] = [b for b in left.get("backstores", []) if not any(b == f"volume_{k.split(':')[-1]}" for k in keep_targets)]
-    assert left == {"dm": [], "targets": [], "backstores": [], "sessions": []}, f"{node.name} not clean: {left}"
+    assert left == {"dm": [], "targets": [], "backstores": [], "local_disks": [], "sessions": []}, f"{node.name} not clean: {left}"
 
 
 def md5_of(node, path, size):

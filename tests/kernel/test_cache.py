@@ -144,3 +144,49 @@ out({{"running": running, "templates": list(node.status()["templates"])}})
     assert out["templates"] == []
     assert out["running"], "the prefetch of the whole image had already ended: the test shows nothing"
     assert_clean(b)
+
+
+def test_a_relay_fetches_a_block_once_for_its_vm_and_its_child(fleet):
+    """Miss coalescing: B's VM and C (B's child) read the whole image at the same moment, both
+    cold. Every block crosses the A -> B edge about once: the two reads of a block meet in B's
+    page cache (fileio backstore, VMs through the local tcm_loop disk) and wait for one fetch.
+    Neither cache engine merges concurrent misses itself: with coalesce=False the same run
+    fetched 1.3-1.9x the image (see bench/README.md)."""
+    import threading
+    a, b, c = fleet["a"], fleet["b"], fleet["c"]
+    ctor_b = node_ctor(b, export_ip=b.ip)
+    ctor_c = node_ctor(c)
+    conn_b = py(a, f"out(vmthunder.allow_initiator('vol', {b.initiator_iqn!r}, '{a.ip}:3260'))")
+    vm_b = py(b, ctor_b + f"out(node.attach('img-co', [{conn_b!r}], 'vm-cb'))")
+    st = py(b, ctor_b + "out(node.status())")["templates"]["img-co"]
+    assert st["devices"]["disk"].startswith("/dev/sd"), st["devices"]
+    conn_c = py(b, ctor_b + f"out(node.export_info('img-co', {c.initiator_iqn!r}))")
+    vm_c = py(c, ctor_c + f"out(node.attach('img-co', [{conn_c!r}], 'vm-cc'))")
+    try:
+        # Both start at once (each waits for a shared go signal from the host, not a clock).
+        go = threading.Barrier(2)
+        errors = []
+
+        def reader(node, dev):
+            try:
+                go.wait(timeout=60)
+                read_all(node, dev)
+            except Exception as e:      # surfaced below
+                errors.append(e)
+
+        rx0 = b.rx_bytes()
+        threads = [threading.Thread(target=reader, args=(n, d)) for n, d in ((b, vm_b), (c, vm_c))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=240)
+        assert not errors and not any(t.is_alive() for t in threads), errors
+        fetched = b.rx_bytes() - rx0
+        # (a little less than the image when the attach's partition probe already read the head)
+        assert IMAGE * 0.9 < fetched < IMAGE * 1.1, f"B fetched {fetched / IMAGE:.2f}x the image for its VM and child"
+        assert md5_of(c, vm_c, IMAGE) == fleet.origin_md5 and md5_of(b, vm_b, IMAGE) == fleet.origin_md5
+    finally:
+        py(c, ctor_c + "node.detach('vm-cc')")
+        py(b, ctor_b + "node.detach('vm-cb')")
+    assert_clean(c)
+    assert_clean(b)

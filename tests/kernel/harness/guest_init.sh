@@ -93,7 +93,7 @@ if [ -n "$NIP" ]; then
 fi
 
 for m in dm-mod dm-cache dm-cache-smq dm-snapshot dm-multipath dm-round-robin dm-queue-length \
-         target_core_mod target_core_iblock iscsi_target_mod iscsi_tcp sd_mod bcache; do
+         target_core_mod target_core_iblock target_core_file tcm_loop iscsi_target_mod iscsi_tcp sd_mod bcache; do
     modprobe "$m" 2>/dev/null || echo "VMT: modprobe $m failed"
 done
 
