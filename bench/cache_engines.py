@@ -51,6 +51,7 @@ from tests.kernel.harness.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  
 
 DEFAULT_OUT = os.path.join(HERE, "results", "cache-engines.json")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
+READAHEAD_KIB = None       # --readahead-kib: Node(readahead_kib=...) of every relay
 DEFAULT_ENGINES = ["bcache", "bcache-direct", "dm-cache-64k", "dm-cache-256k"]
 SUBNET = "198.18.20.0/24"
 IMAGE_ID = "img-bench"
@@ -209,7 +210,10 @@ print("@@JSON " + json.dumps({"start": t0, "end": t1, "late_s": late, "reads": l
 '''
 
 COUNTERS = r'''
-for d in /sys/block/sd*; do [ -e "$d/stat" ] && echo "disk $(basename $d) $(cat $d/stat)"; done
+for d in /sys/block/sd*; do
+    # iSCSI disks only (.../sessionN/...): not the node's local tcm_loop disk
+    readlink -f "$d" | grep -q '/session[0-9]' && [ -e "$d/stat" ] && echo "disk $(basename $d) $(cat $d/stat)"
+done
 echo "nic $(cat /sys/class/net/vec0/statistics/rx_bytes) $(cat /sys/class/net/vec0/statistics/tx_bytes)"
 python3 -c 'import time; print("clock", time.time())'
 '''
@@ -248,7 +252,7 @@ def clock_skew(c) -> float:
 
 
 def counters(node):
-    """iSCSI disk bytes read (sum over sd*), NIC rx/tx bytes, guest clock."""
+    """iSCSI disk bytes read (sum over the iSCSI sd*), NIC rx/tx bytes, guest clock."""
     h0 = time.time()
     out = node.check(COUNTERS, timeout=60)
     h1 = time.time()
@@ -268,6 +272,8 @@ def counters(node):
 def node_ctor(node, engine, block_kib, cache_mib, export: bool, coalesce: bool = True) -> str:
     args = {"host": node.name, "cache_device": "/dev/ubdb", "state_dir": STATE_DIR,
             "cow_size_mib": COW_MIB, "engine": engine, "cache_size_mib": cache_mib, "coalesce": coalesce}
+    if READAHEAD_KIB is not None:
+        args["readahead_kib"] = READAHEAD_KIB
     if block_kib:
         args["cache_block_kib"] = block_kib
     if export:
@@ -507,6 +513,8 @@ def main(argv=None):
                     "e.g. 'r3' alone shows what one stream costs each edge)")
     ap.add_argument("--prefetch", action="store_true", help="every relay also prefetches the working set (the boot "
                     "profile) from its end backwards, from the common start, as Tree.attach does")
+    ap.add_argument("--readahead-kib", type=int, default=None, help="readahead of a coalescing template "
+                    "(Node(readahead_kib=...); default: the library's)")
     ap.add_argument("--depth", type=int, default=1, help="concurrent reads per reader (default: %(default)s)")
     ap.add_argument("--mem", default="384M", help="guest RAM per node (default: %(default)s)")
     ap.add_argument("--start-delay", type=float, default=8.0, help="seconds from spawning the readers to their "
@@ -520,6 +528,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: bcache only, 8 MiB working set over "
                     "a 32 MiB image, no trace")
     args = ap.parse_args(argv)
+    global READAHEAD_KIB
+    READAHEAD_KIB = args.readahead_kib
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("vmthunder.harness").setLevel(logging.WARNING)
 

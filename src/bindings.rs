@@ -111,11 +111,11 @@ pub struct Node {
 impl Node {
     /// Node(host, cache_device, state_dir, export_ip=None, export_port=3260, engine="bcache",
     ///      cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0,
-    ///      path_timeout_s=5, coalesce=True, readahead_kib=128)
+    ///      path_timeout_s=5, coalesce=True, readahead_kib=4)
     #[new]
     #[pyo3(signature = (host, cache_device, state_dir, export_ip=None, export_port=3260, engine="bcache",
                         cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0, path_timeout_s=5,
-                        coalesce=true, readahead_kib=128))]
+                        coalesce=true, readahead_kib=4))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

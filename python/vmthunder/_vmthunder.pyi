@@ -29,7 +29,7 @@ class Node:
         scan_timeout_s: float = 15.0,
         path_timeout_s: int = 5,
         coalesce: bool = True,
-        readahead_kib: int = 128,
+        readahead_kib: int = 4,
     ) -> None: ...
     @property
     def host(self) -> str: ...

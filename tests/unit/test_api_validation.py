@@ -72,6 +72,7 @@ def test_bad_paths(path, tmp_path):
     ({"cache_block_kib": 48}, "48 KiB"),
     ({"cow_size_mib": 0}, "COW"),
     ({"scan_timeout_s": -1.0}, "scan_timeout_s"),
+    ({"readahead_kib": 70000}, "readahead 70000 KiB"),
 ])
 def test_bad_options(kw, needle, tmp_path):
     with pytest.raises(vmthunder.InvalidArgument) as e:
