@@ -43,7 +43,8 @@ def fleet(tmp_path_factory):
     origin = tmp_path_factory.mktemp("origin") / "origin.img"
     random_disk(origin, IMAGE)
     nodes = {"o": {"disks": {"ubdb": str(origin)}}}
-    nodes.update({r: {"disks": {"ubdb": 160 << 20, "ubdc": 64 << 20}} for r in RELAYS})
+    # ubdc: a second local device big enough for a bcache cache set of its own (>= 2 x 64 MiB)
+    nodes.update({r: {"disks": {"ubdb": 160 << 20, "ubdc": 160 << 20}} for r in RELAYS})
     with Fleet(nodes=nodes, name=f"tr{os.getpid()}", subnet="198.18.10.0/24", mem="320M") as f:
         o = f["o"]
         o.spawn(f"etcd --name o --data-dir /tmp/etcd --listen-client-urls http://{o.ip}:2379 "
