@@ -177,6 +177,7 @@ impl Node {
     /// Defaults are measured: bcache drops inserts of misses when they come faster than its
     /// allocator frees buckets (in UML, a second pass refetched 7 % at 64 KiB x 1, 23 % at
     /// 64 KiB x 2, 53 % at 256 KiB x 1), and a dropped insert means a second fetch later.
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (image_id, ranges, depth=1, chunk_kib=64, reverse=false, stop=None))]
     fn prefetch(&self, py: Python<'_>, image_id: &str, ranges: &Bound<'_, PyAny>, depth: usize, chunk_kib: u64, reverse: bool,
                 stop: Option<PyObject>) -> PyResult<PyObject> {

@@ -139,7 +139,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
 /// bcache lets go of a device a moment after its sysfs directory is gone: wait (bounded)
 /// until nothing holds the dm device open.
 fn wait_released(dm: &Dm, name: &str) -> Result<()> {
-    wait_for(&format!("bcache to release {name}"), || dm.info(name).ok().flatten().is_none_or(|d| d.open_count == 0))
+    wait_for(&format!("bcache to release {name}"), || dm.info(name).ok().flatten().map_or(true, |d| d.open_count == 0))
 }
 
 fn register(dev: &Path) -> Result<()> {
