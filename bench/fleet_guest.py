@@ -32,6 +32,7 @@
         target and portal, and the NIC counters: JSON on stdout.
 """
 import argparse
+import errno
 import glob
 import json
 import logging
@@ -145,9 +146,14 @@ def login(conn):
     while True:
         dev = session_disk(sid, lun)
         if dev and os.path.exists(dev):
-            with open(dev, "rb") as f:
-                if f.seek(0, os.SEEK_END) > 0:
-                    return dev
+            try:
+                with open(dev, "rb") as f:
+                    if f.seek(0, os.SEEK_END) > 0:
+                        return dev
+            except OSError as e:
+                # a LUN that just appeared can refuse to open for a moment (ENXIO): retry below
+                if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise
         if not scanned:
             host = glob.glob(f"/sys/class/iscsi_session/session{sid}/device/../scsi_host/host*")
             hosts = [os.path.basename(h) for h in host] or \
