@@ -32,8 +32,28 @@ impl Lio {
     }
 
     /// The local SCSI disk (block device) that reads backstore `backstore` over `dev`, made if
-    /// missing; waits (bounded) for the kernel to add the disk.
+    /// missing; waits (bounded) for the kernel to add the disk. On failure the objects this call
+    /// made are removed again.
     pub fn local_disk(&self, image: &str, backstore: &str, kind: Backstore, dev: &str, timeout: Duration) -> Result<LocalDisk> {
+        let had_backstore = self.backstore_dir(kind, backstore).exists();
+        let had_target = self.loopback_tpg(image).parent().is_some_and(Path::exists);
+        let r = self.local_disk_steps(image, backstore, kind, dev, timeout);
+        if let Err(e) = &r {
+            let mut left = Vec::new();
+            if !had_target {
+                self.remove_local_disk(image, &mut left);
+            }
+            if !had_backstore {
+                self.remove_backstore(backstore, &mut left);
+            }
+            if !left.is_empty() {
+                return Err(Error::new(Kind::Rollback, format!("{e}; rollback left: {}", left.join("; "))));
+            }
+        }
+        r
+    }
+
+    fn local_disk_steps(&self, image: &str, backstore: &str, kind: Backstore, dev: &str, timeout: Duration) -> Result<LocalDisk> {
         let so = self.ensure_backstore(kind, backstore, dev)?;
         let tpg = self.loopback_tpg(image);
         fs::create_dir_all(&tpg).io_ctx(Kind::Lio, || format!("mkdir {} (is tcm_loop loaded?)", tpg.display()))?;
@@ -45,8 +65,8 @@ impl Lio {
         if mkdir(&lun)? {
             symlink(&so, lun.join("vmthunder")).io_ctx(Kind::Lio, || format!("link LUN 0 of local disk {}", tpg.display()))?;
         } else {
-            let cur = fs::read_link(lun.join("vmthunder")).unwrap_or_default();
-            if cur.file_name() != so.file_name() {
+            let cur = lun_link(&lun).unwrap_or_default();
+            if !same_backstore(&cur, &so) {
                 return Err(Error::new(Kind::Lio, format!("local disk {} reads {}, not {}", tpg.display(), cur.display(), so.display())));
             }
         }
@@ -75,11 +95,17 @@ impl Lio {
     /// Remove the local disk of `image` (LUN, nexus, TPG, target); not the backstore.
     pub fn remove_local_disk(&self, image: &str, errs: &mut Vec<String>) {
         let tpg = self.loopback_tpg(image);
+        let target = tpg.parent().unwrap().to_path_buf();
         if !tpg.is_dir() {
+            rmdir(&target, errs);
             return;
         }
         let lun = tpg.join("lun/lun_0");
-        unlink(&lun.join("vmthunder"), errs);
+        if let Ok(rd) = fs::read_dir(&lun) {
+            for e in rd.filter_map(|e| e.ok()).filter(|e| e.file_type().is_ok_and(|t| t.is_symlink())) {
+                unlink(&e.path(), errs);
+            }
+        }
         rmdir(&lun, errs);
         if !fs::read_to_string(tpg.join("nexus")).unwrap_or_default().trim().is_empty() {
             if let Err(e) = fs::write(tpg.join("nexus"), "NULL") {
@@ -87,16 +113,21 @@ impl Lio {
             }
         }
         rmdir(&tpg, errs);
-        rmdir(tpg.parent().unwrap(), errs);
+        rmdir(&target, errs);
         info!("image {image}: local disk removed");
     }
 
     /// Whether a local disk's LUN still links to backstore directory `so`.
     pub(super) fn backstore_linked(&self, so: &Path) -> bool {
         subdirs(&self.root.join("loopback")).into_iter().flat_map(|t| subdirs(&t)).any(|tpg| {
-            subdirs(&tpg.join("lun")).iter().any(|lun| fs::read_link(lun.join("vmthunder")).is_ok_and(|l| same_backstore(&l, so)))
+            subdirs(&tpg.join("lun")).iter().any(|lun| lun_link(lun).is_some_and(|l| same_backstore(&l, so)))
         })
     }
+}
+
+/// Where a LUN directory's link to its backstore points (whatever the link is called).
+fn lun_link(lun: &Path) -> Option<PathBuf> {
+    fs::read_dir(lun).ok()?.filter_map(|e| e.ok()).find(|e| e.file_type().is_ok_and(|t| t.is_symlink())).and_then(|e| fs::read_link(e.path()).ok())
 }
 
 /// configfs shows a LUN's link relative ("../../../../../../target/core/fileio_0/NAME"):

@@ -190,3 +190,40 @@ def test_a_relay_fetches_a_block_once_for_its_vm_and_its_child(fleet):
         py(b, ctor_b + "node.detach('vm-cb')")
     assert_clean(c)
     assert_clean(b)
+
+
+def _local_disk_wwn(image):
+    """The tcm_loop target WWN vmthunder uses for an image's local disk (src/lio/loopback.rs)."""
+    h = 0xcbf29ce484222325
+    for b in image.encode():
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return f"naa.5001405{h & 0xfffffffff:09x}"
+
+
+def test_a_failed_local_disk_leaves_nothing_it_made(fleet):
+    """Rollback of the coalescing layer: a local-disk target that exists for the image but reads
+    another backstore (a foreign or stale object) makes the attach fail with a LIO error naming
+    both; everything the attach made (the fileio backstore, dm devices, sessions) is gone, and
+    the object that was there before is left as it was."""
+    a, b = fleet["a"], fleet["b"]
+    ctor = node_ctor(b)
+    cfs = "/sys/kernel/config/target"
+    tpg = f"{cfs}/loopback/{_local_disk_wwn('img-ld')}/tpgt_1"
+    foreign = f"{cfs}/core/fileio_1/foreign"
+    b.check(f"dd if=/dev/zero of=/tmp/foreign.img bs=1M count=4 2>/dev/null && mkdir -p {foreign} && "
+            f"echo fd_dev_name=/tmp/foreign.img,fd_dev_size=4194304 > {foreign}/control && echo 1 > {foreign}/enable && "
+            f"mkdir -p {tpg}/lun/lun_0 && echo {_local_disk_wwn('img-ld')[:-1]}f > {tpg}/nexus && "
+            f"ln -s {foreign} {tpg}/lun/lun_0/x", timeout=30)
+    try:
+        conn = py(a, f"out(vmthunder.allow_initiator('vol', {b.initiator_iqn!r}, '{a.ip}:3260'))")
+        with pytest.raises(GuestError) as e:
+            py(b, ctor + f"node.attach('img-ld', [{conn!r}], 'vm-ld')")
+        assert e.value.exc_type == "LioError", e.value
+        assert "fileio_1/foreign" in e.value.message and "vmthunder-1_img-ld" in e.value.message, e.value.message
+        left = b.check(f"ls {cfs}/core/fileio_0 2>/dev/null | grep vmthunder; find {tpg}/lun/lun_0 -maxdepth 1 -type l -printf '%f\\n'; "
+                       "dmsetup ls | grep vmthunder; ls /sys/class/iscsi_session", timeout=30).split()
+        assert left == ["x"], f"the failed attach left {left} (only the foreign LUN link should be there)"
+    finally:
+        b.run(f"rm -f {tpg}/lun/lun_0/x; rmdir {tpg}/lun/lun_0; echo NULL > {tpg}/nexus; rmdir {tpg} {os.path.dirname(tpg)}; "
+              f"rmdir {foreign} {cfs}/core/fileio_1; rm -f /tmp/foreign.img", timeout=30)
+    assert_clean(b)
