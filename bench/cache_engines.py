@@ -51,7 +51,6 @@ from tests.kernel.harness.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  
 
 DEFAULT_OUT = os.path.join(HERE, "results", "cache-engines.json")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
-READAHEAD_KIB = None       # --readahead-kib: Node(readahead_kib=...) of every relay
 DEFAULT_ENGINES = ["bcache", "bcache-direct", "dm-cache-64k", "dm-cache-256k"]
 SUBNET = "198.18.20.0/24"
 IMAGE_ID = "img-bench"
@@ -269,11 +268,11 @@ def counters(node):
 
 
 # ----------------------------------------------------------------------------- one engine
-def node_ctor(node, engine, block_kib, cache_mib, export: bool, coalesce: bool = True) -> str:
+def node_ctor(node, engine, block_kib, cache_mib, export: bool, coalesce: bool, readahead_kib) -> str:
     args = {"host": node.name, "cache_device": "/dev/ubdb", "state_dir": STATE_DIR,
             "cow_size_mib": COW_MIB, "engine": engine, "cache_size_mib": cache_mib, "coalesce": coalesce}
-    if READAHEAD_KIB is not None:
-        args["readahead_kib"] = READAHEAD_KIB
+    if readahead_kib is not None:
+        args["readahead_kib"] = readahead_kib
     if block_kib:
         args["cache_block_kib"] = block_kib
     if export:
@@ -301,7 +300,7 @@ def run_engine(key, args, image_path, image_bytes, extents, ws_bytes, digest):
     log.info("[%s] booting 5 nodes (fleet %s, rate %s)", key, name, args.rate)
     state = {"phase": "setup"}
     try:
-        return _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_mib, nodes, name,
+        return _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesce, cache_mib, nodes, name,
                            t_engine, state)
     except Exception as e:
         if state["phase"] == "setup":
@@ -309,9 +308,12 @@ def run_engine(key, args, image_path, image_bytes, extents, ws_bytes, digest):
         raise
 
 
-def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_mib, nodes, name, t_engine, state):
+def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesce, cache_mib, nodes, name, t_engine,
+                state):
     mib = 1 << 20
-    coalesce = parse_engine(key)[2]
+
+    def ctor(node, export: bool) -> str:
+        return node_ctor(node, engine, block_kib, cache_mib, export, coalesce, args.readahead_kib)
     with Fleet(nodes=nodes, name=name, subnet=SUBNET, rate=args.rate, mem=args.mem,
                halt_timeout=5.0) as fleet:
         o = fleet["o"]
@@ -324,7 +326,7 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
         def attach(n):
             node = fleet[n]
             kids = children[n]
-            code = node_ctor(node, engine, block_kib, cache_mib, export=bool(kids), coalesce=coalesce)
+            code = ctor(node, export=bool(kids))
             code += f"path = node.attach({IMAGE_ID!r}, [{conn[n]!r}], 'vm-{n}')\n"
             code += "exp = {}\n"
             for k in kids:
@@ -376,7 +378,7 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
         if args.prefetch:
             # the boot-profile prefetch (as Tree.attach starts it): from the end, beside the VM
             for n in vm:
-                code = (node_ctor(fleet[n], engine, block_kib, cache_mib, export=False, coalesce=coalesce)
+                code = (ctor(fleet[n], export=False)
                         + f"import json, time\ntime.sleep(max(0.0, {start_at:.6f} - time.time()))\n"
                         + f"out(node.prefetch({IMAGE_ID!r}, json.load(open('/vmt-share/ws.json')), reverse=True))\n")
                 fleet[n].write_file("prefetch.py", (PY_PRELUDE + code).encode())
@@ -413,7 +415,7 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, cache_m
 
         def cache_status(node):
             try:
-                st = py(node, node_ctor(node, engine, block_kib, cache_mib, export=False, coalesce=coalesce) + "out(node.status())")
+                st = py(node, ctor(node, export=False) + "out(node.status())")
                 return (st.get("templates", {}).get(IMAGE_ID) or {}).get("cache_status")
             except Exception as e:       # informative only
                 return f"status failed: {e}"
@@ -528,8 +530,6 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: bcache only, 8 MiB working set over "
                     "a 32 MiB image, no trace")
     args = ap.parse_args(argv)
-    global READAHEAD_KIB
-    READAHEAD_KIB = args.readahead_kib
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("vmthunder.harness").setLevel(logging.WARNING)
 

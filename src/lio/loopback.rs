@@ -101,10 +101,8 @@ impl Lio {
             return;
         }
         let lun = tpg.join("lun/lun_0");
-        if let Ok(rd) = fs::read_dir(&lun) {
-            for e in rd.filter_map(|e| e.ok()).filter(|e| e.file_type().is_ok_and(|t| t.is_symlink())) {
-                unlink(&e.path(), errs);
-            }
+        for link in symlinks_in(&lun) {
+            unlink(&link, errs);
         }
         rmdir(&lun, errs);
         if !fs::read_to_string(tpg.join("nexus")).unwrap_or_default().trim().is_empty() {
@@ -125,9 +123,16 @@ impl Lio {
     }
 }
 
-/// Where a LUN directory's link to its backstore points (whatever the link is called).
+/// The symlinks in a directory: a LUN's link to its backstore, whatever it is called.
+fn symlinks_in(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.file_type().is_ok_and(|t| t.is_symlink())).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Where a LUN directory's link to its backstore points.
 fn lun_link(lun: &Path) -> Option<PathBuf> {
-    fs::read_dir(lun).ok()?.filter_map(|e| e.ok()).find(|e| e.file_type().is_ok_and(|t| t.is_symlink())).and_then(|e| fs::read_link(e.path()).ok())
+    symlinks_in(lun).first().and_then(|l| fs::read_link(l).ok())
 }
 
 /// configfs shows a LUN's link relative ("../../../../../../target/core/fileio_0/NAME"):
