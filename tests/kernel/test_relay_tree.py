@@ -158,7 +158,9 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet):
 
 
 def test_registry_down_falls_back_to_the_origin(fleet):
-    o, n = fleet["o"], fleet["r5"]
+    # The failover test killed one relay (whichever was a leaf's parent): use a live one.
+    o = fleet["o"]
+    n = next(fleet[r] for r in reversed(RELAYS) if fleet[r].alive())
     conn = py(o, f"out(vmthunder.allow_initiator('tree', {n.initiator_iqn!r}, '{o.ip}:3260'))")
     out = py(n, f"""
 import io
@@ -166,12 +168,12 @@ from vmthunder.registry import Registry, RegistryError
 from vmthunder.tree import Tree
 buf = io.StringIO(); h = logging.StreamHandler(buf); logging.getLogger("vmthunder").addHandler(h)
 try:
-    Registry("etcd3+http://{o.ip}:2999", "r5", timeout_s=2.0).start()
+    Registry("etcd3+http://{o.ip}:2999", {n.name!r}, timeout_s=2.0).start()
     started = True
 except RegistryError as e:
     started = str(e)
-node = vmthunder.Node(host="r5", cache_device="/dev/ubdc", state_dir="/var/lib/vmthunder-down", cow_size_mib=16)
-tree = Tree(node, Registry("etcd3+http://{o.ip}:2999", "r5", timeout_s=2.0), initiator={n.initiator_iqn!r},
+node = vmthunder.Node(host={n.name!r}, cache_device="/dev/ubdc", state_dir="/var/lib/vmthunder-down", cow_size_mib=16)
+tree = Tree(node, Registry("etcd3+http://{o.ip}:2999", {n.name!r}, timeout_s=2.0), initiator={n.initiator_iqn!r},
             state_dir="/var/lib/vmthunder-down")
 path = tree.attach("img-down", {conn!r}, "vm-down")
 st = node.status()

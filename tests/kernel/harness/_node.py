@@ -147,6 +147,13 @@ class UmlNode:
     def disks(self) -> Dict[str, str]:
         return dict(self._disks)
 
+    def _dead(self, what: str) -> NodeDead:
+        """NodeDead for this node, with how the UML process ended and its last console lines
+        (a node that died between two commands otherwise leaves no clue in a test's report)."""
+        rc = self._proc.poll() if self._proc is not None else None
+        how = "" if rc is None else (f" (exit status {rc})" if rc >= 0 else f" (killed by signal {-rc})")
+        return NodeDead(f"node {self.name} {what}{how}\n--- console tail ---\n{self.console_tail(25)}")
+
     def console_tail(self, lines: int = 40) -> str:
         try:
             with open(self.console_path, "rb") as f:
@@ -262,7 +269,7 @@ class UmlNode:
         data = (line + "\n").encode()
         with self._lock:
             if self._fifo_w is None or not self.alive():
-                raise NodeDead(f"node {self.name} is not running")
+                raise self._dead("is not running")
             deadline = time.monotonic() + 10
             while True:
                 try:
@@ -278,7 +285,7 @@ class UmlNode:
     def spawn(self, script: str, shell: str = "/bin/sh") -> GuestProcess:
         """Start SCRIPT (shell text) in the background in the guest; returns a GuestProcess."""
         if not self.alive():
-            raise NodeDead(f"node {self.name} is not running")
+            raise self._dead("is not running")
         with self._lock:
             self._seq += 1
             cid = self._seq
