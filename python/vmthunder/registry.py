@@ -451,6 +451,10 @@ class Registry:
         rec = _clean_record(record, self.member_id)
         c = self._c()
         with self._mu:
+            if self._records.get(group) == rec and group not in self._pending:
+                # Already there: the heartbeat and peers() re-publish it if the lease lapses.
+                # Upkeep republishes every round; each write would cost the backend a commit.
+                return
             self._records[group] = rec      # kept even if this attempt fails: the heart retries
             self._pending.add(group)
         self._bounded(f"publish {group}", lambda: self._join(c, group, rec))

@@ -49,6 +49,7 @@ class Tree:
         self._lock = threading.Lock()   # one upkeep round at a time in this process
         self.prefetch_depth = prefetch_depth
         self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
+        self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, grant)
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
@@ -118,12 +119,22 @@ class Tree:
     def _with_origin(sources, origin):
         return [origin if s is None else s for s in sources]
 
-    def _publish(self, image_id: str, placement: Dict[str, Any], state: str = "ready") -> None:
-        grants = {}
+    def _publish(self, image_id: str, placement: Dict[str, Any], state: str = "ready",
+                 fresh: bool = False) -> None:
+        """Publish our record with a grant for every known host. Grants are remembered per
+        template (host -> initiator, grant): upkeep calls this every round and only a new host
+        or initiator costs an export_info. `fresh`: the template was just built (new ACLs)."""
+        known = {} if fresh else self._grants.get(image_id, {})
+        now = {}
         if self.export_ip:
             for h in self.registry.hosts():
                 if h.get("host") and h["host"] != self.host and h.get("initiator"):
-                    grants[h["host"]] = self.node.export_info(image_id, h["initiator"])
+                    got = known.get(h["host"])
+                    if got is None or got[0] != h["initiator"]:
+                        got = (h["initiator"], self.node.export_info(image_id, h["initiator"]))
+                    now[h["host"]] = got
+        self._grants[image_id] = now
+        grants = {host: g for host, (_, g) in now.items()}
         self.registry.publish(image_id, {"state": state, "depth": placement["depth"], "parents": placement["parents"],
                                          "failure_domain": self.failure_domain, "grants": grants})
 
@@ -164,7 +175,7 @@ class Tree:
             self.registry.leave(image_id)
             raise
         self._start_prefetch(image_id, profile)
-        self._publish(image_id, placement)
+        self._publish(image_id, placement, fresh=True)
         return path
 
     # -- boot-profile prefetch -----------------------------------------------------------------
@@ -217,6 +228,7 @@ class Tree:
                 time.sleep(0.5)
         self.node.detach(vm_id)
         if last and image_id not in self.node.status()["templates"]:
+            self._grants.pop(image_id, None)
             if self.registry is not None:
                 try:
                     self.registry.leave(image_id)

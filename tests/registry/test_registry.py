@@ -397,3 +397,24 @@ def test_slow_lock_attempt_leaves_no_orphan(backend_url, regs, monkeypatch):
     time.sleep(1.0)                                  # the late attempt has finished (and undone itself)
     with b.lock(img, timeout_s=2):
         pass
+
+
+def test_an_unchanged_record_is_not_written_again(backend_url, regs, monkeypatch):
+    """Tree upkeep republishes every round: a record equal to the one already published costs
+    the backend no write; a changed one is written; after a leave the same record is written."""
+    img = new_image()
+    a, b = regs(backend_url, "cn1"), regs(backend_url, "cn2")
+    writes = []
+    real_join = a._join
+    monkeypatch.setattr(a, "_join", lambda c, group, rec: (writes.append(group), real_join(c, group, rec))[1])
+    rec = {"state": "ready", "depth": 1, "grants": {"cn2": {"lun": 0}}}
+    a.publish(img, rec)
+    a.publish(img, dict(rec))
+    a.publish_host({"initiator": "iqn.x:cn1"})
+    a.publish_host({"initiator": "iqn.x:cn1"})
+    assert len(writes) == 2, writes
+    a.publish(img, dict(rec, depth=2))
+    assert len(writes) == 3 and b.peers(img) == [{"host": "cn1", **rec, "depth": 2}]
+    a.leave(img)
+    a.publish(img, dict(rec, depth=2))
+    assert len(writes) == 4 and hosts_of(b.peers(img)) == ["cn1"]
