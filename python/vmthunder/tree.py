@@ -155,6 +155,14 @@ class Tree:
         # our parents), but build the data path outside it: joins proceed in parallel.
         deadline = time.monotonic() + self.join_wait_s
         while True:
+            if time.monotonic() <= deadline:
+                # Wait for a usable parent outside the lock: a lock round is a write in the
+                # backend, and in a chain every joiner waits here for the one above it.
+                try:
+                    self._choose(image_id, self.registry.peers(image_id))
+                except Busy:
+                    time.sleep(0.25)
+                    continue
             with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
                 try:
                     placement, sources = self._choose(image_id, self.registry.peers(image_id),
