@@ -204,6 +204,33 @@ impl Node {
         json_to_py(py, &v)
     }
 
+    /// Create this node's iSCSI target for `image_id` before its template exists (no LUN):
+    /// children log in and are granted (`export_info`) while this node builds; the template's
+    /// export adds LUN 0 for them. Returns whether it was created. Needs `export_ip`.
+    fn prepare_export(&self, py: Python<'_>, image_id: &str) -> PyResult<bool> {
+        py.allow_threads(|| self.inner.prepare_export(image_id)).map_err(to_py)
+    }
+
+    /// Remove this node's export of `image_id` if the image has no template here (a prepared
+    /// target whose build failed). Returns whether something was removed.
+    fn drop_export(&self, py: Python<'_>, image_id: &str) -> PyResult<bool> {
+        py.allow_threads(|| self.inner.drop_export(image_id)).map_err(to_py)
+    }
+
+    /// Log in to a connection dict's targets ahead of `attach` (which reuses the sessions), no
+    /// LUN scan: a parent's prepared target may have no LUN yet. Returns sessions created.
+    fn prelogin(&self, py: Python<'_>, source: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let v = py_to_json(py, "source", source)?;
+        py.allow_threads(|| self.inner.prelogin(&v)).map_err(to_py)
+    }
+
+    /// Log out of a connection dict's sessions that no device uses (an unused `prelogin`).
+    /// Returns how many sessions ended.
+    fn logout_unused(&self, py: Python<'_>, source: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let v = py_to_json(py, "source", source)?;
+        py.allow_threads(|| self.inner.logout_unused(&v)).map_err(to_py)
+    }
+
     /// Tear down every template no VM and no child uses; returns their image ids.
     fn sweep(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         py.allow_threads(|| self.inner.sweep()).map_err(to_py)

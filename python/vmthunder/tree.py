@@ -154,37 +154,91 @@ class Tree:
         # Choose and claim the slot under the image lock (others then count us as a child of
         # our parents), but build the data path outside it: joins proceed in parallel.
         deadline = time.monotonic() + self.join_wait_s
-        while True:
-            if time.monotonic() <= deadline:
-                # Wait for a usable parent outside the lock: a lock round is a write in the
-                # backend, and in a chain every joiner waits here for the one above it.
-                try:
-                    self._choose(image_id, self.registry.peers(image_id))
-                except Busy:
-                    time.sleep(0.25)
-                    continue
-            with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
-                try:
-                    placement, sources = self._choose(image_id, self.registry.peers(image_id),
-                                                      last_resort=time.monotonic() > deadline)
-                except Busy:
-                    placement = None
-                else:
-                    self.registry.publish(image_id, {"state": "joining", "depth": placement["depth"],
-                                                     "parents": placement["parents"],
-                                                     "failure_domain": self.failure_domain})
-            if placement is not None:
-                break
-            time.sleep(0.25)    # a parent with a free slot is still joining: wait for it
-        LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
+        prelogged: Dict[str, Any] = {}          # parent -> connection dict logged in to early
         try:
-            path = self.node.attach(image_id, self._with_origin(sources, origin), vm_id, snapshot)
-        except Error:
-            self.registry.leave(image_id)
-            raise
+            self._prelogin(image_id, "origin", origin, prelogged)
+            while True:
+                if time.monotonic() <= deadline:
+                    # Wait for a usable parent outside the lock: a lock round is a write in the
+                    # backend, and in a chain every joiner waits here for the one above it.
+                    records = self.registry.peers(image_id)
+                    try:
+                        self._choose(image_id, records)
+                    except Busy:
+                        self._prelogin_tentative(image_id, records, prelogged)
+                        time.sleep(0.25)
+                        continue
+                with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
+                    try:
+                        placement, sources = self._choose(image_id, self.registry.peers(image_id),
+                                                          last_resort=time.monotonic() > deadline)
+                    except Busy:
+                        placement = None
+                    else:
+                        self.registry.publish(image_id, {"state": "joining", "depth": placement["depth"],
+                                                         "parents": placement["parents"],
+                                                         "failure_domain": self.failure_domain})
+                if placement is not None:
+                    break
+                time.sleep(0.25)    # a parent with a free slot is still joining: wait for it
+            LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
+            try:
+                if self.export_ip:
+                    # Our target exists (no LUN yet) and grants are out before we build: our
+                    # children log in while we do, instead of after.
+                    self.node.prepare_export(image_id)
+                    self._publish(image_id, placement, state="joining", fresh=True)
+                path = self.node.attach(image_id, self._with_origin(sources, origin), vm_id, snapshot)
+            except Error:
+                self._abandon_join(image_id)
+                raise
+        finally:
+            for src in prelogged.values():      # sessions attach did not take over
+                try:
+                    self.node.logout_unused(src)
+                except Error as e:
+                    LOG.warning("image %s: could not log out of an unused early session: %s", image_id, e)
         self._start_prefetch(image_id, profile)
-        self._publish(image_id, placement, fresh=True)
+        self._publish(image_id, placement)
         return path
+
+    def _abandon_join(self, image_id: str) -> None:
+        """A failed join: out of the registry group, our prepared target removed."""
+        for what, undo in (("leave the registry group", lambda: self.registry.leave(image_id)),
+                           ("remove the prepared target", lambda: self.node.drop_export(image_id))):
+            try:
+                undo()
+            except Error as e:
+                LOG.warning("image %s: after a failed join, could not %s: %s", image_id, what, e)
+
+    # -- early logins ----------------------------------------------------------------------------
+    def _prelogin(self, image_id: str, name: str, source: Dict[str, Any], done: Dict[str, Any]) -> None:
+        """Log in to `source` once per join, before the slot is ours (attach then reuses the
+        session): in a chain every level's logins otherwise wait for the level above. Best
+        effort: a failure leaves the login to attach."""
+        if name in done:
+            return
+        done[name] = source
+        try:
+            n = self.node.prelogin(source)
+            LOG.info("image %s: logged in to %s ahead of the join (%d new session(s))", image_id, name, n)
+        except Error as e:
+            LOG.info("image %s: early login to %s failed, attach will retry: %s", image_id, name, e)
+
+    def _prelogin_tentative(self, image_id: str, records, done: Dict[str, Any]) -> None:
+        """While no parent is ready: log in to the parents placement would give us if the joining
+        peers that already granted us (their targets exist, without a LUN) were ready."""
+        tentative = [dict(r, state="ready") if r.get("state") == "joining" and self.host in (r.get("grants") or {})
+                     else r for r in records]
+        try:
+            placement = choose_parents({"host": self.host, "failure_domain": self.failure_domain},
+                                       self._peers(tentative), self.policy)
+        except Busy:
+            return
+        by_host = {r["host"]: r for r in records}
+        for p in placement["parents"]:
+            if p != "origin":
+                self._prelogin(image_id, p, by_host[p]["grants"][self.host], done)
 
     # -- boot-profile prefetch -----------------------------------------------------------------
     def _start_prefetch(self, image_id: str, profile) -> None:

@@ -177,19 +177,69 @@ impl Lio {
 
     fn export_steps(&self, exp: &Export, dev: &str) -> Result<()> {
         let so = self.ensure_backstore(exp.kind, &exp.backstore, dev)?;
+        self.target_steps(&exp.iqn, &exp.portal)?;
         let tpg = self.tpg_dir(&exp.iqn);
-        fs::create_dir_all(&tpg).io_ctx(Kind::Lio, || format!("mkdir {}", tpg.display()))?;
         let lun = tpg.join("lun/lun_0");
         if mkdir(&lun)? {
             symlink(&so, lun.join("vmthunder")).io_ctx(Kind::Lio, || format!("link LUN 0 of {}", exp.iqn))?;
         }
-        mkdir(&tpg.join("np").join(&exp.portal))?;
+        // Initiators allowed while the target had no LUN (see `prepare`) see it now.
+        for acl in subdirs(&tpg.join("acls")) {
+            Self::map_lun0(&tpg, &acl)?;
+        }
+        info!("exported {dev} as {} on {}", exp.iqn, exp.portal);
+        Ok(())
+    }
+
+    /// The target, its TPG and portal, CHAP required: everything an initiator logs in to,
+    /// without a LUN. Idempotent.
+    fn target_steps(&self, iqn: &str, portal: &str) -> Result<()> {
+        let tpg = self.tpg_dir(iqn);
+        fs::create_dir_all(&tpg).io_ctx(Kind::Lio, || format!("mkdir {}", tpg.display()))?;
+        mkdir(&tpg.join("np").join(portal))?;
         // Only initiators with an ACL and the right CHAP secret get in.
         w(&tpg.join("attrib/generate_node_acls"), "0")?;
         w(&tpg.join("attrib/demo_mode_write_protect"), "1")?;
         w(&tpg.join("attrib/authentication"), "1")?;
         w(&tpg.join("enable"), "1")?;
-        info!("exported {dev} as {} on {}", exp.iqn, exp.portal);
+        Ok(())
+    }
+
+    /// Make `iqn` reachable on `portal` before there is anything to export: children can log in
+    /// (and `allow` grant them) while this node still builds what LUN 0 will be; `export` adds
+    /// the LUN and maps it for every ACL made meanwhile. Returns whether the target is new. A
+    /// target that fails half-way is removed again.
+    pub fn prepare(&self, iqn: &str, portal: &str) -> Result<bool> {
+        names::validate_iqn(iqn)?;
+        if self.tpg_dir(iqn).is_dir() {
+            return Ok(false);
+        }
+        if let Err(e) = self.target_steps(iqn, portal) {
+            let exp = Export { iqn: iqn.to_string(), backstore: String::new(), portal: portal.to_string(), kind: Backstore::File };
+            return Err(match self.unexport(&exp) {
+                Ok(()) => e,
+                Err(left) => Error::new(Kind::Rollback, format!("{e}; rollback left: {left}")),
+            });
+        }
+        info!("prepared {iqn} on {portal} (no LUN yet)");
+        Ok(true)
+    }
+
+    /// Whether `iqn` has its LUN 0 (a prepared target has none until `export`).
+    pub fn has_lun(&self, iqn: &str) -> bool {
+        self.tpg_dir(iqn).join("lun/lun_0").is_dir()
+    }
+
+    /// Map the TPG's LUN 0 into `acl` if the TPG has one and the ACL does not yet.
+    fn map_lun0(tpg: &Path, acl: &Path) -> Result<()> {
+        let lun = tpg.join("lun/lun_0");
+        if !lun.is_dir() {
+            return Ok(());
+        }
+        let mlun = acl.join("lun_0");
+        if mkdir(&mlun)? {
+            symlink(&lun, mlun.join("vmthunder")).io_ctx(Kind::Lio, || format!("map LUN 0 for {}", acl.display()))?;
+        }
         Ok(())
     }
 
@@ -214,10 +264,7 @@ impl Lio {
             } else {
                 Chap { username: user, password: pass }
             };
-            let mlun = acl.join("lun_0");
-            if mkdir(&mlun)? {
-                symlink(tpg.join("lun/lun_0"), mlun.join("vmthunder")).io_ctx(Kind::Lio, || format!("map LUN 0 for {initiator}"))?;
-            }
+            Self::map_lun0(&tpg, &acl)?;
             Ok(chap)
         })();
         if r.is_err() && created {
@@ -288,7 +335,7 @@ impl Lio {
         // Under either HBA: an export made with the other read path goes too. Still linked
         // (a local disk of the node's own VMs): kept, its owner removes it.
         let so = self.backstore_dir(exp.kind, &exp.backstore);
-        if !self.backstore_linked(&so) {
+        if !exp.backstore.is_empty() && !self.backstore_linked(&so) {
             self.remove_backstore(&exp.backstore, &mut errs);
         }
         if errs.is_empty() {

@@ -26,8 +26,8 @@ use serde_json::Value;
 use crate::{
     dm::{self, Dm},
     error::{Error, Kind, Result},
-    iscsi::Source,
-    lio::Lio,
+    iscsi::{self, Source},
+    lio::{Backstore, Export, Lio},
     names::{self, Parsed, Role},
 };
 
@@ -284,21 +284,88 @@ impl Node {
         Ok(removed)
     }
 
-    /// The connection info a child node (`initiator`) attaches with: this node's export of
-    /// `image`, with CHAP credentials of its own.
-    pub fn export_info(&self, image: &str, initiator: &str) -> Result<Value> {
-        names::validate_id("image id", image)?;
-        names::validate_iqn(initiator)?;
+    /// Where children log in to this node's exports.
+    fn relay_portal(&self) -> Result<String> {
         let ip = self.cfg.export_ip.as_ref().ok_or_else(|| {
             Error::new(Kind::Lio, format!("host {} has no export_ip: it does not relay", self.cfg.host))
         })?;
+        Ok(format!("{ip}:{}", self.cfg.export_port))
+    }
+
+    /// The connection info a child node (`initiator`) attaches with: this node's export of
+    /// `image`, with CHAP credentials of its own. Works on a prepared target too.
+    pub fn export_info(&self, image: &str, initiator: &str) -> Result<Value> {
+        names::validate_id("image id", image)?;
+        names::validate_iqn(initiator)?;
+        let portal = self.relay_portal()?;
         let _lock = self.lock_image(image)?;
         let iqn = names::template_iqn(&self.cfg.host, image);
         let lio = Lio::new()?;
         let chap = lio.allow(&iqn, initiator).map_err(|e| {
             if e.kind == Kind::NotFound { Error::new(Kind::NotFound, format!("image {image:?} is not exported by {}", self.cfg.host)) } else { e }
         })?;
-        Ok(lio.source_for(&iqn, &format!("{ip}:{}", self.cfg.export_port), chap).to_json())
+        Ok(lio.source_for(&iqn, &portal, chap).to_json())
+    }
+
+    /// Create this node's iSCSI target for `image` before its template exists, without a LUN:
+    /// children can log in (and `export_info` grant them) while this node builds; the template's
+    /// export adds LUN 0 for all of them. In a chain this takes every level's logins off the
+    /// critical path. Returns whether the target is new; `drop_export` undoes it.
+    pub fn prepare_export(&self, image: &str) -> Result<bool> {
+        names::validate_id("image id", image)?;
+        let portal = self.relay_portal()?;
+        let _lock = self.lock_image(image)?;
+        Lio::new()?.prepare(&names::template_iqn(&self.cfg.host, image), &portal)
+    }
+
+    /// Remove this node's export of `image` when the image has no template here (a prepared
+    /// target whose build failed or was abandoned). Returns whether something went.
+    pub fn drop_export(&self, image: &str) -> Result<bool> {
+        names::validate_id("image id", image)?;
+        let dm = Dm::open()?;
+        let _lock = self.lock_image(image)?;
+        if !template::devices(&dm, image)?.is_empty() {
+            return Ok(false);
+        }
+        let lio = Lio::new()?;
+        let iqn = names::template_iqn(&self.cfg.host, image);
+        if !lio.exports().contains(&iqn) {
+            return Ok(false);
+        }
+        let exp = Export { iqn, backstore: names::backstore_name(image), portal: String::new(), kind: Backstore::File };
+        lio.unexport(&exp)
+            .map_err(|left| Error::new(Kind::Rollback, format!("removing the export of image {image:?} left: {left}")))?;
+        Ok(true)
+    }
+
+    /// Log in to the targets of `source` (a connection dict) ahead of `attach`, which then
+    /// reuses the sessions; no LUN scan (a prepared target has none yet). Returns how many
+    /// sessions this call created.
+    pub fn prelogin(&self, source: &Value) -> Result<usize> {
+        let src = Source::from_json(source)?;
+        let mut created = 0;
+        for t in &src.targets {
+            if iscsi::login(t, src.chap.as_ref(), self.cfg.path_timeout_s)?.1 {
+                created += 1;
+            }
+        }
+        Ok(created)
+    }
+
+    /// Log out of the sessions to `source`'s targets that no device of this node uses (a
+    /// `prelogin` that went unused). Returns how many sessions ended.
+    pub fn logout_unused(&self, source: &Value) -> Result<usize> {
+        let src = Source::from_json(source)?;
+        let mut ended = 0;
+        for t in &src.targets {
+            match iscsi::logout_if_unused(t) {
+                Ok(true) => ended += 1,
+                Ok(false) => {}
+                Err(e) if e.kind == Kind::Busy => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ended)
     }
 
     /// Images with at least one device of ours on this node.

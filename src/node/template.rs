@@ -135,7 +135,8 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
     }
     if let Some(exp) = export_of(node, image) {
         let lio = Lio::new()?;
-        let existed = lio.exports().contains(&exp.iqn);
+        // A target prepared for early logins has no LUN yet: this call makes the export.
+        let existed = lio.has_lun(&exp.iqn);
         lio.export(&exp.iqn, &exp.backstore, exp.kind, &origin.path(), &exp.portal)?;
         if !existed {
             undo.push(format!("export {}", exp.iqn), move || lio.unexport(&exp));

@@ -108,6 +108,43 @@ def test_template_kept_while_a_child_is_logged_in(fleet):
     del vm
 
 
+def test_a_child_logs_in_to_a_prepared_target_before_its_parent_builds(fleet):
+    """B prepares its target for the image (no template yet) and grants C; C logs in at once
+    (no LUN, no disk); B builds its template, which adds LUN 0 for C; C's attach then reuses
+    that session and reads the origin's data. An abandoned preparation leaves nothing."""
+    b, c = fleet["b"], fleet["c"]
+    nb = node_ctor(b, export_ip=b.ip)
+    assert py(b, nb + f"out(node.prepare_export({IMAGE_ID!r}))") is True
+    assert py(b, nb + f"out(node.prepare_export({IMAGE_ID!r}))") is False        # idempotent
+    conn_c = py(b, nb + f"out(node.export_info({IMAGE_ID!r}, {c.initiator_iqn!r}))")
+    assert py(c, node_ctor(c) + f"out(node.prelogin({conn_c!r}))") == 1
+    sessions = c.check("ls /sys/class/iscsi_session").split()
+    assert len(sessions) == 1 and c.check("ls /sys/class/iscsi_session/*/device/ | grep -c target || true").strip() in ("0", "")
+    assert py(b, nb + "out(node.status())")["templates"] == {}
+
+    vm1 = py(b, nb + f"out(node.attach({IMAGE_ID!r}, [{origin_conn(fleet, b)!r}], 'vm1'))")
+    out = c.check(f"python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n"
+                  f"{node_ctor(c)}print(node.attach({IMAGE_ID!r}, [{conn_c!r}], 'vm2'))\nEOF", timeout=180)
+    assert "reusing iSCSI session" in out, out
+    assert c.check("ls /sys/class/iscsi_session").split() == sessions
+    vm2 = out.strip().splitlines()[-1]
+    assert md5_of(c, vm2, IMAGE) == fleet.origin_md5 and md5_of(b, vm1, IMAGE) == fleet.origin_md5
+    assert py(c, node_ctor(c) + f"out(node.logout_unused({conn_c!r}))") == 0     # in use: kept
+    py(c, node_ctor(c) + "node.detach('vm2')")
+    assert_clean(c)
+    py(b, nb + "node.detach('vm1')")
+    assert_clean(b)
+
+    # Prepared, a child logged in, then the build is abandoned: drop_export removes it all.
+    assert py(b, nb + f"out(node.prepare_export({IMAGE_ID!r}))") is True
+    conn_c = py(b, nb + f"out(node.export_info({IMAGE_ID!r}, {c.initiator_iqn!r}))")
+    assert py(c, node_ctor(c) + f"out(node.prelogin({conn_c!r}))") == 1
+    assert py(b, nb + f"out(node.drop_export({IMAGE_ID!r}))") is True
+    assert_clean(b)
+    assert py(c, node_ctor(c) + f"out(node.logout_unused({conn_c!r}))") == 1
+    assert_clean(c)
+
+
 def test_vmm_overlay(fleet):
     b = fleet["b"]
     ovl = py(b, node_ctor(b) + f"out(node.attach({IMAGE_ID!r}, [{origin_conn(fleet, b)!r}], 'vm9', snapshot='vmm'))")

@@ -2,6 +2,9 @@
 template, not on every upkeep round, and a rebuilt template grants afresh."""
 import contextlib
 
+import pytest
+
+import vmthunder
 from vmthunder.tree import Tree
 
 
@@ -11,6 +14,23 @@ class FakeNode:
     def __init__(self):
         self.templates = {}
         self.export_calls = []
+        self.calls = []         # prepare_export, drop_export, prelogin, logout_unused, in order
+
+    def prepare_export(self, image):
+        self.calls.append(("prepare_export", image))
+        return True
+
+    def drop_export(self, image):
+        self.calls.append(("drop_export", image))
+        return True
+
+    def prelogin(self, source):
+        self.calls.append(("prelogin", source["target_iqn"]))
+        return 1
+
+    def logout_unused(self, source):
+        self.calls.append(("logout_unused", source["target_iqn"]))
+        return 0
 
     def status(self):
         return {"templates": {i: {"vms": list(v), "children": []} for i, v in self.templates.items()}}
@@ -35,6 +55,7 @@ class FakeRegistry:
     def __init__(self):
         self.host_records = {}
         self.records = {}
+        self.on_peers = None    # called before each peers(): lets a test change the others
 
     def publish_host(self, rec):
         self.host_records[rec["host"]] = dict(rec)
@@ -47,6 +68,8 @@ class FakeRegistry:
         yield
 
     def peers(self, image):
+        if self.on_peers:
+            self.on_peers()
         return [dict(r, host=h) for h, r in sorted(self.records.get(image, {}).items())]
 
     def publish(self, image, rec):
@@ -75,3 +98,40 @@ def test_upkeep_grants_only_new_hosts_and_a_rebuilt_template_grants_again(tmp_pa
     tree.detach("vm1")                                    # template gone: its ACLs with it
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm2")
     assert len(node.export_calls) == 5, node.export_calls
+
+
+def test_a_joiner_logs_in_to_a_joining_parent_before_its_slot_and_drops_what_it_did_not_use(tmp_path):
+    """Fan-out 1: cn0 holds the origin's slot and is still building (joining) but has granted
+    cn1. cn1 logs in to the origin and to cn0 while it waits, claims cn0 once ready, and
+    builds with those sessions; it prepares its own target (and grants) before building."""
+    node, reg = FakeNode(), FakeRegistry()
+    reg.publish_host({"host": "cn2", "initiator": "iqn.x:cn2"})
+    cn0 = {"state": "joining", "depth": 1, "parents": ["origin"], "failure_domain": None,
+           "grants": {"cn1": {"target_iqn": "iqn.x:cn0-img"}}}
+    reg.records["img"] = {"cn0": cn0}
+    rounds = []
+
+    def parent_gets_ready():
+        rounds.append(1)
+        if len(rounds) == 3:
+            cn0["state"] = "ready"
+    reg.on_peers = parent_gets_ready
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    assert node.calls[:2] == [("prelogin", "iqn.x:origin"), ("prelogin", "iqn.x:cn0-img")], node.calls
+    assert node.calls[2] == ("prepare_export", "img")
+    assert sorted(node.calls[3:]) == [("logout_unused", "iqn.x:cn0-img"), ("logout_unused", "iqn.x:origin")]
+    me = reg.records["img"]["cn1"]
+    assert me["parents"][0] == "cn0" and me["state"] == "ready" and set(me["grants"]) == {"cn2"}
+
+
+def test_a_failed_build_removes_the_prepared_target(tmp_path):
+    node, reg = FakeNode(), FakeRegistry()
+
+    def broken_attach(*args, **kw):
+        raise vmthunder.CacheDeviceError("the cache device is gone")
+    node.attach = broken_attach
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    with pytest.raises(vmthunder.CacheDeviceError):
+        tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    assert ("drop_export", "img") in node.calls and "cn1" not in reg.records.get("img", {})
