@@ -182,6 +182,8 @@ class Tree:
                     break
                 time.sleep(0.25)    # a parent with a free slot is still joining: wait for it
             LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
+            for p in placement["parents"]:      # attach must not log in beside a running early login
+                self._prelogin_done(prelogged.get(p))
             try:
                 if self.export_ip:
                     # Our target exists (no LUN yet) and grants are out before we build: our
@@ -193,9 +195,10 @@ class Tree:
                 self._abandon_join(image_id)
                 raise
         finally:
-            for src in prelogged.values():      # sessions attach did not take over
+            for entry in prelogged.values():    # sessions attach did not take over
+                self._prelogin_done(entry)
                 try:
-                    self.node.logout_unused(src)
+                    self.node.logout_unused(entry[0])
                 except Error as e:
                     LOG.warning("image %s: could not log out of an unused early session: %s", image_id, e)
         self._start_prefetch(image_id, profile)
@@ -213,17 +216,28 @@ class Tree:
 
     # -- early logins ----------------------------------------------------------------------------
     def _prelogin(self, image_id: str, name: str, source: Dict[str, Any], done: Dict[str, Any]) -> None:
-        """Log in to `source` once per join, before the slot is ours (attach then reuses the
-        session): in a chain every level's logins otherwise wait for the level above. Best
-        effort: a failure leaves the login to attach."""
+        """Log in to `source` once per join, on a thread, before the slot is ours (attach then
+        reuses the session): in a chain every level's logins otherwise wait for the level
+        above, and a login behind loaded links takes seconds. Best effort: a failure leaves the
+        login to attach."""
         if name in done:
             return
-        done[name] = source
-        try:
-            n = self.node.prelogin(source)
-            LOG.info("image %s: logged in to %s ahead of the join (%d new session(s))", image_id, name, n)
-        except Error as e:
-            LOG.info("image %s: early login to %s failed, attach will retry: %s", image_id, name, e)
+
+        def run():
+            try:
+                n = self.node.prelogin(source)
+                LOG.info("image %s: logged in to %s ahead of the join (%d new session(s))", image_id, name, n)
+            except Error as e:
+                LOG.info("image %s: early login to %s failed, attach will retry: %s", image_id, name, e)
+
+        t = threading.Thread(target=run, name=f"vmthunder-prelogin-{name}", daemon=True)
+        done[name] = (source, t)
+        t.start()
+
+    @staticmethod
+    def _prelogin_done(entry, timeout_s: float = 120.0) -> None:
+        if entry is not None:
+            entry[1].join(timeout_s)         # iscsiadm's own timeouts bound a login
 
     def _prelogin_tentative(self, image_id: str, records, done: Dict[str, Any]) -> None:
         """While no parent is ready: log in to the parents placement would give us if the joining
