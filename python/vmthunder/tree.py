@@ -194,16 +194,24 @@ class Tree:
             except Error:
                 self._abandon_join(image_id)
                 raise
+            self._start_prefetch(image_id, profile)
+            self._publish(image_id, placement)      # ready: our children may claim now
+            return path
         finally:
-            for entry in prelogged.values():    # sessions attach did not take over
-                self._prelogin_done(entry)
+            self._drop_unused_sessions(image_id, prelogged)
+
+    def _drop_unused_sessions(self, image_id: str, prelogged: Dict[str, Any]) -> None:
+        """Log out of the early sessions attach did not take over (parents someone else got),
+        on a thread: after `ready` is published, not before it."""
+        def run():
+            for source, t in prelogged.values():
+                self._prelogin_done((source, t))
                 try:
-                    self.node.logout_unused(entry[0])
+                    self.node.logout_unused(source)
                 except Error as e:
                     LOG.warning("image %s: could not log out of an unused early session: %s", image_id, e)
-        self._start_prefetch(image_id, profile)
-        self._publish(image_id, placement)
-        return path
+        if prelogged:
+            threading.Thread(target=run, name=f"vmthunder-logout-{image_id}", daemon=True).start()
 
     def _abandon_join(self, image_id: str) -> None:
         """A failed join: out of the registry group, our prepared target removed."""
