@@ -82,25 +82,30 @@ class Tree:
             return None
 
     # -- placement ---------------------------------------------------------------------------
-    def _peers(self, records: List[Dict[str, Any]], exclude=()) -> List[Dict[str, Any]]:
-        """Registry records -> placement peers. Peers that have not granted us are 'joining'."""
+    def _peers(self, records: List[Dict[str, Any]], exclude=(), early: bool = False) -> List[Dict[str, Any]]:
+        """Registry records -> placement peers. Peers that have not granted us are 'joining'.
+        `early`: a joining peer that has granted us (its target exists, without a LUN) counts
+        as ready: we may claim under it and log in while it builds."""
         peers = []
         for r in records:
             if r.get("host") in (self.host, *exclude):
                 continue
             state = r.get("state", "joining")
-            if state == "ready" and self.host not in (r.get("grants") or {}):
+            granted = self.host in (r.get("grants") or {})
+            if state == "ready" and not granted:
                 state = "joining"
+            elif state == "joining" and granted and early:
+                state = "ready"
             peers.append({"host": r["host"], "state": state, "depth": max(1, int(r.get("depth", 1))),
                           "failure_domain": r.get("failure_domain"), "parents": r.get("parents", [])})
         return peers
 
-    def _choose(self, image_id: str, records, exclude=(), last_resort=False):
+    def _choose(self, image_id: str, records, exclude=(), last_resort=False, early=False):
         """Placement over the registry records. Raises Busy while every free slot belongs to a
         peer that is not ready (or has not granted us) yet, unless `last_resort`: then the
-        origin alone."""
+        origin alone. Never a node below us (see `_descendants`)."""
         newcomer = {"host": self.host, "failure_domain": self.failure_domain}
-        peers = self._peers(records, exclude)
+        peers = self._peers(records, set(exclude) | self._descendants(records), early)
         try:
             placement = choose_parents(newcomer, peers, self.policy)
         except Busy:
@@ -114,6 +119,18 @@ class Tree:
         if None not in sources:
             sources.append(None)
         return placement, sources
+
+    def _descendants(self, records) -> set:
+        """Hosts whose parents lead to us: choosing one would make a cycle."""
+        below, grew = set(), True
+        while grew:
+            grew = False
+            for r in records:
+                h = r.get("host")
+                if h not in below and h != self.host and any(p == self.host or p in below for p in r.get("parents", [])):
+                    below.add(h)
+                    grew = True
+        return below
 
     @staticmethod
     def _with_origin(sources, origin):
@@ -151,54 +168,85 @@ class Tree:
             path = self.node.attach(image_id, [origin], vm_id, snapshot)
             self._start_prefetch(image_id, profile)
             return path
-        # Choose and claim the slot under the image lock (others then count us as a child of
-        # our parents), but build the data path outside it: joins proceed in parallel.
+        # Claim the slot under the image lock (others then count us as a child of our parents),
+        # build the data path outside it. A parent may still be building (joining) if it has
+        # granted us: we claim at once, log in while it builds and build as soon as it is ready,
+        # so in a chain every level's claim and logins happen together instead of in turn.
         deadline = time.monotonic() + self.join_wait_s
-        prelogged: Dict[str, Any] = {}          # parent -> connection dict logged in to early
+        prelogged: Dict[str, Any] = {}          # name -> (connection dict, login thread)
+        exclude: set = set()
         try:
             self._prelogin(image_id, "origin", origin, prelogged)
             while True:
-                if time.monotonic() <= deadline:
-                    # Wait for a usable parent outside the lock: a lock round is a write in the
-                    # backend, and in a chain every joiner waits here for the one above it.
-                    records = self.registry.peers(image_id)
-                    try:
-                        self._choose(image_id, records)
-                    except Busy:
-                        self._prelogin_tentative(image_id, records, prelogged)
-                        time.sleep(0.25)
-                        continue
-                with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
-                    try:
-                        placement, sources = self._choose(image_id, self.registry.peers(image_id),
-                                                          last_resort=time.monotonic() > deadline)
-                    except Busy:
-                        placement = None
-                    else:
-                        self.registry.publish(image_id, {"state": "joining", "depth": placement["depth"],
-                                                         "parents": placement["parents"],
-                                                         "failure_domain": self.failure_domain})
-                if placement is not None:
-                    break
-                time.sleep(0.25)    # a parent with a free slot is still joining: wait for it
-            LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
-            for p in placement["parents"]:      # attach must not log in beside a running early login
-                self._prelogin_done(prelogged.get(p))
-            try:
+                placement, sources = self._claim(image_id, deadline, exclude)
+                for p, src in zip(placement["parents"], sources):
+                    if src is not None:
+                        self._prelogin(image_id, p, src, prelogged)
                 if self.export_ip:
-                    # Our target exists (no LUN yet) and grants are out before we build: our
-                    # children log in while we do, instead of after.
+                    # Our target (no LUN yet) and grants go out before we build: our children
+                    # claim under us and log in while we wait and build.
                     self.node.prepare_export(image_id)
                     self._publish(image_id, placement, state="joining", fresh=True)
-                path = self.node.attach(image_id, self._with_origin(sources, origin), vm_id, snapshot)
-            except Error:
-                self._abandon_join(image_id)
-                raise
+                gone = self._wait_for_parents(image_id, placement, deadline)
+                if not gone:
+                    break
+                LOG.warning("image %s: parents %s gone or not ready in time; choosing again", image_id, sorted(gone))
+                exclude |= gone
+            for p in placement["parents"]:      # attach must not log in beside a running early login
+                self._prelogin_done(prelogged.get(p))
+            path = self.node.attach(image_id, self._with_origin(sources, origin), vm_id, snapshot)
             self._start_prefetch(image_id, profile)
-            self._publish(image_id, placement)      # ready: our children may claim now
+            self._publish(image_id, placement)      # ready: our children may build now
             return path
+        except Error:
+            self._abandon_join(image_id)
+            raise
         finally:
             self._drop_unused_sessions(image_id, prelogged)
+
+    def _claim(self, image_id: str, deadline: float, exclude) -> tuple:
+        """Wait (outside the lock: a lock round is a backend write) until placement finds us a
+        slot, then claim it under the lock. After the deadline: ready parents only, else the
+        origin alone."""
+        while True:
+            late = time.monotonic() > deadline
+            if not late:
+                try:
+                    self._choose(image_id, self.registry.peers(image_id), exclude, early=True)
+                except Busy:
+                    time.sleep(0.25)
+                    continue
+            with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
+                try:
+                    placement, sources = self._choose(image_id, self.registry.peers(image_id), exclude,
+                                                      last_resort=late, early=not late)
+                except Busy:
+                    placement = None
+                else:
+                    self.registry.publish(image_id, {"state": "joining", "depth": placement["depth"],
+                                                     "parents": placement["parents"],
+                                                     "failure_domain": self.failure_domain})
+            if placement is not None:
+                LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
+                return placement, sources
+            time.sleep(0.25)    # someone took the slot: choose again
+
+    def _wait_for_parents(self, image_id: str, placement, deadline: float) -> set:
+        """Wait until every parent we claimed under is ready. Returns the parents that left,
+        failed or are still not ready at the deadline (empty: build now)."""
+        want = [p for p in placement["parents"] if p != "origin"]
+        while want:
+            by_host = {r["host"]: r for r in self.registry.peers(image_id)}
+            gone = {p for p in want if p not in by_host or by_host[p].get("state") in ("leaving", "failed")}
+            if gone:
+                return gone
+            waiting = {p for p in want if by_host[p].get("state") != "ready"}
+            if not waiting:
+                return set()
+            if time.monotonic() > deadline:
+                return waiting
+            time.sleep(0.2)
+        return set()
 
     def _drop_unused_sessions(self, image_id: str, prelogged: Dict[str, Any]) -> None:
         """Log out of the early sessions attach did not take over (parents someone else got),
@@ -215,8 +263,10 @@ class Tree:
 
     def _abandon_join(self, image_id: str) -> None:
         """A failed join: out of the registry group, our prepared target removed."""
-        for what, undo in (("leave the registry group", lambda: self.registry.leave(image_id)),
-                           ("remove the prepared target", lambda: self.node.drop_export(image_id))):
+        undos = [("leave the registry group", lambda: self.registry.leave(image_id))]
+        if self.export_ip:
+            undos.append(("remove the prepared target", lambda: self.node.drop_export(image_id)))
+        for what, undo in undos:
             try:
                 undo()
             except Error as e:
@@ -224,9 +274,9 @@ class Tree:
 
     # -- early logins ----------------------------------------------------------------------------
     def _prelogin(self, image_id: str, name: str, source: Dict[str, Any], done: Dict[str, Any]) -> None:
-        """Log in to `source` once per join, on a thread, before the slot is ours (attach then
-        reuses the session): in a chain every level's logins otherwise wait for the level
-        above, and a login behind loaded links takes seconds. Best effort: a failure leaves the
+        """Log in to `source` once per join, on a thread, while we wait for the parent to build
+        (attach then reuses the session): a login behind loaded links takes seconds, and in a
+        chain it would otherwise wait for the level above. Best effort: a failure leaves the
         login to attach."""
         if name in done:
             return
@@ -247,20 +297,6 @@ class Tree:
         if entry is not None:
             entry[1].join(timeout_s)         # iscsiadm's own timeouts bound a login
 
-    def _prelogin_tentative(self, image_id: str, records, done: Dict[str, Any]) -> None:
-        """While no parent is ready: log in to the parents placement would give us if the joining
-        peers that already granted us (their targets exist, without a LUN) were ready."""
-        tentative = [dict(r, state="ready") if r.get("state") == "joining" and self.host in (r.get("grants") or {})
-                     else r for r in records]
-        try:
-            placement = choose_parents({"host": self.host, "failure_domain": self.failure_domain},
-                                       self._peers(tentative), self.policy)
-        except Busy:
-            return
-        by_host = {r["host"]: r for r in records}
-        for p in placement["parents"]:
-            if p != "origin":
-                self._prelogin(image_id, p, by_host[p]["grants"][self.host], done)
 
     # -- boot-profile prefetch -----------------------------------------------------------------
     def _start_prefetch(self, image_id: str, profile) -> None:

@@ -101,32 +101,52 @@ def test_upkeep_grants_only_new_hosts_and_a_rebuilt_template_grants_again(tmp_pa
     assert len(node.export_calls) == 5, node.export_calls
 
 
-def test_a_joiner_logs_in_to_a_joining_parent_before_its_slot_and_drops_what_it_did_not_use(tmp_path):
-    """Fan-out 1: cn0 holds the origin's slot and is still building (joining) but has granted
-    cn1. cn1 logs in to the origin and to cn0 while it waits, claims cn0 once ready, and
-    builds with those sessions; it prepares its own target (and grants) before building."""
+def test_a_joiner_claims_under_a_building_parent_that_granted_it_and_builds_once_it_is_ready(tmp_path):
+    """Fan-out 1: cn0 holds the origin's slot and still builds (joining) but has granted cn1.
+    cn1 claims under cn0 at once, logs in to the origin and to cn0, prepares its own target
+    and grants, and builds only when cn0 is ready; sessions it did not take over are dropped."""
     node, reg = FakeNode(), FakeRegistry()
     reg.publish_host({"host": "cn2", "initiator": "iqn.x:cn2"})
     cn0 = {"state": "joining", "depth": 1, "parents": ["origin"], "failure_domain": None,
            "grants": {"cn1": {"target_iqn": "iqn.x:cn0-img"}}}
     reg.records["img"] = {"cn0": cn0}
-    rounds = []
+    seen = []
 
     def parent_gets_ready():
-        rounds.append(1)
-        if len(rounds) == 3:
+        mine = reg.records["img"].get("cn1")
+        seen.append(dict(mine) if mine else None)
+        if mine and mine.get("grants") and len(seen) >= 4:
             cn0["state"] = "ready"
     reg.on_peers = parent_gets_ready
+    built = []
+    real_attach = node.attach
+    node.attach = lambda image, sources, vm, snapshot="dm": (built.append((cn0["state"], sources)),
+                                                               real_attach(image, sources, vm, snapshot))[1]
     tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     for t in threading.enumerate():          # the unused sessions are dropped on a thread
         if t.name.startswith("vmthunder-logout-"):
             t.join(10)
-    assert sorted(node.calls[:2]) == [("prelogin", "iqn.x:cn0-img"), ("prelogin", "iqn.x:origin")], node.calls
-    assert node.calls[2] == ("prepare_export", "img")
-    assert sorted(node.calls[3:]) == [("logout_unused", "iqn.x:cn0-img"), ("logout_unused", "iqn.x:origin")]
+    claimed = next(r for r in seen if r)
+    assert claimed["parents"][0] == "cn0" and claimed["state"] == "joining", seen
+    assert built == [("ready", [{"target_iqn": "iqn.x:cn0-img"}, {"target_iqn": "iqn.x:origin"}])]
+    assert ("prelogin", "iqn.x:cn0-img") in node.calls and ("prelogin", "iqn.x:origin") in node.calls
+    assert node.calls.index(("prepare_export", "img")) < len(node.calls)
+    assert sorted(c for c in node.calls if c[0] == "logout_unused") == [("logout_unused", "iqn.x:cn0-img"),
+                                                                        ("logout_unused", "iqn.x:origin")]
     me = reg.records["img"]["cn1"]
     assert me["parents"][0] == "cn0" and me["state"] == "ready" and set(me["grants"]) == {"cn2"}
+
+
+def test_a_joiner_never_claims_under_its_own_descendant(tmp_path):
+    """cn1 re-chooses after its parent left; cn2 (joining, granted cn1) sits below cn1."""
+    node, reg = FakeNode(), FakeRegistry()
+    reg.records["img"] = {"cn2": {"state": "ready", "depth": 2, "parents": ["cn1", "origin"],
+                                  "grants": {"cn1": {"target_iqn": "iqn.x:cn2-img"}}},
+                          "cn1": {"state": "joining", "depth": 1, "parents": ["origin"]}}
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    placement, _ = tree._choose("img", reg.peers("img"), last_resort=True, early=True)
+    assert "cn2" not in placement["parents"]
 
 
 def test_a_failed_build_removes_the_prepared_target(tmp_path):
