@@ -114,6 +114,11 @@ class Tree:
             LOG.warning("image %s: no parent ready in time; using the origin alone", image_id)
             placement = {"parents": ["origin"], "depth": 1}
         by_host = {r["host"]: r for r in records}
+        if early:
+            # Only the primary may still be building: a secondary parent is a failover path,
+            # not worth waiting for (the origin, when it is the primary, least of all).
+            placement = dict(placement, parents=[p for i, p in enumerate(placement["parents"])
+                                                 if i == 0 or p == "origin" or by_host[p].get("state") == "ready"])
         # Failover order = placement order; "origin" stands for the origin volume itself.
         sources = [None if p == "origin" else by_host[p]["grants"][self.host] for p in placement["parents"]]
         if None not in sources:

@@ -81,7 +81,7 @@ def check_tree(records, n):
     for p in set(primaries):
         assert primaries.count(p) <= FANOUT, f"fan-out of {p} exceeded: {primaries}"
     for r in records:
-        assert r["parents"][-1] == "origin" or r["parents"] == ["origin"], "the origin is always the last resort"
+        assert r["parents"][0] == "origin" or r["parents"][-1] == "origin", "the origin is always a path (primary or last)"
         seen, cur = set(), r["host"]
         while cur != "origin":
             assert cur not in seen, f"cycle through {cur}"

@@ -159,3 +159,17 @@ def test_a_failed_build_removes_the_prepared_target(tmp_path):
     with pytest.raises(vmthunder.CacheDeviceError):
         tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     assert ("drop_export", "img") in node.calls and "cn1" not in reg.records.get("img", {})
+
+
+def test_only_the_primary_parent_may_still_be_building(tmp_path):
+    """The origin has room (primary); cn3 is joining and granted us: it must not become a
+    secondary parent we would wait for (placement alone would pick it: [origin, cn3])."""
+    node, reg = FakeNode(), FakeRegistry()
+    reg.records["img"] = {"cn3": {"state": "joining", "depth": 1, "parents": ["origin"],
+                                  "grants": {"cn1": {"target_iqn": "iqn.x:cn3-img"}}}}
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=3)
+    placement, sources = tree._choose("img", reg.peers("img"), early=True)
+    assert placement["parents"] == ["origin"] and sources == [None]
+    reg.records["img"]["cn3"]["state"] = "ready"
+    placement, _ = tree._choose("img", reg.peers("img"), early=True)
+    assert placement["parents"] == ["origin", "cn3"]
