@@ -103,9 +103,9 @@ class Tree:
     def _choose(self, image_id: str, records, exclude=(), last_resort=False, early=False):
         """Placement over the registry records. Raises Busy while every free slot belongs to a
         peer that is not ready (or has not granted us) yet, unless `last_resort`: then the
-        origin alone. Never a node below us (see `_descendants`)."""
+        origin alone. Placement never picks a node below us (it follows the peers' parents)."""
         newcomer = {"host": self.host, "failure_domain": self.failure_domain}
-        peers = self._peers(records, set(exclude) | self._descendants(records), early)
+        peers = self._peers(records, exclude, early)
         try:
             placement = choose_parents(newcomer, peers, self.policy)
         except Busy:
@@ -124,18 +124,6 @@ class Tree:
         if None not in sources:
             sources.append(None)
         return placement, sources
-
-    def _descendants(self, records) -> set:
-        """Hosts whose parents lead to us: choosing one would make a cycle."""
-        below, grew = set(), True
-        while grew:
-            grew = False
-            for r in records:
-                h = r.get("host")
-                if h not in below and h != self.host and any(p == self.host or p in below for p in r.get("parents", [])):
-                    below.add(h)
-                    grew = True
-        return below
 
     @staticmethod
     def _with_origin(sources, origin):
@@ -257,10 +245,10 @@ class Tree:
         """Log out of the early sessions attach did not take over (parents someone else got),
         on a thread: after `ready` is published, not before it."""
         def run():
-            for source, t in prelogged.values():
-                self._prelogin_done((source, t))
+            for entry in prelogged.values():
+                self._prelogin_done(entry)
                 try:
-                    self.node.logout_unused(source)
+                    self.node.logout_unused(entry[0])
                 except Error as e:
                     LOG.warning("image %s: could not log out of an unused early session: %s", image_id, e)
         if prelogged:

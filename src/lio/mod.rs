@@ -215,11 +215,9 @@ impl Lio {
             return Ok(false);
         }
         if let Err(e) = self.target_steps(iqn, portal) {
-            let exp = Export { iqn: iqn.to_string(), backstore: String::new(), portal: portal.to_string(), kind: Backstore::File };
-            return Err(match self.unexport(&exp) {
-                Ok(()) => e,
-                Err(left) => Error::new(Kind::Rollback, format!("{e}; rollback left: {left}")),
-            });
+            let mut left = Vec::new();
+            self.remove_target(iqn, &mut left);
+            return Err(if left.is_empty() { e } else { Error::new(Kind::Rollback, format!("{e}; rollback left: {}", left.join("; "))) });
         }
         info!("prepared {iqn} on {portal} (no LUN yet)");
         Ok(true)
@@ -317,25 +315,11 @@ impl Lio {
     /// tried; the failures are gathered into one error naming what was left.
     pub fn unexport(&self, exp: &Export) -> std::result::Result<(), String> {
         let mut errs = Vec::new();
-        let tpg = self.tpg_dir(&exp.iqn);
-        if tpg.is_dir() {
-            let _ = fs::write(tpg.join("enable"), "0");
-            for acl in subdirs(&tpg.join("acls")) {
-                self.remove_acl(&acl, &mut errs);
-            }
-            let lun = tpg.join("lun/lun_0");
-            unlink(&lun.join("vmthunder"), &mut errs);
-            rmdir(&lun, &mut errs);
-            for np in subdirs(&tpg.join("np")) {
-                rmdir(&np, &mut errs);
-            }
-            rmdir(&tpg, &mut errs);
-        }
-        rmdir(&self.root.join("iscsi").join(&exp.iqn), &mut errs);
+        self.remove_target(&exp.iqn, &mut errs);
         // Under either HBA: an export made with the other read path goes too. Still linked
         // (a local disk of the node's own VMs): kept, its owner removes it.
         let so = self.backstore_dir(exp.kind, &exp.backstore);
-        if !exp.backstore.is_empty() && !self.backstore_linked(&so) {
+        if !self.backstore_linked(&so) {
             self.remove_backstore(&exp.backstore, &mut errs);
         }
         if errs.is_empty() {
@@ -344,5 +328,24 @@ impl Lio {
         } else {
             Err(errs.join("; "))
         }
+    }
+
+    /// Remove target `iqn` (ACLs, LUN, portals, TPG); gathers failures. Not the backstore.
+    fn remove_target(&self, iqn: &str, errs: &mut Vec<String>) {
+        let tpg = self.tpg_dir(iqn);
+        if tpg.is_dir() {
+            let _ = fs::write(tpg.join("enable"), "0");
+            for acl in subdirs(&tpg.join("acls")) {
+                self.remove_acl(&acl, errs);
+            }
+            let lun = tpg.join("lun/lun_0");
+            unlink(&lun.join("vmthunder"), errs);
+            rmdir(&lun, errs);
+            for np in subdirs(&tpg.join("np")) {
+                rmdir(&np, errs);
+            }
+            rmdir(&tpg, errs);
+        }
+        rmdir(&self.root.join("iscsi").join(iqn), errs);
     }
 }

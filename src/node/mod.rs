@@ -27,7 +27,7 @@ use crate::{
     dm::{self, Dm},
     error::{Error, Kind, Result},
     iscsi::{self, Source},
-    lio::{Backstore, Export, Lio},
+    lio::Lio,
     names::{self, Parsed, Role},
 };
 
@@ -327,15 +327,8 @@ impl Node {
         if !template::devices(&dm, image)?.is_empty() {
             return Ok(false);
         }
-        let lio = Lio::new()?;
-        let iqn = names::template_iqn(&self.cfg.host, image);
-        if !lio.exports().contains(&iqn) {
-            return Ok(false);
-        }
-        let exp = Export { iqn, backstore: names::backstore_name(image), portal: String::new(), kind: Backstore::File };
-        lio.unexport(&exp)
-            .map_err(|left| Error::new(Kind::Rollback, format!("removing the export of image {image:?} left: {left}")))?;
-        Ok(true)
+        template::unexport_image(self, &Lio::new()?, image)
+            .map_err(|left| Error::new(Kind::Rollback, format!("removing the export of image {image:?} left: {left}")))
     }
 
     /// Log in to the targets of `source` (a connection dict) ahead of `attach`, which then

@@ -272,6 +272,18 @@ fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result
     Ok(disks)
 }
 
+/// Remove this node's export of `image`, found by its IQN (also one made under an earlier
+/// export_ip, or prepared without a LUN). Returns whether there was one.
+pub fn unexport_image(node: &Node, lio: &Lio, image: &str) -> std::result::Result<bool, String> {
+    let iqn = names::template_iqn(&node.cfg.host, image);
+    if !lio.exports().contains(&iqn) {
+        return Ok(false);
+    }
+    let exp = export_of(node, image)
+        .unwrap_or(Export { iqn, backstore: names::backstore_name(image), portal: String::new(), kind: backstore_kind(node) });
+    lio.unexport(&exp).map(|()| true)
+}
+
 /// Tear the template down if no VM and no child session uses it. Returns whether it went.
 pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
     let vms = node.vms_of(dm, image)?;
@@ -291,15 +303,8 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
     // Everything is tried; what could not be removed is reported together.
     let mut left = Vec::new();
     if let Some(l) = &lio {
-        // Also an export made under an earlier export_ip: match on the IQN.
-        let iqn = names::template_iqn(&node.cfg.host, image);
-        if l.exports().contains(&iqn) {
-            let exp = export.clone().unwrap_or(Export {
-                iqn, backstore: names::backstore_name(image), portal: String::new(), kind: backstore_kind(node),
-            });
-            if let Err(e) = l.unexport(&exp) {
-                left.push(e);
-            }
+        if let Err(e) = unexport_image(node, l, image) {
+            left.push(e);
         }
         // The VMs' local disk, then the backstore it kept (also after a crash left them).
         l.remove_local_disk(image, &mut left);
