@@ -37,11 +37,25 @@ def place_joiner(url, host, domain, image_id, barrier, done, results):
                                    "failure_domain": domain})
         out["placement"] = placement
         out["order"] = len(peers)       # joins are serialized by the lock: how many came before
+        out["seen"] = peers
     except BaseException:
         out["error"] = traceback.format_exc()
     results.put(out)
     done.wait(120)
     reg.stop()
+
+
+def secondary_candidates(peers, depth, primary_domain, primary):
+    """Peers (as a joiner saw them) of a domain other than its primary's that could have been
+    its secondary parent: ready, no deeper than the joiner, fewer than K secondary children."""
+    secondary_kids = {}
+    for p in peers:
+        for q in p["parents"][1:]:
+            if q != "origin":
+                secondary_kids[q] = secondary_kids.get(q, 0) + 1
+    return [p["host"] for p in peers
+            if p["host"] != primary and p["state"] == "ready" and p["depth"] <= depth
+            and p["failure_domain"] != primary_domain and secondary_kids.get(p["host"], 0) < K]
 
 
 def test_concurrent_joiners_form_a_valid_tree(etcd_url):
@@ -65,6 +79,7 @@ def test_concurrent_joiners_form_a_valid_tree(etcd_url):
             p.join(20)
             W.kill(p)
     assert sorted(recs) == sorted(f"cn{i}" for i in range(N))
+    seen = {o["host"]: o["seen"] for o in outs}
     primaries = [r["parents"][0] for r in recs.values()]
     for parent in set(primaries):
         assert primaries.count(parent) <= K, f"fan-out of {parent} exceeded: {primaries}"
@@ -79,10 +94,12 @@ def test_concurrent_joiners_form_a_valid_tree(etcd_url):
             cur = recs[cur]["parents"][0]
         assert len(seen) == r["depth"] <= bound, (host, seen, bound)
         peers_ = [p for p in r["parents"] if p != "origin"]
-        if len(peers_) == 2:
-            d = {recs[p]["failure_domain"] for p in peers_}
-            # two parents from different domains whenever both domains had free parents
-            assert len(d) == 2, f"{host}: both parents in one failure domain: {peers_}"
+        if len(peers_) == 2 and recs[peers_[0]]["failure_domain"] == recs[peers_[1]]["failure_domain"]:
+            # Same domain only when, at join time, no peer of another domain could be a secondary
+            # (ready, at most the newcomer's depth, a free secondary slot). Random join orders
+            # leave one domain alone at the top in ~5 % of runs (CI saw cn6 under cn11 + cn2).
+            other = secondary_candidates(seen[host], r["depth"], recs[peers_[0]]["failure_domain"], peers_[0])
+            assert not other, f"{host}: both parents in one failure domain {peers_} while {other} were free"
     # A child under a parent of its own domain only when no parent of another domain at the
     # same depth had a free slot when it joined (the ranking: shallowest, then a parent of
     # another domain). A parent with a free slot at the end had one all along, and one that
