@@ -130,7 +130,7 @@ class Tree:
         return [origin if s is None else s for s in sources]
 
     def _publish(self, image_id: str, placement: Dict[str, Any], state: str = "ready",
-                 fresh: bool = False) -> None:
+                 fresh: bool = False, built: bool = False) -> None:
         """Publish our record with a grant for every known host. Grants are remembered per
         template (host -> initiator, grant): upkeep calls this every round and only a new host
         or initiator costs an export_info. `fresh`: the template was just built (new ACLs)."""
@@ -144,9 +144,18 @@ class Tree:
                         got = (h["initiator"], self.node.export_info(image_id, h["initiator"]))
                     now[h["host"]] = got
         self._grants[image_id] = now
-        grants = {host: g for host, (_, g) in now.items()}
-        self.registry.publish(image_id, {"state": state, "depth": placement["depth"], "parents": placement["parents"],
-                                         "failure_domain": self.failure_domain, "grants": grants})
+        self.registry.publish(image_id, self._record(image_id, placement, state, built))
+
+    def _record(self, image_id: str, placement: Dict[str, Any], state: str, built: bool = False) -> Dict[str, Any]:
+        """Our registry record: `built` = our LUN exists (children may switch their paths to us,
+        they read only once we are `ready`); grants as last computed."""
+        rec = {"state": state, "depth": placement["depth"], "parents": placement["parents"],
+               "failure_domain": self.failure_domain}
+        if image_id in self._grants:
+            rec["grants"] = {host: g for host, (_, g) in self._grants[image_id].items()}
+        if built and state == "joining":
+            rec["built"] = True
+        return rec
 
     # -- the API Nova calls ------------------------------------------------------------------
     def attach(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str = "dm",
@@ -162,45 +171,77 @@ class Tree:
             self._start_prefetch(image_id, profile)
             return path
         # Claim the slot under the image lock (others then count us as a child of our parents),
-        # build the data path outside it. A parent may still be building (joining) if it has
-        # granted us: we claim at once, log in while it builds and build as soon as it is ready,
-        # so in a chain every level's claim and logins happen together instead of in turn.
+        # then build at once from the origin alone: nothing reads the template until we publish
+        # `ready` (our VM starts when we return, our children wait for it), so building before
+        # the parents have costs the origin only the partition scan's few blocks, and in a chain
+        # every level builds at the same time instead of in turn. Then we switch our paths to
+        # the parents as soon as their LUNs exist (`built`) and are ready once they are: what
+        # still ripples down a chain is one registry notice per level, not a build.
         deadline = time.monotonic() + self.join_wait_s
         prelogged: Dict[str, Any] = {}          # name -> (connection dict, login thread)
-        exclude: set = set()
         try:
-            self._prelogin(image_id, "origin", origin, prelogged)
-            while True:
-                placement, sources = self._claim(image_id, deadline, exclude)
-                for p, src in zip(placement["parents"], sources):
-                    if src is not None:
-                        self._prelogin(image_id, p, src, prelogged)
+            try:
+                self._prelogin(image_id, "origin", origin, prelogged)
+                placement, sources = self._claim(image_id, deadline, set())
+                self._prelogin_parents(image_id, placement, sources, prelogged)
                 if self.export_ip:
-                    # Our target (no LUN yet) and grants go out before we build: our children
-                    # claim under us and log in while we wait and build.
+                    # Our target (no LUN yet) and grants go out first: children claim under us
+                    # and log in while we build.
                     self.node.prepare_export(image_id)
                     self._publish(image_id, placement, state="joining", fresh=True)
-                gone = self._wait_for_parents(image_id, placement, deadline)
-                if not gone:
-                    break
-                LOG.warning("image %s: parents %s gone or not ready in time; choosing again", image_id, sorted(gone))
-                exclude |= gone
-            for p in placement["parents"]:      # attach must not log in beside a running early login
-                self._prelogin_done(prelogged.get(p))
-            path = self.node.attach(image_id, self._with_origin(sources, origin), vm_id, snapshot)
+                self._prelogin_done(prelogged.get("origin"))
+                path = self.node.attach(image_id, [origin], vm_id, snapshot)
+            except Error:
+                self._abandon_join(image_id)
+                raise
+            try:
+                placement = self._follow_parents(image_id, origin, placement, sources, deadline, prelogged)
+                self._publish(image_id, placement)      # ready: our children's reads may come
+            except Error as e:
+                # The VM has its disk; it reads through whatever paths the template has now.
+                LOG.warning("image %s: could not finish joining the tree (%s); the VM reads through "
+                            "the template's current paths", image_id, e)
             self._start_prefetch(image_id, profile)
-            self._publish(image_id, placement)      # ready: our children may build now
             return path
-        except Error:
-            self._abandon_join(image_id)
-            raise
         finally:
             self._drop_unused_sessions(image_id, prelogged)
 
-    def _claim(self, image_id: str, deadline: float, exclude) -> tuple:
+    def _follow_parents(self, image_id: str, origin, placement, sources, deadline: float, prelogged) -> Dict:
+        """After our build: switch the template's paths to the parents once their LUNs exist,
+        and return once they are ready. A parent that leaves, fails, or is not there by the
+        deadline is excluded and we choose again (after the deadline: ready parents only,
+        else the origin alone). Returns the placement we ended with."""
+        exclude: set = set()
+        current = [None]        # the template's sources: the origin alone, as built
+        built = lambda r: r.get("built") or r.get("state") == "ready"     # noqa: E731
+        ready = lambda r: r.get("state") == "ready"                       # noqa: E731
+        while True:
+            if self.export_ip:
+                self._publish(image_id, placement, state="joining", built=True)    # children may switch to us
+            gone = self._wait_for_parents(image_id, placement, deadline, built)
+            if not gone:
+                for p in placement["parents"]:      # reparent must not log in beside a running early login
+                    self._prelogin_done(prelogged.get(p))
+                if sources != current:
+                    self.node.reparent(image_id, self._with_origin(sources, origin))
+                    current = sources
+                gone = self._wait_for_parents(image_id, placement, deadline, ready)
+                if not gone:
+                    return placement
+            LOG.warning("image %s: parents %s gone or not ready in time; choosing again", image_id, sorted(gone))
+            exclude |= gone
+            placement, sources = self._claim(image_id, deadline, exclude, built=True)
+            self._prelogin_parents(image_id, placement, sources, prelogged)
+
+    def _prelogin_parents(self, image_id: str, placement, sources, prelogged) -> None:
+        for p, src in zip(placement["parents"], sources):
+            if src is not None:
+                self._prelogin(image_id, p, src, prelogged)
+
+    def _claim(self, image_id: str, deadline: float, exclude, built: bool = False) -> tuple:
         """Wait (outside the lock: a lock round is a backend write) until placement finds us a
         slot, then claim it under the lock. After the deadline: ready parents only, else the
-        origin alone."""
+        origin alone. `built`: our template exists (a re-claim keeps our grants and `built`)."""
         while True:
             late = time.monotonic() > deadline
             if not late:
@@ -216,24 +257,25 @@ class Tree:
                 except Busy:
                     placement = None
                 else:
-                    self.registry.publish(image_id, {"state": "joining", "depth": placement["depth"],
-                                                     "parents": placement["parents"],
-                                                     "failure_domain": self.failure_domain})
+                    rec = self._record(image_id, placement, "joining", built)
+                    if not built:
+                        rec.pop("grants", None)     # grants of an older template: never valid
+                    self.registry.publish(image_id, rec)
             if placement is not None:
                 LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
                 return placement, sources
             time.sleep(0.25)    # someone took the slot: choose again
 
-    def _wait_for_parents(self, image_id: str, placement, deadline: float) -> set:
-        """Wait until every parent we claimed under is ready. Returns the parents that left,
-        failed or are still not ready at the deadline (empty: build now)."""
+    def _wait_for_parents(self, image_id: str, placement, deadline: float, until) -> set:
+        """Wait until `until(record)` holds for every parent we claimed under. Returns the
+        parents that left, failed or still fall short at the deadline (empty: all there)."""
         want = [p for p in placement["parents"] if p != "origin"]
         while want:
             by_host = {r["host"]: r for r in self.registry.peers(image_id)}
             gone = {p for p in want if p not in by_host or by_host[p].get("state") in ("leaving", "failed")}
             if gone:
                 return gone
-            waiting = {p for p in want if by_host[p].get("state") != "ready"}
+            waiting = {p for p in want if not until(by_host[p])}
             if not waiting:
                 return set()
             if time.monotonic() > deadline:
@@ -370,7 +412,7 @@ class Tree:
         records = self.registry.peers(image_id)
         by_host = {r["host"]: r for r in records}
         me = by_host.get(self.host)
-        if me is None:
+        if me is None or me.get("state") == "joining":    # attach is still placing it
             return False
         bad = [p for p in me.get("parents", []) if p != "origin"
                and (p not in by_host or by_host[p].get("state") in ("leaving", "failed"))]

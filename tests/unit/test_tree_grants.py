@@ -101,27 +101,35 @@ def test_upkeep_grants_only_new_hosts_and_a_rebuilt_template_grants_again(tmp_pa
     assert len(node.export_calls) == 5, node.export_calls
 
 
-def test_a_joiner_claims_under_a_building_parent_that_granted_it_and_builds_once_it_is_ready(tmp_path):
+def test_a_joiner_builds_from_the_origin_at_once_and_switches_to_its_parent_once_built(tmp_path):
     """Fan-out 1: cn0 holds the origin's slot and still builds (joining) but has granted cn1.
-    cn1 claims under cn0 at once, logs in to the origin and to cn0, prepares its own target
-    and grants, and builds only when cn0 is ready; sessions it did not take over are dropped."""
+    cn1 claims under cn0 at once, logs in to the origin and to cn0, prepares its own target and
+    grants, builds from the origin alone while cn0 builds, publishes `built`, switches its paths
+    to [cn0, origin] only once cn0 is built and publishes `ready` only once cn0 is ready."""
     node, reg = FakeNode(), FakeRegistry()
     reg.publish_host({"host": "cn2", "initiator": "iqn.x:cn2"})
     cn0 = {"state": "joining", "depth": 1, "parents": ["origin"], "failure_domain": None,
            "grants": {"cn1": {"target_iqn": "iqn.x:cn0-img"}}}
     reg.records["img"] = {"cn0": cn0}
-    seen = []
+    seen, events = [], []
 
-    def parent_gets_ready():
+    def parent_progresses():
         mine = reg.records["img"].get("cn1")
         seen.append(dict(mine) if mine else None)
-        if mine and mine.get("grants") and len(seen) >= 4:
+        if mine and mine.get("built") and not cn0.get("built"):
+            cn0["built"] = True
+            events.append("cn0 built")
+        elif cn0.get("built") and cn0["state"] == "joining" and len(seen) > 8:
             cn0["state"] = "ready"
-    reg.on_peers = parent_gets_ready
-    built = []
+            events.append("cn0 ready")
+    reg.on_peers = parent_progresses
     real_attach = node.attach
-    node.attach = lambda image, sources, vm, snapshot="dm": (built.append((cn0["state"], sources)),
+    node.attach = lambda image, sources, vm, snapshot="dm": (events.append(("attach", sources)),
                                                                real_attach(image, sources, vm, snapshot))[1]
+    node.reparent = lambda image, sources: events.append(("reparent", sources)) or "table"
+    real_publish = reg.publish
+    reg.publish = lambda image, rec: (events.append(("publish", rec["state"], rec.get("built", False))),
+                                      real_publish(image, rec))[1]
     tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     for t in threading.enumerate():          # the unused sessions are dropped on a thread
@@ -129,13 +137,40 @@ def test_a_joiner_claims_under_a_building_parent_that_granted_it_and_builds_once
             t.join(10)
     claimed = next(r for r in seen if r)
     assert claimed["parents"][0] == "cn0" and claimed["state"] == "joining", seen
-    assert built == [("ready", [{"target_iqn": "iqn.x:cn0-img"}, {"target_iqn": "iqn.x:origin"}])]
+    origin, parent = {"target_iqn": "iqn.x:origin"}, {"target_iqn": "iqn.x:cn0-img"}
+    order = [e for e in events if e in ("cn0 built", "cn0 ready") or e[0] in ("attach", "reparent")
+             or e[1:] in (("joining", True), ("ready", False))]
+    # dedupe repeated "built" publishes: the first one is what children wait for
+    firsts = [e for i, e in enumerate(order) if e not in order[:i]]
+    assert firsts == [("attach", [origin]), ("publish", "joining", True), "cn0 built",
+                      ("reparent", [parent, origin]), "cn0 ready", ("publish", "ready", False)], events
     assert ("prelogin", "iqn.x:cn0-img") in node.calls and ("prelogin", "iqn.x:origin") in node.calls
     assert node.calls.index(("prepare_export", "img")) < len(node.calls)
     assert sorted(c for c in node.calls if c[0] == "logout_unused") == [("logout_unused", "iqn.x:cn0-img"),
                                                                         ("logout_unused", "iqn.x:origin")]
     me = reg.records["img"]["cn1"]
     assert me["parents"][0] == "cn0" and me["state"] == "ready" and set(me["grants"]) == {"cn2"}
+    assert "built" not in me
+
+
+def test_a_parent_gone_before_it_built_leaves_the_joiner_on_the_origin(tmp_path):
+    """cn0 granted cn1 and left before its LUN existed: cn1, already built from the origin,
+    chooses again (the origin's slot is free now) and never switches its paths."""
+    node, reg = FakeNode(), FakeRegistry()
+    reg.records["img"] = {"cn0": {"state": "joining", "depth": 1, "parents": ["origin"],
+                                  "grants": {"cn1": {"target_iqn": "iqn.x:cn0-img"}}}}
+
+    def parent_leaves():
+        mine = reg.records["img"].get("cn1")
+        if mine and mine.get("built"):
+            reg.records["img"].pop("cn0", None)
+    reg.on_peers = parent_leaves
+    reparents = []
+    node.reparent = lambda image, sources: reparents.append(sources) or "table"
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    me = reg.records["img"]["cn1"]
+    assert me["parents"] == ["origin"] and me["state"] == "ready" and reparents == []
 
 
 def test_a_joiner_never_claims_under_its_own_descendant(tmp_path):
