@@ -198,9 +198,14 @@ class Tree:
                 placement = self._follow_parents(image_id, origin, placement, sources, deadline, prelogged)
                 self._publish(image_id, placement)      # ready: our children's reads may come
             except Error as e:
-                # The VM has its disk; it reads through whatever paths the template has now.
+                # The VM has its disk; it reads through whatever paths the template has now. Out
+                # of the group, so that no child waits for us to become ready.
                 LOG.warning("image %s: could not finish joining the tree (%s); the VM reads through "
                             "the template's current paths", image_id, e)
+                try:
+                    self.registry.leave(image_id)
+                except Error as e2:
+                    LOG.warning("image %s: could not leave the registry group: %s", image_id, e2)
             self._start_prefetch(image_id, profile)
             return path
         finally:
@@ -223,9 +228,14 @@ class Tree:
                 for p in placement["parents"]:      # reparent must not log in beside a running early login
                     self._prelogin_done(prelogged.get(p))
                 if sources != current:
-                    self.node.reparent(image_id, self._with_origin(sources, origin))
-                    current = sources
-                gone = self._wait_for_parents(image_id, placement, deadline, ready)
+                    try:
+                        self.node.reparent(image_id, self._with_origin(sources, origin))
+                        current = sources
+                    except Error as e:      # e.g. the parent's LUN would not scan: another parent
+                        LOG.warning("image %s: could not switch to parents %s: %s", image_id, placement["parents"], e)
+                        gone = {p for p in placement["parents"] if p != "origin"}
+                if not gone:
+                    gone = self._wait_for_parents(image_id, placement, deadline, ready)
                 if not gone:
                     return placement
             LOG.warning("image %s: parents %s gone or not ready in time; choosing again", image_id, sorted(gone))

@@ -133,9 +133,12 @@ impl Dm {
     /// Replace the table of a live device (suspend, load, resume): used to change paths.
     pub fn reload(&self, name: &str, table: &Table) -> Result<()> {
         let id = DevId::Name(dm_name(name)?);
-        self.dm.table_load(&id, &table.to_kernel(), DmOptions::default())?;
-        self.dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))?;
-        self.dm.device_suspend(&id, DmOptions::default())?;
+        let ctx = |what: &str| format!("{what} {name} (reload with {table})");
+        self.dm.table_load(&id, &table.to_kernel(), DmOptions::default()).map_err(|e| Error::from(e).context(ctx("load a table into")))?;
+        self.dm
+            .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(|e| Error::from(e).context(ctx("suspend")))?;
+        self.dm.device_suspend(&id, DmOptions::default()).map_err(|e| Error::from(e).context(ctx("resume")))?;
         info!("reloaded {name}: {table}");
         Ok(())
     }

@@ -192,7 +192,9 @@ pub fn scan_lun(s: &Session, lun: u32, timeout: Duration) -> Result<PathBuf> {
         if let Some(d) = found(s) {
             let p = PathBuf::from("/dev").join(&d);
             let size_ok = dm::device_of(&p).and_then(dm::size_sectors).is_ok_and(|n| n > 0);
-            if size_ok {
+            // A disk still being added refuses opens (ENXIO) for a moment: a dm table load
+            // over it (a template's paths, a reparent) would fail.
+            if size_ok && fs::File::open(&p).is_ok() {
                 return Ok(p);
             }
         }

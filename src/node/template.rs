@@ -93,17 +93,7 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
                 return Err(Error::invalid(format!("image {image:?} is not on this node yet: at least one source is needed")));
             }
             let table = paths_table(node, image, sources, undo)?;
-            // A LUN that just appeared can still refuse to be opened (ENXIO) for a moment.
-            let mut tries = 0;
-            loop {
-                match ensure_dev(dm, undo, paths_name.clone(), &table) {
-                    Err(e) if e.message.contains("ENXIO") && tries < 10 => {
-                        tries += 1;
-                        std::thread::sleep(std::time::Duration::from_millis(200));
-                    }
-                    r => break r?,
-                }
-            }
+            ensure_dev(dm, undo, paths_name, &table)?
         }
     };
     let sectors = dm::size_sectors(paths.device)?;

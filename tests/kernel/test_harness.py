@@ -306,3 +306,28 @@ def test_boot_failure_reports_console_and_cleans_up():
     assert "--- console tail" in msg and len(msg.split("---")[-1].strip()) > 0, msg
     left = _leftovers({"netns": f.netns, "workdir": f.workdir, "pids": [f["z"].pid]})
     assert not left, f"failed boot left: {left}"
+
+
+@needs_uml
+def test_host_service_is_reachable_from_nodes_and_stopped_at_teardown(tmp_path):
+    """A native process in the fleet's namespace (how the fleet bench runs etcd) answers the
+    nodes at host_ip, the nodes keep their addresses, and close() ends it by PID."""
+    (tmp_path / "hello.txt").write_text("from the host side\n")
+    with Fleet(nodes=["x"], name=f"{TAG}h", mem="256M", subnet="198.18.9.0/24") as f:
+        info = _info(f)
+        assert f["x"].ip == "198.18.9.1" and f.host_ip == "198.18.9.254"
+        proc = f.host_service("web", [sys.executable, "-m", "http.server", "--bind", f.host_ip,
+                                      "--directory", str(tmp_path), "8000"])
+        with pytest.raises(HarnessError, match="duplicate"):
+            f.host_service("web", ["true"])
+        code = f"import urllib.request; print(urllib.request.urlopen('http://{f.host_ip}:8000/hello.txt', timeout=3).read().decode())"
+        out = ""
+        for _ in range(50):                  # the server needs a moment to bind
+            rc, out = f["x"].run(f'python3 -c "{code}"', timeout=30)
+            if rc == 0:
+                break
+            time.sleep(0.2)
+        assert "from the host side" in out, out
+    assert proc.poll() is not None, "host service still running after teardown"
+    left = _leftovers(info)
+    assert not left, f"teardown left: {left}"

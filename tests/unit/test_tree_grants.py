@@ -208,3 +208,20 @@ def test_only_the_primary_parent_may_still_be_building(tmp_path):
     reg.records["img"]["cn3"]["state"] = "ready"
     placement, _ = tree._choose("img", reg.peers("img"), early=True)
     assert placement["parents"] == ["origin", "cn3"]
+
+
+def test_a_parent_whose_lun_cannot_be_used_is_excluded_and_the_joiner_still_gets_ready(tmp_path):
+    """cn0 is built and ready but switching to it fails (say its LUN would not open): cn1 does
+    not stay `joining` (its own children would wait for it), it chooses again without cn0."""
+    node, reg = FakeNode(), FakeRegistry()
+    reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"],
+                                  "grants": {"cn1": {"target_iqn": "iqn.x:cn0-img"}}}}
+
+    def broken_reparent(image, sources):
+        raise vmthunder.DeviceMapperError("load a table into vmthunder-1_img_paths: ENXIO")
+    node.reparent = broken_reparent
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path),
+                fanout=1, max_parents=1, join_wait_s=0.5)
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    me = reg.records["img"]["cn1"]
+    assert me["state"] == "ready" and me["parents"] == ["origin"], me

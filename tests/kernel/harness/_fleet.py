@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -107,7 +108,11 @@ class Fleet:
             keep_workdir = os.environ.get("VMT_KEEP_WORKDIR", "") not in ("", "0")
         self.keep_workdir = keep_workdir
         self.network = FleetNetwork(self.netns)
-        self.subnet = validate_subnet(subnet, len(nodes))
+        self.subnet = validate_subnet(subnet, len(nodes) + 1)
+        # The host side of the bridge (host services such as a control plane's etcd): the
+        # subnet's last address, so node addresses stay the same as without it.
+        self.host_ip = str(self.subnet.broadcast_address - 1)
+        self._services: Dict[str, subprocess.Popen] = {}
         hosts = self.subnet.hosts()
         self.nodes: Dict[str, UmlNode] = {}
         for index, (nname, spec) in enumerate(nodes.items()):
@@ -167,7 +172,8 @@ class Fleet:
     def _write_state(self) -> None:
         state = {"name": self.name, "netns": self.netns, "shm": self.shm_dir,
                  "owner_pid": os.getpid(),
-                 "nodes": {n.name: {"pid": n.pid, "ip": n.ip} for n in self}}
+                 "nodes": {n.name: {"pid": n.pid, "ip": n.ip} for n in self},
+                 "services": {name: {"pid": p.pid, "argv0": p.args[4]} for name, p in self._services.items()}}
         tmp = os.path.join(self.workdir, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(state, f, indent=1)
@@ -237,6 +243,39 @@ class Fleet:
         self.boot_seconds = time.monotonic() - t0
         log.info("fleet %s: %d node(s) up in %.1fs", self.name, len(self), self.boot_seconds)
 
+    def host_service(self, name: str, argv, log_path: Optional[str] = None) -> subprocess.Popen:
+        """Run ARGV natively on the host inside the fleet's network namespace, reachable from
+        the nodes at `host_ip` (given to the bridge on first use): a service that is not part of
+        the system under test, such as the registry's etcd, without paying UML's cost per
+        syscall. Stopped by PID at close (and by `cleanup` after a crash)."""
+        if not self._started or self._closed:
+            raise HarnessError(f"fleet {self.name}: host_service({name!r}) needs a running fleet")
+        if not _NODE_RE.fullmatch(name) or name in self._services:
+            raise HarnessError(f"bad or duplicate host service name {name!r}")
+        if not self._services:
+            self.network.add_address(f"{self.host_ip}/{self.subnet.prefixlen}")
+        out = open(log_path or os.path.join(self.workdir, f"{name}.log"), "ab")
+        try:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            out.close()
+        self._services[name] = proc
+        self._write_state()
+        log.info("fleet %s: host service %s (pid %d) on %s", self.name, name, proc.pid, self.host_ip)
+        return proc
+
+    def _stop_services(self) -> None:
+        for name, proc in self._services.items():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            log.debug("fleet %s: host service %s ended (rc %s)", self.name, name, proc.returncode)
+
     def close(self) -> None:
         """Halt every node (bounded), kill leftovers by PID, delete netns, tmpfs and workdir."""
         with self._close_lock:
@@ -253,6 +292,7 @@ class Fleet:
                 node._finish_halt(deadline)
             except Exception:
                 log.exception("node %s: halt failed", node.name)
+        self._stop_services()
         self.network.destroy()
         umount(self.shm_dir)
         if self.keep_workdir:
@@ -309,6 +349,12 @@ def cleanup_workdir(workdir: str, force: bool = False) -> bool:
         if is_our_uml(pid) or uml_group_pids(pid):
             log.info("cleanup: killing recorded UML process group %d", pid)
             kill_uml_group(pid, grace=1.0)
+    for name, info in (state.get("services") or {}).items():
+        pid, argv0 = (info or {}).get("pid"), (info or {}).get("argv0")
+        if isinstance(pid, int) and isinstance(argv0, str) and pid_alive(pid) \
+                and os.path.basename(argv0) in pid_cmdline(pid):
+            log.info("cleanup: killing recorded host service %s (pid %d)", name, pid)
+            os.kill(pid, signal.SIGKILL)
     netns = state.get("netns")
     if netns and netns_exists(netns):
         log.info("cleanup: deleting netns %s", netns)

@@ -52,6 +52,10 @@ class FleetNetwork:
         self._ip("link", "add", BRIDGE, "type", "bridge", "forward_delay", "0", "stp_state", "0")
         self._ip("link", "set", BRIDGE, "up")
 
+    def add_address(self, cidr: str) -> None:
+        """Give the bridge (the host side of the fleet's network) an address."""
+        self._ip("addr", "add", cidr, "dev", BRIDGE)
+
     def add_tap(self, tap: str) -> None:
         self._ip("tuntap", "add", "dev", tap, "mode", "tap")
         self._ip("link", "set", tap, "master", BRIDGE, "up")
