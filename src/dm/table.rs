@@ -15,6 +15,8 @@ pub enum Target {
     SnapshotOrigin(SnapshotOriginParams),
     Snapshot(SnapshotParams),
     Multipath(MultipathParams),
+    /// Reads return zeros, writes are dropped (a stand-in while a device is formatted).
+    Zero,
 }
 
 impl Target {
@@ -25,6 +27,7 @@ impl Target {
             Target::SnapshotOrigin(_) => "snapshot-origin",
             Target::Snapshot(_) => "snapshot",
             Target::Multipath(_) => "multipath",
+            Target::Zero => "zero",
         }
     }
 
@@ -35,6 +38,7 @@ impl Target {
             Target::SnapshotOrigin(p) => p.to_string(),
             Target::Snapshot(p) => p.to_string(),
             Target::Multipath(p) => p.to_string(),
+            Target::Zero => String::new(),
         }
     }
 
@@ -47,6 +51,7 @@ impl Target {
             "snapshot-origin" => Target::SnapshotOrigin(params.parse()?),
             "snapshot" => Target::Snapshot(params.parse()?),
             "multipath" => Target::Multipath(params.parse()?),
+            "zero" if params.is_empty() => Target::Zero,
             other => return Err(parse_err(other, params, "target type not used by vmthunder")),
         })
     }
@@ -94,7 +99,11 @@ impl fmt::Display for Table {
             if i > 0 {
                 f.write_str("\n")?;
             }
-            write!(f, "{} {} {} {}", l.start, l.length, l.target.type_name(), l.target.params())?;
+            write!(f, "{} {} {}", l.start, l.length, l.target.type_name())?;
+            let params = l.target.params();
+            if !params.is_empty() {
+                write!(f, " {params}")?;
+            }
         }
         Ok(())
     }
@@ -137,11 +146,13 @@ mod tests {
         rt("0 1048576 snapshot 254:3 254:5 P 8");
         rt("0 1048576 multipath 1 queue_if_no_path 0 1 1 round-robin 0 2 1 8:0 1 8:16 1");
         rt("0 1024 linear 8:16 0\n1024 1024 linear 8:32 0");
+        rt("0 16 linear 8:16 0\n16 4096 zero");
     }
 
     #[test]
     fn rejects_unknown_and_malformed() {
-        assert!("0 10 zero".parse::<Table>().is_err());
+        assert!("0 10 error".parse::<Table>().is_err());
+        assert!("0 10 zero 8:0".parse::<Table>().is_err(), "zero takes no parameters");
         assert!("0 x linear 8:0 0".parse::<Table>().is_err());
         assert!("0 10 linear 8:0".parse::<Table>().is_err());
         assert!("0 10 snapshot 8:0 8:1 Q 8".parse::<Table>().is_err());

@@ -142,6 +142,18 @@ fn wait_released(dm: &Dm, name: &str) -> Result<()> {
     wait_for(&format!("bcache to release {name}"), || dm.info(name).ok().flatten().map_or(true, |d| d.open_count == 0))
 }
 
+/// Drop a block device's cached pages (BLKFLSBUF), as `blockdev --flushbufs` does.
+fn flush_buffers(dev: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    const BLKFLSBUF: libc::c_ulong = 0x1261; // _IO(0x12, 97)
+    let f = fs::File::open(dev).map_err(|e| Error::new(Kind::CacheDevice, format!("open {}: {e}", dev.display())))?;
+    // SAFETY: BLKFLSBUF takes no argument; the fd is open for the call's duration.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF as _, 0) } != 0 {
+        return Err(Error::new(Kind::CacheDevice, format!("flush the buffers of {}: {}", dev.display(), std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
 fn register(dev: &Path) -> Result<()> {
     // EEXIST-like errors when already registered are checked by the caller through sysfs.
     let _ = fs::write("/sys/fs/bcache/register", dev.as_os_str().as_encoded_bytes());
@@ -215,32 +227,28 @@ fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sec
     let name = names::template_dm_name(image, Role::Bdev);
     let (bdev, created) = {
         let _space = node.lock_space()?;
-        let table = match dm.info(&name)? {
-            Some(_) => dm.table(&name)?,
-            None => {
-                let head = carve::plan_slice(dm, node.cache_dev, node.cache_total, carve::ALIGN_SECTORS, &format!("the bcache head of image {image}"))?;
-                let mut head_line = head.lines[0].clone();
-                head_line.length = BDEV_HEAD_SECTORS;
-                Table {
-                    lines: vec![
-                        head_line,
-                        Line { start: BDEV_HEAD_SECTORS, length: sectors, target: Target::Linear(LinearTargetParams::new(paths.device, Sectors(0))) },
-                    ],
-                }
-            }
-        };
         let created = dm.info(&name)?.is_none();
-        let dev = ensure_dev(dm, undo, name.clone(), &table)?;
-        if created {
+        let dev = if created {
+            let head = carve::plan_slice(dm, node.cache_dev, node.cache_total, carve::ALIGN_SECTORS, &format!("the bcache head of image {image}"))?;
+            let mut head_line = head.lines[0].clone();
+            head_line.length = BDEV_HEAD_SECTORS;
+            let over = |target| Table { lines: vec![head_line.clone(), Line { start: BDEV_HEAD_SECTORS, length: sectors, target }] };
+            // make-bcache probes the whole device for other signatures (libblkid: its head,
+            // tail and superblock offsets, ~1.1 MB of a 2 GiB image): formatted over zeros, that costs the
+            // parent nothing. The real table goes in before bcache ever opens the device.
+            let dev = ensure_dev(dm, undo, name.clone(), &over(Target::Zero))?;
             zero_head(&dev.path(), (BDEV_HEAD_SECTORS * 512) as usize)?;
-        }
+            let path = dev.path().display().to_string();
+            cmd::check(Kind::CacheDevice, "make-bcache", &["-B", "--block", "4k", &path], &[], Duration::from_secs(60))?;
+            dm.reload(&name, &over(Target::Linear(LinearTargetParams::new(paths.device, Sectors(0)))))?;
+            flush_buffers(&dev.path())?;     // the probe's zero pages must not be read again
+            dev
+        } else {
+            ensure_dev(dm, undo, name.clone(), &dm.table(&name)?)?
+        };
         (dev, created)
     };
     let sys = sysfs_dev(bdev.device).join("bcache");
-    if created {
-        let path = bdev.path().display().to_string();
-        cmd::check(Kind::CacheDevice, "make-bcache", &["-B", "--block", "4k", &path], &[], Duration::from_secs(60))?;
-    }
     if !sys.exists() {
         register(&bdev.path())?;
         wait_for(&format!("bcache to register {name}"), || sys.join("dev").exists())?;
