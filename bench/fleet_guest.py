@@ -400,6 +400,9 @@ def member(a):
     node = vmthunder.Node(host=a.host, cache_device=a.cache_device, state_dir=a.state_dir,
                           export_ip=a.export_ip, engine="bcache", cache_size_mib=a.cache_mib,
                           cow_size_mib=a.cow_mib, path_timeout_s=4)
+    # A long-running nova-compute has its cache set from earlier images (vmthunder.nova makes
+    # it at start): the fleet's first join should not pay for make-bcache -C.
+    node.prepare_cache()
     reg = Registry(a.registry, a.host)          # the library default lease (10 s)
     reg.start()
     result = {"host": a.host, "t_registered": None, "paths": {}, "attach_s": {}}

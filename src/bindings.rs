@@ -204,6 +204,11 @@ impl Node {
         json_to_py(py, &v)
     }
 
+    /// Make the node's shared cache (bcache cache set) now, not at the first attach.
+    fn prepare_cache(&self, py: Python<'_>) -> PyResult<bool> {
+        py.allow_threads(|| self.inner.prepare_cache()).map_err(to_py)
+    }
+
     /// Create this node's iSCSI target for `image_id` before its template exists (no LUN):
     /// children log in and are granted (`export_info`) while this node builds; the template's
     /// export adds LUN 0 for them. Returns whether it was created. Needs `export_ip`.

@@ -102,10 +102,20 @@ class GetNodeTest(HelperTestCase):
         self.assertEqual(1, self.Node.call_count)
 
     def test_node_errors_propagate_and_nothing_is_cached(self):
-        self.Node.side_effect = [Error("no cache device"), mock.sentinel.node]
+        node = mock.Mock(name="node")
+        self.Node.side_effect = [Error("no cache device"), node]
         self.assertRaises(Error, self.helpers.get_node, Conf(), "cn1")
         self.helpers.get_node(Conf(), "cn1")
-        self.assertEqual(mock.sentinel.node, self.Tree.call_args.args[0])
+        self.assertEqual(node, self.Tree.call_args.args[0])
+
+    def test_the_cache_is_prepared_at_start_and_a_failure_is_not_fatal(self):
+        self.helpers.get_node(Conf(), "cn1")
+        self.Node.return_value.prepare_cache.assert_called_once_with()
+        self.Node.return_value.prepare_cache.side_effect = Error("cache device busy")
+        with self.assertLogs("vmthunder.nova", "WARNING") as logs:
+            self.helpers.get_node(Conf(state_dir="/srv/vmthunder"), "cn1")
+        self.assertIn("cache device busy", logs.output[0])
+        self.assertEqual(2, self.Tree.call_count)
 
     def test_host_names(self):
         self.assertEqual("cn1", self.helpers.host_name("cn1"))

@@ -68,6 +68,7 @@ def get_node(conf, host, export_ip=None):
         if tree is None:
             node = vmthunder.Node(host=host, cache_device=conf.cache_device,
                                   state_dir=conf.state_dir, export_ip=export_ip)
+            _prepare_cache(node, conf.cache_device)
             registry = None
             if url:
                 from vmthunder.registry import Registry
@@ -84,6 +85,16 @@ def get_node(conf, host, export_ip=None):
             except vmthunder.Error as e:
                 LOG.warning("%s; relaying from the origin volume until it answers", e)
     return tree
+
+
+def _prepare_cache(node, device):
+    """Make the node's cache set at start, not in the first boot's critical path; if that
+    fails the first attach tries again and raises the error where Nova reports it."""
+    try:
+        if node.prepare_cache():
+            LOG.info("vmthunder: made the node's cache set on %s", device)
+    except vmthunder.Error as e:
+        LOG.warning("vmthunder: could not prepare the cache on %s (the first attach will retry): %s", device, e)
 
 
 def _stable_path(path):

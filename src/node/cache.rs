@@ -160,8 +160,9 @@ fn register(dev: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The node's cache set: its dm slice and its UUID, made on first use.
-fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<String> {
+/// The node's cache set: its dm slice and its UUID, made on first use (or by
+/// `Node::prepare_cache`). The caller holds the cache-set lock.
+pub(super) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<String> {
     if !Path::new("/sys/fs/bcache/register").exists() {
         let _ = cmd::run(Kind::CacheDevice, "modprobe", &["bcache"], &[], Duration::from_secs(10));
     }

@@ -222,6 +222,27 @@ impl Node {
         }
     }
 
+    /// Make the node's shared cache now (bcache: the cache set, ~1-2 s of make-bcache and
+    /// registration) so that the first attach does not pay for it; a no-op when it exists or
+    /// the engine keeps a cache per image (dm-cache). Returns true when it made the set. The
+    /// set is still released with the last image that used it.
+    pub fn prepare_cache(&self) -> Result<bool> {
+        if self.cfg.engine != cache::Engine::Bcache {
+            return Ok(false);
+        }
+        let dm = Dm::open()?;
+        let _set = self.lock_cache_set()?;
+        let existed = dm.info(names::CACHE_SET_DM_NAME)?.is_some();
+        let mut undo = rollback::Undo::default();
+        match cache::ensure_cache_set(self, &dm, &mut undo) {
+            Ok(_) => {
+                undo.commit();
+                Ok(!existed)
+            }
+            Err(e) => Err(undo.rollback(e.context("prepare the node's cache"))),
+        }
+    }
+
     /// Point an existing template at new parents (`sources`, parents first, the origin last):
     /// log in to the new paths, reload the multipath table in place (guest I/O is only
     /// suspended for the swap), then log out of paths no longer used. Returns the new table.
@@ -248,9 +269,10 @@ impl Node {
             .ok_or_else(|| Error::new(Kind::NotFound, format!("image {image:?} has no template on this node")))?;
         let size = dm::size_sectors(origin.device)? * 512;
         let plan = prefetch::plan(ranges, size, chunk_bytes, reverse).map_err(|e| e.context(format!("prefetch image {image:?}")))?;
-        // Through the local disk where there is one: the page cache the VMs and children share.
-        let device = template::local_disk(image).map(|d| d.path).unwrap_or_else(|| origin.path());
-        let report = prefetch::run(&device, &plan, depth, stop)?;
+        // A coalescing template's readers share the origin's page cache (its fileio backstore
+        // reads it): read it there too, buffered. Otherwise O_DIRECT, so the cache allocates.
+        let access = if template::local_disk(image).is_some() { prefetch::Access::Buffered } else { prefetch::Access::Direct };
+        let report = prefetch::run(&origin.path(), &plan, depth, access, stop)?;
         log::info!(
             "image {image}: prefetched {} of {} bytes in {:.1}s ({} reads{}{})",
             report.bytes, report.planned_bytes, report.seconds, report.reads,

@@ -66,15 +66,27 @@ pub struct Report {
     pub complete: bool,
 }
 
-/// Read `plan` from `device` with O_DIRECT, `depth` reads in flight. `stop()` is asked before
-/// each read; when it says yes the prefetch ends early (a detach wants the device).
-pub fn run(device: &Path, plan: &[(u64, u64)], depth: usize, stop: &(dyn Fn() -> bool + Sync)) -> Result<Report> {
+/// How the prefetch reads the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Through the device's page cache: the one a coalescing template's fileio backstore reads,
+    /// shared by every opener of the block device, so a block the VM or a child is fetching is
+    /// fetched once, and no SCSI hop is paid.
+    Buffered,
+    /// O_DIRECT: the cache below allocates on read and the page cache is not filled twice.
+    Direct,
+}
+
+/// Read `plan` from `device`, `depth` reads in flight. `stop()` is asked before each read;
+/// when it says yes the prefetch ends early (a detach wants the device).
+pub fn run(device: &Path, plan: &[(u64, u64)], depth: usize, access: Access, stop: &(dyn Fn() -> bool + Sync)) -> Result<Report> {
     if !(1..=64).contains(&depth) {
         return Err(Error::invalid(format!("invalid prefetch depth {depth}: 1..64")));
     }
+    let flags = if access == Access::Direct { libc::O_DIRECT } else { 0 };
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(flags)
         .open(device)
         .map_err(|e| Error::new(Kind::NotFound, format!("prefetch: open {}: {e}", device.display())))?;
     let started = Instant::now();
@@ -135,7 +147,7 @@ fn read_exact_at(f: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<
     Ok(())
 }
 
-/// A page-aligned buffer for O_DIRECT.
+/// A page-aligned buffer (O_DIRECT needs one).
 struct AlignedBuf {
     ptr: *mut u8,
     layout: std::alloc::Layout,
@@ -217,13 +229,15 @@ mod tests {
         let f = dir.join("img");
         std::fs::write(&f, vec![7u8; 1 << 20]).unwrap();
         let p = plan(&[(0, 1 << 20)], 1 << 20, 65536, true).unwrap();
-        let r = run(&f, &p, 4, &|| false).unwrap();
-        assert_eq!((r.bytes, r.reads, r.planned_bytes, r.complete), (1 << 20, 16, 1 << 20, true));
-        let r = run(&f, &p, 2, &|| true).unwrap();
+        for access in [Access::Direct, Access::Buffered] {
+            let r = run(&f, &p, 4, access, &|| false).unwrap();
+            assert_eq!((r.bytes, r.reads, r.planned_bytes, r.complete), (1 << 20, 16, 1 << 20, true), "{access:?}");
+        }
+        let r = run(&f, &p, 2, Access::Direct, &|| true).unwrap();
         assert_eq!((r.bytes, r.complete), (0, false));
-        let e = run(&dir.join("missing"), &p, 2, &|| false).unwrap_err();
+        let e = run(&dir.join("missing"), &p, 2, Access::Buffered, &|| false).unwrap_err();
         assert!(e.message.contains("missing"), "{}", e.message);
-        assert!(run(&f, &p, 0, &|| false).unwrap_err().message.contains("depth"));
+        assert!(run(&f, &p, 0, Access::Direct, &|| false).unwrap_err().message.contains("depth"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -101,11 +101,17 @@ def test_prefetch_fills_the_cache_from_the_profile(fleet):
             py(b, ctor + "node.prefetch('img-none', [[0, 4096]])")
         assert e.value.exc_type == "NotFound" and "img-none" in e.value.message
 
+        disk = py(b, ctor + "out(node.status())")["templates"]["img-pf"]["devices"]["disk"]
+        disk_reads = f"cut -c1-16 /sys/block/{os.path.basename(disk)}/stat"   # reads completed
+        local0 = int(b.check(disk_reads))
         rx0 = b.rx_bytes()
         rep = py(b, ctor + f"out(node.prefetch('img-pf', {PROFILE!r}, reverse=True))")
         fetched = b.rx_bytes() - rx0
         assert rep["complete"] and rep["bytes"] == rep["planned_bytes"] == PROFILE_BYTES
         assert fetched >= PROFILE_BYTES, "the prefetch read the profile from the parent"
+        # it read the page cache the local disk's backstore shares, not through the disk's
+        # SCSI hop (tcm_loop + target core: CPU the data path needs)
+        assert int(b.check(disk_reads)) == local0, "the prefetch went through the local disk"
 
         # the VM's boot reads of the profile are now served by the cache
         reads = "; ".join(f"dd if={vm} of=/dev/null bs=4096 skip={o // 4096} count={-(-(o % 4096 + n) // 4096)} "
@@ -119,6 +125,28 @@ def test_prefetch_fills_the_cache_from_the_profile(fleet):
         assert md5_of(b, vm, IMAGE) == fleet.origin_md5
     finally:
         py(b, ctor + "node.detach('vm-pf')")
+    assert_clean(b)
+
+
+def test_prepare_cache_makes_the_cache_set_before_the_first_attach(fleet):
+    """A node can make its bcache cache set at start (nova-compute does): the first attach then
+    uses it; the set still goes with the last image that used it."""
+    a, b = fleet["a"], fleet["b"]
+    ctor = node_ctor(b)
+    cset = "dmsetup ls | grep -c '_node_cset' || true"
+    assert b.check(cset).strip() == "0"
+    assert py(b, ctor + "out(node.prepare_cache())") is True
+    assert b.check(cset).strip() == "1" and b.check("ls /sys/fs/bcache | grep -c -- - || true").strip() == "1"
+    assert py(b, ctor + "out(node.prepare_cache())") is False, "a second call makes nothing"
+    assert py(b, node_ctor(b, engine="dm-cache") + "out(node.prepare_cache())") is False
+    conn = py(a, f"out(vmthunder.allow_initiator('vol', {b.initiator_iqn!r}, '{a.ip}:3260'))")
+    vm = py(b, ctor + f"out(node.attach('img-prep', [{conn!r}], 'vm-prep'))")
+    try:
+        assert md5_of(b, vm, IMAGE) == fleet.origin_md5
+        assert b.check(cset).strip() == "1", "the attach used the prepared set"
+    finally:
+        py(b, ctor + "node.detach('vm-prep')")
+    assert b.check(cset).strip() == "0", "the set goes with the last image"
     assert_clean(b)
 
 
