@@ -67,6 +67,7 @@ import re
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,7 @@ from tests.kernel.harness._util import parse_rate  # noqa: E402
 DEFAULT_OUT = os.path.join(HERE, "results")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
 GUEST_SCRIPT = os.path.join(HERE, "fleet_guest.py")
+REPLAY_C = os.path.join(HERE, "replay.c")
 SUBNET = "198.18.30.0/24"
 VOLUME = "fleet"
 STATE_DIR = "/var/lib/vmthunder"
@@ -183,6 +185,24 @@ def union_bytes(reads) -> int:
         total += b - max(a, end)
         end = b
     return total
+
+
+def trace_bin(reads) -> bytes:
+    """The trace as bench/replay.c reads it: u64 count, then {f64 t, u64 offset, u64 len} each."""
+    return struct.pack("<Q", len(reads)) + b"".join(struct.pack("<dQQ", t, off, n) for t, off, n in reads)
+
+
+def build_replay():
+    """bench/replay.c compiled with the host's cc (the guests run the host's userland), or None
+    (then the guests run fleet_guest.py's replay, which costs their nodes more CPU)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "replay")
+        p = subprocess.run(["cc", "-O2", "-o", out, REPLAY_C], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+        if p.returncode != 0:
+            log.warning("cannot build %s (%s): the Python replay stands in for the VMs", REPLAY_C, p.stdout.decode()[-500:])
+            return None
+        with open(out, "rb") as fh:
+            return fh.read()
 
 
 def expected_digest(image_path: str, reads) -> str:
@@ -332,6 +352,7 @@ class FleetRun:
     def __init__(self, args, trace, image_path, ws_bytes, digest, n, m):
         self.a = args
         self.trace = trace
+        self.replay_bin = None          # guest path of the C replay once the fleet is set up
         self.image_path = image_path
         self.image_bytes = trace["image_bytes"]
         self.W = ws_bytes
@@ -403,6 +424,9 @@ class FleetRun:
                 log.info("[%s] fleet completion %.1fs (%.2f x link bound), origin sent %.2f x W, max edge %.2f x W",
                          mode, res["completion_s"], res["completion_s"] / doc["link_bound_s"],
                          res["origin_bytes"] / self.W, res["max_edge_ratio"])
+                c = res["cpu"]
+                log.info("[%s] CPU: fleet %.1f core-s (host %.0f %% busy); of it counted in the guests: VM stand-ins %.1f, "
+                         "nova-compute stand-ins %s", mode, c["fleet_cpu_s"], 100 * c["host_busy"], c["vms_s"], c.get("members_s", "-"))
         doc["total_s"] = round(time.monotonic() - t0, 1)
         return doc
 
@@ -427,9 +451,14 @@ class FleetRun:
             self.conn[c] = py(o, f"out(vmthunder.allow_initiator({VOLUME!r}, {f[c].initiator_iqn!r}, {portal!r}))")
         script = open(GUEST_SCRIPT, "rb").read()
         trace_json = json.dumps({"image_bytes": self.image_bytes, "reads": self.trace["reads"]}).encode()
+        replay_bin = build_replay() if self.a.replay == "c" else None
+        self.replay_bin = "/vmt-share/replay" if replay_bin else None
         for c in self.cns:
             f[c].write_file("fleet_guest.py", script)
             f[c].write_file("trace.json", trace_json)
+            f[c].write_file("trace.bin", trace_bin(self.trace["reads"]))
+            if replay_bin:
+                f[c].write_file("replay", replay_bin, mode=0o755)
             f[c].write_file("origin.json", json.dumps(self.conn[c]).encode())
         if tree:
             deadline = time.monotonic() + 60
@@ -447,6 +476,9 @@ class FleetRun:
         return res
 
     def replay_cmd(self, dev, vm, mode, go=True) -> str:
+        if self.replay_bin:
+            return (f"{self.replay_bin} {dev} /vmt-share/trace.bin /vmt-share/{mode}/{vm}.json "
+                    f"{f'/vmt-share/{mode}/go' if go else '-'} {self.a.depth} {int(self.a.think)}")
         think = " --think" if self.a.think else ""
         gof = f" --go /vmt-share/{mode}/go" if go else ""
         return (f"python3 /vmt-share/fleet_guest.py replay {dev} /vmt-share/trace.json{gof} "
@@ -591,7 +623,9 @@ class FleetRun:
             "edges": edges,
             "max_edge_ratio": round(max((e["ratio"] for e in edges), default=0.0), 4),
             "links": links,
-            "cpu": cpu_summary(before["_cpu"], after["_cpu"]),
+            "cpu": {**cpu_summary(before["_cpu"], after["_cpu"]),
+                    # guest-counted CPU of the VM stand-ins (the replays)
+                    "vms_s": round(sum(r["cpu"]["user_s"] + r["cpu"]["sys_s"] for r in results.values() if "cpu" in r), 2)},
             "all_finished": not bad and len(results) == len(self.vms),
             "data_ok": not wrong,
         }
@@ -631,7 +665,8 @@ class FleetRun:
         if self.a.start == "attach":
             # as Nova would: each VM boots as soon as its disk is attached
             replay = (f" --replay-trace /vmt-share/trace.json --replay-dir /vmt-share/{mode} --depth {self.a.depth}"
-                      + (" --think" if self.a.think else ""))
+                      + (" --think" if self.a.think else "")
+                      + (f" --replay-bin {self.replay_bin}" if self.replay_bin else ""))
         if prefetch:
             # the recorded boot profile of the image: the member prefetches it through its template
             replay += " --profile /vmt-share/trace.json"
@@ -714,7 +749,7 @@ class FleetRun:
             res["timeline"] = self.timeline(mon, mon["results"], base)
             self.stop_members(mode, members)
             members = {}
-            cache, events, prefetch_reports = {}, {}, {}
+            cache, events, prefetch_reports, member_cpu = {}, {}, {}, {}
             for c in self.cns:
                 if self.a.logs:
                     os.makedirs(self.a.logs, exist_ok=True)
@@ -725,6 +760,8 @@ class FleetRun:
                 fin = read_json(f[c].host_path(f"{mode}/member/final.json")) or {}
                 if fin.get("prefetch"):
                     prefetch_reports[c] = fin["prefetch"]
+                if fin.get("cpu"):
+                    member_cpu[c] = fin["cpu"]
                 st = fin.get("status")
                 if isinstance(st, dict):
                     cache[c] = ((st.get("templates") or {}).get(image) or {}).get("cache_status")
@@ -733,6 +770,8 @@ class FleetRun:
             res["cache_status"] = cache
             res["tree"]["events"] = events
             res["tree"]["prefetch"] = prefetch_reports
+            # guest-counted CPU of the nova-compute stand-ins (attach, upkeep, prefetch threads)
+            res["cpu"]["members_s"] = round(sum(v["user_s"] + v["sys_s"] for v in member_cpu.values()), 2)
             if events:
                 log.warning("[%s] tree events: %s", mode, events)
             return res
@@ -780,6 +819,8 @@ class FleetRun:
             args += " --login-first"
         if mode == "full_copy":
             args += " --copy-to /dev/ubdc"
+        if self.replay_bin:
+            args += f" --replay-bin {self.replay_bin}"
         return f"python3 /vmt-share/fleet_guest.py {args} > /vmt-share/{mode}/boot-{c}.log 2>&1"
 
     def run_baseline(self, mode) -> dict:
@@ -1010,6 +1051,23 @@ def scaling_table(rows) -> str:
     return "\n".join(out)
 
 
+def host_speed() -> dict:
+    """A fingerprint of the host's single-core speed, taken before the fleet boots: the trees
+    are CPU-bound at 100 Mbit/s, so runs on different hosts compare only with this beside them
+    (a slower host stretches tree times, not direct's, which the origin's link bounds)."""
+    import timeit
+    best = min(timeit.repeat("s = 0\nfor i in range(2_000_000): s += i", number=1, repeat=5))
+    return {"python_loop_2e6_s": round(best, 4), "cpu_model": _cpu_model(), "cores": os.cpu_count()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
 def provenance() -> dict:
     """What ran: the repository commit (and whether the Python layer differs from it) and the
     installed vmthunder package the guests import."""
@@ -1078,6 +1136,9 @@ def parse_args(argv):
     th = ap.add_mutually_exclusive_group()
     th.add_argument("--think", action="store_true", help="honour the trace's time offsets as a lower bound")
     th.add_argument("--no-think", dest="think", action="store_false", help="ignore think time (default)")
+    ap.add_argument("--replay", choices=("c", "python"), default="c",
+                    help="the VM stand-in: c (default: bench/replay.c, built with cc) or python (fleet_guest.py replay); "
+                    "same reads and digest, the C one costs its node far fewer syscalls and page faults")
     ap.add_argument("--mem", default="288M", help="RAM per compute node (default: %(default)s)")
     ap.add_argument("--origin-mem", default="320M", help="RAM of the origin node (default: %(default)s)")
     ap.add_argument("--progress-s", type=float, default=5.0, help="progress line interval (default: %(default)s s)")
@@ -1153,10 +1214,12 @@ def main(argv=None):
         make_origin_image(image_path, trace["image_bytes"], trace["reads"])
         digest = expected_digest(image_path, trace["reads"])
         prov = provenance()
+        prov["host_speed"] = host_speed()
+        log.info("host: %s", prov["host_speed"])
         if trace.get("sha1"):
             prov["trace_sha1"] = trace["sha1"]
         common = {"provenance": prov, "trace": trace["source"], "reads": len(trace["reads"]),
-                  "read_bytes": sum(r[2] for r in trace["reads"]), "depth": a.depth, "think": a.think,
+                  "read_bytes": sum(r[2] for r in trace["reads"]), "depth": a.depth, "think": a.think, "replay": a.replay,
                   "start": a.start,
                   "rate": a.rate, "command": " ".join(["python", "bench/fleet.py"] + (sys.argv[1:] if argv is None else argv)),
                   "bytes_note": "origin_bytes: the origin's link tx (NIC, TCP/iSCSI headers included; etcd runs on the controller); "

@@ -39,12 +39,20 @@ import json
 import logging
 import mmap
 import os
+import resource
 import subprocess
 import sys
 import time
 import zlib
 
 PAGE = 4096
+
+
+def cpu_used():
+    """This process's CPU as its guest kernel counted it (all threads): what a stand-in costs
+    the node it runs on, apart from the data path's kernel work."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": round(r.ru_utime, 3), "sys_s": round(r.ru_stime, 3)}
 
 
 def write_json(path, obj):
@@ -345,14 +353,18 @@ def replay(dev, trace_path, go, out, depth, think):
         acc = zlib.crc32(c.to_bytes(4, "little"), acc)
     write_json(out, {"start": t0, "end": t1, "reads": len(reads), "done": done,
                      "bytes": nbytes, "total": total, "digest": f"{acc:08x}", "errors": errors,
-                     "samples": samples, "finished": not errors and done == len(reads)})
+                     "samples": samples, "finished": not errors and done == len(reads), "cpu": cpu_used()})
 
 
-def start_replay(dev, trace, out, depth, think):
-    """A 'VM': the replay in its own process, starting at once."""
-    argv = [sys.executable, os.path.abspath(__file__), "replay", dev, trace, "--out", out, "--depth", str(depth)]
-    if think:
-        argv.append("--think")
+def start_replay(dev, trace, out, depth, think, binary=None):
+    """A 'VM': the replay in its own process, starting at once. BINARY: bench/replay.c built,
+    reading the trace's .bin twin (fleet.py writes both); else this script's replay."""
+    if binary:
+        argv = [binary, dev, os.path.splitext(trace)[0] + ".bin", out, "-", str(depth), "1" if think else "0"]
+    else:
+        argv = [sys.executable, os.path.abspath(__file__), "replay", dev, trace, "--out", out, "--depth", str(depth)]
+        if think:
+            argv.append("--think")
     return subprocess.Popen(argv, stdout=open(out + ".log", "w"), stderr=subprocess.STDOUT)
 
 
@@ -377,7 +389,7 @@ def boot(a):
         res["t_copied"] = time.time()
         dev = a.copy_to
     write_json(state, res)
-    procs = [start_replay(dev, a.trace, os.path.join(a.out_dir, f"{vm}.json"), a.depth, a.think)
+    procs = [start_replay(dev, a.trace, os.path.join(a.out_dir, f"{vm}.json"), a.depth, a.think, a.replay_bin)
              for vm in a.vms.split(",")]
     rcs = [p.wait() for p in procs]
     res["replay_rcs"] = rcs
@@ -432,7 +444,7 @@ def member(a):
             result.setdefault("t_attached", {})[vm] = time.time()
             if a.replay_trace:           # the VM boots as soon as its disk is attached
                 vms.append(start_replay(result["paths"][vm], a.replay_trace, os.path.join(a.replay_dir, f"{vm}.json"),
-                                        a.depth, a.think))
+                                        a.depth, a.think, a.replay_bin))
         me = next((r for r in reg.peers(a.image) if r.get("host") == a.host), {})
         result["parents"] = me.get("parents")
         result["depth"] = me.get("depth")
@@ -459,6 +471,7 @@ def member(a):
                                 or "WARNING" in ln or "ERROR" in ln][:20]
     except OSError:
         pass
+    result["cpu"] = cpu_used()
     write_json(os.path.join(a.workdir, "final.json"), result)
     # Leave the registry only when every member has stopped its upkeep (the host creates
     # DIR/exit then): a member leaving first would make the others re-parent at teardown.
@@ -489,6 +502,7 @@ def main():
     m.add_argument("--max-seconds", type=float, default=1800)
     m.add_argument("--replay-trace", help="start a replay of this trace on each VM as soon as it is attached")
     m.add_argument("--replay-dir", help="where the replays write <vm>.json")
+    m.add_argument("--replay-bin", help="bench/replay.c built: the replay it starts (else this script's)")
     m.add_argument("--depth", type=int, default=1)
     m.add_argument("--think", action="store_true")
     m.add_argument("--profile", help="boot profile (trace file) the tree prefetches when it builds the template")
@@ -501,6 +515,7 @@ def main():
     b.add_argument("--go", required=True)
     b.add_argument("--login-first", action="store_true", help="log in before the start signal")
     b.add_argument("--copy-to", help="copy the whole image here first (full copy), then boot from it")
+    b.add_argument("--replay-bin", help="bench/replay.c built: the replay it starts (else this script's)")
     b.add_argument("--depth", type=int, default=1)
     b.add_argument("--think", action="store_true")
     lg = sub.add_parser("login")
