@@ -424,9 +424,7 @@ class FleetRun:
                 log.info("[%s] fleet completion %.1fs (%.2f x link bound), origin sent %.2f x W, max edge %.2f x W",
                          mode, res["completion_s"], res["completion_s"] / doc["link_bound_s"],
                          res["origin_bytes"] / self.W, res["max_edge_ratio"])
-                c = res["cpu"]
-                log.info("[%s] CPU: fleet %.1f core-s (host %.0f %% busy); of it counted in the guests: VM stand-ins %.1f, "
-                         "nova-compute stand-ins %s", mode, c["fleet_cpu_s"], 100 * c["host_busy"], c["vms_s"], c.get("members_s", "-"))
+                log.info("[%s] CPU: fleet %.1f core-s, host %.0f %% busy", mode, res["cpu"]["fleet_cpu_s"], 100 * res["cpu"]["host_busy"])
         doc["total_s"] = round(time.monotonic() - t0, 1)
         return doc
 
@@ -623,9 +621,7 @@ class FleetRun:
             "edges": edges,
             "max_edge_ratio": round(max((e["ratio"] for e in edges), default=0.0), 4),
             "links": links,
-            "cpu": {**cpu_summary(before["_cpu"], after["_cpu"]),
-                    # guest-counted CPU of the VM stand-ins (the replays)
-                    "vms_s": round(sum(r["cpu"]["user_s"] + r["cpu"]["sys_s"] for r in results.values() if "cpu" in r), 2)},
+            "cpu": cpu_summary(before["_cpu"], after["_cpu"]),
             "all_finished": not bad and len(results) == len(self.vms),
             "data_ok": not wrong,
         }
@@ -749,7 +745,7 @@ class FleetRun:
             res["timeline"] = self.timeline(mon, mon["results"], base)
             self.stop_members(mode, members)
             members = {}
-            cache, events, prefetch_reports, member_cpu = {}, {}, {}, {}
+            cache, events, prefetch_reports = {}, {}, {}
             for c in self.cns:
                 if self.a.logs:
                     os.makedirs(self.a.logs, exist_ok=True)
@@ -760,8 +756,6 @@ class FleetRun:
                 fin = read_json(f[c].host_path(f"{mode}/member/final.json")) or {}
                 if fin.get("prefetch"):
                     prefetch_reports[c] = fin["prefetch"]
-                if fin.get("cpu"):
-                    member_cpu[c] = fin["cpu"]
                 st = fin.get("status")
                 if isinstance(st, dict):
                     cache[c] = ((st.get("templates") or {}).get(image) or {}).get("cache_status")
@@ -770,8 +764,6 @@ class FleetRun:
             res["cache_status"] = cache
             res["tree"]["events"] = events
             res["tree"]["prefetch"] = prefetch_reports
-            # guest-counted CPU of the nova-compute stand-ins (attach, upkeep, prefetch threads)
-            res["cpu"]["members_s"] = round(sum(v["user_s"] + v["sys_s"] for v in member_cpu.values()), 2)
             if events:
                 log.warning("[%s] tree events: %s", mode, events)
             return res

@@ -39,20 +39,12 @@ import json
 import logging
 import mmap
 import os
-import resource
 import subprocess
 import sys
 import time
 import zlib
 
 PAGE = 4096
-
-
-def cpu_used():
-    """This process's CPU as its guest kernel counted it (all threads): what a stand-in costs
-    the node it runs on, apart from the data path's kernel work."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return {"user_s": round(r.ru_utime, 3), "sys_s": round(r.ru_stime, 3)}
 
 
 def write_json(path, obj):
@@ -353,7 +345,7 @@ def replay(dev, trace_path, go, out, depth, think):
         acc = zlib.crc32(c.to_bytes(4, "little"), acc)
     write_json(out, {"start": t0, "end": t1, "reads": len(reads), "done": done,
                      "bytes": nbytes, "total": total, "digest": f"{acc:08x}", "errors": errors,
-                     "samples": samples, "finished": not errors and done == len(reads), "cpu": cpu_used()})
+                     "samples": samples, "finished": not errors and done == len(reads)})
 
 
 def start_replay(dev, trace, out, depth, think, binary=None):
@@ -471,7 +463,6 @@ def member(a):
                                 or "WARNING" in ln or "ERROR" in ln][:20]
     except OSError:
         pass
-    result["cpu"] = cpu_used()
     write_json(os.path.join(a.workdir, "final.json"), result)
     # Leave the registry only when every member has stopped its upkeep (the host creates
     # DIR/exit then): a member leaving first would make the others re-parent at teardown.

@@ -57,7 +57,7 @@ def test_c_and_python_replays_read_the_same_bytes(replay_bin, image, tmp_path):
     assert c["finished"] and c["done"] == c["reads"] == len(READS) and c["errors"] == []
     assert c["bytes"] == py["bytes"] == sum(r[2] for r in READS)
     assert set(py) <= set(c), "the C replay writes every field the Python one does"
-    assert c["end"] >= c["start"] and c["cpu"]["user_s"] >= 0
+    assert c["end"] >= c["start"]
 
 
 def test_c_replay_reports_a_failed_read(replay_bin, tmp_path):
