@@ -201,11 +201,8 @@ class Fleet:
             os.makedirs(self.shm_dir)
             os.makedirs(self.uml_dir)
             shm_size = sum(parse_size(n.mem) for n in self) + 256 * 2**20
-            opts = f"size={shm_size},mode=1777"
-            huge = os.environ.get("VMT_SHM_HUGE")
-            if huge:
-                opts += f",huge={huge}"
-            sh(["mount", "-t", "tmpfs", "-o", opts, f"vmt-shm-{self.name}", self.shm_dir])
+            sh(["mount", "-t", "tmpfs", "-o", f"size={shm_size},mode=1777",
+                f"vmt-shm-{self.name}", self.shm_dir])
             shutil.copyfile(INIT_SCRIPT, self.init_path)
             os.chmod(self.init_path, 0o755)
             self.network.create()
