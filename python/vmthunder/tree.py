@@ -23,6 +23,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from vmthunder._vmthunder import Busy, Error, Node, choose_parents
+from vmthunder.registry import RegistryError
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -134,6 +135,10 @@ class Tree:
         """Publish our record with a grant for every known host. Grants are remembered per
         template (host -> initiator, grant): upkeep calls this every round and only a new host
         or initiator costs an export_info. `fresh`: the template was just built (new ACLs)."""
+        self._update_grants(image_id, fresh)
+        self.registry.publish(image_id, self._record(image_id, placement, state, built))
+
+    def _update_grants(self, image_id: str, fresh: bool) -> None:
         known = {} if fresh else self._grants.get(image_id, {})
         now = {}
         if self.export_ip:
@@ -144,7 +149,6 @@ class Tree:
                         got = (h["initiator"], self.node.export_info(image_id, h["initiator"]))
                     now[h["host"]] = got
         self._grants[image_id] = now
-        self.registry.publish(image_id, self._record(image_id, placement, state, built))
 
     def _record(self, image_id: str, placement: Dict[str, Any], state: str, built: bool = False) -> Dict[str, Any]:
         """Our registry record: `built` = our LUN exists (children may switch their paths to us,
@@ -170,32 +174,42 @@ class Tree:
             path = self.node.attach(image_id, [origin], vm_id, snapshot)
             self._start_prefetch(image_id, profile)
             return path
-        # Claim the slot under the image lock (others then count us as a child of our parents),
-        # then build at once from the origin alone: nothing reads the template until we publish
-        # `ready` (our VM starts when we return, our children wait for it), so building before
-        # the parents have costs the origin only the partition scan's few blocks, and in a chain
-        # every level builds at the same time instead of in turn. Then we switch our paths to
-        # the parents as soon as their LUNs exist (`built`) and are ready once they are: what
-        # still ripples down a chain is one registry notice per level, not a build.
+        # Build at once from the origin alone while we claim our slot under the image lock
+        # (others then count us as a child of our parents): nothing reads the template until we
+        # publish `ready` (our VM starts when we return, our children wait for it), so building
+        # before the parents have costs the origin only the partition scan's few blocks, and the
+        # claims, one lock round per level of a chain, no longer delay the builds. Then we
+        # switch our paths to the parents as soon as their LUNs exist (`built`) and are ready
+        # once they are: what still ripples down a chain is one registry notice per level.
         deadline = time.monotonic() + self.join_wait_s
         prelogged: Dict[str, Any] = {}          # name -> (connection dict, login thread)
         try:
+            claim: Dict[str, Any] = {}
             try:
                 self._prelogin(image_id, "origin", origin, prelogged)
-                placement, sources = self._claim(image_id, deadline, set())
-                self._prelogin_parents(image_id, placement, sources, prelogged)
                 if self.export_ip:
-                    # Our target (no LUN yet) and grants go out first: children claim under us
-                    # and log in while we build.
+                    # Our target (no LUN yet) and grants go out with the claim: children claim
+                    # under us and log in while we build.
                     self.node.prepare_export(image_id)
-                    self._publish(image_id, placement, state="joining", fresh=True)
-                self._prelogin_done(prelogged.get("origin"))
-                path = self.node.attach(image_id, [origin], vm_id, snapshot)
+                    self._update_grants(image_id, fresh=True)
+                claimer = threading.Thread(target=self._claim_for_join, args=(image_id, deadline, claim, prelogged),
+                                           name=f"vmthunder-claim-{image_id}", daemon=True)
+                claimer.start()
+                try:
+                    self._prelogin_done(prelogged.get("origin"))
+                    path = self.node.attach(image_id, [origin], vm_id, snapshot)
+                finally:
+                    # bounded: after the deadline a claim takes the origin alone, a lock wait
+                    # ends after lock_timeout_s
+                    claimer.join(self.join_wait_s + self.lock_timeout_s + 30)
             except Error:
                 self._abandon_join(image_id)
                 raise
             try:
-                placement = self._follow_parents(image_id, origin, placement, sources, deadline, prelogged)
+                if "placement" not in claim:
+                    raise claim.get("error") or RegistryError(f"image {image_id}: the claim did not finish")
+                placement = self._follow_parents(image_id, origin, claim["placement"], claim["sources"],
+                                                 deadline, prelogged)
                 self._publish(image_id, placement)      # ready: our children's reads may come
             except Error as e:
                 # The VM has its disk; it reads through whatever paths the template has now. Out
@@ -210,6 +224,15 @@ class Tree:
             return path
         finally:
             self._drop_unused_sessions(image_id, prelogged)
+
+    def _claim_for_join(self, image_id: str, deadline: float, out: Dict[str, Any], prelogged) -> None:
+        """attach's claim, on a thread beside the build: the placement and sources into `out`
+        (or the error), and early logins to the parents it got."""
+        try:
+            out["placement"], out["sources"] = self._claim(image_id, deadline, set(), grants=True)
+            self._prelogin_parents(image_id, out["placement"], out["sources"], prelogged)
+        except Error as e:
+            out["error"] = e
 
     def _follow_parents(self, image_id: str, origin, placement, sources, deadline: float, prelogged) -> Dict:
         """After our build: switch the template's paths to the parents once their LUNs exist,
@@ -248,10 +271,11 @@ class Tree:
             if src is not None:
                 self._prelogin(image_id, p, src, prelogged)
 
-    def _claim(self, image_id: str, deadline: float, exclude, built: bool = False) -> tuple:
+    def _claim(self, image_id: str, deadline: float, exclude, built: bool = False, grants: bool = False) -> tuple:
         """Wait (outside the lock: a lock round is a backend write) until placement finds us a
         slot, then claim it under the lock. After the deadline: ready parents only, else the
-        origin alone. `built`: our template exists (a re-claim keeps our grants and `built`)."""
+        origin alone. `built`: our template exists (a re-claim keeps our grants and `built`);
+        `grants`: the grants were just made for the template being built (they go out too)."""
         while True:
             late = time.monotonic() > deadline
             if not late:
@@ -268,7 +292,7 @@ class Tree:
                     placement = None
                 else:
                     rec = self._record(image_id, placement, "joining", built)
-                    if not built:
+                    if not (built or grants):
                         rec.pop("grants", None)     # grants of an older template: never valid
                     self.registry.publish(image_id, rec)
             if placement is not None:

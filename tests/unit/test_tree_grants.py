@@ -6,6 +6,7 @@ import threading
 import pytest
 
 import vmthunder
+from vmthunder.registry import RegistryError
 from vmthunder.tree import Tree
 
 
@@ -225,3 +226,50 @@ def test_a_parent_whose_lun_cannot_be_used_is_excluded_and_the_joiner_still_gets
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     me = reg.records["img"]["cn1"]
     assert me["state"] == "ready" and me["parents"] == ["origin"], me
+
+
+def test_the_build_does_not_wait_for_the_claim(tmp_path):
+    """In a chain the claims go one lock round per level; the build from the origin must not
+    queue behind them. Here the image lock is held by others until our build has begun: the
+    attach still completes, claimed under the parent it found, with our grants published."""
+    node, reg = FakeNode(), FakeRegistry()
+    reg.publish_host({"host": "cn2", "initiator": "iqn.x:cn2"})
+    reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"],
+                                  "grants": {"cn1": {"target_iqn": "iqn.x:cn0-img"}}}}
+    building = threading.Event()
+
+    @contextlib.contextmanager
+    def lock_held_by_others_until_we_build(image, timeout_s):
+        if not building.wait(5):
+            raise RegistryError("lock vmthunder-image-img not acquired within 5s (held by another member)")
+        yield
+    reg.lock = lock_held_by_others_until_we_build
+    real_attach = node.attach
+
+    def attach(image, sources, vm, snapshot="dm"):
+        building.set()
+        assert sources == [{"target_iqn": "iqn.x:origin"}], "the build reads the origin alone"
+        return real_attach(image, sources, vm, snapshot)
+    node.attach = attach
+    node.reparent = lambda image, sources: "table"
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    assert tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1") == "/dev/mapper/img-vm1"
+    me = reg.records["img"]["cn1"]
+    assert me["parents"][0] == "cn0" and me["state"] == "ready" and set(me["grants"]) == {"cn2"}
+
+
+def test_a_claim_that_fails_leaves_the_vm_on_the_origin_and_the_group(tmp_path):
+    """The registry refuses the lock: the VM keeps the disk it was built (origin alone) and we
+    are out of the group, so that no child waits for us."""
+    node, reg = FakeNode(), FakeRegistry()
+
+    @contextlib.contextmanager
+    def refused(image, timeout_s):
+        raise RegistryError("lock vmthunder-image-img not acquired within 1s (held by another member)")
+        yield
+    reg.lock = refused
+    left = []
+    reg.leave = lambda image: left.append(image)
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    assert tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1") == "/dev/mapper/img-vm1"
+    assert left == ["img"] and node.templates == {"img": ["vm1"]}
