@@ -1023,6 +1023,7 @@ def plot(doc, path) -> bool:
 
 
 def scaling_table(rows) -> str:
+    """One row per fleet size; the tree column is the first tree mode run (tree, tree-f1, ...)."""
     out = ["| nodes | VMs | W (MiB) | link bound (s) | tree (s) | x link bound | direct (s) | full copy (s) | "
            "tree speed-up vs direct | origin / W (tree) | origin / W (direct) | max edge / W | joins (s) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -1032,11 +1033,12 @@ def scaling_table(rows) -> str:
         def c(k, f="{:.1f}"):
             r = m.get(k) or {}
             return f.format(r["completion_s"]) if "completion_s" in r else "-"
-        t, dr = m.get("tree") or {}, m.get("direct") or {}
+        tree_mode = next((k for k in m if TREE_MODE.fullmatch(k)), "tree")
+        t, dr = m.get(tree_mode) or {}, m.get("direct") or {}
         sp = f"{dr['completion_s'] / t['completion_s']:.2f}x" if "completion_s" in t and "completion_s" in dr else "-"
         xl = f"{t['completion_s'] / d['link_bound_s']:.2f}" if "completion_s" in t else "-"
         out.append(f"| {d['nodes']} | {d['vms']} | {d['working_set_bytes'] / MIB:.1f} | {d['link_bound_s']:.1f} | "
-                   f"{c('tree')} | {xl} | {c('direct')} | {c('full_copy')} | {sp} | "
+                   f"{c(tree_mode)} ({tree_mode}) | {xl} | {c('direct')} | {c('full_copy')} | {sp} | "
                    f"{t.get('origin_ratio', float('nan')):.2f} | {dr.get('origin_ratio', float('nan')):.2f} | "
                    f"{t.get('max_edge_ratio', float('nan')):.2f} | "
                    f"{(t.get('tree') or {}).get('joins_wall_s', float('nan')):.1f} |")
