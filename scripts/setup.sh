@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "[setup] $*"; }
 
-# libdevmapper-dev + libclang-dev: the devicemapper crate's -sys build (pkg-config, bindgen).
+# libdevmapper-dev + libclang-dev: the devicemapper crate's -sys build (pkg-config, bindgen);
+# gcc: the fleet's VM stand-in (bench/replay.c).
 pkgs=(user-mode-linux open-iscsi dmsetup kmod iproute2 busybox-static qemu-utils etcd-server bcache-tools
-      libdevmapper-dev libclang-dev pkg-config)
+      libdevmapper-dev libclang-dev pkg-config gcc)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
 if ((${#missing[@]})); then
