@@ -23,7 +23,6 @@ import time
 from typing import Any, Dict, List, Optional
 
 from vmthunder._vmthunder import Busy, Error, Node, choose_parents
-from vmthunder.registry import RegistryError
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -207,7 +206,10 @@ class Tree:
                 raise
             try:
                 if "placement" not in claim:
-                    raise claim.get("error") or RegistryError(f"image {image_id}: the claim did not finish")
+                    if "error" in claim:
+                        raise claim["error"]
+                    from vmthunder.registry import RegistryError    # only here: tree.py needs no registry
+                    raise RegistryError(f"image {image_id}: the claim did not finish")
                 placement = self._follow_parents(image_id, origin, claim["placement"], claim["sources"],
                                                  deadline, prelogged)
                 self._publish(image_id, placement)      # ready: our children's reads may come
