@@ -449,12 +449,13 @@ class FleetRun:
             self.conn[c] = py(o, f"out(vmthunder.allow_initiator({VOLUME!r}, {f[c].initiator_iqn!r}, {portal!r}))")
         script = open(GUEST_SCRIPT, "rb").read()
         trace_json = json.dumps({"image_bytes": self.image_bytes, "reads": self.trace["reads"]}).encode()
+        trace_packed = trace_bin(self.trace["reads"])
         replay_bin = build_replay() if self.a.replay == "c" else None
         self.replay_bin = "/vmt-share/replay" if replay_bin else None
         for c in self.cns:
             f[c].write_file("fleet_guest.py", script)
             f[c].write_file("trace.json", trace_json)
-            f[c].write_file("trace.bin", trace_bin(self.trace["reads"]))
+            f[c].write_file("trace.bin", trace_packed)
             if replay_bin:
                 f[c].write_file("replay", replay_bin, mode=0o755)
             f[c].write_file("origin.json", json.dumps(self.conn[c]).encode())

@@ -161,8 +161,8 @@ fn register(dev: &Path) -> Result<()> {
 }
 
 /// The node's cache set: its dm slice and its UUID, made on first use (or by
-/// `Node::prepare_cache`). The caller holds the cache-set lock.
-pub(super) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<String> {
+/// `Node::prepare_cache`), and whether this call made it. The caller holds the cache-set lock.
+pub(super) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<(String, bool)> {
     if !Path::new("/sys/fs/bcache/register").exists() {
         let _ = cmd::run(Kind::CacheDevice, "modprobe", &["bcache"], &[], Duration::from_secs(10));
     }
@@ -217,14 +217,14 @@ pub(super) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'
     if created {
         info!("made bcache cache set {uuid} on {}", cset.path().display());
     }
-    Ok(uuid)
+    Ok((uuid, created))
 }
 
 fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
     // The cache set is shared by every image: hold it until our backing device is attached,
     // or a teardown of another image's last use could release it under us.
     let _set = node.lock_cache_set()?;
-    let uuid = ensure_cache_set(node, dm, undo)?;
+    let (uuid, _) = ensure_cache_set(node, dm, undo)?;
     let name = names::template_dm_name(image, Role::Bdev);
     let (bdev, created) = {
         let _space = node.lock_space()?;

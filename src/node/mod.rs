@@ -232,12 +232,11 @@ impl Node {
         }
         let dm = Dm::open()?;
         let _set = self.lock_cache_set()?;
-        let existed = dm.info(names::CACHE_SET_DM_NAME)?.is_some();
         let mut undo = rollback::Undo::default();
         match cache::ensure_cache_set(self, &dm, &mut undo) {
-            Ok(_) => {
+            Ok((_, created)) => {
                 undo.commit();
-                Ok(!existed)
+                Ok(created)
             }
             Err(e) => Err(undo.rollback(e.context("prepare the node's cache"))),
         }
