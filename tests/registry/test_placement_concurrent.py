@@ -79,7 +79,7 @@ def test_concurrent_joiners_form_a_valid_tree(etcd_url):
             p.join(20)
             W.kill(p)
     assert sorted(recs) == sorted(f"cn{i}" for i in range(N))
-    seen = {o["host"]: o["seen"] for o in outs}
+    seen_at_join = {o["host"]: o["seen"] for o in outs}
     primaries = [r["parents"][0] for r in recs.values()]
     for parent in set(primaries):
         assert primaries.count(parent) <= K, f"fan-out of {parent} exceeded: {primaries}"
@@ -87,18 +87,18 @@ def test_concurrent_joiners_form_a_valid_tree(etcd_url):
     for host, r in recs.items():
         assert "origin" in r["parents"], "the origin is always kept (first as primary, else last resort)"
         assert r["parents"][0] == "origin" or r["parents"][-1] == "origin"
-        seen, cur = [], host
+        path, cur = [], host
         while cur != "origin":
-            assert cur not in seen, f"cycle: {seen + [cur]}"
-            seen.append(cur)
+            assert cur not in path, f"cycle: {path + [cur]}"
+            path.append(cur)
             cur = recs[cur]["parents"][0]
-        assert len(seen) == r["depth"] <= bound, (host, seen, bound)
+        assert len(path) == r["depth"] <= bound, (host, path, bound)
         peers_ = [p for p in r["parents"] if p != "origin"]
         if len(peers_) == 2 and recs[peers_[0]]["failure_domain"] == recs[peers_[1]]["failure_domain"]:
             # Same domain only when, at join time, no peer of another domain could be a secondary
             # (ready, at most the newcomer's depth, a free secondary slot). Random join orders
             # leave one domain alone at the top in ~5 % of runs (CI saw cn6 under cn11 + cn2).
-            other = secondary_candidates(seen[host], r["depth"], recs[peers_[0]]["failure_domain"], peers_[0])
+            other = secondary_candidates(seen_at_join[host], r["depth"], recs[peers_[0]]["failure_domain"], peers_[0])
             assert not other, f"{host}: both parents in one failure domain {peers_} while {other} were free"
     # A child under a parent of its own domain only when no parent of another domain at the
     # same depth had a free slot when it joined (the ranking: shallowest, then a parent of
