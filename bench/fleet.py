@@ -58,6 +58,7 @@ Output: a table on stdout, progress on stderr, <out>/fleet.json, <out>/fleet-tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -83,7 +84,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
-from tests.kernel.harness._util import parse_rate  # noqa: E402
+from tests.kernel.harness._util import parse_rate, parse_size  # noqa: E402
+
+from host_memory import kept_memory  # noqa: E402  (bench/host_memory.py)
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
@@ -591,10 +594,15 @@ class FleetRun:
         for c in self.cns:
             b, a = before[c]["sessions"], after[c]["sessions"]
             for sid, s in sorted(a.items(), key=lambda kv: int(kv[0])):
-                delta = s["read_bytes"] - (b.get(sid, {}).get("read_bytes", 0) if b.get(sid, {}).get("target") == s["target"] else 0)
+                same = b.get(sid, {}) if b.get(sid, {}).get("target") == s["target"] else {}
+                delta = s["read_bytes"] - same.get("read_bytes", 0)
+                ios = s.get("read_ios", 0) - same.get("read_ios", 0)
                 parent = self.ip_to_node.get(s["address"], s["address"])
                 parent = "origin" if parent == "o" else parent
-                edges.append({"parent": parent, "child": c, "bytes": delta, "ratio": round(delta / W, 4)})
+                # reads = SCSI read commands the child sent (each costs both ends a round of
+                # iSCSI, TCP and block-layer work, whatever its size)
+                edges.append({"parent": parent, "child": c, "bytes": delta, "ratio": round(delta / W, 4),
+                              "reads": ios, "mean_read_kib": round(delta / ios / 1024, 1) if ios else None})
         if parents is not None:
             # the active path of each child (dm-multipath failover: I/O goes to one path): the
             # session its data came over; the other paths are standby
@@ -1140,6 +1148,11 @@ def parse_args(argv):
     ap.add_argument("--scaling", default=None, metavar="N1,N2,...", help="run one fleet per size (VMs = nodes "
                     "x --vms-per-node) and write fleet-scaling.json")
     ap.add_argument("--vms-per-node", type=int, default=1, help="with --scaling (default: %(default)s)")
+    ap.add_argument("--host-memory", choices=("keep", "as-is"), default=None,
+                    help="keep: on a host that is a VM returning free memory to its hypervisor (virtio-balloon "
+                    "free page reporting), pause that for the run and fault the fleet's memory in first "
+                    "(first touches cost ~4 s/GiB there and weigh on the tree modes more; see bench/host_memory.py); "
+                    "the old setting is restored at exit. as-is: leave the host alone (default: keep; as-is with --smoke)")
     ap.add_argument("--logs", metavar="DIR", help="keep each tree member's log (vmthunder's own log lines) in DIR")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
@@ -1159,6 +1172,8 @@ def parse_args(argv):
         parse_rate(a.rate)
     except HarnessError as e:
         ap.error(str(e))
+    if a.host_memory is None:
+        a.host_memory = "as-is" if a.smoke else "keep"
     if a.smoke:
         a.trace = "synthetic"
         a.synthetic_ws_mib, a.synthetic_image_mib = 8, 32
@@ -1204,6 +1219,7 @@ def main(argv=None):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
     tmp = tempfile.mkdtemp(prefix="vmt-fleet-")
+    stack = contextlib.ExitStack()
     try:
         image_path = os.path.join(tmp, "origin.img")
         make_origin_image(image_path, trace["image_bytes"], trace["reads"])
@@ -1211,6 +1227,14 @@ def main(argv=None):
         prov = provenance()
         prov["host_speed"] = host_speed()
         log.info("host: %s", prov["host_speed"])
+        if a.host_memory == "keep":
+            # what the largest fleet touches: every node's RAM file and its disk files' page
+            # cache, the origin's image
+            per_node = parse_size(a.mem) + (768 << 20)
+            want = (max(a.sizes or [a.nodes]) + 1) * per_node + trace["image_bytes"] + (1 << 30)
+            prov["host_memory"] = stack.enter_context(kept_memory(want))
+        else:
+            prov["host_memory"] = {"page_reporting": "left as it was (--host-memory as-is)"}
         if trace.get("sha1"):
             prov["trace_sha1"] = trace["sha1"]
         common = {"provenance": prov, "trace": trace["source"], "reads": len(trace["reads"]),
@@ -1251,6 +1275,7 @@ def main(argv=None):
         failed = [(d["nodes"], k) for d in docs for k, r in d["modes"].items() if "error" in r or not r.get("all_finished")]
         return 1 if failed else 0
     finally:
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

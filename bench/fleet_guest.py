@@ -70,16 +70,19 @@ def counters():
         conn = glob.glob(f"/sys/class/iscsi_connection/connection{sid}:*")
         addr = read_first_line(os.path.join(conn[0], "persistent_address")) if conn else None
         port = read_first_line(os.path.join(conn[0], "persistent_port")) if conn else None
-        read_bytes = 0
+        read_bytes = read_ios = 0
         disks = []
         for blk in glob.glob(f"{sdir}/device/target*/*:*:*:*/block/*"):
             name = os.path.basename(blk)
             stat = read_first_line(f"/sys/block/{name}/stat")
             if stat:
-                read_bytes += int(stat.split()[2]) * 512
+                fields = stat.split()
+                read_ios += int(fields[0])          # completed read requests (after merging)
+                read_bytes += int(fields[2]) * 512
                 disks.append(name)
         sessions[sid] = {"target": read_first_line(os.path.join(sdir, "targetname")),
-                         "address": addr, "port": port, "read_bytes": read_bytes, "disks": disks}
+                         "address": addr, "port": port, "read_bytes": read_bytes,
+                         "read_ios": read_ios, "disks": disks}
     nic = {k: int(read_first_line(f"/sys/class/net/vec0/statistics/{k}") or 0) for k in ("rx_bytes", "tx_bytes")}
     return {"sessions": sessions, "nic": nic, "clock": time.time()}
 
