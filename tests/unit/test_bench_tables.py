@@ -15,3 +15,17 @@ def test_the_scaling_table_takes_the_chain_as_the_tree():
     table = fleet.scaling_table([row(4, {"tree-f1": tree, "direct": {"completion_s": 32.0, "origin_ratio": 4.38}})])
     last = table.splitlines()[-1]
     assert "| 14.8 (tree-f1) |" in last and "| 2.16x |" in last and "| 1.08 | 4.38 | 1.06 | 5.4 |" in last
+
+
+def test_goals_judge_every_tree_mode_against_its_own_fanout():
+    W = 80 << 20
+    tree = lambda s, k, origin: {"completion_s": s, "fanout": k, "origin_bytes": origin * W,   # noqa: E731
+                                 "origin_data_bytes": origin * W, "max_edge_ratio": 1.05}
+    doc = {"working_set_bytes": W, "fanout": 3, "rate_bps": 100e6, "link_bound_s": W * 8 / 100e6,
+           "modes": {"tree-f1": tree(15.0, 1, 1.08), "tree": tree(25.0, 3, 3.17), "direct": {"completion_s": 62.0}}}
+    g = fleet.goals(doc)
+    assert sorted(g) == ["tree", "tree-f1"]
+    assert g["tree-f1"]["tree >= 4x faster than direct"] == "4.13x -> met"
+    assert g["tree"]["tree >= 4x faster than direct"] == "2.48x -> NOT met"
+    assert g["tree-f1"]["origin sends <= fan-out x W x 1.1 (88.0 MiB)"].endswith("-> met")
+    assert "(264.0 MiB)" in " ".join(g["tree"])
