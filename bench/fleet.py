@@ -7,8 +7,8 @@ Topology: one origin node "o" (the storage server: exports a random-data image v
 iSCSI) and N compute nodes cn1..cnN on one bridge, the tree's registry (etcd) on the host side
 of the bridge as a controller would run it (natively, not in UML), every
 link shaped with tc to --rate in each direction (default 100 Mbit/s: a 1 GbE cluster slowed ten
-times; measured, two host cores do NOT keep up with an 8-node tree at that rate — the tree runs
-are CPU-bound, see bench/README.md — while at --rate 25mbit the chain is link-bound). M VMs
+times; measured, an 8-node tree at that rate keeps two host cores 96 % busy: the tree runs are
+CPU-bound, see bench/README.md and --host-memory; at --rate 25mbit the chain is link-bound). M VMs
 (default one per node; more go round-robin) each replay a boot read trace on their device.
 
 Modes (each in a fresh fleet of the same shape and links: cold caches, no session or page
