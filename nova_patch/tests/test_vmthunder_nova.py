@@ -52,6 +52,7 @@ class Conf:
         self.state_dir = "/var/lib/nova/vmthunder"
         self.coordination_url = None
         self.fanout = None
+        self.cow_size_mib = None
         self.__dict__.update(kw)
 
 
@@ -80,6 +81,14 @@ class GetNodeTest(HelperTestCase):
         tree.start_watch.assert_not_called()
         self.helpers.get_node(Conf(cache_device="/dev/vdc"), "cn1", "198.18.0.2")
         self.assertEqual(2, self.Node.call_count)
+
+    def test_cow_size_passed_only_when_configured(self):
+        self.helpers.get_node(Conf(cow_size_mib=4096), "cn1")
+        self.Node.assert_called_once_with(host="cn1", cache_device="/dev/vdb", state_dir="/var/lib/nova/vmthunder",
+                                          export_ip=None, cow_size_mib=4096)
+        self.helpers.get_node(Conf(cow_size_mib=None), "cn1")      # unset: the library's default
+        self.assertEqual(mock.call(host="cn1", cache_device="/dev/vdb", state_dir="/var/lib/nova/vmthunder",
+                                   export_ip=None), self.Node.call_args)
 
     def test_registry_joined_when_configured(self):
         self.Tree.return_value.registry = self.Registry.return_value

@@ -53,7 +53,7 @@ def _initiator():
 def get_node(conf, host, export_ip=None):
     """What Nova attaches through: this process's relay ``Tree`` around its ``Node``, for
     ``conf`` (Nova's ``[vmthunder]`` group, or any object with ``cache_device``,
-    ``state_dir`` and, optional, ``coordination_url`` and ``fanout``).
+    ``state_dir`` and, optional, ``coordination_url``, ``fanout`` and ``cow_size_mib``).
 
     Built on first use and kept, one per configuration. With ``coordination_url`` the tree
     joins the registry (tooz) and keeps itself up on a thread; without it, or while the
@@ -61,13 +61,15 @@ def get_node(conf, host, export_ip=None):
     """
     url = getattr(conf, "coordination_url", None)
     fanout = getattr(conf, "fanout", None)
+    cow_size_mib = getattr(conf, "cow_size_mib", None)
     host = host_name(host)
-    key = (host, conf.cache_device, conf.state_dir, export_ip, url, fanout)
+    key = (host, conf.cache_device, conf.state_dir, export_ip, url, fanout, cow_size_mib)
     with _lock:
         tree = _nodes.get(key)
         if tree is None:
+            sizes = {"cow_size_mib": cow_size_mib} if cow_size_mib else {}
             node = vmthunder.Node(host=host, cache_device=conf.cache_device,
-                                  state_dir=conf.state_dir, export_ip=export_ip)
+                                  state_dir=conf.state_dir, export_ip=export_ip, **sizes)
             _prepare_cache(node, conf.cache_device)
             registry = None
             if url:
