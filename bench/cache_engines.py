@@ -29,6 +29,7 @@ Results: bench/results/cache-engines.json, a markdown table on stdout, progress 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -47,7 +48,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
+from tests.kernel.harness._util import parse_size  # noqa: E402
 from tests.kernel.harness.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  # noqa: E402
+
+import host_memory  # noqa: E402  (bench/host_memory.py)
 
 DEFAULT_OUT = os.path.join(HERE, "results", "cache-engines.json")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
@@ -529,7 +533,9 @@ def main(argv=None):
                     "trace unless --trace is given (faster; below the issue's 64 MiB, for trying things out)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: bcache only, 8 MiB working set over "
                     "a 32 MiB image, no trace")
+    host_memory.add_option(ap)
     args = ap.parse_args(argv)
+    args.host_memory = host_memory.choice(args.host_memory, args.smoke)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("vmthunder.harness").setLevel(logging.WARNING)
 
@@ -561,6 +567,7 @@ def main(argv=None):
     if args.no_trace:
         trace = None
     tmp = tempfile.mkdtemp(prefix="vmt-bench-ce-")
+    stack = contextlib.ExitStack()
     try:
         image_path = os.path.join(tmp, "origin.img")
         if trace:
@@ -574,7 +581,9 @@ def main(argv=None):
         log.info("working set: %s, W = %.1f MiB, image %.0f MiB", source, ws_bytes / 2**20, image_bytes / 2**20)
         make_origin_image(image_path, image_bytes, extents, full_random=image_bytes <= (1 << 30))
         digest = expected_digest(image_path, extents)
-        doc = {"default": None, "working_set_bytes": ws_bytes, "engines": {},
+        kept = host_memory.enter(stack, args.host_memory,
+                                 host_memory.want_for(len(TREE) + 1, parse_size(args.mem), image_bytes))
+        doc = {"host_memory": kept, "default": None, "working_set_bytes": ws_bytes, "engines": {},
                "goals_met_by_default": False, "working_set": source, "image_bytes": image_bytes,
                "reads": len(extents), "read_bytes": sum(n for _, n in extents), "rate": args.rate,
                "depth": args.depth, "readers": args.readers, "topology": {c: p for c, p in TREE.items()},
@@ -615,6 +624,7 @@ def main(argv=None):
         print(table(doc))
         return 0 if all("error" not in r for r in doc["engines"].values()) else 1
     finally:
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

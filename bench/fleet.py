@@ -86,7 +86,7 @@ if REPO not in sys.path:
 from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
 from tests.kernel.harness._util import parse_rate, parse_size  # noqa: E402
 
-from host_memory import kept_memory  # noqa: E402  (bench/host_memory.py)
+import host_memory  # noqa: E402  (bench/host_memory.py)
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
@@ -1151,11 +1151,7 @@ def parse_args(argv):
     ap.add_argument("--scaling", default=None, metavar="N1,N2,...", help="run one fleet per size (VMs = nodes "
                     "x --vms-per-node) and write fleet-scaling.json")
     ap.add_argument("--vms-per-node", type=int, default=1, help="with --scaling (default: %(default)s)")
-    ap.add_argument("--host-memory", choices=("keep", "as-is"), default=None,
-                    help="keep: on a host that is a VM returning free memory to its hypervisor (virtio-balloon "
-                    "free page reporting), pause that for the run and fault the fleet's memory in first "
-                    "(first touches cost ~4 s/GiB there and weigh on the tree modes more; see bench/host_memory.py); "
-                    "the old setting is restored at exit. as-is: leave the host alone (default: keep; as-is with --smoke)")
+    host_memory.add_option(ap)
     ap.add_argument("--logs", metavar="DIR", help="keep each tree member's log (vmthunder's own log lines) in DIR")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
@@ -1175,8 +1171,7 @@ def parse_args(argv):
         parse_rate(a.rate)
     except HarnessError as e:
         ap.error(str(e))
-    if a.host_memory is None:
-        a.host_memory = "as-is" if a.smoke else "keep"
+    a.host_memory = host_memory.choice(a.host_memory, a.smoke)
     if a.smoke:
         a.trace = "synthetic"
         a.synthetic_ws_mib, a.synthetic_image_mib = 8, 32
@@ -1230,14 +1225,8 @@ def main(argv=None):
         prov = provenance()
         prov["host_speed"] = host_speed()
         log.info("host: %s", prov["host_speed"])
-        if a.host_memory == "keep":
-            # what the largest fleet touches: every node's RAM file and its disk files' page
-            # cache, the origin's image
-            per_node = parse_size(a.mem) + (768 << 20)
-            want = (max(a.sizes or [a.nodes]) + 1) * per_node + trace["image_bytes"] + (1 << 30)
-            prov["host_memory"] = stack.enter_context(kept_memory(want))
-        else:
-            prov["host_memory"] = {"page_reporting": "left as it was (--host-memory as-is)"}
+        want = host_memory.want_for(max(a.sizes or [a.nodes]) + 1, parse_size(a.mem), trace["image_bytes"])
+        prov["host_memory"] = host_memory.enter(stack, a.host_memory, want)
         if trace.get("sha1"):
             prov["trace_sha1"] = trace["sha1"]
         common = {"provenance": prov, "trace": trace["source"], "reads": len(trace["reads"]),

@@ -92,3 +92,30 @@ def kept_memory(want_bytes: int, reserve_bytes: int = 3 * GIB):
                 log.info("host: free page reporting restored (page_reporting_order %s)", old)
             except OSError as e:
                 log.error("host: could not restore page_reporting_order %s: %s (write it to %s)", old, e, ORDER_PARAM)
+
+
+HELP = ("keep: on a host that is a VM returning free memory to its hypervisor (virtio-balloon free page "
+        "reporting), pause that for the run and fault the nodes' memory in first (first touches cost ~4 s/GiB "
+        "there, and unequally per mode; see bench/host_memory.py); the old setting is restored at exit. "
+        "as-is: leave the host alone (default: keep; as-is with --smoke)")
+
+
+def add_option(ap) -> None:
+    """The benchmarks' --host-memory option (resolve it with `choice`)."""
+    ap.add_argument("--host-memory", choices=("keep", "as-is"), default=None, help=HELP)
+
+
+def choice(value, smoke: bool) -> str:
+    return value or ("as-is" if smoke else "keep")
+
+
+def enter(stack: contextlib.ExitStack, value: str, want_bytes: int) -> dict:
+    """Apply --host-memory for the rest of `stack`'s life; returns what was done (provenance)."""
+    if value == "keep":
+        return stack.enter_context(kept_memory(want_bytes))
+    return {"page_reporting": "left as it was (--host-memory as-is)"}
+
+
+def want_for(nodes: int, mem_bytes: int, image_bytes: int) -> int:
+    """What a run touches: every node's RAM file and its disk files' page cache, the image."""
+    return nodes * (mem_bytes + (768 << 20)) + image_bytes + GIB

@@ -49,3 +49,18 @@ def test_a_host_without_page_reporting_is_left_alone(fake_host, tmp_path, monkey
     with host_memory.kept_memory(want_bytes=1 << 20) as info:
         assert info == {"page_reporting": "absent"}
     assert not (tmp_path / "absent").exists()
+
+
+def test_smoke_runs_leave_the_host_alone_unless_told(fake_host):
+    param, _ = fake_host
+    assert host_memory.choice(None, smoke=True) == "as-is"
+    assert host_memory.choice(None, smoke=False) == "keep"
+    assert host_memory.choice("keep", smoke=True) == "keep"
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        info = host_memory.enter(stack, "as-is", want_bytes=1 << 20)
+        assert param.read_text() == "9\n" and "as-is" in info["page_reporting"]
+    with contextlib.ExitStack() as stack:
+        host_memory.enter(stack, "keep", want_bytes=1 << 20)
+        assert param.read_text() == str(host_memory.NO_REPORTING_ORDER)
+    assert param.read_text() == "9"
