@@ -12,6 +12,8 @@ artifact weighs on the modes unequally: an 8-node chain took 22.0 s (39.4 core-s
 `kept_memory()` pauses the reporting for the run (page_reporting_order above the largest buddy
 order: no free block qualifies), restores the old order on exit, and faults in the memory the
 fleet will use once beforehand, so that the first run on a fresh host is not the slow one.
+A run killed with SIGKILL cannot restore it: `cat` the parameter, and write back the kernel's
+default (9, pageblock order on x86-64) if it still says 11.
 """
 from __future__ import annotations
 
