@@ -594,7 +594,8 @@ class FleetRun:
         for c in self.cns:
             b, a = before[c]["sessions"], after[c]["sessions"]
             for sid, s in sorted(a.items(), key=lambda kv: int(kv[0])):
-                same = b.get(sid, {}) if b.get(sid, {}).get("target") == s["target"] else {}
+                prev = b.get(sid, {})
+                same = prev if prev.get("target") == s["target"] else {}     # a session id reused: new counters
                 delta = s["read_bytes"] - same.get("read_bytes", 0)
                 ios = s.get("read_ios", 0) - same.get("read_ios", 0)
                 parent = self.ip_to_node.get(s["address"], s["address"])
