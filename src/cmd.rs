@@ -57,6 +57,7 @@ pub fn run(kind: Kind, program: &str, args: &[&str], secrets: &[&str], timeout: 
     };
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
+    debug!("ran: {shown} in {:.3}s (exit {:?})", start.elapsed().as_secs_f64(), status.code());
     Ok(Output { status: status.code().unwrap_or(-1), stdout, stderr })
 }
 
