@@ -418,19 +418,29 @@ class Tree:
             while self.node.status()["templates"][image_id]["children"] and time.monotonic() < deadline:
                 time.sleep(0.5)
         self.node.detach(vm_id)
-        if last and image_id not in self.node.status()["templates"]:
-            self._grants.pop(image_id, None)
-            if self.registry is not None:
-                try:
-                    self.registry.leave(image_id)
-                except Error as e:
-                    LOG.warning("image %s: could not leave the registry group: %s", image_id, e)
+        kept = self.node.status()["templates"].get(image_id) if last else None
+        if kept is not None:
+            LOG.warning("image %s: children %s still read from this node after %.0fs; the template "
+                        "stays until they leave (upkeep removes it)", image_id, kept["children"], self.leave_timeout_s)
+        elif last:
+            self._forget(image_id)
+
+    def _forget(self, image_id: str) -> None:
+        """The template is gone from this node: its grants with it, and out of the image's group."""
+        self._grants.pop(image_id, None)
+        if self.registry is not None:
+            try:
+                self.registry.leave(image_id)
+            except Error as e:
+                LOG.warning("image %s: could not leave the registry group: %s", image_id, e)
 
     def maintain(self) -> List[str]:
-        """One upkeep round over the images this node holds: grant new hosts, and re-parent
-        away from parents that died (left the registry) or are leaving. Returns re-parented ids."""
+        """One upkeep round over the images this node holds: tear down the templates nothing
+        uses any more, grant new hosts, and re-parent away from parents that died (left the
+        registry) or are leaving. Returns re-parented ids."""
         moved = []
         with self._lock:
+            self._sweep_unused()
             if not self._registry_ok("upkeep"):
                 return moved
             for image_id, t in self.node.status()["templates"].items():
@@ -440,6 +450,22 @@ class Tree:
                 except Error as e:
                     LOG.warning("image %s: upkeep failed: %s", image_id, e)
         return moved
+
+    def _sweep_unused(self) -> None:
+        """A relay whose last VM left while children still read from it keeps its template
+        (detach gives them leave_timeout_s to move): once the last child has gone too, remove
+        it and leave the image's group."""
+        templates = self.node.status()["templates"]
+        if not any(not t["vms"] and not t["children"] for t in templates.values()):
+            return
+        try:
+            removed = self.node.sweep()
+        except Error as e:
+            LOG.warning("upkeep: could not remove unused templates: %s", e)
+            return
+        for image_id in removed:
+            LOG.info("image %s: no VM and no child uses it any more; template removed", image_id)
+            self._forget(image_id)
 
     def _maintain_image(self, image_id: str) -> bool:
         origin = self._load_origin(image_id)

@@ -273,3 +273,43 @@ def test_a_claim_that_fails_leaves_the_vm_on_the_origin_and_the_group(tmp_path):
     tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     assert tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1") == "/dev/mapper/img-vm1"
     assert left == ["img"] and node.templates == {"img": ["vm1"]}
+
+
+class RelayNode(FakeNode):
+    """A relay's templates stay while a child reads them; sweep() removes the unused ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.children = {}      # image -> [child host]
+
+    def status(self):
+        return {"templates": {i: {"vms": list(v), "children": list(self.children.get(i, []))}
+                              for i, v in self.templates.items()}}
+
+    def detach(self, vm):
+        for vms in self.templates.values():
+            if vm in vms:
+                vms.remove(vm)
+
+    def sweep(self):
+        gone = [i for i, v in self.templates.items() if not v and not self.children.get(i)]
+        for i in gone:
+            del self.templates[i]
+        return gone
+
+
+def test_a_relay_kept_for_a_slow_child_is_removed_by_upkeep_once_the_child_leaves(tmp_path):
+    node, reg = RelayNode(), FakeRegistry()
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path),
+                leave_timeout_s=0.1)
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    node.children["img"] = ["cn2"]
+    tree.detach("vm1")              # the child did not move within leave_timeout_s
+    assert node.templates == {"img": []}
+    assert reg.records["img"]["cn1"]["state"] == "leaving"
+    tree.maintain()                 # still read by cn2: kept
+    assert "img" in node.templates and "cn1" in reg.records["img"]
+    node.children["img"] = []
+    tree.maintain()
+    assert node.templates == {}, "upkeep left the unused template behind"
+    assert "cn1" not in reg.records["img"], "upkeep removed the template but stayed in the group"
