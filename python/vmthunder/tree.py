@@ -27,6 +27,70 @@ from vmthunder._vmthunder import Busy, Error, Node, choose_parents
 LOG = logging.getLogger("vmthunder.tree")
 
 
+class _EarlyLogins:
+    """One join's early logins: to the origin and to the parents a claim names, each on a
+    thread while the join waits for those parents to build (attach and reparent then reuse the
+    session): a login behind loaded links takes seconds, and in a chain it would otherwise wait
+    for the level above. Best effort: a failed one leaves the login to attach. `close()` logs
+    out of the sessions the join did not take over; after it no new login starts, so a claim
+    thread that outlives its join cannot leave a session nobody logs out of."""
+
+    LOGIN_WAIT_S = 120.0        # iscsiadm's own timeouts bound a login
+
+    def __init__(self, node: Node, image_id: str):
+        self._node = node
+        self._image = image_id
+        self._lock = threading.Lock()
+        self._logins: Dict[str, Any] = {}       # name -> (connection dict, login thread)
+        self._closed = False
+
+    def start(self, name: str, source: Dict[str, Any]) -> None:
+        with self._lock:
+            if self._closed or name in self._logins:
+                return
+            t = threading.Thread(target=self._login, args=(name, source), name=f"vmthunder-prelogin-{name}",
+                                 daemon=True)
+            self._logins[name] = (source, t)
+            t.start()
+
+    def start_parents(self, placement, sources) -> None:
+        for p, src in zip(placement["parents"], sources):
+            if src is not None:
+                self.start(p, src)
+
+    def _login(self, name: str, source: Dict[str, Any]) -> None:
+        try:
+            n = self._node.prelogin(source)
+            LOG.info("image %s: logged in to %s ahead of the join (%d new session(s))", self._image, name, n)
+        except Error as e:
+            LOG.info("image %s: early login to %s failed, attach will retry: %s", self._image, name, e)
+
+    def wait(self, name: str) -> None:
+        """Until the early login to `name` (if one started) has finished."""
+        with self._lock:
+            entry = self._logins.get(name)
+        if entry is not None:
+            entry[1].join(self.LOGIN_WAIT_S)
+
+    def close(self) -> None:
+        """No more logins; log out, on a thread, of the sessions nothing took over (parents
+        someone else got): after `ready` is published, not before it."""
+        with self._lock:
+            self._closed = True
+            entries = list(self._logins.values())
+        if not entries:
+            return
+
+        def run():
+            for source, t in entries:
+                t.join(self.LOGIN_WAIT_S)
+                try:
+                    self._node.logout_unused(source)
+                except Error as e:
+                    LOG.warning("image %s: could not log out of an unused early session: %s", self._image, e)
+        threading.Thread(target=run, name=f"vmthunder-logout-{self._image}", daemon=True).start()
+
+
 class Tree:
     def __init__(self, node: Node, registry=None, *, initiator: str, export_ip: Optional[str] = None,
                  failure_domain: Optional[str] = None, fanout: int = 3, max_parents: int = 2,
@@ -181,21 +245,21 @@ class Tree:
         # switch our paths to the parents as soon as their LUNs exist (`built`) and are ready
         # once they are: what still ripples down a chain is one registry notice per level.
         deadline = time.monotonic() + self.join_wait_s
-        prelogged: Dict[str, Any] = {}          # name -> (connection dict, login thread)
+        logins = _EarlyLogins(self.node, image_id)
         try:
             claim: Dict[str, Any] = {}
             try:
-                self._prelogin(image_id, "origin", origin, prelogged)
+                logins.start("origin", origin)
                 if self.export_ip:
                     # Our target (no LUN yet) and grants go out with the claim: children claim
                     # under us and log in while we build.
                     self.node.prepare_export(image_id)
                     self._update_grants(image_id, fresh=True)
-                claimer = threading.Thread(target=self._claim_for_join, args=(image_id, deadline, claim, prelogged),
+                claimer = threading.Thread(target=self._claim_for_join, args=(image_id, deadline, claim, logins),
                                            name=f"vmthunder-claim-{image_id}", daemon=True)
                 claimer.start()
                 try:
-                    self._prelogin_done(prelogged.get("origin"))
+                    logins.wait("origin")
                     path = self.node.attach(image_id, [origin], vm_id, snapshot)
                 finally:
                     # bounded: after the deadline a claim takes the origin alone, a lock wait
@@ -211,7 +275,7 @@ class Tree:
                     from vmthunder.registry import RegistryError    # only here: tree.py needs no registry
                     raise RegistryError(f"image {image_id}: the claim did not finish")
                 placement = self._follow_parents(image_id, origin, claim["placement"], claim["sources"],
-                                                 deadline, prelogged)
+                                                 deadline, logins)
                 self._publish(image_id, placement)      # ready: our children's reads may come
             except Error as e:
                 # The VM has its disk; it reads through whatever paths the template has now. Out
@@ -225,18 +289,19 @@ class Tree:
             self._start_prefetch(image_id, profile)
             return path
         finally:
-            self._drop_unused_sessions(image_id, prelogged)
+            logins.close()
 
-    def _claim_for_join(self, image_id: str, deadline: float, out: Dict[str, Any], prelogged) -> None:
+    def _claim_for_join(self, image_id: str, deadline: float, out: Dict[str, Any], logins: _EarlyLogins) -> None:
         """attach's claim, on a thread beside the build: the placement and sources into `out`
         (or the error), and early logins to the parents it got."""
         try:
             out["placement"], out["sources"] = self._claim(image_id, deadline, set(), grants=True)
-            self._prelogin_parents(image_id, out["placement"], out["sources"], prelogged)
+            logins.start_parents(out["placement"], out["sources"])
         except Error as e:
             out["error"] = e
 
-    def _follow_parents(self, image_id: str, origin, placement, sources, deadline: float, prelogged) -> Dict:
+    def _follow_parents(self, image_id: str, origin, placement, sources, deadline: float,
+                        logins: _EarlyLogins) -> Dict:
         """After our build: switch the template's paths to the parents once their LUNs exist,
         and return once they are ready. A parent that leaves, fails, or is not there by the
         deadline is excluded and we choose again (after the deadline: ready parents only,
@@ -251,7 +316,7 @@ class Tree:
             gone = self._wait_for_parents(image_id, placement, deadline, built)
             if not gone:
                 for p in placement["parents"]:      # reparent must not log in beside a running early login
-                    self._prelogin_done(prelogged.get(p))
+                    logins.wait(p)
                 if sources != current:
                     try:
                         self.node.reparent(image_id, self._with_origin(sources, origin))
@@ -266,12 +331,7 @@ class Tree:
             LOG.warning("image %s: parents %s gone or not ready in time; choosing again", image_id, sorted(gone))
             exclude |= gone
             placement, sources = self._claim(image_id, deadline, exclude, built=True)
-            self._prelogin_parents(image_id, placement, sources, prelogged)
-
-    def _prelogin_parents(self, image_id: str, placement, sources, prelogged) -> None:
-        for p, src in zip(placement["parents"], sources):
-            if src is not None:
-                self._prelogin(image_id, p, src, prelogged)
+            logins.start_parents(placement, sources)
 
     def _claim(self, image_id: str, deadline: float, exclude, built: bool = False, grants: bool = False) -> tuple:
         """Wait (outside the lock: a lock round is a backend write) until placement finds us a
@@ -319,19 +379,6 @@ class Tree:
             time.sleep(0.2)
         return set()
 
-    def _drop_unused_sessions(self, image_id: str, prelogged: Dict[str, Any]) -> None:
-        """Log out of the early sessions attach did not take over (parents someone else got),
-        on a thread: after `ready` is published, not before it."""
-        def run():
-            for entry in prelogged.values():
-                self._prelogin_done(entry)
-                try:
-                    self.node.logout_unused(entry[0])
-                except Error as e:
-                    LOG.warning("image %s: could not log out of an unused early session: %s", image_id, e)
-        if prelogged:
-            threading.Thread(target=run, name=f"vmthunder-logout-{image_id}", daemon=True).start()
-
     def _abandon_join(self, image_id: str) -> None:
         """A failed join: out of the registry group, our prepared target removed."""
         undos = [("leave the registry group", lambda: self.registry.leave(image_id))]
@@ -342,32 +389,6 @@ class Tree:
                 undo()
             except Error as e:
                 LOG.warning("image %s: after a failed join, could not %s: %s", image_id, what, e)
-
-    # -- early logins ----------------------------------------------------------------------------
-    def _prelogin(self, image_id: str, name: str, source: Dict[str, Any], done: Dict[str, Any]) -> None:
-        """Log in to `source` once per join, on a thread, while we wait for the parent to build
-        (attach then reuses the session): a login behind loaded links takes seconds, and in a
-        chain it would otherwise wait for the level above. Best effort: a failure leaves the
-        login to attach."""
-        if name in done:
-            return
-
-        def run():
-            try:
-                n = self.node.prelogin(source)
-                LOG.info("image %s: logged in to %s ahead of the join (%d new session(s))", image_id, name, n)
-            except Error as e:
-                LOG.info("image %s: early login to %s failed, attach will retry: %s", image_id, name, e)
-
-        t = threading.Thread(target=run, name=f"vmthunder-prelogin-{name}", daemon=True)
-        done[name] = (source, t)
-        t.start()
-
-    @staticmethod
-    def _prelogin_done(entry, timeout_s: float = 120.0) -> None:
-        if entry is not None:
-            entry[1].join(timeout_s)         # iscsiadm's own timeouts bound a login
-
 
     # -- boot-profile prefetch -----------------------------------------------------------------
     def _start_prefetch(self, image_id: str, profile) -> None:

@@ -2,6 +2,7 @@
 template, not on every upkeep round, and a rebuilt template grants afresh."""
 import contextlib
 import threading
+import time
 
 import pytest
 
@@ -313,3 +314,21 @@ def test_a_relay_kept_for_a_slow_child_is_removed_by_upkeep_once_the_child_leave
     tree.maintain()
     assert node.templates == {}, "upkeep left the unused template behind"
     assert "cn1" not in reg.records["img"], "upkeep removed the template but stayed in the group"
+
+
+def test_early_logins_log_out_what_they_started_and_start_nothing_once_closed():
+    from vmthunder.tree import _EarlyLogins
+    node = FakeNode()
+    logins = _EarlyLogins(node, "img")
+    logins.start("origin", {"target_iqn": "iqn.x:origin"})
+    logins.start("origin", {"target_iqn": "iqn.x:origin"})          # once per join
+    logins.start_parents({"parents": ["cn2", "origin"]}, [{"target_iqn": "iqn.x:cn2"}, None])
+    logins.wait("cn2")
+    logins.close()
+    logins.start("cn3", {"target_iqn": "iqn.x:cn3"})    # a claim thread that outlived its join
+    deadline = time.monotonic() + 10
+    while len([c for c in node.calls if c[0] == "logout_unused"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(c for c in node.calls if c[0] == "prelogin") == [("prelogin", "iqn.x:cn2"), ("prelogin", "iqn.x:origin")]
+    assert sorted(c for c in node.calls if c[0] == "logout_unused") == [("logout_unused", "iqn.x:cn2"),
+                                                                          ("logout_unused", "iqn.x:origin")]
