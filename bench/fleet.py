@@ -65,6 +65,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -86,6 +87,7 @@ if REPO not in sys.path:
 from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
 from tests.kernel.harness._util import parse_rate, parse_size  # noqa: E402
 
+import fleet_guest  # noqa: E402  (bench/fleet_guest.py: the replay's command line)
 import host_memory  # noqa: E402  (bench/host_memory.py)
 
 DEFAULT_OUT = os.path.join(HERE, "results")
@@ -482,13 +484,9 @@ class FleetRun:
         return res
 
     def replay_cmd(self, dev, vm, mode, go=True) -> str:
-        if self.replay_bin:
-            return (f"{self.replay_bin} {dev} /vmt-share/trace.bin /vmt-share/{mode}/{vm}.json "
-                    f"{f'/vmt-share/{mode}/go' if go else '-'} {self.a.depth} {int(self.a.think)}")
-        think = " --think" if self.a.think else ""
-        gof = f" --go /vmt-share/{mode}/go" if go else ""
-        return (f"python3 /vmt-share/fleet_guest.py replay {dev} /vmt-share/trace.json{gof} "
-                f"--out /vmt-share/{mode}/{vm}.json --depth {self.a.depth}{think}")
+        return shlex.join(fleet_guest.replay_argv(
+            dev, "/vmt-share/trace.json", f"/vmt-share/{mode}/{vm}.json", self.a.depth, self.a.think,
+            go=f"/vmt-share/{mode}/go" if go else None, binary=self.replay_bin, script="/vmt-share/fleet_guest.py"))
 
     def go(self, mode, procs, ready_files) -> float:
         """Wait (bounded) until every reader/copier is up and waiting, then start them all at

@@ -351,15 +351,23 @@ def replay(dev, trace_path, go, out, depth, think):
                      "samples": samples, "finished": not errors and done == len(reads)})
 
 
-def start_replay(dev, trace, out, depth, think, binary=None):
-    """A 'VM': the replay in its own process, starting at once. BINARY: bench/replay.c built,
-    reading the trace's .bin twin (fleet.py writes both); else this script's replay."""
+def replay_argv(dev, trace, out, depth, think, go=None, binary=None, python="python3", script=None):
+    """The command line of a 'VM' replaying TRACE (.json) on DEV (the one place that knows both
+    replays' argument order; fleet.py builds the host-started ones with it too). BINARY:
+    bench/replay.c built, reading the trace's .bin twin (fleet.py writes both); else this
+    script's replay. GO: a file to wait for before the first read (None: start at once)."""
     if binary:
-        argv = [binary, dev, os.path.splitext(trace)[0] + ".bin", out, "-", str(depth), "1" if think else "0"]
-    else:
-        argv = [sys.executable, os.path.abspath(__file__), "replay", dev, trace, "--out", out, "--depth", str(depth)]
-        if think:
-            argv.append("--think")
+        return [binary, dev, os.path.splitext(trace)[0] + ".bin", out, go or "-", str(depth), "1" if think else "0"]
+    argv = [python, script or os.path.abspath(__file__), "replay", dev, trace]
+    if go:
+        argv += ["--go", go]
+    argv += ["--out", out, "--depth", str(depth)]
+    return argv + (["--think"] if think else [])
+
+
+def start_replay(dev, trace, out, depth, think, binary=None):
+    """A 'VM': the replay in its own process, starting at once."""
+    argv = replay_argv(dev, trace, out, depth, think, binary=binary, python=sys.executable)
     return subprocess.Popen(argv, stdout=open(out + ".log", "w"), stderr=subprocess.STDOUT)
 
 

@@ -11,6 +11,7 @@ import pytest
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 sys.path.insert(0, BENCH)
 import fleet  # noqa: E402  (bench/fleet.py)
+import fleet_guest  # noqa: E402  (bench/fleet_guest.py)
 
 # page-aligned reads, with an overlap (waits for the read in flight) and a re-read
 READS = [[0.0, 0, 65536], [0.0, 1 << 20, 4096], [0.01, 8192, 16384], [0.02, 3 << 20, 131072], [0.02, 0, 4096]]
@@ -37,10 +38,11 @@ def image(tmp_path):
 
 
 def run_c(binary, dev, reads, out, depth=2):
-    trace = os.path.join(os.path.dirname(out), "trace.bin")
-    with open(trace, "wb") as fh:
+    trace = os.path.join(os.path.dirname(out), "trace.json")
+    with open(trace[:-5] + ".bin", "wb") as fh:       # the C replay reads the .json's .bin twin
         fh.write(fleet.trace_bin(reads))
-    rc = subprocess.run([binary, dev, trace, out, "-", str(depth), "0"], capture_output=True, timeout=60).returncode
+    argv = fleet_guest.replay_argv(dev, trace, out, depth, False, binary=binary)     # as the fleet starts it
+    rc = subprocess.run(argv, capture_output=True, timeout=60).returncode
     return rc, json.load(open(out))
 
 
@@ -49,8 +51,8 @@ def test_c_and_python_replays_read_the_same_bytes(replay_bin, image, tmp_path):
     rc, c = run_c(replay_bin, image, READS, str(tmp_path / "c.json"))
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"image_bytes": IMAGE, "reads": READS}))
-    subprocess.run([sys.executable, os.path.join(BENCH, "fleet_guest.py"), "replay", image, str(trace),
-                    "--out", str(tmp_path / "py.json"), "--depth", "2"], check=True, timeout=60)
+    subprocess.run(fleet_guest.replay_argv(image, str(trace), str(tmp_path / "py.json"), 2, False, python=sys.executable),
+                   check=True, timeout=60)
     py = json.load(open(tmp_path / "py.json"))
     assert rc == 0
     assert c["digest"] == py["digest"] == want
