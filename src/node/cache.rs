@@ -257,7 +257,11 @@ fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sec
     // From here on the bcache device exists: stop it again if a later step fails.
     if created {
         let bdev2 = bdev.clone();
-        undo.push(format!("bcache device over {name}"), move || stop_backing(&bdev2).map_err(|e| e.to_string()));
+        // bcache lets go of the dm device a moment after it stops: wait, or the removal of
+        // the device below (the next undo step) finds it still open.
+        undo.push(format!("bcache device over {name}"), move || {
+            stop_backing(&bdev2).and_then(|_| wait_released(dm, &bdev2.name)).map_err(|e| e.to_string())
+        });
     }
     let state = fs::read_to_string(sys.join("state")).unwrap_or_default();
     if state.trim() == "no cache" {
