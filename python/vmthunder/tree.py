@@ -114,6 +114,7 @@ class Tree:
         self.prefetch_depth = prefetch_depth
         self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
         self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, grant)
+        self._kept: set = set()     # images whose last VM left here while children still read them
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
@@ -441,6 +442,7 @@ class Tree:
         self.node.detach(vm_id)
         kept = self.node.status()["templates"].get(image_id) if last else None
         if kept is not None:
+            self._kept.add(image_id)
             LOG.warning("image %s: children %s still read from this node after %.0fs; the template "
                         "stays until they leave (upkeep removes it)", image_id, kept["children"], self.leave_timeout_s)
         elif last:
@@ -475,9 +477,13 @@ class Tree:
     def _sweep_unused(self) -> None:
         """A relay whose last VM left while children still read from it keeps its template
         (detach gives them leave_timeout_s to move): once the last child has gone too, remove
-        it and leave the image's group."""
+        it and leave the image's group. Only for the templates detach kept: a template another
+        caller is building has no VM yet either."""
+        if not self._kept:
+            return
         templates = self.node.status()["templates"]
-        if not any(not t["vms"] and not t["children"] for t in templates.values()):
+        self._kept = {i for i in self._kept if i in templates and not templates[i]["vms"]}    # gone, or in use again
+        if not any(not templates[i]["children"] for i in self._kept):
             return
         try:
             removed = self.node.sweep()
@@ -486,6 +492,7 @@ class Tree:
             return
         for image_id in removed:
             LOG.info("image %s: no VM and no child uses it any more; template removed", image_id)
+            self._kept.discard(image_id)
             self._forget(image_id)
 
     def _maintain_image(self, image_id: str) -> bool:

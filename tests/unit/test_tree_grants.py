@@ -303,6 +303,10 @@ def test_a_relay_kept_for_a_slow_child_is_removed_by_upkeep_once_the_child_leave
     node, reg = RelayNode(), FakeRegistry()
     tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path),
                 leave_timeout_s=0.1)
+    node.templates["building"] = []     # another caller's template, its VM not attached yet
+    tree.maintain()
+    assert "building" in node.templates, "upkeep removed a template it had not kept"
+    del node.templates["building"]
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     node.children["img"] = ["cn2"]
     tree.detach("vm1")              # the child did not move within leave_timeout_s
