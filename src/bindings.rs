@@ -241,6 +241,11 @@ impl Node {
         py.allow_threads(|| self.inner.sweep()).map_err(to_py)
     }
 
+    /// Tear down `image_id`'s template if no VM and no child uses it; True when it went.
+    fn release(&self, py: Python<'_>, image_id: &str) -> PyResult<bool> {
+        py.allow_threads(|| self.inner.release(image_id)).map_err(to_py)
+    }
+
     /// What this node holds, read from the kernel: templates, their devices, VMs and children.
     fn status(&self, py: Python<'_>) -> PyResult<PyObject> {
         let v = py.allow_threads(|| self.inner.status()).map_err(to_py)?;

@@ -477,23 +477,25 @@ class Tree:
     def _sweep_unused(self) -> None:
         """A relay whose last VM left while children still read from it keeps its template
         (detach gives them leave_timeout_s to move): once the last child has gone too, remove
-        it and leave the image's group. Only for the templates detach kept: a template another
-        caller is building has no VM yet either."""
+        it and leave the image's group. Only the templates detach kept, one by one: a template
+        another caller is building has no VM yet either."""
         if not self._kept:
             return
         templates = self.node.status()["templates"]
-        self._kept = {i for i in self._kept if i in templates and not templates[i]["vms"]}    # gone, or in use again
-        if not any(not templates[i]["children"] for i in self._kept):
-            return
-        try:
-            removed = self.node.sweep()
-        except Error as e:
-            LOG.warning("upkeep: could not remove unused templates: %s", e)
-            return
-        for image_id in removed:
-            LOG.info("image %s: no VM and no child uses it any more; template removed", image_id)
-            self._kept.discard(image_id)
-            self._forget(image_id)
+        for image_id in sorted(self._kept):
+            t = templates.get(image_id)
+            if t is None or t["vms"]:       # gone, or in use again
+                self._kept.discard(image_id)
+            elif not t["children"]:
+                try:
+                    removed = self.node.release(image_id)
+                except Error as e:
+                    LOG.warning("image %s: upkeep could not remove the unused template: %s", image_id, e)
+                    continue
+                if removed:
+                    LOG.info("image %s: no VM and no child uses it any more; template removed", image_id)
+                    self._kept.discard(image_id)
+                    self._forget(image_id)
 
     def _maintain_image(self, image_id: str) -> bool:
         origin = self._load_origin(image_id)

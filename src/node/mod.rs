@@ -297,12 +297,22 @@ impl Node {
         let dm = Dm::open()?;
         let mut removed = Vec::new();
         for image in self.images(&dm)? {
-            let _lock = self.lock_image(&image)?;
-            if template::release_if_unused(self, &dm, &image)? {
+            if self.release_locked(&dm, &image)? {
                 removed.push(image);
             }
         }
         Ok(removed)
+    }
+
+    /// Tear down `image`'s template if no VM and no child uses it; whether it went.
+    pub fn release(&self, image: &str) -> Result<bool> {
+        names::validate_id("image id", image)?;
+        self.release_locked(&Dm::open()?, image)
+    }
+
+    fn release_locked(&self, dm: &Dm, image: &str) -> Result<bool> {
+        let _lock = self.lock_image(image)?;
+        template::release_if_unused(self, dm, image)
     }
 
     /// Where children log in to this node's exports.

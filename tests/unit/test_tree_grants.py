@@ -277,7 +277,7 @@ def test_a_claim_that_fails_leaves_the_vm_on_the_origin_and_the_group(tmp_path):
 
 
 class RelayNode(FakeNode):
-    """A relay's templates stay while a child reads them; sweep() removes the unused ones."""
+    """A relay's templates stay while a child reads them; release() removes an unused one."""
 
     def __init__(self):
         super().__init__()
@@ -292,11 +292,10 @@ class RelayNode(FakeNode):
             if vm in vms:
                 vms.remove(vm)
 
-    def sweep(self):
-        gone = [i for i, v in self.templates.items() if not v and not self.children.get(i)]
-        for i in gone:
-            del self.templates[i]
-        return gone
+    def release(self, image):
+        if self.templates.get(image) or self.children.get(image):
+            return False
+        return self.templates.pop(image, None) is not None
 
 
 def test_a_relay_kept_for_a_slow_child_is_removed_by_upkeep_once_the_child_leaves(tmp_path):
