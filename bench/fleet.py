@@ -683,7 +683,7 @@ class FleetRun:
                 f"python3 /vmt-share/fleet_guest.py member --registry {self.registry} --host {c} --image {image} "
                 f"--origin /vmt-share/origin.json --vms {','.join(self.vms_of[c])} --export-ip {f[c].ip} "
                 f"--fanout {fanout} --expect-hosts {self.n} --cache-mib {self.cache_mib} --cow-mib {COW_MIB} "
-                f"--workdir {wd} --max-seconds {self.read_timeout(mode) + 900:.0f}{replay} "
+                f"--workdir {wd} --max-seconds {self.read_timeout(mode) + 900:.0f} --log-level {self.a.member_log_level}{replay} "
                 f"> /vmt-share/{mode}/member/out 2>&1")
 
         def wait_all(fname, timeout, what):
@@ -1156,6 +1156,9 @@ def parse_args(argv):
     ap.add_argument("--vms-per-node", type=int, default=1, help="with --scaling (default: %(default)s)")
     host_memory.add_option(ap)
     ap.add_argument("--logs", metavar="DIR", help="keep each tree member's log (vmthunder's own log lines) in DIR")
+    ap.add_argument("--member-log-level", choices=("INFO", "DEBUG"), default="INFO",
+                    help="level of the members' logs (DEBUG: each tool run with its duration, each registry "
+                    "request: where a join's time goes; default: %(default)s)")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "

@@ -407,7 +407,7 @@ def member(a):
     from vmthunder.tree import Tree, load_profile
 
     os.makedirs(a.workdir, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, filename=os.path.join(a.workdir, "log"),
+    logging.basicConfig(level=getattr(logging, a.log_level), filename=os.path.join(a.workdir, "log"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     deadline = time.monotonic() + a.max_seconds
     stop_file = os.path.join(a.workdir, "stop")
@@ -502,6 +502,7 @@ def main():
     m.add_argument("--state-dir", default="/var/lib/vmthunder")
     m.add_argument("--workdir", required=True)
     m.add_argument("--max-seconds", type=float, default=1800)
+    m.add_argument("--log-level", choices=("INFO", "DEBUG"), default="INFO")
     m.add_argument("--replay-trace", help="start a replay of this trace on each VM as soon as it is attached")
     m.add_argument("--replay-dir", help="where the replays write <vm>.json")
     m.add_argument("--replay-bin", help="bench/replay.c built: the replay it starts (else this script's)")
