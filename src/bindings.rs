@@ -246,6 +246,23 @@ impl Node {
         py.allow_threads(|| self.inner.release(image_id)).map_err(to_py)
     }
 
+    /// joining(image_id) -> JoinMark: marks a join of `image_id` as in flight until the mark is
+    /// released (`with node.joining(image):` ...): `recover` leaves the image alone meanwhile,
+    /// in every process. A process that dies drops its marks.
+    fn joining(&self, py: Python<'_>, image_id: &str) -> PyResult<JoinMark> {
+        let lock = py.allow_threads(|| self.inner.joining(image_id)).map_err(to_py)?;
+        Ok(JoinMark { lock: std::sync::Mutex::new(Some(lock)) })
+    }
+
+    /// Remove what a join of `image_id` that died half-way left on this node (the template if
+    /// nothing uses it, a prepared export without a template, sessions to `sources` or to
+    /// another node's export of the image that no device holds); returns what it removed.
+    /// Raises Busy while a join of the image is in flight (`joining`).
+    fn recover(&self, py: Python<'_>, image_id: &str, sources: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+        let sources = sources_json(py, sources)?;
+        py.allow_threads(|| self.inner.recover(image_id, &sources)).map_err(to_py)
+    }
+
     /// What this node holds, read from the kernel: templates, their devices, VMs and children.
     fn status(&self, py: Python<'_>) -> PyResult<PyObject> {
         let v = py.allow_threads(|| self.inner.status()).map_err(to_py)?;
@@ -306,11 +323,35 @@ fn unexport_volume(py: Python<'_>, name: &str) -> PyResult<()> {
     .map_err(to_py)
 }
 
+/// A join in flight (see `Node.joining`); a context manager, released on exit.
+#[pyclass(module = "vmthunder")]
+pub struct JoinMark {
+    lock: std::sync::Mutex<Option<node::lock::Lock>>,
+}
+
+#[pymethods]
+impl JoinMark {
+    /// Drop the mark (again: no effect).
+    fn release(&self) {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __exit__(&self, _t: &Bound<'_, PyAny>, _v: &Bound<'_, PyAny>, _tb: &Bound<'_, PyAny>) -> bool {
+        self.release();
+        false
+    }
+}
+
 #[pymodule]
 fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pyo3_log::init();
     let py = m.py();
     m.add_class::<Node>()?;
+    m.add_class::<JoinMark>()?;
     m.add_function(wrap_pyfunction!(export_volume, m)?)?;
     m.add_function(wrap_pyfunction!(choose_parents, m)?)?;
     m.add_function(wrap_pyfunction!(validate_choice, m)?)?;

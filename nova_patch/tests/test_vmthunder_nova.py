@@ -32,6 +32,7 @@ def load_helpers():
     tree = types.ModuleType("vmthunder.tree")
     tree.Tree = mock.Mock(name="Tree")
     tree.Tree.return_value.registry = None
+    tree.Tree.return_value.recover.return_value = {}
     tree.load_profile = mock.Mock(name="load_profile", return_value=[[0, 4096]])
     registry = types.ModuleType("vmthunder.registry")
     registry.Registry = mock.Mock(name="Registry")
@@ -81,6 +82,16 @@ class GetNodeTest(HelperTestCase):
         tree.start_watch.assert_not_called()
         self.helpers.get_node(Conf(cache_device="/dev/vdc"), "cn1", "198.18.0.2")
         self.assertEqual(2, self.Node.call_count)
+
+    def test_a_new_tree_recovers_before_its_first_attach(self):
+        tree = self.helpers.get_node(Conf(), "cn1")
+        tree.recover.assert_called_once_with()
+        self.helpers.get_node(Conf(), "cn1")            # the same tree again: nothing to recover
+        tree.recover.assert_called_once_with()
+        tree.recover.return_value = {"img": ["prepared export of image img"]}
+        with self.assertLogs("vmthunder.nova", "WARNING") as logs:
+            self.helpers.get_node(Conf(state_dir="/srv/vmthunder"), "cn1")
+        self.assertIn("prepared export of image img", logs.output[0])
 
     def test_cow_size_passed_only_when_configured(self):
         self.helpers.get_node(Conf(cow_size_mib=4096), "cn1")
@@ -236,7 +247,7 @@ class WithTheRealTreeTest(unittest.TestCase):
     def setUp(self):
         ext = types.ModuleType("vmthunder._vmthunder")
         ext.Error, ext.NotFound, ext.Busy = Error, NotFound, type("Busy", (Error,), {})
-        ext.Node = mock.Mock(name="Node")
+        ext.Node = mock.MagicMock(name="Node")
         ext.choose_parents = mock.Mock(name="choose_parents")
         fake = types.ModuleType("vmthunder")
         fake.Node, fake.Error, fake.NotFound = ext.Node, Error, NotFound
@@ -264,6 +275,8 @@ class WithTheRealTreeTest(unittest.TestCase):
             cinder = {"driver_volume_type": "iscsi", "data": {"target_lun": 1}}
             info = self.helpers.attach(tree, cinder, "vm1", "vol1", "dm")
             self.node.attach.assert_called_once_with("vol1", [cinder], "vm1", "dm")
+            self.node.joining.assert_called_once_with("vol1")     # marked in flight (recover skips it)
+            self.node.joining.return_value.__exit__.assert_called_once()
             self.assertEqual("/dev/vmthunder-nonexistent", info["data"]["device_path"])
             self.state = {"templates": {"vol1": {"vms": ["vm1"], "children": []}}}
             self.assertTrue(self.helpers.detach(tree, "vm1"))

@@ -15,6 +15,7 @@ import logging as _logging
 
 from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     Node,
+    JoinMark,
     Error,
     InvalidArgument,
     NotFound,
@@ -37,7 +38,7 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
 _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 
 __all__ = [
-    "Node", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
+    "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "__version__",
     "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice",
 ]

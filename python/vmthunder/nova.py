@@ -78,6 +78,7 @@ def get_node(conf, host, export_ip=None):
             extra = {"fanout": fanout} if fanout else {}
             tree = Tree(node, registry, initiator=_initiator(), export_ip=export_ip,
                         state_dir=conf.state_dir, **extra)
+            _recover(tree)
             if registry is not None:
                 tree.start_watch()
             _nodes[key] = tree
@@ -97,6 +98,14 @@ def _prepare_cache(node, device):
             LOG.info("vmthunder: made the node's cache set on %s", device)
     except vmthunder.Error as e:
         LOG.warning("vmthunder: could not prepare the cache on %s (the first attach will retry): %s", device, e)
+
+
+def _recover(tree):
+    """Before this process attaches anything: what a nova-compute that died in the middle of a
+    join left on the node (a template nothing uses, a prepared export, iSCSI sessions) goes."""
+    recovered = tree.recover()
+    if recovered:
+        LOG.warning("vmthunder: removed what unfinished joins of an earlier nova-compute left: %s", recovered)
 
 
 def _stable_path(path):

@@ -234,6 +234,13 @@ class Tree:
         self._save_origin(image_id, origin)
         if image_id in self.node.status()["templates"]:
             return self.node.attach(image_id, [], vm_id, snapshot)
+        # Marked in flight until we return: `recover` in a restarted process leaves it alone,
+        # and what a crash of this one leaves half-built is recovered then.
+        with self.node.joining(image_id):
+            return self._join(image_id, origin, vm_id, snapshot, profile)
+
+    def _join(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str,
+              profile: Optional[List[List[int]]]) -> str:
         if not self._registry_ok(f"attaching image {image_id}"):
             path = self.node.attach(image_id, [origin], vm_id, snapshot)
             self._start_prefetch(image_id, profile)
@@ -390,6 +397,32 @@ class Tree:
                 undo()
             except Error as e:
                 LOG.warning("image %s: after a failed join, could not %s: %s", image_id, what, e)
+
+    def recover(self) -> Dict[str, List[str]]:
+        """After a restart: remove what joins of an earlier process left half-built on this node
+        (it died between its first login and its VM's attach: an unused template, a prepared
+        export, sessions nothing uses), for every image attached here through a Tree with this
+        state_dir. Images whose join is in flight in some process are left alone. Call it before
+        this process's first attach (`vmthunder.nova` does, at nova-compute start). Returns
+        {image_id: [what went]} for the images where something went."""
+        try:
+            images = sorted(f[:-len(".json")] for f in os.listdir(self._dir) if f.endswith(".json"))
+        except FileNotFoundError:
+            return {}
+        out: Dict[str, List[str]] = {}
+        for image_id in images:
+            origin = self._load_origin(image_id)
+            try:
+                removed = self.node.recover(image_id, [origin] if origin else [])
+            except Busy:
+                LOG.info("image %s: a join is in flight; not recovered", image_id)
+                continue
+            except Error as e:
+                LOG.warning("image %s: could not recover what an unfinished join left: %s", image_id, e)
+                continue
+            if removed:
+                out[image_id] = removed
+        return out
 
     # -- boot-profile prefetch -----------------------------------------------------------------
     def _start_prefetch(self, image_id: str, profile) -> None:

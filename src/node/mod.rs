@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::{
     dm::{self, Dm},
     error::{Error, Kind, Result},
-    iscsi::{self, Source},
+    iscsi::{self, Source, Target},
     lio::Lio,
     names::{self, Parsed, Role},
 };
@@ -186,6 +186,10 @@ impl Node {
         lock::acquire(&self.cfg.state_dir.join("locks"), "cache-set", Duration::from_secs(120))
     }
 
+    fn join_mark_name(image: &str) -> String {
+        format!("join-{image}")
+    }
+
     fn lock_space(&self) -> Result<lock::Lock> {
         lock::acquire(&self.cfg.state_dir.join("locks"), "local-device", Duration::from_secs(60))
     }
@@ -313,6 +317,70 @@ impl Node {
     fn release_locked(&self, dm: &Dm, image: &str) -> Result<bool> {
         let _lock = self.lock_image(image)?;
         template::release_if_unused(self, dm, image)
+    }
+
+    /// Mark a join of `image` as in flight until the returned mark is dropped: a shared flock,
+    /// so joins may overlap; `recover` leaves the image alone while any process holds one, and
+    /// a process that dies drops its marks with it. Hold it from before the first step of a
+    /// join (`prepare_export`, `prelogin`) until `attach` has returned.
+    pub fn joining(&self, image: &str) -> Result<lock::Lock> {
+        names::validate_id("image id", image)?;
+        lock::acquire_shared(&self.cfg.state_dir.join("locks"), &Self::join_mark_name(image), Duration::from_secs(120))
+    }
+
+    /// Remove what a join of `image` that died half-way (its process crashed between the
+    /// first login and the VM) left on this node: the template if no VM and no child uses it,
+    /// a prepared export without a template, and the sessions to `sources` or to another
+    /// node's export of `image` that no device holds. `Busy` while a join of `image` is in
+    /// flight in any process (see `joining`). Returns what it removed, e.g. `["session to
+    /// <iqn> at <portal>"]`. Sessions are matched by target, so call it before this process's
+    /// first attach when two images share an origin target.
+    pub fn recover(&self, image: &str, sources: &[Value]) -> Result<Vec<String>> {
+        names::validate_id("image id", image)?;
+        let sources = sources.iter().map(Source::from_json).collect::<Result<Vec<_>>>()?;
+        let Some(_quiet) = lock::try_exclusive(&self.cfg.state_dir.join("locks"), &Self::join_mark_name(image))? else {
+            return Err(Error::new(Kind::Busy, format!("a join of image {image:?} is in flight on this node; nothing recovered")));
+        };
+        let dm = Dm::open()?;
+        let _lock = self.lock_image(image)?;
+        let mut removed = Vec::new();
+        if !template::devices(&dm, image)?.is_empty() {
+            if template::release_if_unused(self, &dm, image)? {
+                removed.push(format!("template of image {image}"));
+            }
+        } else if template::unexport_image(self, &Lio::new()?, image)
+            .map_err(|left| Error::new(Kind::Rollback, format!("removing the export of image {image:?} left: {left}")))?
+        {
+            removed.push(format!("prepared export of image {image}"));
+        }
+        let relay_suffix = format!(".{}", image.to_ascii_lowercase());
+        let relays = iscsi::sessions().into_iter().filter(|s| {
+            s.iqn.strip_prefix(names::IQN_AUTHORITY).and_then(|r| r.strip_prefix(':')).is_some_and(|r| r.ends_with(&relay_suffix))
+        });
+        let mut targets: Vec<Target> = relays.map(|s| Target { portal: s.portal, iqn: s.iqn, lun: 0 }).collect();
+        targets.extend(sources.into_iter().flat_map(|s| s.targets));
+        targets.sort_by(|a, b| (&a.iqn, &a.portal).cmp(&(&b.iqn, &b.portal)));
+        targets.dedup_by(|a, b| a.iqn == b.iqn && a.portal == b.portal);
+        // Every session is tried; what could not be logged out is reported together.
+        let mut left = Vec::new();
+        for t in targets {
+            match iscsi::logout_if_unused(&t) {
+                Ok(true) => removed.push(format!("session to {} at {}", t.iqn, t.portal)),
+                Ok(false) => {}
+                Err(e) if e.kind == Kind::Busy => {}
+                Err(e) => left.push(e.to_string()),
+            }
+        }
+        if !removed.is_empty() {
+            log::warn!("image {image}: removed what an unfinished join left: {}", removed.join(", "));
+        }
+        if !left.is_empty() {
+            return Err(Error::new(Kind::Rollback, format!("recovering image {image:?} left: {}", left.join("; "))));
+        }
+        if removed.is_empty() {
+            log::info!("image {image}: nothing left over to recover");
+        }
+        Ok(removed)
     }
 
     /// Where children log in to this node's exports.

@@ -4,11 +4,12 @@ A exports an origin volume (the stand-in for Cinder); B attaches VM1 from A; C a
 with B as its parent. Every step runs in a new Python process on the node.
 """
 import os
+import time
 
 import pytest
 
-from tests.kernel._vmt import (GuestError, assert_clean, file_md5, md5_of, node_ctor, py, random_disk,
-                               require_uml)
+from tests.kernel._vmt import (GuestError, assert_clean, file_md5, leftovers, md5_of, node_ctor, py,
+                               random_disk, require_uml)
 from tests.kernel.harness import Fleet
 
 IMAGE_MB = 64
@@ -143,6 +144,55 @@ def test_a_child_logs_in_to_a_prepared_target_before_its_parent_builds(fleet):
     assert_clean(b)
     assert py(c, node_ctor(c) + f"out(node.logout_unused({conn_c!r}))") == 1
     assert_clean(c)
+
+
+def test_recover_removes_what_a_crashed_join_left_and_leaves_a_join_in_flight_alone(fleet):
+    """C's nova-compute dies (SIGKILL) in the middle of a join: its target prepared and granted,
+    logged in to the origin and to its parent B's prepared target, no template yet. A restarted
+    process's `recover` removes all of it, but not while another process marks a join of the
+    image in flight."""
+    b, c = fleet["b"], fleet["c"]
+    nb, nc = node_ctor(b, export_ip=b.ip), node_ctor(c, export_ip=c.ip)
+    origin = origin_conn(fleet, c)
+    assert py(b, nb + f"out(node.prepare_export({IMAGE_ID!r}))") is True
+    conn_b = py(b, nb + f"out(node.export_info({IMAGE_ID!r}, {c.initiator_iqn!r}))")
+    with pytest.raises(GuestError) as crash:
+        py(c, nc + f"""
+import signal
+mark = node.joining({IMAGE_ID!r})
+node.prepare_export({IMAGE_ID!r})
+node.export_info({IMAGE_ID!r}, {b.initiator_iqn!r})
+node.prelogin({origin!r})
+node.prelogin({conn_b!r})
+os.kill(os.getpid(), signal.SIGKILL)""")
+    assert crash.value.exc_type == "exit"
+    left = leftovers(c)
+    assert len(left["sessions"]) == 2 and left["targets"] == [f"iqn.2026-11.org.vmthunder:c.{IMAGE_ID}"], left
+
+    holder = c.spawn(f"python3 - <<'EOF'\nimport time, vmthunder\n{nc}mark = node.joining({IMAGE_ID!r})\n"
+                     f"print('held', flush=True)\ntime.sleep(120)\nEOF")
+    try:
+        for _ in range(300):
+            if "held" in holder.output() or holder.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert "held" in holder.output(), holder.output()
+        with pytest.raises(GuestError) as busy:
+            py(c, nc + f"out(node.recover({IMAGE_ID!r}, [{origin!r}]))")
+        assert busy.value.exc_type == "Busy" and "in flight" in busy.value.message
+        assert leftovers(c) == left                     # untouched
+    finally:
+        holder.kill()
+        holder.wait(30)
+
+    removed = py(c, nc + f"out(node.recover({IMAGE_ID!r}, [{origin!r}]))")
+    assert sorted(removed) == sorted([f"prepared export of image {IMAGE_ID}",
+                                      f"session to {fleet.origin_iqn} at {fleet['a'].ip}:3260",
+                                      f"session to {conn_b['data']['target_iqn']} at {b.ip}:3260"]), removed
+    assert_clean(c)
+    assert py(c, nc + f"out(node.recover({IMAGE_ID!r}, [{origin!r}]))") == []     # nothing left
+    assert py(b, nb + f"out(node.drop_export({IMAGE_ID!r}))") is True
+    assert_clean(b)
 
 
 def test_vmm_overlay(fleet):

@@ -35,6 +35,14 @@ class FakeNode:
         self.calls.append(("logout_unused", source["target_iqn"]))
         return 0
 
+    @contextlib.contextmanager
+    def joining(self, image):
+        self.calls.append(("joining", image))
+        try:
+            yield
+        finally:
+            self.calls.append(("joined", image))
+
     def status(self):
         return {"templates": {i: {"vms": list(v), "children": []} for i, v in self.templates.items()}}
 
@@ -184,6 +192,46 @@ def test_a_joiner_never_claims_under_its_own_descendant(tmp_path):
     tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     placement, _ = tree._choose("img", reg.peers("img"), last_resort=True, early=True)
     assert "cn2" not in placement["parents"]
+
+
+def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_returns(tmp_path):
+    """The mark is what keeps `recover` in another process away from a join that is only
+    half-built because it is still going, also when the join fails."""
+    node, reg = FakeNode(), FakeRegistry()
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    steps = [c[0] for c in node.calls if c[1] == "img" or c[0] in ("prelogin", "logout_unused")]
+    assert steps[0] == "joining" and steps.count("joined") == 1
+    assert steps.index("joined") > max(steps.index("prepare_export"), steps.index("prelogin"))
+    assert "img" in node.templates          # attached inside the mark: joined comes after it
+
+    def broken_attach(*args, **kw):
+        raise vmthunder.CacheDeviceError("the cache device is gone")
+    node.attach, node.calls = broken_attach, []
+    with pytest.raises(vmthunder.CacheDeviceError):
+        tree.attach("img2", {"target_iqn": "iqn.x:origin"}, "vm2")
+    assert node.calls[0] == ("joining", "img2") and ("joined", "img2") in node.calls
+
+
+def test_recover_goes_over_every_image_attached_here_and_leaves_joins_in_flight_alone(tmp_path):
+    node, reg = FakeNode(), FakeRegistry()
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    assert tree.recover() == {}                  # nothing attached here yet
+    origins = {i: {"target_iqn": f"iqn.x:origin-{i}"} for i in ("a", "b", "c", "d")}
+    for image, origin in origins.items():
+        tree._save_origin(image, origin)         # what attach does first
+    asked = []
+
+    def recover(image, sources):
+        asked.append((image, sources))
+        if image == "b":
+            raise vmthunder.Busy("a join of image 'b' is in flight")
+        if image == "c":
+            raise vmthunder.RollbackError("recovering image 'c' left: session 3")
+        return ["prepared export of image a"] if image == "a" else []
+    node.recover = recover
+    assert tree.recover() == {"a": ["prepared export of image a"]}
+    assert asked == [(i, [o]) for i, o in sorted(origins.items())]
 
 
 def test_a_failed_build_removes_the_prepared_target(tmp_path):
