@@ -10,7 +10,8 @@ that, every node's /proc/kallsyms is saved (DIR/<mode>-<node>.kallsyms) and the 
 (DIR/<mode>-pids.txt). The Debian UML binary is stripped, but it is not position independent
 and loaded at 0x60000000, so a sample's address in it is a guest kernel address: the guest's
 kallsyms names it. Module code (bcache, iscsi_tcp, target_core_*) lives in the node's RAM file
-like guest user code does and is not resolved: counted as "M:" in the node's kernel thread.
+like guest user code does: "M:" inclusive, and a self-time table per module and function (a
+sample's own address, resolved with that node's kallsyms, which lists where it loaded them).
 
 The report (DIR/<mode>-profile.txt and stdout): the share of samples per UML process (the
 node's kernel thread; its guest processes, each a host process of its own), and the inclusive
@@ -38,19 +39,29 @@ FOCUS = re.compile(r"^U:(userspace|handle_syscall|handle_page_fault|put_fp_regis
 
 
 def load_kallsyms(path):
+    """(sorted addresses, names) of a node's text symbols; a module's as 'name [module]'."""
     syms = []
     with open(path) as fh:
         for line in fh:
             p = line.split()
             if len(p) >= 3 and p[1].lower() in "tw":
-                syms.append((int(p[0], 16), p[2]))
+                syms.append((int(p[0], 16), p[2] + (f" {p[3]}" if len(p) > 3 else "")))
     syms.sort()
     return [a for a, _ in syms], [n for _, n in syms]
 
 
-def report(data, kallsyms, pids_file=None, top=40):
-    """Text report of one perf record (see the module doc)."""
-    addrs, names = load_kallsyms(kallsyms)
+def symbol(table, ip):
+    addrs, names = table
+    i = bisect.bisect_right(addrs, ip) - 1
+    return names[i] if i >= 0 and ip - addrs[i] < 1 << 16 else None
+
+
+def report(data, kallsyms, pids_file=None, top=40, top_modules=25):
+    """Text report of one perf record (see the module doc). `kallsyms`: {node: path}; the
+    guest kernel's own symbols are the same on every node, a module's are where that node
+    loaded it (each node's kernel thread is resolved with its own)."""
+    tables = {n: load_kallsyms(p) for n, p in kallsyms.items()}
+    core = tables[sorted(tables)[0]]
     main = {}
     if pids_file and os.path.exists(pids_file):
         with open(pids_file) as fh:
@@ -90,11 +101,13 @@ def report(data, kallsyms, pids_file=None, top=40):
         m = re.search(r"shm/#(\d+)", rest)
         if m:   # code mapped from the node's RAM file: modules in its kernel thread, else user code
             shm_of.setdefault(pid, m.group(1))
-            frames.append("M:guest kernel modules (unresolved)" if pid in main else "G:guest user code")
+            if pid in main:
+                frames.append("M:guest kernel modules")
+            else:
+                frames.append("G:guest user code")
         elif "(/usr/bin/linux.uml)" in rest:
             ip += UML_BASE if ip < UML_BASE else 0
-            i = bisect.bisect_right(addrs, ip) - 1
-            frames.append("U:" + (names[i] if i >= 0 and ip - addrs[i] < 1 << 16 else hex(ip)))
+            frames.append("U:" + (symbol(core, ip) or hex(ip)))
         elif ip >= 0xffff800000000000:
             frames.append("H:" + rest.split("+")[0].split(" (")[0])
     flush()
@@ -109,6 +122,24 @@ def report(data, kallsyms, pids_file=None, top=40):
     for k, v in incl.most_common():
         if FOCUS.search(k):
             out.append(f"  {100 * v / max(1, uml_total):5.1f} %  {k}")
+    # Module code: perf prints a callchain's addresses in the RAM file relative to the file, but
+    # a sample's own ip as the guest's virtual address, which the node's kallsyms resolves.
+    selfs = collections.Counter()
+    proc = subprocess.Popen(["perf", "script", "-i", data, "-G", "-F", "pid,ip,dso"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        p = line.split(None, 2)
+        if len(p) < 3 or "shm/#" not in p[2] or not p[0].isdigit() or int(p[0]) not in main:
+            continue
+        sym = symbol(tables.get(main[int(p[0])], core), int(p[1], 16))
+        module = sym.rsplit(" ", 1)[1] if sym and sym.endswith("]") else "[?]"
+        selfs[module] += 1
+        selfs[sym or "?"] += 1
+    proc.wait()
+    out += ["", "self share of UML-process samples in guest kernel modules (per module, then functions):"]
+    out += [f"  {100 * v / max(1, uml_total):5.1f} %  {k}" for k, v in selfs.most_common() if k.startswith("[")]
+    out += [f"  {100 * v / max(1, uml_total):5.1f} %  {k}" for k, v in selfs.most_common()
+            if not k.startswith("[")][:top_modules]
     return "\n".join(out)
 
 
@@ -134,7 +165,7 @@ def record(out_dir, fleet_argv):
         finally:
             perf.send_signal(signal.SIGINT)
             perf.wait(120)
-            ks = os.path.join(out_dir, f"{mode}-{next(n for n in self.fleet.nodes if n != 'o')}.kallsyms")
+            ks = {n: os.path.join(out_dir, f"{mode}-{n}.kallsyms") for n in self.fleet.nodes}
             text = report(data, ks, os.path.join(out_dir, f"{mode}-pids.txt"))
             with open(os.path.join(out_dir, f"{mode}-profile.txt"), "w") as fh:
                 fh.write(text + "\n")
@@ -154,12 +185,13 @@ def main():
         return 2
     if a.report:
         base = a.report[:-len(".data")] if a.report.endswith(".data") else a.report
-        ks = sorted(f for f in os.listdir(os.path.dirname(base) or ".")
-                    if f.startswith(os.path.basename(base) + "-") and f.endswith(".kallsyms") and not f.endswith("-o.kallsyms"))
+        prefix = os.path.basename(base) + "-"
+        ks = {f[len(prefix):-len(".kallsyms")]: os.path.join(os.path.dirname(base) or ".", f)
+              for f in os.listdir(os.path.dirname(base) or ".") if f.startswith(prefix) and f.endswith(".kallsyms")}
         if not ks:
             print(f"no {base}-<node>.kallsyms next to {a.report}", file=sys.stderr)
             return 2
-        print(report(a.report, os.path.join(os.path.dirname(base) or ".", ks[0]), base + "-pids.txt"))
+        print(report(a.report, ks, base + "-pids.txt"))
         return 0
     if not a.out:
         ap.error("--out DIR is required to record (or --report DATA)")
