@@ -128,6 +128,31 @@ def test_prefetch_fills_the_cache_from_the_profile(fleet):
     assert_clean(b)
 
 
+def test_the_prefetch_fetches_from_the_parent_only_what_the_profile_names(fleet):
+    """A profile of 64 pieces of 32 KiB, 256 KiB apart: the prefetch's misses fetch exactly
+    those pieces from the parent. Measured: it walks the plan backwards, which the page cache
+    reads as random access and reads as asked, without a readahead window (asking for
+    POSIX_FADV_RANDOM changed nothing): what a fleet's edges carry beyond W is not the
+    prefetch's readahead."""
+    a, b = fleet["a"], fleet["b"]
+    ctor = node_ctor(b)
+    conn = py(a, f"out(vmthunder.allow_initiator('vol', {b.initiator_iqn!r}, '{a.ip}:3260'))")
+    py(b, ctor + f"out(node.attach('img-pfx', [{conn!r}], 'vm-pfx'))")
+    try:
+        paths = py(b, ctor + "out(node.status())")["templates"]["img-pfx"]["devices"]["paths"]
+        sectors_read = (f"set -- $(stat -L -c '%t %T' {paths}); "
+                        f"awk '{{print $3}}' /sys/dev/block/$((0x$1)):$((0x$2))/stat")
+        profile = [[(8 << 20) + i * (256 << 10), 32 << 10] for i in range(64)]
+        before = int(b.check(sectors_read))
+        rep = py(b, ctor + f"out(node.prefetch('img-pfx', {profile!r}, reverse=True))")
+        fetched = (int(b.check(sectors_read)) - before) * 512
+        assert rep["complete"] and rep["planned_bytes"] == 64 * (32 << 10)
+        assert fetched == rep["planned_bytes"], f"fetched {fetched} bytes from the parent for {rep['planned_bytes']}"
+    finally:
+        py(b, ctor + "node.detach('vm-pfx')")
+    assert_clean(b)
+
+
 def test_prepare_cache_makes_the_cache_set_before_the_first_attach(fleet):
     """A node can make its bcache cache set at start (nova-compute does): the first attach then
     uses it; the set still goes with the last image that used it."""
