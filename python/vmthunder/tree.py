@@ -95,7 +95,7 @@ class Tree:
     def __init__(self, node: Node, registry=None, *, initiator: str, export_ip: Optional[str] = None,
                  failure_domain: Optional[str] = None, fanout: int = 3, max_parents: int = 2,
                  state_dir: str = "/var/lib/vmthunder", leave_timeout_s: float = 60.0,
-                 lock_timeout_s: float = 120.0, join_wait_s: float = 60.0, prefetch_depth: int = 1):
+                 lock_timeout_s: float = 120.0, join_wait_s: float = 60.0, prefetch_depth: Optional[int] = None):
         self.node = node
         self.registry = registry
         self.host = node.host

@@ -263,7 +263,9 @@ impl Node {
     /// Read a recorded boot profile (`ranges`: byte offset, length; first-read order) through
     /// the image's template so that its cache holds those blocks (see prefetch.rs). Takes no
     /// lock: it only reads, and `stop()` lets a detach end it early.
-    pub fn prefetch(&self, image: &str, ranges: &[(u64, u64)], depth: usize, chunk_bytes: u64, reverse: bool,
+    /// `depth`: reads in flight; `None` takes the default measured for the template's access
+    /// (see `prefetch::Access::default_depth`).
+    pub fn prefetch(&self, image: &str, ranges: &[(u64, u64)], depth: Option<usize>, chunk_bytes: u64, reverse: bool,
                     stop: &(dyn Fn() -> bool + Sync)) -> Result<prefetch::Report> {
         names::validate_id("image id", image)?;
         let dm = Dm::open()?;
@@ -275,7 +277,7 @@ impl Node {
         // A coalescing template's readers share the origin's page cache (its fileio backstore
         // reads it): read it there too, buffered. Otherwise O_DIRECT, so the cache allocates.
         let access = if template::local_disk(image).is_some() { prefetch::Access::Buffered } else { prefetch::Access::Direct };
-        let report = prefetch::run(&origin.path(), &plan, depth, access, stop)?;
+        let report = prefetch::run(&origin.path(), &plan, depth.unwrap_or(access.default_depth()), access, stop)?;
         log::info!(
             "image {image}: prefetched {} of {} bytes in {:.1}s ({} reads{}{})",
             report.bytes, report.planned_bytes, report.seconds, report.reads,

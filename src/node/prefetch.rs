@@ -77,6 +77,22 @@ pub enum Access {
     Direct,
 }
 
+impl Access {
+    /// Reads in flight unless the caller says otherwise. Direct: 1, because bcache drops the
+    /// cache inserts of misses that come faster than its allocator frees buckets (UML, a second
+    /// pass re-fetched 7 % at 64 KiB x 1, 23 % at x 2, 53 % at 256 KiB x 1). Buffered: 2; the
+    /// page cache paces the misses (a second pass after drop_caches re-fetched 0-1.1 % at 1, 2
+    /// and 4 in flight), and in the 8-node chain the origin sent 1.06-1.07 x W instead of
+    /// 1.08-1.10 at 1 (the VMs' forward misses, which each add the readahead, found more of W
+    /// fetched), in the same time; 4 sent 1.04 but cost the fleet more CPU (bench/README.md).
+    pub fn default_depth(self) -> usize {
+        match self {
+            Access::Buffered => 2,
+            Access::Direct => 1,
+        }
+    }
+}
+
 /// Read `plan` from `device`, `depth` reads in flight. `stop()` is asked before each read;
 /// when it says yes the prefetch ends early (a detach wants the device).
 pub fn run(device: &Path, plan: &[(u64, u64)], depth: usize, access: Access, stop: &(dyn Fn() -> bool + Sync)) -> Result<Report> {
