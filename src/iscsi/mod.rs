@@ -208,6 +208,14 @@ pub fn scan_lun(s: &Session, lun: u32, timeout: Duration) -> Result<PathBuf> {
     }
 }
 
+/// `logout_if_unused` where a held session is not an error: whether a session ended.
+pub fn logout_unless_held(t: &Target) -> Result<bool> {
+    match logout_if_unused(t) {
+        Err(e) if e.kind == Kind::Busy => Ok(false),
+        r => r,
+    }
+}
+
 /// Log out of a session unless one of its disks is still held (by a dm device) — then
 /// `Busy`. Removes the iscsiadm node record too.
 pub fn logout_if_unused(t: &Target) -> Result<bool> {

@@ -346,14 +346,12 @@ impl Node {
         let dm = Dm::open()?;
         let _lock = self.lock_image(image)?;
         let mut removed = Vec::new();
-        if !template::devices(&dm, image)?.is_empty() {
-            if template::release_if_unused(self, &dm, image)? {
-                removed.push(format!("template of image {image}"));
+        if template::devices(&dm, image)?.is_empty() {
+            if self.drop_export_locked(&dm, image)? {
+                removed.push(format!("prepared export of image {image}"));
             }
-        } else if template::unexport_image(self, &Lio::new()?, image)
-            .map_err(|left| Error::new(Kind::Rollback, format!("removing the export of image {image:?} left: {left}")))?
-        {
-            removed.push(format!("prepared export of image {image}"));
+        } else if template::release_if_unused(self, &dm, image)? {
+            removed.push(format!("template of image {image}"));
         }
         let relay_suffix = format!(".{}", image.to_ascii_lowercase());
         let relays = iscsi::sessions().into_iter().filter(|s| {
@@ -366,10 +364,9 @@ impl Node {
         // Every session is tried; what could not be logged out is reported together.
         let mut left = Vec::new();
         for t in targets {
-            match iscsi::logout_if_unused(&t) {
+            match iscsi::logout_unless_held(&t) {
                 Ok(true) => removed.push(format!("session to {} at {}", t.iqn, t.portal)),
                 Ok(false) => {}
-                Err(e) if e.kind == Kind::Busy => {}
                 Err(e) => left.push(e.to_string()),
             }
         }
@@ -425,7 +422,12 @@ impl Node {
         names::validate_id("image id", image)?;
         let dm = Dm::open()?;
         let _lock = self.lock_image(image)?;
-        if !template::devices(&dm, image)?.is_empty() {
+        self.drop_export_locked(&dm, image)
+    }
+
+    /// `drop_export` under the image lock the caller holds.
+    fn drop_export_locked(&self, dm: &Dm, image: &str) -> Result<bool> {
+        if !template::devices(dm, image)?.is_empty() {
             return Ok(false);
         }
         template::unexport_image(self, &Lio::new()?, image)
@@ -452,11 +454,8 @@ impl Node {
         let src = Source::from_json(source)?;
         let mut ended = 0;
         for t in &src.targets {
-            match iscsi::logout_if_unused(t) {
-                Ok(true) => ended += 1,
-                Ok(false) => {}
-                Err(e) if e.kind == Kind::Busy => {}
-                Err(e) => return Err(e),
+            if iscsi::logout_unless_held(t)? {
+                ended += 1;
             }
         }
         Ok(ended)
