@@ -452,6 +452,9 @@ class FleetRun:
                                     "--listen-peer-urls", "http://127.0.0.1:2380"],
                            log_path=os.path.join(f.workdir, "etcd.log"))
             self.registry = f"etcd3+{url}"
+        if self.a.min_tso_segs is not None:
+            setting = f"echo {int(self.a.min_tso_segs)} > /proc/sys/net/ipv4/tcp_min_tso_segs"
+            parallel(lambda n: f[n].check(setting, timeout=60), list(f.nodes))
         py(o, f"out(vmthunder.export_volume({VOLUME!r}, '/dev/ubdb', {portal!r}))")
         self.conn = {}
         for c in self.cns:
@@ -1159,6 +1162,11 @@ def parse_args(argv):
     ap.add_argument("--member-log-level", choices=("INFO", "DEBUG"), default="INFO",
                     help="level of the members' logs (DEBUG: each tool run with its duration, each registry "
                     "request: where a join's time goes; default: %(default)s)")
+    ap.add_argument("--min-tso-segs", type=int, default=None, metavar="N",
+                    help="set every node's net.ipv4.tcp_min_tso_segs to N (2..64; default: the kernel's 2). TCP "
+                    "sizes a send to ~1 ms at its pacing rate: 64 KiB on the 1 GbE link the fleet models, ~12 KiB "
+                    "on its 100 Mbit/s stand-in, so each byte costs the UML nodes ~5x the packets a 1 GbE host "
+                    "handles; 44 (x 1448 B MSS = 64 KiB) restores the 1 GbE frame count. Every mode gets it")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "
@@ -1173,6 +1181,8 @@ def parse_args(argv):
         ap.error("a mode twice")
     if a.fanout < 1 or a.depth < 1:
         ap.error("--fanout and --depth must be >= 1")
+    if a.min_tso_segs is not None and not 2 <= a.min_tso_segs <= 64:
+        ap.error(f"--min-tso-segs {a.min_tso_segs}: must be 2..64")
     try:
         parse_rate(a.rate)
     except HarnessError as e:
@@ -1237,7 +1247,7 @@ def main(argv=None):
             prov["trace_sha1"] = trace["sha1"]
         common = {"provenance": prov, "trace": trace["source"], "reads": len(trace["reads"]),
                   "read_bytes": sum(r[2] for r in trace["reads"]), "depth": a.depth, "think": a.think, "replay": a.replay,
-                  "start": a.start,
+                  "start": a.start, "min_tso_segs": a.min_tso_segs,
                   "rate": a.rate, "command": " ".join(["python", "bench/fleet.py"] + (sys.argv[1:] if argv is None else argv)),
                   "bytes_note": "origin_bytes: the origin's link tx (NIC, TCP/iSCSI headers included; etcd runs on the controller); "
                   "origin_data_bytes and edges[].bytes: data the child read over that iSCSI session "
