@@ -1166,7 +1166,9 @@ def parse_args(argv):
                     help="set every node's net.ipv4.tcp_min_tso_segs to N (2..64; default: the kernel's 2). TCP "
                     "sizes a send to ~1 ms at its pacing rate: 64 KiB on the 1 GbE link the fleet models, ~12 KiB "
                     "on its 100 Mbit/s stand-in, so each byte costs the UML nodes ~5x the packets a 1 GbE host "
-                    "handles; 44 (x 1448 B MSS = 64 KiB) restores the 1 GbE frame count. Every mode gets it")
+                    "handles; 44 (x 1448 B MSS = 64 KiB) restores the 1 GbE frame count. Every mode gets it. Measured "
+                    "(bench/README.md, tenth session): 44 cut direct reads' CPU ~13 %% but made the 8-node chain "
+                    "slower (17.3-17.5 s against 15.6-16.6 s) with more CPU, so the default leaves it alone")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "
