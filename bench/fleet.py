@@ -47,7 +47,9 @@ compared; --think honours each read's recorded time offset as a lower bound.
 Measured per mode: each VM's time to finish its reads (from the common start), the fleet's
 completion (the last VM), bytes the origin's link sent (NIC counters, headers included) and the
 data bytes each child read from each parent (block-layer counters of its iSCSI disks, per
-session: the tree's edges), each divided by W; the tree (parents of every node, join times).
+session: the tree's edges), each divided by W; the tree (parents of every node, join times);
+CPU: the fleet's core-seconds, the host's busy share, and each node's core-seconds and busiest
+2 s (a UML node has one CPU: a node at ~1.0 core is saturated whatever the host has left).
 Bounds: link_bound_s = W / rate (every node must receive W through its link); with fan-out k a
 tree relay uploads k x W, so the tree itself cannot finish before k x W / rate (tree_bound_s).
 
@@ -304,11 +306,12 @@ def read_json(path):
         return None
 
 
-def cpu_snapshot(fleet) -> dict:
-    """CPU ticks of every process of the fleet's UML process groups, the host's busy/total
-    ticks (/proc/stat) and load average: to tell link-bound from CPU-bound runs."""
-    pgids = {n.pid for n in fleet if n.pid}
-    fleet_ticks = 0
+def node_ticks(fleet) -> dict:
+    """CPU ticks (user + system) of each node's UML process group, by node name. A UML node runs
+    one CPU (its kernel and its guest processes take turns), so a node near 1.0 core is saturated
+    whatever the host has left."""
+    names = {n.pid: name for name, n in fleet.nodes.items() if n.pid}
+    ticks = dict.fromkeys(names.values(), 0)
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -318,8 +321,15 @@ def cpu_snapshot(fleet) -> dict:
         except OSError:
             continue
         fields = st[st.rfind(")") + 2:].split()
-        if len(fields) > 12 and int(fields[2]) in pgids:
-            fleet_ticks += int(fields[11]) + int(fields[12])
+        if len(fields) > 12 and int(fields[2]) in names:
+            ticks[names[int(fields[2])]] += int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def cpu_snapshot(fleet) -> dict:
+    """CPU ticks of every process of the fleet's UML process groups, the host's busy/total
+    ticks (/proc/stat) and load average: to tell link-bound from CPU-bound runs."""
+    fleet_ticks = sum(node_ticks(fleet).values())
     with open("/proc/stat") as fh:
         cpu = [int(x) for x in fh.readline().split()[1:]]
     idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
@@ -340,6 +350,28 @@ def cpu_summary(a, b) -> dict:
             "host_busy": round((b["busy"] - a["busy"]) / total, 3),
             "host_steal": round((b.get("steal", 0) - a.get("steal", 0)) / total, 3),
             "host_cores": ncpu, "loadavg_1m": [a["load"], b["load"]]}
+
+
+def node_load(samples, window_s: float = 2.0) -> dict:
+    """From [t, {node: ticks}] samples: each node's CPU seconds over the run and its busiest
+    window (cores, averaged over >= window_s): which node, if any, ran out of its one CPU."""
+    if len(samples) < 2:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK")
+    first, last = samples[0][1], samples[-1][1]
+    peak = dict.fromkeys(last, 0.0)
+    j = 0
+    for i, (t0, a) in enumerate(samples):
+        j = max(j, i + 1)
+        while j < len(samples) and samples[j][0] - t0 < window_s:
+            j += 1
+        if j == len(samples):
+            break
+        t1, b = samples[j]
+        for n in peak:
+            peak[n] = max(peak[n], (b.get(n, 0) - a.get(n, 0)) / hz / (t1 - t0))
+    return {"node_cpu_s": {n: round((last[n] - first.get(n, 0)) / hz, 1) for n in last},
+            "node_peak_cores": {n: round(v, 2) for n, v in peak.items()}, "node_peak_window_s": window_s}
 
 
 def tap_counters(fleet) -> dict:
@@ -434,6 +466,11 @@ class FleetRun:
                          res["origin_bytes"] / self.W, res["max_edge_ratio"])
                 log.info("[%s] CPU: fleet %.1f core-s, host %.0f %% busy (%.0f %% stolen by the hypervisor)", mode,
                          res["cpu"]["fleet_cpu_s"], 100 * res["cpu"]["host_busy"], 100 * res["cpu"].get("host_steal", 0))
+                peak = res["cpu"].get("node_peak_cores") or {}
+                if peak:
+                    log.info("[%s] busiest nodes (cores over %.0f s; a UML node has one CPU): %s", mode,
+                             res["cpu"]["node_peak_window_s"],
+                             ", ".join(f"{n} {v:.2f}" for n, v in sorted(peak.items(), key=lambda kv: -kv[1])[:4]))
         doc["total_s"] = round(time.monotonic() - t0, 1)
         return doc
 
@@ -530,7 +567,7 @@ class FleetRun:
         """Wait (bounded) until every VM's result is in; show progress; sample link counters."""
         f = self.fleet
         deadline = time.monotonic() + max(0.0, start_at - time.time()) + self.read_timeout(mode)
-        samples = []
+        samples, cpu_samples = [], []
         total = len(self.trace["reads"])
         last_show = 0.0
         results = {}
@@ -544,6 +581,7 @@ class FleetRun:
                     origin_tx0 = taps["o"][0]
             except Exception as e:           # sampling is best effort
                 log.debug("tap sampling failed: %s", e)
+            cpu_samples.append([round(now - start_at, 3), node_ticks(f)])
             prog = {}
             for vm, node in self.vms.items():
                 r = read_json(f[node].host_path(f"{mode}/{vm}.json"))
@@ -585,7 +623,8 @@ class FleetRun:
             samples.append([round(time.time() - start_at, 3), tap_counters(f)])
         except Exception:
             pass
-        return {"results": results, "samples": samples}
+        cpu_samples.append([round(time.time() - start_at, 3), node_ticks(f)])
+        return {"results": results, "samples": samples, "cpu_samples": cpu_samples}
 
     def summarize(self, mode, base, results, before, after, parents=None) -> dict:
         """base: {vm: guest time its boot began} (its replay start; the copy start for full_copy)."""
@@ -758,6 +797,7 @@ class FleetRun:
                            "joins_wall_s": round(max(joins.values()), 3),
                            "attach_s": {vm: att[c]["attach_s"][vm] for vm, c in self.vms.items()}}
             res["timeline"] = self.timeline(mon, mon["results"], base)
+            res["cpu"].update(node_load(mon["cpu_samples"]))
             self.stop_members(mode, members)
             members = {}
             cache, events, prefetch_reports = {}, {}, {}
@@ -868,6 +908,7 @@ class FleetRun:
             res["copy_s"] = {c: round(x["end"] - nodes[c]["t_go"], 3) for c, x in copies.items() if "end" in x}
             res["copy_bytes"] = {c: x.get("bytes") for c, x in copies.items()}
         res["timeline"] = self.timeline(mon, mon["results"], base)
+        res["cpu"].update(node_load(mon["cpu_samples"]))
         return res
 
 

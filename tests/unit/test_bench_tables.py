@@ -29,3 +29,15 @@ def test_goals_judge_every_tree_mode_against_its_own_fanout():
     assert g["tree"]["tree >= 4x faster than direct"] == "2.48x -> NOT met"
     assert g["tree-f1"]["origin sends <= fan-out x W x 1.1 (88.0 MiB)"].endswith("-> met")
     assert "(264.0 MiB)" in " ".join(g["tree"])
+
+
+def test_node_load_finds_the_node_that_ran_out_of_its_cpu():
+    hz = os.sysconf("SC_CLK_TCK")
+    # cn1 busy 1.0 core for 2 s in the middle, idle otherwise; o at 0.25 core throughout
+    ticks = {0.0: 0, 1.0: 0, 2.0: hz, 3.0: 2 * hz, 4.0: 2 * hz, 5.0: 2 * hz}
+    samples = [[t, {"cn1": c, "o": int(hz * t / 4)}] for t, c in ticks.items()]
+    load = fleet.node_load(samples)
+    assert load["node_cpu_s"] == {"cn1": 2.0, "o": round(int(hz * 5 / 4) / hz, 1)}
+    assert load["node_peak_cores"]["cn1"] == 1.0
+    assert 0.2 <= load["node_peak_cores"]["o"] <= 0.3
+    assert fleet.node_load(samples[:1]) == {}
