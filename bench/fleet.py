@@ -371,7 +371,15 @@ def node_load(samples, window_s: float = 2.0) -> dict:
         for n in peak:
             peak[n] = max(peak[n], (b.get(n, 0) - a.get(n, 0)) / hz / (t1 - t0))
     return {"node_cpu_s": {n: round((last[n] - first.get(n, 0)) / hz, 1) for n in last},
-            "node_peak_cores": {n: round(v, 2) for n, v in peak.items()}, "node_peak_window_s": window_s}
+            "node_peak_cores": {n: round(v, 2) for n, v in peak.items()}, "node_peak_window_s": window_s,
+            "node_samples": [[t, {n: round((v - first.get(n, 0)) / hz, 2) for n, v in s.items()}] for t, s in samples]}
+
+
+def cpu_until(node_samples, t: float) -> float:
+    """The fleet's CPU seconds from the first sample to the last one taken at or before t (from
+    node_load's node_samples): what the joins cost, for t = the last attach."""
+    got = [sum(s.values()) for ts, s in node_samples if ts <= t]
+    return round(got[-1], 1) if got else 0.0
 
 
 def tap_counters(fleet) -> dict:
@@ -719,7 +727,7 @@ class FleetRun:
                       + (f" --replay-bin {self.replay_bin}" if self.replay_bin else ""))
         if prefetch:
             # the recorded boot profile of the image: the member prefetches it through its template
-            replay += " --profile /vmt-share/trace.json"
+            replay += f" --profile /vmt-share/trace.json --prefetch-order {self.a.prefetch_order}"
         for c in self.cns:
             members[c] = f[c].spawn(
                 f"python3 /vmt-share/fleet_guest.py member --registry {self.registry} --host {c} --image {image} "
@@ -798,6 +806,8 @@ class FleetRun:
                            "attach_s": {vm: att[c]["attach_s"][vm] for vm, c in self.vms.items()}}
             res["timeline"] = self.timeline(mon, mon["results"], base)
             res["cpu"].update(node_load(mon["cpu_samples"]))
+            if "node_samples" in res["cpu"]:
+                res["cpu"]["joins_cpu_s"] = cpu_until(res["cpu"]["node_samples"], max(joins.values()))
             self.stop_members(mode, members)
             members = {}
             cache, events, prefetch_reports = {}, {}, {}
@@ -1210,6 +1220,10 @@ def parse_args(argv):
                     "handles; 44 (x 1448 B MSS = 64 KiB) restores the 1 GbE frame count. Every mode gets it. Measured "
                     "(bench/README.md, tenth session): 44 cut direct reads' CPU ~13 %% but made the 8-node chain "
                     "slower (17.3-17.5 s against 15.6-16.6 s) with more CPU, so the default leaves it alone")
+    ap.add_argument("--prefetch-order", choices=("reverse", "forward"), default="reverse",
+                    help="the tree modes' prefetch walks the boot profile from its end while the VM boots from "
+                    "its start (reverse, the library default) or ahead of the VM from the start (forward; "
+                    "default: %(default)s)")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "

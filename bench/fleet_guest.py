@@ -422,7 +422,8 @@ def member(a):
     reg.start()
     result = {"host": a.host, "t_registered": None, "paths": {}, "attach_s": {}}
     try:
-        tree = Tree(node, reg, initiator=initiator, export_ip=a.export_ip, fanout=a.fanout)
+        tree = Tree(node, reg, initiator=initiator, export_ip=a.export_ip, fanout=a.fanout,
+                    prefetch_reverse=a.prefetch_order == "reverse")
         reg.publish_host({"host": a.host, "initiator": initiator, "export_ip": a.export_ip, "failure_domain": None})
         while len(reg.hosts()) < a.expect_hosts:
             if time.monotonic() > deadline - 60:
@@ -436,6 +437,7 @@ def member(a):
                 raise SystemExit("no go")
             time.sleep(0.1)
         result["t_go"] = time.time()
+        logging.getLogger("fleet.member").info("go: joining %s", a.image)
         origin = json.load(open(a.origin))
         profile = load_profile(a.profile) if a.profile else None
         vms = []
@@ -509,6 +511,8 @@ def main():
     m.add_argument("--depth", type=int, default=1)
     m.add_argument("--think", action="store_true")
     m.add_argument("--profile", help="boot profile (trace file) the tree prefetches when it builds the template")
+    m.add_argument("--prefetch-order", choices=("reverse", "forward"), default="reverse",
+                   help="walk the profile from its end (the library default) or from its start")
     b = sub.add_parser("boot")
     b.add_argument("--host", required=True)
     b.add_argument("--origin", required=True)

@@ -41,3 +41,13 @@ def test_node_load_finds_the_node_that_ran_out_of_its_cpu():
     assert load["node_peak_cores"]["cn1"] == 1.0
     assert 0.2 <= load["node_peak_cores"]["o"] <= 0.3
     assert fleet.node_load(samples[:1]) == {}
+
+
+def test_cpu_until_sums_every_node_up_to_the_last_attach():
+    hz = os.sysconf("SC_CLK_TCK")
+    samples = [[t, {"cn1": int(hz * t), "cn2": int(hz * t / 2)}] for t in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    load = fleet.node_load(samples)
+    # by 1.2 s the last sample is at 1.0 s: cn1 1.0 + cn2 0.5 core-s
+    assert fleet.cpu_until(load["node_samples"], 1.2) == 1.5
+    assert fleet.cpu_until(load["node_samples"], 5.0) == 3.0
+    assert fleet.cpu_until(load["node_samples"], -1.0) == 0.0

@@ -383,3 +383,16 @@ def test_early_logins_log_out_what_they_started_and_start_nothing_once_closed():
     assert sorted(c for c in node.calls if c[0] == "prelogin") == [("prelogin", "iqn.x:cn2"), ("prelogin", "iqn.x:origin")]
     assert sorted(c for c in node.calls if c[0] == "logout_unused") == [("logout_unused", "iqn.x:cn2"),
                                                                           ("logout_unused", "iqn.x:origin")]
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_the_join_prefetches_the_profile_in_the_order_the_tree_was_given(tmp_path, reverse):
+    node, reg = FakeNode(), FakeRegistry()
+    asked = []
+    node.prefetch = lambda image, ranges, depth=None, reverse=False, stop=None: asked.append(
+        (image, ranges, reverse)) or {"bytes": 0, "complete": True}
+    kwargs = {} if reverse else {"prefetch_reverse": False}
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), **kwargs)
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1", profile=[[0, 4096], [8192, 4096]])
+    assert tree.prefetch_report("img", wait_s=10) == {"bytes": 0, "complete": True}
+    assert asked == [("img", [[0, 4096], [8192, 4096]], reverse)]
