@@ -414,12 +414,19 @@ class FleetRun:
         self.modes = args.modes
 
     # ------------------------------------------------------------------ sizing
-    def local_disks(self, mode) -> dict:
-        """Per compute node: ubdb, the local device (bcache cache set: the working set twice
-        over, at least 128 MiB; a COW slice per VM); ubdc, the copy target of full_copy."""
+    def local_device_bytes(self) -> int:
+        """A compute node's local device: the bcache cache set (the working set twice over, at
+        least 128 MiB) and a COW slice per VM."""
         self.cache_mib = max(128, -(-2 * self.W // MIB))
         vpn = max(len(v) for v in self.vms_of.values())
-        disks = {"ubdb": (self.cache_mib + COW_MIB * vpn + 64 + 16) * MIB}
+        return (self.cache_mib + COW_MIB * vpn + 64 + 16) * MIB
+
+    def local_disks(self, mode) -> dict:
+        """Per compute node's UML disks: ubdb, the local device when it is not a RAM disk in the
+        node (--local-disk); ubdc, the copy target of full_copy."""
+        disks = {}
+        if not (mode.startswith("tree") and self.a.local_disk == "ram"):
+            disks["ubdb"] = self.local_device_bytes()
         if mode == "full_copy":
             disks["ubdc"] = self.image_bytes
         return disks
@@ -500,6 +507,9 @@ class FleetRun:
         if self.a.min_tso_segs is not None:
             setting = f"echo {int(self.a.min_tso_segs)} > /proc/sys/net/ipv4/tcp_min_tso_segs"
             parallel(lambda n: f[n].check(setting, timeout=60), list(f.nodes))
+        if tree and self.a.local_disk == "ram":
+            kib = self.local_device_bytes() // 1024
+            parallel(lambda c: f[c].check(f"modprobe brd rd_nr=1 rd_size={kib} max_part=0", timeout=60), self.cns)
         py(o, f"out(vmthunder.export_volume({VOLUME!r}, '/dev/ubdb', {portal!r}))")
         self.conn = {}
         for c in self.cns:
@@ -733,6 +743,7 @@ class FleetRun:
                 f"python3 /vmt-share/fleet_guest.py member --registry {self.registry} --host {c} --image {image} "
                 f"--origin /vmt-share/origin.json --vms {','.join(self.vms_of[c])} --export-ip {f[c].ip} "
                 f"--fanout {fanout} --expect-hosts {self.n} --cache-mib {self.cache_mib} --cow-mib {COW_MIB} "
+                f"--cache-device {'/dev/ram0' if self.a.local_disk == 'ram' else '/dev/ubdb'} "
                 f"--workdir {wd} --max-seconds {self.read_timeout(mode) + 900:.0f} --log-level {self.a.member_log_level}{replay} "
                 f"> /vmt-share/{mode}/member/out 2>&1")
 
@@ -1202,7 +1213,8 @@ def parse_args(argv):
     ap.add_argument("--replay", choices=("c", "python"), default="c",
                     help="the VM stand-in: c (default: bench/replay.c, built with cc) or python (fleet_guest.py replay); "
                     "same reads and digest, the C one costs its node far fewer syscalls and page faults")
-    ap.add_argument("--mem", default="288M", help="RAM per compute node (default: %(default)s)")
+    ap.add_argument("--mem", default="448M", help="RAM per compute node; the default holds the ram local disk "
+                    "(--local-disk) beside the page cache (default: %(default)s)")
     ap.add_argument("--origin-mem", default="320M", help="RAM of the origin node (default: %(default)s)")
     ap.add_argument("--progress-s", type=float, default=5.0, help="progress line interval (default: %(default)s s)")
     ap.add_argument("--scaling", default=None, metavar="N1,N2,...", help="run one fleet per size (VMs = nodes "
@@ -1224,6 +1236,12 @@ def parse_args(argv):
                     help="the tree modes' prefetch walks the boot profile from its end while the VM boots from "
                     "its start (reverse, the library default) or ahead of the VM from the start (forward; "
                     "default: %(default)s)")
+    ap.add_argument("--local-disk", choices=("ram", "ubd"), default="ram",
+                    help="the tree modes' local device (the cache set and the VMs' COW; a compute node's SSD): "
+                    "ram, a brd RAM disk inside the node (--mem holds it), or ubd, a UML disk over a file in the "
+                    "host's tmpfs, where each request is a round trip to UML's I/O thread. Both keep the data in "
+                    "RAM; measured (bench/README.md, eleventh session) ubd cost the 8-node chain 10-16 %% more CPU "
+                    "(default: %(default)s)")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "
