@@ -421,11 +421,15 @@ class FleetRun:
         vpn = max(len(v) for v in self.vms_of.values())
         return (self.cache_mib + COW_MIB * vpn + 64 + 16) * MIB
 
+    def ram_local_disk(self, mode) -> bool:
+        """The mode's local device is a brd RAM disk in each compute node (/dev/ram0), not ubdb."""
+        return mode.startswith("tree") and self.a.local_disk == "ram"
+
     def local_disks(self, mode) -> dict:
         """Per compute node's UML disks: ubdb, the local device when it is not a RAM disk in the
         node (--local-disk); ubdc, the copy target of full_copy."""
         disks = {}
-        if not (mode.startswith("tree") and self.a.local_disk == "ram"):
+        if not self.ram_local_disk(mode):
             disks["ubdb"] = self.local_device_bytes()
         if mode == "full_copy":
             disks["ubdc"] = self.image_bytes
@@ -507,7 +511,7 @@ class FleetRun:
         if self.a.min_tso_segs is not None:
             setting = f"echo {int(self.a.min_tso_segs)} > /proc/sys/net/ipv4/tcp_min_tso_segs"
             parallel(lambda n: f[n].check(setting, timeout=60), list(f.nodes))
-        if tree and self.a.local_disk == "ram":
+        if self.ram_local_disk(mode):
             kib = self.local_device_bytes() // 1024
             parallel(lambda c: f[c].check(f"modprobe brd rd_nr=1 rd_size={kib} max_part=0", timeout=60), self.cns)
         py(o, f"out(vmthunder.export_volume({VOLUME!r}, '/dev/ubdb', {portal!r}))")
@@ -743,7 +747,7 @@ class FleetRun:
                 f"python3 /vmt-share/fleet_guest.py member --registry {self.registry} --host {c} --image {image} "
                 f"--origin /vmt-share/origin.json --vms {','.join(self.vms_of[c])} --export-ip {f[c].ip} "
                 f"--fanout {fanout} --expect-hosts {self.n} --cache-mib {self.cache_mib} --cow-mib {COW_MIB} "
-                f"--cache-device {'/dev/ram0' if self.a.local_disk == 'ram' else '/dev/ubdb'} "
+                f"--cache-device {'/dev/ram0' if self.ram_local_disk(mode) else '/dev/ubdb'} "
                 f"--workdir {wd} --max-seconds {self.read_timeout(mode) + 900:.0f} --log-level {self.a.member_log_level}{replay} "
                 f"> /vmt-share/{mode}/member/out 2>&1")
 
@@ -1232,7 +1236,7 @@ def parse_args(argv):
                     "handles; 44 (x 1448 B MSS = 64 KiB) restores the 1 GbE frame count. Every mode gets it. Measured "
                     "(bench/README.md, tenth session): 44 cut direct reads' CPU ~13 %% but made the 8-node chain "
                     "slower (17.3-17.5 s against 15.6-16.6 s) with more CPU, so the default leaves it alone")
-    ap.add_argument("--prefetch-order", choices=("reverse", "forward"), default="reverse",
+    ap.add_argument("--prefetch-order", choices=fleet_guest.PREFETCH_ORDERS, default="reverse",
                     help="the tree modes' prefetch walks the boot profile from its end while the VM boots from "
                     "its start (reverse, the library default) or ahead of the VM from the start (forward; "
                     "default: %(default)s)")

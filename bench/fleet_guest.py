@@ -401,6 +401,9 @@ def boot(a):
 
 
 # ----------------------------------------------------------------------------- member
+PREFETCH_ORDERS = ("reverse", "forward")     # Tree(prefetch_reverse=True / False)
+
+
 def member(a):
     import vmthunder
     from vmthunder.registry import Registry
@@ -511,7 +514,7 @@ def main():
     m.add_argument("--depth", type=int, default=1)
     m.add_argument("--think", action="store_true")
     m.add_argument("--profile", help="boot profile (trace file) the tree prefetches when it builds the template")
-    m.add_argument("--prefetch-order", choices=("reverse", "forward"), default="reverse",
+    m.add_argument("--prefetch-order", choices=PREFETCH_ORDERS, default="reverse",
                    help="walk the profile from its end (the library default) or from its start")
     b = sub.add_parser("boot")
     b.add_argument("--host", required=True)
