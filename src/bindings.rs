@@ -111,11 +111,11 @@ pub struct Node {
 impl Node {
     /// Node(host, cache_device, state_dir, export_ip=None, export_port=3260, engine="bcache",
     ///      cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0,
-    ///      path_timeout_s=5, coalesce=True, readahead_kib=4)
+    ///      path_timeout_s=5, coalesce=True, readahead_kib=4, cow_warn_percent=90)
     #[new]
     #[pyo3(signature = (host, cache_device, state_dir, export_ip=None, export_port=3260, engine="bcache",
                         cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0, path_timeout_s=5,
-                        coalesce=true, readahead_kib=4))]
+                        coalesce=true, readahead_kib=4, cow_warn_percent=90))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -132,6 +132,7 @@ impl Node {
         path_timeout_s: u32,
         coalesce: bool,
         readahead_kib: u32,
+        cow_warn_percent: u8,
     ) -> PyResult<Self> {
         if !(scan_timeout_s > 0.0 && scan_timeout_s <= 600.0) {
             return Err(InvalidArgument::new_err(format!("invalid scan_timeout_s {scan_timeout_s}: 0 < t <= 600")));
@@ -147,6 +148,7 @@ impl Node {
         cfg.path_timeout_s = path_timeout_s;
         cfg.coalesce = coalesce;
         cfg.readahead_kib = readahead_kib;
+        cfg.cow_warn_percent = cow_warn_percent;
         let inner = py.allow_threads(|| node::Node::new(cfg)).map_err(to_py)?;
         Ok(Node { inner })
     }
@@ -261,6 +263,16 @@ impl Node {
     fn recover(&self, py: Python<'_>, image_id: &str, sources: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         let sources = sources_json(py, sources)?;
         py.allow_threads(|| self.inner.recover(image_id, &sources)).map_err(to_py)
+    }
+
+    /// reassemble() -> {"disks": {vm_id: path}, "failed": {vm_id: why}, "failed_images": {image_id: why}, "removed": [...]}
+    ///
+    /// Rebuild every VM disk the local device's layout records (after a reboot, or a restart:
+    /// idempotent), at the same paths, each template reusing its cache; finish what an attach
+    /// or detach left half-done. nova-compute runs it at start, before it resumes instances.
+    fn reassemble(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let r = py.allow_threads(|| self.inner.reassemble()).map_err(to_py)?;
+        json_to_py(py, &serde_json::to_value(r).expect("report serialises"))
     }
 
     /// What this node holds, read from the kernel: templates, their devices, VMs and children.

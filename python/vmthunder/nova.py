@@ -70,6 +70,7 @@ def get_node(conf, host, export_ip=None):
             sizes = {"cow_size_mib": cow_size_mib} if cow_size_mib else {}
             node = vmthunder.Node(host=host, cache_device=conf.cache_device,
                                   state_dir=conf.state_dir, export_ip=export_ip, **sizes)
+            _reassemble(node)
             _prepare_cache(node, conf.cache_device)
             registry = None
             if url:
@@ -88,6 +89,22 @@ def get_node(conf, host, export_ip=None):
             except vmthunder.Error as e:
                 LOG.warning("%s; relaying from the origin volume until it answers", e)
     return tree
+
+
+def _reassemble(node):
+    """Every VM disk the local device records comes back at its path before Nova resumes the
+    instances (a rebooted host, a restarted nova-compute). A VM that cannot be rebuilt is
+    logged with the reason; its data stays on the device, and its instance's start fails in
+    Nova with that reason (its next attach tries again)."""
+    report = node.reassemble()
+    for vm_id, why in sorted(report["failed"].items()):
+        LOG.error("vmthunder: disk of instance %s not rebuilt: %s", vm_id, why)
+    if report["disks"]:
+        LOG.info("vmthunder: rebuilt the disks of %d instance(s): %s", len(report["disks"]),
+                 ", ".join(sorted(report["disks"])))
+    if report["removed"]:
+        LOG.warning("vmthunder: removed what interrupted attaches and detaches left: %s", report["removed"])
+    return report
 
 
 def _prepare_cache(node, device):

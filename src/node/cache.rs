@@ -15,7 +15,13 @@ use std::{
 use devicemapper::{CacheTargetParams, Device, LinearTargetParams, Sectors};
 use log::info;
 
-use super::{carve, rollback::Undo, template::ensure_dev, zero_head, Node};
+use super::{
+    carve::{self, Space},
+    layout::SliceState,
+    rollback::Undo,
+    template::ensure_dev,
+    zero_head, Node,
+};
 use crate::{
     cmd,
     dm::{self, Dm, DmDev, Line, Table, Target},
@@ -79,10 +85,20 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sector
     }
 }
 
-fn slice<'a>(node: &Node, dm: &'a Dm, undo: &mut Undo<'a>, name: String, want: u64, what: &str) -> Result<(DmDev, bool)> {
-    let existing = dm.info(&name)?.is_some();
-    let table = if existing { dm.table(&name)? } else { carve::plan_slice(dm, node.cache_dev, node.cache_total, want, what)? };
-    Ok((ensure_dev(dm, undo, name, &table)?, !existing))
+/// An image's (or the node's) slice `name` of the local device: the recorded one, or a new one
+/// of `want` sectors. Returns the device and whether its contents are fresh (just carved, or
+/// carved by a build that died before formatting it): the caller formats it, then
+/// `set_ready`s it. The caller holds `space`.
+fn slice<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>, space: &mut Space, name: String, want: u64, what: &str) -> Result<(DmDev, bool)> {
+    let (table, fresh) = match space.slice(&name) {
+        Some(s) => (space.table(&name).expect("recorded"), s.state == SliceState::New),
+        None => {
+            let t = space.allocate(&name, want, what)?;
+            node.undo_slice(undo, name.clone());
+            (t, true)
+        }
+    };
+    Ok((ensure_dev(dm, undo, name, &table)?, fresh))
 }
 
 fn ensure_dm_cache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
@@ -92,12 +108,18 @@ fn ensure_dm_cache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, s
     // dm-cache needs ~16 bytes per block plus a fixed part; be generous, it is small.
     let meta_sectors = ((8u64 << 20) + nblocks * 64).div_ceil(1 << 20) * 2048;
     let (meta, data) = {
-        let _space = node.lock_space()?;
-        let (meta, meta_new) =
-            slice(node, dm, undo, names::template_dm_name(image, Role::CacheMeta), meta_sectors, &format!("the cache metadata of image {image}"))?;
-        let (data, _) = slice(node, dm, undo, names::template_dm_name(image, Role::CacheData), data_sectors, &format!("the cache of image {image}"))?;
+        let mut space = node.space()?;
+        let (meta, meta_new) = slice(node, dm, undo, &mut space, names::template_dm_name(image, Role::CacheMeta), meta_sectors,
+                                     &format!("the cache metadata of image {image}"))?;
+        let (data, data_new) = slice(node, dm, undo, &mut space, names::template_dm_name(image, Role::CacheData), data_sectors,
+                                     &format!("the cache of image {image}"))?;
+        // dm-cache reads nothing of the data slice that its (zeroed) metadata does not map.
         if meta_new {
             zero_head(&meta.path(), 1 << 20)?;
+            space.set_ready(&meta.name)?;
+        }
+        if data_new {
+            space.set_ready(&data.name)?;
         }
         (meta, data)
     };
@@ -177,33 +199,30 @@ pub(super) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'
             format!("bcache cache set of {} MiB is too small: at least {} MiB", want / 2048, MIN_CACHE_SET_SECTORS / 2048),
         ));
     }
-    let (cset, created) = {
-        let _space = node.lock_space()?;
-        slice(node, dm, undo, names::CACHE_SET_DM_NAME.to_string(), want, "the bcache cache set")?
-    };
+    let mut space = node.space()?;
+    let (cset, created) = slice(node, dm, undo, &mut space, names::CACHE_SET_DM_NAME.to_string(), want, "the bcache cache set")?;
     let set_link = sysfs_dev(cset.device).join("bcache/set");
     if created {
+        if set_link.exists() {
+            // Registered (by udev's bcache rule) before a crash let us record it formatted.
+            unregister_set(dm, &set_link).map_err(|e| Error::new(Kind::CacheDevice, e))?;
+        }
         zero_head(&cset.path(), 1 << 20)?;
         // Keep >= 1024 buckets (bcache refuses small sets), buckets of 64 KiB..1 MiB.
         let bytes = dm::size_sectors(cset.device)? * 512;
         let bucket_kib = (bytes / 1024 / 1024).next_power_of_two().clamp(64, 1024);
         let path = cset.path().display().to_string();
         cmd::check(Kind::CacheDevice, "make-bcache", &["-C", "--block", "4k", "--bucket", &format!("{bucket_kib}k"), &path], &[], Duration::from_secs(60))?;
+        space.set_ready(names::CACHE_SET_DM_NAME)?;
     }
+    drop(space);
     if !set_link.exists() {
         register(&cset.path())?;
         wait_for("the cache set to register", || set_link.exists())?;
-        if created {
+        {
             // Undone before the slice's own removal: bcache must let go of it first.
             let link = set_link.clone();
-            undo.push("bcache cache set registration", move || {
-                if let Ok(set) = fs::canonicalize(&link) {
-                    let _ = fs::write(set.join("unregister"), "1");
-                }
-                wait_for("the cache set to unregister", || !link.exists())
-                    .and_then(|_| wait_released(dm, names::CACHE_SET_DM_NAME))
-                    .map_err(|e| e.to_string())
-            });
+            undo.push("bcache cache set registration", move || unregister_set(dm, &link));
         }
     }
     let uuid = fs::read_link(&set_link)
@@ -220,6 +239,16 @@ pub(super) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'
     Ok((uuid, created))
 }
 
+/// Unregister the cache set behind `link` and wait until bcache has let go of its device.
+fn unregister_set(dm: &Dm, link: &Path) -> std::result::Result<(), String> {
+    if let Ok(set) = fs::canonicalize(link) {
+        let _ = fs::write(set.join("unregister"), "1");
+    }
+    wait_for("the cache set to unregister", || !link.exists())
+        .and_then(|_| wait_released(dm, names::CACHE_SET_DM_NAME))
+        .map_err(|e| e.to_string())
+}
+
 fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
     // The cache set is shared by every image: hold it until our backing device is attached,
     // or a teardown of another image's last use could release it under us.
@@ -227,13 +256,24 @@ fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sec
     let (uuid, _) = ensure_cache_set(node, dm, undo)?;
     let name = names::template_dm_name(image, Role::Bdev);
     let (bdev, created) = {
-        let _space = node.lock_space()?;
-        let created = dm.info(&name)?.is_none();
-        let dev = if created {
-            let head = carve::plan_slice(dm, node.cache_dev, node.cache_total, carve::ALIGN_SECTORS, &format!("the bcache head of image {image}"))?;
-            let mut head_line = head.lines[0].clone();
-            head_line.length = BDEV_HEAD_SECTORS;
-            let over = |target| Table { lines: vec![head_line.clone(), Line { start: BDEV_HEAD_SECTORS, length: sectors, target }] };
+        let mut space = node.space()?;
+        let fresh = space.slice(&name).is_none_or(|s| s.state == SliceState::New);
+        if fresh {
+            if let Some(old) = dm.info(&name)? {
+                // A head a build that died half-way formatted: made again, from zeroes.
+                stop_backing(&old, true).and_then(|_| wait_released(dm, &name))?;
+                dm.remove(&name)?;
+            }
+            if space.slice(&name).is_none() {
+                space.allocate(&name, carve::ALIGN_SECTORS, &format!("the bcache head of image {image}"))?;
+                node.undo_slice(undo, name.clone());
+            }
+        }
+        let mut head_line = space.table(&name).expect("recorded").lines[0].clone();
+        head_line.length = BDEV_HEAD_SECTORS;
+        let over = |target| Table { lines: vec![head_line.clone(), Line { start: BDEV_HEAD_SECTORS, length: sectors, target }] };
+        let with_paths = over(Target::Linear(LinearTargetParams::new(paths.device, Sectors(0))));
+        let dev = if fresh {
             // make-bcache probes the whole device for other signatures (libblkid: its head,
             // tail and superblock offsets, ~1.1 MB of a 2 GiB image): formatted over zeros, that costs the
             // parent nothing. The real table goes in before bcache ever opens the device.
@@ -241,26 +281,28 @@ fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sec
             zero_head(&dev.path(), (BDEV_HEAD_SECTORS * 512) as usize)?;
             let path = dev.path().display().to_string();
             cmd::check(Kind::CacheDevice, "make-bcache", &["-B", "--block", "4k", &path], &[], Duration::from_secs(60))?;
-            dm.reload(&name, &over(Target::Linear(LinearTargetParams::new(paths.device, Sectors(0)))))?;
+            dm.reload(&name, &with_paths)?;
             flush_buffers(&dev.path())?;     // the probe's zero pages must not be read again
+            space.set_ready(&name)?;
             dev
         } else {
-            ensure_dev(dm, undo, name.clone(), &dm.table(&name)?)?
+            // Recorded and formatted: its superblock names the cache set, whose blocks of this
+            // image are still valid (a rebooted host's cache stays warm).
+            ensure_dev(dm, undo, name.clone(), &with_paths)?
         };
-        (dev, created)
+        (dev, fresh)
     };
     let sys = sysfs_dev(bdev.device).join("bcache");
     if !sys.exists() {
         register(&bdev.path())?;
         wait_for(&format!("bcache to register {name}"), || sys.join("dev").exists())?;
-    }
-    // From here on the bcache device exists: stop it again if a later step fails.
-    if created {
+        // From here on the bcache device exists: stop it again if a later step fails. A
+        // device made by this call drops its blocks from the set; a recorded one keeps them.
         let bdev2 = bdev.clone();
         // bcache lets go of the dm device a moment after it stops: wait, or the removal of
         // the device below (the next undo step) finds it still open.
         undo.push(format!("bcache device over {name}"), move || {
-            stop_backing(&bdev2).and_then(|_| wait_released(dm, &bdev2.name)).map_err(|e| e.to_string())
+            stop_backing(&bdev2, created).and_then(|_| wait_released(dm, &bdev2.name)).map_err(|e| e.to_string())
         });
     }
     let state = fs::read_to_string(sys.join("state")).unwrap_or_default();
@@ -277,13 +319,14 @@ fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sec
     Ok(Cached { device, path: PathBuf::from("/dev").join(bname) })
 }
 
-/// Detach (drop its cached blocks from the set: space returned) and stop a backing device.
-fn stop_backing(bdev: &DmDev) -> Result<()> {
+/// Stop a backing device; with `detach`, first drop its cached blocks from the set (their
+/// space returns), which a device whose cache is to survive skips.
+fn stop_backing(bdev: &DmDev, detach: bool) -> Result<()> {
     let sys = sysfs_dev(bdev.device).join("bcache");
     if !sys.exists() {
         return Ok(());
     }
-    if fs::read_to_string(sys.join("state")).is_ok_and(|s| s.trim() != "no cache") {
+    if detach && fs::read_to_string(sys.join("state")).is_ok_and(|s| s.trim() != "no cache") {
         let _ = fs::write(sys.join("detach"), "1");
         let _ = wait_for("bcache detach", || fs::read_to_string(sys.join("state")).map_or(true, |s| s.trim() == "no cache"));
     }
@@ -295,7 +338,7 @@ fn stop_backing(bdev: &DmDev) -> Result<()> {
 pub fn remove(dm: &Dm, image: &str, left: &mut Vec<String>) {
     let bdev_name = names::template_dm_name(image, Role::Bdev);
     if let Ok(Some(bdev)) = dm.info(&bdev_name) {
-        if let Err(e) = stop_backing(&bdev).and_then(|_| wait_released(dm, &bdev_name)) {
+        if let Err(e) = stop_backing(&bdev, true).and_then(|_| wait_released(dm, &bdev_name)) {
             left.push(e.to_string());
         }
     }

@@ -1,13 +1,17 @@
-//! Carving the node's one local device into slices (cache metadata, cache data, snapshot COW)
-//! for every image and VM. The slices are dm-linear devices, so the kernel's tables are the
-//! allocation map: after a restart nothing needs to be remembered, and space comes back as soon
-//! as a slice is removed.
+//! Carving the node's one local device into slices (cache set, cache metadata and data, VM
+//! COWs) for every image and VM. The slices are dm-linear devices; where each lies is recorded
+//! on the device itself (`layout.rs`), so a rebooted host finds every slice again.
+use std::path::Path;
+
 use devicemapper::{Device, LinearTargetParams, Sectors};
 
+use super::{
+    layout::{Label, Layout, Slice, SliceState, Store},
+    lock::Lock,
+};
 use crate::{
-    dm::{Dm, Table, Target},
+    dm::{Table, Target},
     error::{Error, Kind, Result},
-    names::DM_PREFIX,
 };
 
 /// Slices start on 1 MiB boundaries.
@@ -28,34 +32,77 @@ pub fn first_fit(total: u64, used: &[(u64, u64)], want: u64, align: u64) -> Opti
     None
 }
 
-/// Extents of `device` used by our linear slices, from the live tables.
-pub fn used_extents(dm: &Dm, device: Device) -> Result<Vec<(u64, u64)>> {
-    let mut used = Vec::new();
-    for d in dm.list(DM_PREFIX)? {
-        let Ok(t) = dm.table(&d.name) else { continue };
-        for l in &t.lines {
-            if let Target::Linear(p) = &l.target {
-                if p.device == device {
-                    used.push((*p.start_offset, l.length));
-                }
-            }
-        }
-    }
-    Ok(used)
+/// The local device's layout held under the carving lock: read once, every change written
+/// to the device at once (`layout.rs`), so what is carved and what is recorded never differ.
+pub struct Space {
+    store: Store,
+    label: Label,
+    device: Device,
+    total: u64,
+    _lock: Lock,
 }
 
-/// The table of a new slice of `sectors` on `device` (size `total`), or a `CacheDevice` error
-/// saying how much is free.
-pub fn plan_slice(dm: &Dm, device: Device, total: u64, sectors: u64, what: &str) -> Result<Table> {
-    let used = used_extents(dm, device)?;
-    let start = first_fit(total, &used, sectors, ALIGN_SECTORS).ok_or_else(|| {
-        let free = total.saturating_sub(used.iter().map(|u| u.1).sum());
-        Error::new(
-            Kind::CacheDevice,
-            format!("local device {device} has no room for {what}: needs {} MiB, {} MiB free", sectors / 2048, free / 2048),
-        )
-    })?;
-    Ok(Table::single(sectors, Target::Linear(LinearTargetParams::new(device, Sectors(start)))))
+impl Space {
+    pub fn open(lock: Lock, path: &Path, device: Device, total: u64) -> Result<Self> {
+        let store = Store::new(path, total);
+        let label = store.read()?;
+        Ok(Space { store, label, device, total, _lock: lock })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.label.layout
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.label.generation
+    }
+
+    /// Apply `f` to the layout and record the result (nothing is written when it is unchanged).
+    pub fn update<T>(&mut self, f: impl FnOnce(&mut Layout) -> T) -> Result<T> {
+        let mut l = self.label.layout.clone();
+        let out = f(&mut l);
+        if l != self.label.layout {
+            self.store.write(&mut self.label, l)?;
+        }
+        Ok(out)
+    }
+
+    pub fn slice(&self, name: &str) -> Option<&Slice> {
+        self.label.layout.slices.get(name)
+    }
+
+    /// The dm-linear table of a recorded slice.
+    pub fn table(&self, name: &str) -> Option<Table> {
+        self.slice(name).map(|s| Table::single(s.sectors, Target::Linear(LinearTargetParams::new(self.device, Sectors(s.start)))))
+    }
+
+    /// Carve a new slice of `sectors` for `name` and record it `New` (its contents are not
+    /// trusted until `set_ready`); a `CacheDevice` error says how much is free.
+    pub fn allocate(&mut self, name: &str, sectors: u64, what: &str) -> Result<Table> {
+        let used = self.label.layout.used();
+        let start = first_fit(self.total, &used, sectors, ALIGN_SECTORS).ok_or_else(|| {
+            let free = self.total.saturating_sub(used.iter().map(|u| u.1).sum());
+            Error::new(
+                Kind::CacheDevice,
+                format!("local device {} has no room for {what}: needs {} MiB, {} MiB free", self.device, sectors / 2048, free / 2048),
+            )
+        })?;
+        self.update(|l| l.slices.insert(name.to_string(), Slice { start, sectors, state: SliceState::New }))?;
+        Ok(self.table(name).expect("just recorded"))
+    }
+
+    /// The slice's head is zeroed and formatted: from now on its contents are its owner's.
+    pub fn set_ready(&mut self, name: &str) -> Result<()> {
+        self.update(|l| {
+            if let Some(s) = l.slices.get_mut(name) {
+                s.state = SliceState::Ready;
+            }
+        })
+    }
+
+    pub fn free(&mut self, names: &[String]) -> Result<()> {
+        self.update(|l| names.iter().for_each(|n| { l.slices.remove(n); }))
+    }
 }
 
 #[cfg(test)]

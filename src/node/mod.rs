@@ -7,6 +7,7 @@
 //! Every step adopts what exists, and a failed call undoes what it created.
 pub mod cache;
 pub mod carve;
+pub mod layout;
 pub mod lock;
 pub mod prefetch;
 pub mod rollback;
@@ -20,7 +21,7 @@ use std::{
 };
 
 use devicemapper::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
@@ -32,7 +33,7 @@ use crate::{
 };
 
 /// How a VM's writable disk is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotMode {
     /// dm-snapshot with its COW on the local device; the VM gets a block device.
@@ -84,6 +85,8 @@ pub struct Config {
     /// 0 = exact (every edge 1.00 x W) but one 4 KiB page per round trip, twice the time;
     /// 4 = 1.05-1.10 x W at full speed; 128 (the kernel's default) = up to 1.35 x W.
     pub readahead_kib: u32,
+    /// `status()` logs a warning for a VM whose COW is this full (percent).
+    pub cow_warn_percent: u8,
 }
 
 impl Config {
@@ -102,6 +105,7 @@ impl Config {
             path_timeout_s: 5,
             coalesce: true,
             readahead_kib: 4,
+            cow_warn_percent: 90,
         }
     }
 
@@ -127,6 +131,9 @@ impl Config {
         if self.readahead_kib > 65536 {
             return Err(Error::invalid(format!("invalid readahead {} KiB: 0..65536", self.readahead_kib)));
         }
+        if !(1..=100).contains(&self.cow_warn_percent) {
+            return Err(Error::invalid(format!("invalid COW warning threshold {}%: 1..100", self.cow_warn_percent)));
+        }
         if self.cow_sectors < 2048 {
             return Err(Error::invalid(format!("invalid COW size {} KiB: at least 1 MiB", self.cow_sectors / 2)));
         }
@@ -138,6 +145,16 @@ pub struct Node {
     cfg: Config,
     cache_dev: Device,
     cache_total: u64,
+}
+
+/// What `reassemble()` did: the VM disks back (VM id -> path), the VMs that could not be
+/// rebuilt (VM id -> why, naming the VM and the image), what was removed.
+#[derive(Debug, Default, Serialize)]
+pub struct Reassembly {
+    pub disks: BTreeMap<String, String>,
+    pub failed: BTreeMap<String, String>,
+    pub failed_images: BTreeMap<String, String>,
+    pub removed: Vec<String>,
 }
 
 /// What `status()` reports of one image.
@@ -190,8 +207,24 @@ impl Node {
         format!("join-{image}")
     }
 
-    fn lock_space(&self) -> Result<lock::Lock> {
-        lock::acquire(&self.cfg.state_dir.join("locks"), "local-device", Duration::from_secs(60))
+    /// The local device's layout under the carving lock (lock order: image -> cache set ->
+    /// local device).
+    fn space(&self) -> Result<carve::Space> {
+        let lock = lock::acquire(&self.cfg.state_dir.join("locks"), "local-device", Duration::from_secs(60))?;
+        carve::Space::open(lock, &self.cfg.cache_device, self.cache_dev, self.cache_total)
+    }
+
+    /// The recorded layout, read without the lock: a write in progress leaves the previous
+    /// generation readable, so this is a consistent, perhaps just superseded, layout.
+    fn layout(&self) -> Result<layout::Layout> {
+        Ok(layout::Store::new(&self.cfg.cache_device, self.cache_total).read()?.layout)
+    }
+
+    /// Free the slice `name` if the call that carved it fails.
+    fn undo_slice<'a>(&'a self, undo: &mut rollback::Undo<'a>, name: String) {
+        undo.push(format!("slice {name} of the local device"), move || {
+            self.space().and_then(|mut s| s.free(&[name])).map_err(|e| e.to_string())
+        });
     }
 
     fn vmm_dir(&self, image: &str) -> PathBuf {
@@ -200,10 +233,10 @@ impl Node {
 
     /// Attach VM `vm` to image `image`: build (or reuse) the image's template from `sources`
     /// and give the VM its own writable snapshot. Returns the path to hand the hypervisor.
-    pub fn attach(&self, image: &str, sources: &[Value], vm: &str, mode: SnapshotMode) -> Result<String> {
+    pub fn attach(&self, image: &str, raw_sources: &[Value], vm: &str, mode: SnapshotMode) -> Result<String> {
         names::validate_id("image id", image)?;
         names::validate_id("VM id", vm)?;
-        let sources = sources.iter().map(Source::from_json).collect::<Result<Vec<_>>>()?;
+        let sources = raw_sources.iter().map(Source::from_json).collect::<Result<Vec<_>>>()?;
         let dm = Dm::open()?;
         if let Some((other, _)) = self.find_vm(&dm, vm)? {
             if other != image {
@@ -212,9 +245,14 @@ impl Node {
         }
         let _lock = self.lock_image(image)?;
         let mut undo = rollback::Undo::default();
-        let result = (|| {
+        let result = (|| -> Result<String> {
+            let attached = self.record_attaching(image, raw_sources.last(), vm, mode, &mut undo)?;
             let t = template::ensure(self, &dm, image, &sources, &mut undo)?;
-            vm::ensure(self, &dm, &t, vm, mode, &mut undo)
+            let path = vm::ensure(self, &dm, &t, vm, mode, attached, &mut undo)?;
+            if !attached {
+                self.space()?.update(|l| l.vms.get_mut(vm).map(|r| r.state = layout::VmState::Attached))?;
+            }
+            Ok(path)
         })();
         match result {
             Ok(path) => {
@@ -224,6 +262,54 @@ impl Node {
             }
             Err(e) => Err(undo.rollback(e.context(format!("attach VM {vm:?} to image {image:?}")))),
         }
+    }
+
+    /// Record on the local device, before anything is built, that `vm` is being attached to
+    /// `image` and where the image's template is rebuilt from after a reboot (`source`, the
+    /// last of the attach's sources). Returns whether the VM was attached already: its disk
+    /// then holds the guest's writes and is found again, never made anew.
+    fn record_attaching<'a>(&'a self, image: &str, source: Option<&Value>, vm: &str, mode: SnapshotMode,
+                            undo: &mut rollback::Undo<'a>) -> Result<bool> {
+        use layout::{TemplateRecord, VmRecord, VmState};
+        let mut space = self.space()?;
+        let (new_template, new_vm, attached) = {
+            let l = space.layout();
+            if let Some(r) = l.vms.get(vm) {
+                if r.image != image {
+                    return Err(Error::new(Kind::Busy, format!("VM {vm:?} is already attached to image {:?}", r.image)));
+                }
+                if r.mode != mode {
+                    return Err(Error::invalid(format!("VM {vm:?} is attached to image {image:?} as a {:?} snapshot, not {mode:?}", r.mode)));
+                }
+                if r.state == VmState::Detaching {
+                    return Err(Error::new(Kind::Busy, format!("VM {vm:?}: its detach did not finish; detach it again or recover")));
+                }
+            }
+            (!l.templates.contains_key(image) && source.is_some(), !l.vms.contains_key(vm), l.vms.get(vm).is_some_and(|r| r.state == VmState::Attached))
+        };
+        space.update(|l| {
+            if new_template {
+                l.templates.insert(image.to_string(), TemplateRecord { source: source.cloned().expect("checked") });
+            }
+            if new_vm {
+                l.vms.insert(vm.to_string(), VmRecord { image: image.to_string(), mode, state: VmState::Attaching });
+            }
+        })?;
+        if new_template {
+            let image = image.to_string();
+            undo.push(format!("record of image {image}'s template"), move || {
+                self.space()
+                    .and_then(|mut s| s.update(|l| if !l.vms.values().any(|r| r.image == image) { l.templates.remove(&image); }))
+                    .map_err(|e| e.to_string())
+            });
+        }
+        if new_vm {
+            let vm = vm.to_string();
+            undo.push(format!("record of VM {vm}"), move || {
+                self.space().and_then(|mut s| s.update(|l| { l.vms.remove(&vm); })).map_err(|e| e.to_string())
+            });
+        }
+        Ok(attached)
     }
 
     /// Make the node's shared cache now (bcache: the cache set, ~1-2 s of make-bcache and
@@ -292,10 +378,32 @@ impl Node {
         let dm = Dm::open()?;
         let (image, mode) = self.find_vm(&dm, vm)?.ok_or_else(|| Error::new(Kind::NotFound, format!("VM {vm:?} is not attached on this node")))?;
         let _lock = self.lock_image(&image)?;
-        vm::remove(self, &dm, &image, vm, mode)?;
+        self.remove_vm(&dm, &image, vm, mode)?;
         log::info!("detached VM {vm} from image {image}");
         template::release_if_unused(self, &dm, &image)?;
         Ok(())
+    }
+
+    /// Remove a VM's disk and then its record and COW slice; recorded `Detaching` first, so
+    /// that a crash half-way is finished by `recover`, never rebuilt as the VM's disk. The
+    /// caller holds the image lock.
+    fn remove_vm(&self, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -> Result<()> {
+        use layout::VmState;
+        let was = self.space()?.update(|l| l.vms.get_mut(vm).map(|r| std::mem::replace(&mut r.state, VmState::Detaching)))?;
+        if let Err(e) = vm::remove(self, dm, image, vm, mode) {
+            if e.kind == Kind::Busy {
+                // Still in use: the VM keeps its disk and its state.
+                if let Some(was) = was {
+                    self.space()?.update(|l| l.vms.get_mut(vm).map(|r| r.state = was))?;
+                }
+            }
+            return Err(e);
+        }
+        let cow = names::vm_dm_name(image, vm, names::VmRole::Cow);
+        self.space()?.update(|l| {
+            l.vms.remove(vm);
+            l.slices.remove(&cow);
+        })
     }
 
     /// Tear down every template that no VM and no child uses (after children left).
@@ -345,8 +453,8 @@ impl Node {
         };
         let dm = Dm::open()?;
         let _lock = self.lock_image(image)?;
-        let mut removed = Vec::new();
-        if template::devices(&dm, image)?.is_empty() {
+        let mut removed = self.finish_unfinished_vms(&dm, image)?;
+        if template::devices(&dm, image)?.is_empty() && !self.layout()?.templates.contains_key(image) {
             if self.drop_export_locked(&dm, image)? {
                 removed.push(format!("prepared export of image {image}"));
             }
@@ -380,6 +488,118 @@ impl Node {
             log::info!("image {image}: nothing left over to recover");
         }
         Ok(removed)
+    }
+
+    /// Remove the VMs of `image` whose attach or detach died half-way (recorded `Attaching`
+    /// or `Detaching`: no guest ever had their disk, or its owner was deleting it), with their
+    /// COW slices. The caller holds the image lock and the image's join mark.
+    fn finish_unfinished_vms(&self, dm: &Dm, image: &str) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let unfinished: Vec<(String, layout::VmRecord)> =
+            self.layout()?.vms.into_iter().filter(|(_, r)| r.image == image && r.state != layout::VmState::Attached).collect();
+        for (vm, r) in unfinished {
+            self.remove_vm(dm, image, &vm, r.mode).map_err(|e| e.context(format!("recover VM {vm:?} of image {image:?}")))?;
+            removed.push(format!("VM {vm} (its {} did not finish)", if r.state == layout::VmState::Attaching { "attach" } else { "detach" }));
+        }
+        Ok(removed)
+    }
+
+    /// Rebuild, after a reboot or a restart, every VM disk the local device's layout records,
+    /// at the same paths: each image's template from its recorded source (its cache reused:
+    /// bcache finds its cache set and the image's blocks on the device), then each VM's
+    /// snapshot over its own COW (or the template under its qcow2 overlay). What an attach or
+    /// detach left half-done goes, as do slices nothing owns. Idempotent: a disk that exists is
+    /// adopted. A VM whose image cannot be rebuilt is reported in `failed` with the reason;
+    /// its COW is kept. Images with a join in flight in another process are left alone.
+    pub fn reassemble(&self) -> Result<Reassembly> {
+        let dm = Dm::open()?;
+        let mut report = Reassembly::default();
+        let l = self.layout()?;
+        let mut images: Vec<String> = l.templates.keys().cloned().chain(l.vms.values().map(|r| r.image.clone())).collect();
+        images.sort();
+        images.dedup();
+        for image in images {
+            let Some(_quiet) = lock::try_exclusive(&self.cfg.state_dir.join("locks"), &Self::join_mark_name(&image))? else {
+                log::info!("image {image}: a join is in flight; left to it");
+                continue;
+            };
+            let _lock = self.lock_image(&image)?;
+            if let Err(e) = self.reassemble_image(&dm, &image, &mut report) {
+                log::warn!("image {image}: {e}");
+                report.failed_images.insert(image, e.to_string());
+            }
+        }
+        let orphans = {
+            let mut space = self.space()?;
+            let orphans = space.layout().orphan_slices();
+            space.free(&orphans)?;
+            orphans
+        };
+        report.removed.extend(orphans.into_iter().map(|n| format!("slice {n} (its owner is gone)")));
+        log::info!(
+            "reassembled {} VM disk(s){}{}",
+            report.disks.len(),
+            if report.failed.is_empty() { String::new() } else { format!(", {} failed", report.failed.len()) },
+            if report.removed.is_empty() { String::new() } else { format!("; removed {}", report.removed.join(", ")) }
+        );
+        Ok(report)
+    }
+
+    fn reassemble_image(&self, dm: &Dm, image: &str, report: &mut Reassembly) -> Result<()> {
+        report.removed.extend(self.finish_unfinished_vms(dm, image)?);
+        let l = self.layout()?;
+        let vms: Vec<(String, SnapshotMode)> =
+            l.vms.iter().filter(|(_, r)| r.image == image).map(|(vm, r)| (vm.clone(), r.mode)).collect();
+        if vms.is_empty() {
+            if template::release_if_unused(self, dm, image)? {
+                report.removed.push(format!("template of image {image} (no VM uses it)"));
+            }
+            return Ok(());
+        }
+        let fail_all = |report: &mut Reassembly, why: String| {
+            for (vm, _) in &vms {
+                log::error!("VM {vm} of image {image}: not reassembled: {why}");
+                report.failed.insert(vm.clone(), format!("VM {vm:?} of image {image:?}: {why}; its copy-on-write data is kept"));
+            }
+        };
+        let Some(rec) = l.templates.get(image) else {
+            fail_all(report, "no source of the image is recorded".into());
+            return Ok(());
+        };
+        let sources = match Source::from_json(&rec.source) {
+            Ok(s) => vec![s],
+            Err(e) => {
+                fail_all(report, format!("its recorded source is unusable: {e}"));
+                return Ok(());
+            }
+        };
+        let mut undo = rollback::Undo::default();
+        let t = match template::ensure(self, dm, image, &sources, &mut undo) {
+            Ok(t) => {
+                undo.commit();
+                t
+            }
+            Err(e) => {
+                fail_all(report, format!("its template cannot be rebuilt: {}", undo.rollback(e)));
+                return Ok(());
+            }
+        };
+        for (vm, mode) in vms {
+            let mut undo = rollback::Undo::default();
+            match vm::ensure(self, dm, &t, &vm, mode, true, &mut undo) {
+                Ok(path) => {
+                    undo.commit();
+                    log::info!("VM {vm} of image {image}: disk back at {path}");
+                    report.disks.insert(vm, path);
+                }
+                Err(e) => {
+                    let e = undo.rollback(e);
+                    log::error!("VM {vm} of image {image}: not reassembled: {e}");
+                    report.failed.insert(vm.clone(), format!("VM {vm:?} of image {image:?}: {e}; its copy-on-write data is kept"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Where children log in to this node's exports.
@@ -474,6 +694,9 @@ impl Node {
         if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("vmm")) {
             v.extend(rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()));
         }
+        let l = self.layout()?;
+        v.extend(l.templates.into_keys());
+        v.extend(l.vms.into_values().map(|r| r.image));
         v.sort();
         v.dedup();
         Ok(v)
@@ -481,6 +704,9 @@ impl Node {
 
     /// `(image, mode)` of a VM, from the dm names and the overlay files.
     fn find_vm(&self, dm: &Dm, vm: &str) -> Result<Option<(String, SnapshotMode)>> {
+        if let Some(r) = self.layout()?.vms.remove(vm) {
+            return Ok(Some((r.image, r.mode)));
+        }
         for d in dm.list(names::DM_PREFIX)? {
             if let Some(Parsed::Vm { image, vm: v, .. }) = names::parse_dm_name(&d.name) {
                 if v == vm {
@@ -507,6 +733,7 @@ impl Node {
             })
             .collect();
         v.extend(vm::overlays(self, image));
+        v.extend(self.layout()?.vms.into_iter().filter(|(_, r)| r.image == image).map(|(vm, _)| vm));
         v.sort();
         v.dedup();
         Ok(v)
@@ -544,12 +771,35 @@ impl Node {
                 },
             );
         }
-        let used: u64 = carve::used_extents(&dm, self.cache_dev)?.iter().map(|u| u.1).sum();
+        let label = layout::Store::new(&self.cfg.cache_device, self.cache_total).read()?;
+        let l = &label.layout;
+        let mut vms = BTreeMap::new();
+        for (vm, r) in &l.vms {
+            let mut v = serde_json::json!({"image": r.image, "mode": r.mode, "state": r.state});
+            if r.mode == SnapshotMode::Dm {
+                let cow = names::vm_dm_name(&r.image, vm, names::VmRole::Cow);
+                v["cow_size_bytes"] = l.slices.get(&cow).map(|s| s.sectors * 512).into();
+                let snap = names::vm_dm_name(&r.image, vm, names::VmRole::Snap);
+                if let Ok(st) = dm.status(&snap) {
+                    let use_ = vm::cow_use(&st.join(" "));
+                    if let Some((used, size)) = use_.sectors() {
+                        if used * 100 >= size * u64::from(self.cfg.cow_warn_percent) {
+                            log::warn!("VM {vm}: its copy-on-write space is {}% full ({} of {} MiB); when full its disk fails",
+                                       used * 100 / size.max(1), used / 2048, size / 2048);
+                        }
+                    }
+                    v["cow"] = serde_json::to_value(use_).expect("serialises");
+                }
+            }
+            vms.insert(vm.clone(), v);
+        }
         Ok(serde_json::json!({
             "host": self.cfg.host,
             "cache_device": self.cfg.cache_device,
             "local_device_bytes": self.cache_total * 512,
-            "local_device_used_bytes": used * 512,
+            "local_device_used_bytes": (l.used_sectors() + layout::LABEL_SECTORS) * 512,
+            "layout": {"generation": label.generation, "slices": l.slices},
+            "vms": vms,
             "engine": self.cfg.engine.as_str(),
             "templates": templates,
         }))

@@ -314,6 +314,17 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
         logout_devices(multipath_devices(&t).into_iter(), &mut left);
     }
     if left.is_empty() {
+        // Its slices and record go only once its devices are gone; the cache set's slice
+        // once no image's cache is recorded in it (its cache survives a reboot until then).
+        let cset_live = dm.info(names::CACHE_SET_DM_NAME)?.is_some();
+        node.space()?.update(|l| {
+            l.templates.remove(image);
+            l.slices.retain(|n, _| !matches!(names::parse_dm_name(n), Some(names::Parsed::Template { image: i, .. }) if i == image));
+            let bcache_used = l.slices.keys().any(|n| matches!(names::parse_dm_name(n), Some(names::Parsed::Template { role: Role::Bdev, .. })));
+            if !bcache_used && !cset_live {
+                l.slices.remove(names::CACHE_SET_DM_NAME);
+            }
+        })?;
         info!("image {image}: template torn down");
         Ok(true)
     } else {

@@ -4,10 +4,10 @@ use std::{path::PathBuf, time::Duration};
 
 use log::info;
 
-use super::{carve, rollback::Undo, template::Template, zero_head, Node, SnapshotMode};
+use super::{layout::SliceState, rollback::Undo, template::Template, zero_head, Node, SnapshotMode};
 use crate::{
     cmd,
-    dm::{snapshot::{Persistence, SnapshotParams}, Dm, Table, Target},
+    dm::{self, snapshot::{Persistence, SnapshotParams}, Dm, Table, Target},
     error::{Error, Kind, Result},
     names::{self, VmRole},
 };
@@ -29,10 +29,12 @@ pub fn overlays(node: &Node, image: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, mode: SnapshotMode, undo: &mut Undo<'a>) -> Result<String> {
+/// The VM's disk over template `t`. `attached`: the layout records the VM as attached, so its
+/// disk holds the guest's writes and must be found again, never made anew.
+pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, mode: SnapshotMode, attached: bool, undo: &mut Undo<'a>) -> Result<String> {
     match mode {
         SnapshotMode::Dm => ensure_dm(node, dm, t, vm, undo),
-        SnapshotMode::Vmm => ensure_overlay(node, t, vm, undo),
+        SnapshotMode::Vmm => ensure_overlay(node, t, vm, attached, undo),
     }
 }
 
@@ -40,11 +42,19 @@ fn ensure_dm<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, undo: &mut 
     let snap_name = names::vm_dm_name(&t.image, vm, VmRole::Snap);
     let cow_name = names::vm_dm_name(&t.image, vm, VmRole::Cow);
     let cow = {
-        let _space = node.lock_space()?;
-        let (table, fresh) = match dm.info(&cow_name)? {
-            Some(_) => (dm.table(&cow_name)?, false),
-            None => (carve::plan_slice(dm, node.cache_dev, node.cache_total, node.cfg.cow_sectors, &format!("the COW of VM {vm}"))?, true),
-        };
+        let mut space = node.space()?;
+        // A recorded, formatted COW is this VM's disk: adopted as it is, never zeroed.
+        let fresh = space.slice(&cow_name).is_none_or(|s| s.state == SliceState::New);
+        if fresh {
+            // What an attach that died before formatting the COW left is not trusted.
+            dm.remove(&snap_name)?;
+            dm.remove(&cow_name)?;
+            if space.slice(&cow_name).is_none() {
+                space.allocate(&cow_name, node.cfg.cow_sectors, &format!("the COW of VM {vm}"))?;
+                node.undo_slice(undo, cow_name.clone());
+            }
+        }
+        let table = space.table(&cow_name).expect("recorded");
         let (cow, created) = dm.ensure(&cow_name, &table)?;
         if created {
             let n = cow_name.clone();
@@ -52,6 +62,7 @@ fn ensure_dm<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, undo: &mut 
         }
         if fresh {
             zero_head(&cow.path(), 1 << 20)?;
+            space.set_ready(&cow_name)?;
         }
         cow
     };
@@ -67,11 +78,17 @@ fn ensure_dm<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, undo: &mut 
     Ok(snap.path().display().to_string())
 }
 
-fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, undo: &mut Undo<'a>) -> Result<String> {
+fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, attached: bool, undo: &mut Undo<'a>) -> Result<String> {
     let path = overlay_path(node, &t.image, vm);
     let shown = path.display().to_string();
     if path.exists() {
         return Ok(shown);
+    }
+    if attached {
+        return Err(Error::new(
+            Kind::Snapshot,
+            format!("VM {vm:?} of image {:?}: its qcow2 overlay {shown} is gone (was the state dir lost?); not replaced by an empty one", t.image),
+        ));
     }
     std::fs::create_dir_all(node.vmm_dir(&t.image)).map_err(|e| Error::new(Kind::Snapshot, format!("mkdir for {shown}: {e}")))?;
     let backing = t.origin.path().display().to_string();
@@ -79,6 +96,10 @@ fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, undo: &mut Undo<'a
     // Made under a temporary name and renamed: a crash never leaves a half-written overlay
     // that would count as an attached VM.
     let r = cmd::check(Kind::Snapshot, "qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing, &tmp], &[], Duration::from_secs(60))
+        .and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::new(Kind::Snapshot, format!("chmod {tmp}: {e}")))
+        })
         .and_then(|_| std::fs::rename(&tmp, &path).map_err(|e| Error::new(Kind::Snapshot, format!("rename {tmp}: {e}"))));
     if let Err(e) = r {
         let _ = std::fs::remove_file(&tmp);
@@ -95,13 +116,78 @@ pub fn remove(node: &Node, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -
         SnapshotMode::Dm => {
             let snap = names::vm_dm_name(image, vm, VmRole::Snap);
             dm.remove(&snap).map_err(|e| if e.kind == Kind::Busy { Error::new(Kind::Busy, format!("VM {vm:?}: snapshot still open ({})", e.message)) } else { e })?;
-            dm.remove(&names::vm_dm_name(image, vm, VmRole::Cow))?;
+            let cow = names::vm_dm_name(image, vm, VmRole::Cow);
+            // Discarded: the guest's data does not outlive its VM on the device.
+            if dm.info(&cow)?.is_some() {
+                zero_head(&dm::mapper_path(&cow), 1 << 20)?;
+            }
+            dm.remove(&cow)?;
         }
         SnapshotMode::Vmm => {
             let p = overlay_path(node, image, vm);
-            std::fs::remove_file(&p).map_err(|e| Error::new(Kind::Snapshot, format!("remove {}: {e}", p.display())))?;
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::new(Kind::Snapshot, format!("remove {}: {e}", p.display()))),
+            }
             let _ = std::fs::remove_dir(node.vmm_dir(image));
         }
     }
     Ok(())
+}
+
+/// How full a dm-snapshot's COW is, from its status line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum CowUse {
+    /// `used` of `size` sectors hold the VM's chunks (`metadata` of them the exception store).
+    Valid { used_sectors: u64, size_sectors: u64, metadata_sectors: u64 },
+    /// The COW filled up: the kernel invalidated the snapshot, the VM's disk returns errors.
+    Invalid,
+    /// A write did not fit (kernels with overflow reporting); the disk returns errors.
+    Overflow,
+    Unknown,
+}
+
+impl CowUse {
+    pub fn sectors(self) -> Option<(u64, u64)> {
+        match self {
+            CowUse::Valid { used_sectors, size_sectors, .. } => Some((used_sectors, size_sectors)),
+            _ => None,
+        }
+    }
+}
+
+/// Parse `snapshot` status: "<used>/<size> <metadata>", "Invalid" or "Overflow"
+/// (Documentation/admin-guide/device-mapper/snapshot.rst); our `Dm::status` prefixes the
+/// target name.
+pub fn cow_use(status: &str) -> CowUse {
+    let words: Vec<&str> = status.split_whitespace().filter(|w| *w != "snapshot").collect();
+    match words.as_slice() {
+        ["Invalid", ..] => CowUse::Invalid,
+        ["Overflow", ..] => CowUse::Overflow,
+        [frac, meta, ..] => match (frac.split_once('/'), meta.parse()) {
+            (Some((u, s)), Ok(metadata_sectors)) => match (u.parse(), s.parse()) {
+                (Ok(used_sectors), Ok(size_sectors)) => CowUse::Valid { used_sectors, size_sectors, metadata_sectors },
+                _ => CowUse::Unknown,
+            },
+            _ => CowUse::Unknown,
+        },
+        _ => CowUse::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cow_use_reads_the_snapshot_status() {
+        assert_eq!(cow_use("snapshot 16/65536 16"), CowUse::Valid { used_sectors: 16, size_sectors: 65536, metadata_sectors: 16 });
+        assert_eq!(cow_use("16/65536 16"), CowUse::Valid { used_sectors: 16, size_sectors: 65536, metadata_sectors: 16 });
+        assert_eq!(cow_use("snapshot Invalid"), CowUse::Invalid);
+        assert_eq!(cow_use("Overflow"), CowUse::Overflow);
+        assert_eq!(cow_use("snapshot x/y z"), CowUse::Unknown);
+        assert_eq!(cow_use(""), CowUse::Unknown);
+    }
 }
