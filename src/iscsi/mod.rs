@@ -140,6 +140,11 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
             Ok((s, true))
         }
         Err(e) => {
+            // iscsid may still be retrying a login iscsiadm gave up on (an unreachable
+            // portal): end it, or the next login finds "session already exists".
+            let mut a = node_args(t);
+            a.push("--logout");
+            let _ = cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], ADM_TIMEOUT);
             delete_record(t);
             Err(e.context(format!("iSCSI login to {} at {}", t.iqn, t.portal)))
         }
