@@ -44,6 +44,18 @@ pub struct Dm {
     dm: DM,
 }
 
+/// How a table is loaded. A multipath table is over the parents' exports (the origin volume
+/// last), which are write-protected SCSI disks: `sd` refuses to open those for writing (EROFS),
+/// and vmthunder never writes to them, so the paths device is read-only. The layers above it
+/// (bcache's backing device, dm-cache) still load read-write tables over it.
+fn load_options(table: &Table) -> DmOptions {
+    if table.lines.iter().any(|l| matches!(l.target, Target::Multipath(_))) {
+        DmOptions::default().set_flags(DmFlags::DM_READONLY)
+    } else {
+        DmOptions::default()
+    }
+}
+
 fn dm_name(name: &str) -> Result<&DmName> {
     DmName::new(name).map_err(|e| Error::invalid(format!("invalid device-mapper name {name:?}: {e}")))
 }
@@ -117,7 +129,7 @@ impl Dm {
         let id = DevId::Name(dmn);
         let loaded = self
             .dm
-            .table_load(&id, &table.to_kernel(), DmOptions::default())
+            .table_load(&id, &table.to_kernel(), load_options(table))
             .and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
         if let Err(e) = loaded {
             // Leave nothing half-built: the empty device goes again.
@@ -134,7 +146,7 @@ impl Dm {
     pub fn reload(&self, name: &str, table: &Table) -> Result<()> {
         let id = DevId::Name(dm_name(name)?);
         let ctx = |what: &str| format!("{what} {name} (reload with {table})");
-        self.dm.table_load(&id, &table.to_kernel(), DmOptions::default()).map_err(|e| Error::from(e).context(ctx("load a table into")))?;
+        self.dm.table_load(&id, &table.to_kernel(), load_options(table)).map_err(|e| Error::from(e).context(ctx("load a table into")))?;
         self.dm
             .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
             .map_err(|e| Error::from(e).context(ctx("suspend")))?;
@@ -218,4 +230,18 @@ pub fn holders(dev: Device) -> Vec<String> {
     fs::read_dir(p)
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_paths_table_is_loaded_read_only() {
+        let ro = |s: &str| load_options(&s.parse().unwrap()).flags().contains(DmFlags::DM_READONLY);
+        assert!(ro("0 1048576 multipath 0 0 1 1 round-robin 0 2 1 8:0 1 8:16 1"));
+        assert!(!ro("0 16 linear 254:9 0\n16 1048576 linear 254:1 0"));
+        assert!(!ro("0 1048576 cache 254:1 254:2 254:0 512 1 writethrough smq 0"));
+        assert!(!ro("0 1048576 snapshot-origin 254:3"));
+    }
 }

@@ -1,7 +1,10 @@
 //! The LIO target side, through configfs only (as rtslib does: configfs is the single source of
 //! truth, nothing is cached). One backstore (iblock, or fileio for reads through the page cache),
 //! one target IQN with TPG 1 and LUN 0 per exported image; one ACL with CHAP per child
-//! initiator; never demo mode (open to all).
+//! initiator; never demo mode (open to all). Every export is read-only for its initiators: the
+//! TPG makes each mapped LUN write-protected as it is linked (`prod_mode_write_protect`), and
+//! every mapped LUN is checked to be (`write_protect`), so an initiator's WRITE gets CHECK
+//! CONDITION, DATA PROTECT / WRITE PROTECTED, and its kernel sees the disk's WP bit.
 use std::{
     fs,
     io::ErrorKind,
@@ -140,8 +143,8 @@ impl Lio {
         let so = self.backstore_dir(kind, name);
         mkdir(so.parent().unwrap())?;
         if mkdir(&so)? {
-            // Not `readonly=1`: dm-cache opens its origin read-write even though vmthunder never
-            // writes to it, so a write-protected LUN could not be cached by the child.
+            // Not `readonly=1` on the backstore: the node's own VMs read it through the local
+            // tcm_loop disk. What children get is read-only per mapped LUN (`map_lun0`).
             let control = match kind {
                 Backstore::Block => format!("udev_path={dev}"),
                 // A block device brings its own size; nothing writes, so no write cache mode.
@@ -200,6 +203,9 @@ impl Lio {
         // Only initiators with an ACL and the right CHAP secret get in.
         w(&tpg.join("attrib/generate_node_acls"), "0")?;
         w(&tpg.join("attrib/demo_mode_write_protect"), "1")?;
+        // A LUN mapped into an ACL is write-protected from the moment it is linked: no window in
+        // which a logged-in child could write (`map_lun0` then checks each one).
+        w(&tpg.join("attrib/prod_mode_write_protect"), "1")?;
         w(&tpg.join("attrib/authentication"), "1")?;
         w(&tpg.join("enable"), "1")?;
         Ok(())
@@ -228,15 +234,31 @@ impl Lio {
         self.tpg_dir(iqn).join("lun/lun_0").is_dir()
     }
 
-    /// Map the TPG's LUN 0 into `acl` if the TPG has one and the ACL does not yet.
+    /// Map the TPG's LUN 0 into `acl`, write-protected, if the TPG has one; a mapping that
+    /// exists already (an older export, made before exports were read-only) is made
+    /// write-protected too.
     fn map_lun0(tpg: &Path, acl: &Path) -> Result<()> {
         let lun = tpg.join("lun/lun_0");
         if !lun.is_dir() {
             return Ok(());
         }
         let mlun = acl.join("lun_0");
-        if mkdir(&mlun)? {
-            symlink(&lun, mlun.join("vmthunder")).io_ctx(Kind::Lio, || format!("map LUN 0 for {}", acl.display()))?;
+        mkdir(&mlun)?;
+        let link = mlun.join("vmthunder");
+        if link.symlink_metadata().is_err() {
+            // A target prepared before `prod_mode_write_protect` was set maps read-write: set it
+            // here too, so the link below is read-only at once.
+            w(&tpg.join("attrib/prod_mode_write_protect"), "1")?;
+            symlink(&lun, &link).io_ctx(Kind::Lio, || format!("map LUN 0 for {}", acl.display()))?;
+        }
+        // The attribute is the mapping's (it reads empty before the link).
+        let wp = mlun.join("write_protect");
+        if fs::read_to_string(&wp).unwrap_or_default().trim() != "1" {
+            w(&wp, "1")?;
+            let now = fs::read_to_string(&wp).unwrap_or_default();
+            if now.trim() != "1" {
+                return Err(Error::new(Kind::Lio, format!("{} reads {:?} after writing 1", wp.display(), now.trim())));
+            }
         }
         Ok(())
     }
