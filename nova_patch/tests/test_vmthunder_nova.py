@@ -28,6 +28,7 @@ def load_helpers():
     """vmthunder/nova.py, importing fake vmthunder, vmthunder.tree and vmthunder.registry."""
     fake = types.ModuleType("vmthunder")
     fake.Node = mock.Mock(name="Node")
+    fake.Node.return_value.reassemble.return_value = {"disks": {}, "failed": {}, "failed_images": {}, "removed": []}
     fake.Error, fake.NotFound = Error, NotFound
     tree = types.ModuleType("vmthunder.tree")
     tree.Tree = mock.Mock(name="Tree")
@@ -123,6 +124,7 @@ class GetNodeTest(HelperTestCase):
 
     def test_node_errors_propagate_and_nothing_is_cached(self):
         node = mock.Mock(name="node")
+        node.reassemble.return_value = {"disks": {}, "failed": {}, "failed_images": {}, "removed": []}
         self.Node.side_effect = [Error("no cache device"), node]
         self.assertRaises(Error, self.helpers.get_node, Conf(), "cn1")
         self.helpers.get_node(Conf(), "cn1")
@@ -136,6 +138,22 @@ class GetNodeTest(HelperTestCase):
             self.helpers.get_node(Conf(state_dir="/srv/vmthunder"), "cn1")
         self.assertIn("cache device busy", logs.output[0])
         self.assertEqual(2, self.Tree.call_count)
+
+    def test_the_disks_are_rebuilt_first_and_a_vm_that_cannot_be_is_logged(self):
+        calls = []
+        node = self.Node.return_value
+        node.reassemble.side_effect = lambda: calls.append("reassemble") or {
+            "disks": {"vm1": "/dev/mapper/x"}, "failed": {"vm2": 'VM "vm2" of image "img": unreachable'},
+            "failed_images": {}, "removed": []}
+        node.prepare_cache.side_effect = lambda: calls.append("prepare_cache")
+        self.Tree.return_value.recover.side_effect = lambda: calls.append("recover") or {}
+        with self.assertLogs("vmthunder.nova", "INFO") as logs:
+            self.helpers.get_node(Conf(), "cn1")
+        self.assertEqual(["reassemble", "prepare_cache", "recover"], calls)
+        errors = [line for line in logs.output if line.startswith("ERROR")]
+        self.assertEqual(1, len(errors))
+        self.assertIn("vm2", errors[0])
+        self.assertIn('image "img"', errors[0])
 
     def test_host_names(self):
         self.assertEqual("cn1", self.helpers.host_name("cn1"))
@@ -263,6 +281,7 @@ class WithTheRealTreeTest(unittest.TestCase):
             spec.loader.exec_module(module)
         self.helpers = fake.nova
         self.node = ext.Node.return_value
+        self.node.reassemble.return_value = {"disks": {}, "failed": {}, "failed_images": {}, "removed": []}
         self.node.host = "cn1"
         self.state = {"templates": {}}
         self.node.status.side_effect = lambda: self.state
