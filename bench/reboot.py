@@ -163,7 +163,8 @@ def main(argv=None) -> int:
         return 2
     counts = [int(x) for x in args.vms.split(",")]
     image = args.image_mib << 20
-    local = max(1 << 30, (max(counts) + 4) * COW_MIB << 20) + image
+    # The cache set takes half the device (the default); the COWs and heads share the rest.
+    local = 2 * ((max(counts) + 4) * COW_MIB << 20) + 2 * image
     tmp = tempfile.mkdtemp(prefix="vmt-reboot-")
     try:
         origin = os.path.join(tmp, "origin.img")

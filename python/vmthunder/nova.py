@@ -88,6 +88,10 @@ def get_node(conf, host, export_ip=None):
                 tree.registry.start()
             except vmthunder.Error as e:
                 LOG.warning("%s; relaying from the origin volume until it answers", e)
+            else:
+                rejoined = tree.rejoin()     # templates a reboot rebuilt relay again
+                if rejoined:
+                    LOG.info("vmthunder: relaying again for images %s", ", ".join(rejoined))
     return tree
 
 

@@ -558,6 +558,33 @@ class Tree:
             self._publish(image_id, placement, state=me.get("state", "ready"))
         return True
 
+    def rejoin(self) -> List[str]:
+        """After `Node.reassemble` rebuilt this node's templates (nova-compute start after a
+        reboot), offer them to the tree again: each complete template of an image this node
+        joined before (its origin saved) and that has no record of ours in the registry any more
+        reads from the origin alone and is published `ready` at depth 1, with fresh grants (a
+        rebooted relay lost its ACLs), so newcomers and re-parenting children read from it again.
+        Only the origin: a record must name the parents the template really reads from, or
+        placement could make a parent read from its own child. Returns the image ids."""
+        rejoined: List[str] = []
+        if not self._registry_ok("rejoining the tree"):
+            return rejoined
+        for image_id, t in sorted(self.node.status()["templates"].items()):
+            origin = self._load_origin(image_id)
+            if not t.get("complete") or origin is None:
+                continue
+            try:
+                if any(r.get("host") == self.host for r in self.registry.peers(image_id)):
+                    continue        # still a member (a restart within the lease): upkeep keeps it
+                if len(t.get("paths", [])) > 1:
+                    self.node.reparent(image_id, [origin])
+                self._publish(image_id, {"parents": ["origin"], "depth": 1}, fresh=True)
+                rejoined.append(image_id)
+                LOG.info("image %s: rebuilt template offered to the tree again (from the origin)", image_id)
+            except Error as e:
+                LOG.warning("image %s: could not rejoin the tree: %s", image_id, e)
+        return rejoined
+
     def start_watch(self, interval_s: float = 2.0) -> None:
         """Run maintain() every interval on a thread of this process."""
         def loop():

@@ -8,6 +8,8 @@ A exports the origin volume (the stand-in for Cinder); B is the compute node. B'
 reboots; everything else on B (its tmpfs root, /etc/iscsi, the dm tables, configfs) is lost, as
 on a real host.
 """
+import hashlib
+import json
 import os
 import random
 import re
@@ -346,3 +348,144 @@ def test_a_full_cow_fails_only_its_own_vm(fleet):
     for vm in ("full", "other"):
         py(b, node_ctor(b) + f"node.detach({vm!r})")
     assert py(b, node_ctor(b) + "out(node.status())")["layout"]["slices"] == {}
+
+
+# -- a relay reboots under its children (relay tree with a real etcd) ---------------------------
+TREE_IMAGE = "img-rtree"
+TREE_IMAGE_BYTES = 32 << 20
+MEMBER = os.path.join(os.path.dirname(__file__), "tree_member.py")
+
+
+def wait_json(node, path, timeout, cond=lambda v: True):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        rc, out = node.run(f"cat {path} 2>/dev/null", timeout=30)
+        if rc == 0 and out.strip():
+            try:
+                last = json.loads(out)
+                if cond(last):
+                    return last
+            except ValueError:
+                pass
+        time.sleep(1)
+    raise AssertionError(f"{node.name}: {path} not as expected within {timeout}s: {last}")
+
+
+@pytest.fixture(scope="module")
+def tree_fleet(tmp_path_factory):
+    require_uml()
+    origin = tmp_path_factory.mktemp("rtree") / "origin.img"
+    random_disk(origin, TREE_IMAGE_BYTES)
+    nodes = {"o": {"disks": {"ubdb": str(origin)}},
+             "r1": {"disks": {"ubdb": 160 << 20, "ubdc": 64 << 20}},
+             "r2": {"disks": {"ubdb": 160 << 20}}, "r3": {"disks": {"ubdb": 160 << 20}}}
+    with Fleet(nodes=nodes, name=f"rt{os.getpid()}", subnet="198.18.11.0/24", mem="320M") as f:
+        o = f["o"]
+        o.spawn(f"etcd --name o --data-dir /tmp/etcd --listen-client-urls http://{o.ip}:2379 "
+                f"--advertise-client-urls http://{o.ip}:2379 --listen-peer-urls http://127.0.0.1:2380 > /tmp/etcd.log 2>&1")
+        f.registry = f"etcd3+http://{o.ip}:2379"
+        health = f"python3 -c \"import urllib.request; urllib.request.urlopen('http://{o.ip}:2379/health', timeout=2)\""
+        deadline = time.monotonic() + 60
+        while o.run(health, timeout=20)[0] != 0:
+            assert time.monotonic() < deadline, "etcd did not come up"
+            time.sleep(1)
+        py(o, f"vmthunder.export_volume('rtree', '/dev/ubdb', '{o.ip}:3260')")
+        f.origin_path = str(origin)
+        with open(origin, "rb") as fh:
+            f.chunks = [hashlib.md5(fh.read(64 << 10)).hexdigest() for _ in range(TREE_IMAGE_BYTES // (64 << 10))]
+        # r1's state dir (its saved origin, as Nova's state_path) persists: ext4 on ubdc.
+        f["r1"].check("mkfs.ext4 -q /dev/ubdc && mkdir -p /var/lib/vmthunder && mount /dev/ubdc /var/lib/vmthunder")
+        member = open(MEMBER, "rb").read()
+        for n in ("r1", "r2", "r3"):
+            node = f[n]
+            conn = py(o, f"out(vmthunder.allow_initiator('rtree', {node.initiator_iqn!r}, '{o.ip}:3260'))")
+            node.write_file("origin.json", json.dumps(conn).encode())
+            node.write_file("expect.json", json.dumps(f.chunks).encode())
+            node.write_file("tree_member.py", member)
+        yield f
+
+
+def tree_peers(fleet):
+    o = fleet["o"]
+    return {r["host"]: r for r in py(o, f"""
+from vmthunder.registry import Registry
+r = Registry({fleet.registry!r}, "probe-{uuid.uuid4().hex[:8]}")
+r.start()
+out(r.peers({TREE_IMAGE!r}))
+r.stop()
+""")}
+
+
+def member(fleet, name, workdir, extra=""):
+    node = fleet[name]
+    return node.spawn(f"python3 /vmt-share/tree_member.py --registry {fleet.registry} --host {name} --image {TREE_IMAGE} "
+                      f"--origin /vmt-share/origin.json --vm vm-{name} --export-ip {node.ip} --fanout 1 "
+                      f"--workdir /vmt-share/{workdir} --max-seconds 900 {extra}")
+
+
+def test_a_relay_reboots_under_its_children_rejoins_and_serves_again(tree_fleet):
+    f = tree_fleet
+    r1, r2, r3 = f["r1"], f["r2"], f["r3"]
+    origin_md5 = file_md5(f.origin_path, TREE_IMAGE_BYTES)
+    member(f, "r1", "member")
+    att1 = wait_json(r1, "/vmt-share/member/attached.json", 240)
+    assert "error" not in att1, att1
+    data = random.Random(11).randbytes(1 << 20)
+    write_pattern(r1, att1["path"], 3, data, "r1")
+    member(f, "r2", "member")
+    att2 = wait_json(r2, "/vmt-share/member/attached.json", 240)
+    assert "error" not in att2, att2
+    recs = tree_peers(f)
+    assert recs["r2"]["parents"][0] == "r1", recs
+    r2.spawn(f"python3 /vmt-share/tree_member.py --reader-only {att2['path']} --read-expect /vmt-share/expect.json "
+             f"--workdir /vmt-share/reader --max-seconds 600")
+    wait_json(r2, "/vmt-share/reader/reader.json", 60)
+    r1.check("sync; sleep 2")
+
+    # r1 loses power; r2 keeps reading (failover to the origin) and re-parents away from it.
+    r1.kill()
+    killed = time.monotonic()
+    while time.monotonic() - killed < 90:
+        recs = tree_peers(f)
+        if "r1" not in recs and "r1" not in recs["r2"]["parents"]:
+            break
+        time.sleep(2)
+    else:
+        raise AssertionError(f"r2 did not re-parent away from the dead r1: {recs}")
+    print(f"r2 re-parented to {recs['r2']['parents']} {time.monotonic() - killed:.1f} s after r1 lost power")
+
+    # r1 boots, nova-compute starts: its VM disk comes back and it relays again.
+    r1.restart(timeout=120)
+    r1.check("mkdir -p /var/lib/vmthunder && mount /dev/ubdc /var/lib/vmthunder")
+    member(f, "r1", "member-after", "--start-up")
+    back = wait_json(r1, "/vmt-share/member-after/attached.json", 300)
+    assert back["path"] == att1["path"] and back["report"]["failed"] == {}, back
+    assert back["rejoined"] == [TREE_IMAGE], back
+    recs = tree_peers(f)
+    assert recs["r1"]["state"] == "ready" and recs["r1"]["parents"] == ["origin"], recs["r1"]
+    expected = bytearray(open(f.origin_path, "rb").read())
+    expected[3 << 20:4 << 20] = data
+    assert md5_of(r1, att1["path"], TREE_IMAGE_BYTES) == hashlib.md5(expected).hexdigest(), "r1's VM kept its write"
+
+    # It serves again: a newcomer takes it as a parent (fan-out 1: the origin's slot is r2's or
+    # r1's, so r3 reads from a relay, its two parents r1 and r2) and reads the image.
+    wait_json(r1, "/vmt-share/member-after/status.json", 30)
+    time.sleep(3)       # upkeep publishes grants for r3
+    member(f, "r3", "member")
+    att3 = wait_json(r3, "/vmt-share/member/attached.json", 240)
+    assert "error" not in att3, att3
+    assert "r1" in tree_peers(f)["r3"]["parents"], tree_peers(f)
+    tx0 = r1.tx_bytes()
+    assert md5_of(r3, att3["path"], TREE_IMAGE_BYTES) == origin_md5
+    status = wait_json(r1, "/vmt-share/member-after/status.json", 30,
+                       lambda s: r3.initiator_iqn in s["templates"][TREE_IMAGE]["children"])
+    assert r3.initiator_iqn in status["templates"][TREE_IMAGE]["children"]
+    print(f"r1 sent {r1.tx_bytes() - tx0} bytes while r3 read the image")
+
+    r2.write_file("reader/stop", b"")
+    res = wait_json(r2, "/vmt-share/reader/reader.json", 60, lambda v: v.get("done"))
+    print(f"r2's reader through r1's power loss and return: {res}")
+    assert res["errors"] == 0 and res["mismatches"] == 0 and res["reads"] > len(f.chunks), res
+    for n, wd in (("r1", "member-after"), ("r2", "member"), ("r3", "member")):
+        f[n].write_file(f"{wd}/stop", b"")

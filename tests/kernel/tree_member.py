@@ -5,6 +5,7 @@ tree upkeep, optionally reads the VM's device continuously, and reports JSON fil
     python3 tree_member.py --registry URL --host r1 --image IMG --origin FILE --vm vm-r1 \
         --export-ip 198.18.x.y --workdir /vmt-share/member [--fanout 2]
     python3 tree_member.py --reader-only DEV --read-expect FILE --workdir DIR ...
+    python3 tree_member.py --start-up ...   # after a reboot: reassemble, rejoin, upkeep (no attach)
 
 Stops when <workdir>/stop exists (bounded by --max-seconds).
 """
@@ -73,6 +74,8 @@ def main():
     ap.add_argument("--read-expect", help="JSON list of md5 per 64 KiB chunk: read continuously")
     ap.add_argument("--max-seconds", type=float, default=300)
     ap.add_argument("--reader-only", metavar="DEV", help="only read DEV continuously (needs --read-expect)")
+    ap.add_argument("--start-up", action="store_true",
+                    help="what nova-compute does when it starts: reassemble the node's VM disks and rejoin the tree")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     logging.basicConfig(level=logging.INFO, filename=os.path.join(a.workdir, "log"),
@@ -89,6 +92,11 @@ def main():
     reg = Registry(a.registry, a.host, lease_s=6.0)
     reg.start()
     tree = Tree(node, reg, initiator=initiator, export_ip=a.export_ip, failure_domain=a.domain, fanout=a.fanout)
+    if a.start_up:
+        report = node.reassemble()
+        write_json(os.path.join(a.workdir, "attached.json"),
+                   {"path": report["disks"].get(a.vm), "report": report, "rejoined": tree.rejoin(), "status": node.status()})
+        return watch(node, tree, a, reg, stop_file, deadline)
     origin = json.load(open(a.origin))
     try:
         path = tree.attach(a.image, origin, a.vm)
@@ -96,6 +104,11 @@ def main():
     except vmthunder.Error as e:
         write_json(os.path.join(a.workdir, "attached.json"), {"error": f"{type(e).__name__}: {e}"})
         raise
+    return watch(node, tree, a, reg, stop_file, deadline)
+
+
+def watch(node, tree, a, reg, stop_file, deadline):
+    """Upkeep on a thread until told to stop, the status written every half second."""
     tree.start_watch(interval_s=1.0)
     while not os.path.exists(stop_file) and time.monotonic() < deadline:
         write_json(os.path.join(a.workdir, "status.json"), node.status())

@@ -396,3 +396,30 @@ def test_the_join_prefetches_the_profile_in_the_order_the_tree_was_given(tmp_pat
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1", profile=[[0, 4096], [8192, 4096]])
     assert tree.prefetch_report("img", wait_s=10) == {"bytes": 0, "complete": True}
     assert asked == [("img", [[0, 4096], [8192, 4096]], reverse)]
+
+
+def test_rejoin_offers_a_rebuilt_template_from_the_origin_with_fresh_grants(tmp_path):
+    """After a reboot the node's record has expired: rejoin reads from the origin alone and
+    publishes the template ready at depth 1 with new grants; an image still recorded (a restart
+    within the lease) or never joined through this tree is left alone."""
+    node, reg = FakeNode(), FakeRegistry()
+    reg.publish_host({"host": "cn2", "initiator": "iqn.x:cn2"})
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    tree.attach("other", {"target_iqn": "iqn.x:origin2"}, "vm2")
+    reparented = []
+    node.reparent = lambda image, sources: reparented.append((image, sources)) or "table"
+    paths = {"img": [{"device": "8:0", "state": "F"}, {"device": "8:16", "state": "A"}],
+             "other": [{"device": "8:32", "state": "A"}], "stranger": [{"device": "8:48", "state": "A"}]}
+    node.templates["stranger"] = ["vm3"]
+    node.status = lambda: {"templates": {i: {"vms": list(v), "children": [], "complete": True, "paths": paths[i]}
+                                         for i, v in node.templates.items()}}
+    reg.records["img"].pop("cn1")           # the lease expired while the node was down
+    calls_before = len(node.export_calls)
+    assert tree.rejoin() == ["img"]
+    rec = reg.records["img"]["cn1"]
+    assert (rec["state"], rec["depth"], rec["parents"]) == ("ready", 1, ["origin"])
+    assert rec["grants"]["cn2"]["auth_password"] != "secret-1", "fresh ACLs"
+    assert len(node.export_calls) == calls_before + 1
+    assert reparented == [("img", [{"target_iqn": "iqn.x:origin"}])], "reads from the origin alone first"
+    assert tree.rejoin() == [], "idempotent: recorded now"
