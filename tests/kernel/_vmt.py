@@ -4,7 +4,9 @@ Every `py()` call is a new Python process on the node: state must come back from
 which is exactly what a restarted Nova compute does.
 """
 import hashlib
+import json
 import os
+import time
 
 import pytest
 
@@ -77,3 +79,34 @@ def random_disk(path, size):
             n = min(left, 1 << 20)
             f.write(os.urandom(n))
             left -= n
+
+
+def wait_json(node, path, timeout, cond=lambda v: True):
+    """The JSON a guest keeps writing at `path`, once it parses and `cond` holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        rc, out = node.run(f"cat {path} 2>/dev/null", timeout=30)
+        if rc == 0 and out.strip():
+            try:
+                last = json.loads(out)
+            except ValueError:
+                pass
+            else:
+                if cond(last):
+                    return last
+        time.sleep(1)
+    raise AssertionError(f"{node.name}: {path} not as expected within {timeout}s: {last}")
+
+
+def start_etcd(node, timeout=60):
+    """A real etcd on `node` (the registry of relay-tree tests); returns its tooz URL."""
+    node.spawn(f"etcd --name {node.name} --data-dir /tmp/etcd --listen-client-urls http://{node.ip}:2379 "
+               f"--advertise-client-urls http://{node.ip}:2379 --listen-peer-urls http://127.0.0.1:2380 "
+               f"> /tmp/etcd.log 2>&1")
+    health = f"python3 -c \"import urllib.request; urllib.request.urlopen('http://{node.ip}:2379/health', timeout=2)\""
+    deadline = time.monotonic() + timeout
+    while node.run(health, timeout=20)[0] != 0:
+        assert time.monotonic() < deadline, "etcd did not come up"
+        time.sleep(1)
+    return f"etcd3+http://{node.ip}:2379"

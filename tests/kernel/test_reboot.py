@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from tests.kernel._vmt import GuestError, file_md5, md5_of, py, random_disk, require_uml
+from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
 from tests.kernel.harness import Fleet
 from tests.kernel.harness.guestpy import PRELUDE
 
@@ -277,7 +277,7 @@ def test_power_loss_at_random_instants_of_attach_and_detach_converges(fleet):
     """Power loss at random instants of an attach and of a detach (seed printed): after the
     reboot and start-up the node holds exactly what its layout records, and the VM attached
     before the interrupted step reads back its writes."""
-    a, b = fleet["a"], fleet["b"]
+    b = fleet["b"]
     seed = int(os.environ.get("VMT_REBOOT_SEED", random.SystemRandom().randrange(1 << 30)))
     print(f"power-loss instants: seed {seed} (VMT_REBOOT_SEED={seed} repeats them)")
     rnd = random.Random(seed)
@@ -356,22 +356,6 @@ TREE_IMAGE_BYTES = 32 << 20
 MEMBER = os.path.join(os.path.dirname(__file__), "tree_member.py")
 
 
-def wait_json(node, path, timeout, cond=lambda v: True):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        rc, out = node.run(f"cat {path} 2>/dev/null", timeout=30)
-        if rc == 0 and out.strip():
-            try:
-                last = json.loads(out)
-                if cond(last):
-                    return last
-            except ValueError:
-                pass
-        time.sleep(1)
-    raise AssertionError(f"{node.name}: {path} not as expected within {timeout}s: {last}")
-
-
 @pytest.fixture(scope="module")
 def tree_fleet(tmp_path_factory):
     require_uml()
@@ -382,14 +366,7 @@ def tree_fleet(tmp_path_factory):
              "r2": {"disks": {"ubdb": 160 << 20}}, "r3": {"disks": {"ubdb": 160 << 20}}}
     with Fleet(nodes=nodes, name=f"rt{os.getpid()}", subnet="198.18.11.0/24", mem="320M") as f:
         o = f["o"]
-        o.spawn(f"etcd --name o --data-dir /tmp/etcd --listen-client-urls http://{o.ip}:2379 "
-                f"--advertise-client-urls http://{o.ip}:2379 --listen-peer-urls http://127.0.0.1:2380 > /tmp/etcd.log 2>&1")
-        f.registry = f"etcd3+http://{o.ip}:2379"
-        health = f"python3 -c \"import urllib.request; urllib.request.urlopen('http://{o.ip}:2379/health', timeout=2)\""
-        deadline = time.monotonic() + 60
-        while o.run(health, timeout=20)[0] != 0:
-            assert time.monotonic() < deadline, "etcd did not come up"
-            time.sleep(1)
+        f.registry = start_etcd(o)
         py(o, f"vmthunder.export_volume('rtree', '/dev/ubdb', '{o.ip}:3260')")
         f.origin_path = str(origin)
         with open(origin, "rb") as fh:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml
+from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
 from tests.kernel.harness import Fleet
 
 IMAGE = 32 << 20
@@ -22,19 +22,6 @@ RELAYS = ["r1", "r2", "r3", "r4", "r5"]
 DOMAINS = {"r1": "rack1", "r2": "rack2", "r3": "rack1", "r4": "rack2", "r5": "rack1"}
 FANOUT = 2
 MEMBER = os.path.join(os.path.dirname(__file__), "tree_member.py")
-
-
-def wait_file(node, path, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rc, out = node.run(f"cat {path} 2>/dev/null", timeout=30)
-        if rc == 0 and out.strip():
-            try:
-                return json.loads(out)
-            except ValueError:
-                pass
-        time.sleep(1)
-    raise AssertionError(f"{node.name}: {path} did not appear within {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +34,7 @@ def fleet(tmp_path_factory):
     nodes.update({r: {"disks": {"ubdb": 160 << 20, "ubdc": 160 << 20}} for r in RELAYS})
     with Fleet(nodes=nodes, name=f"tr{os.getpid()}", subnet="198.18.10.0/24", mem="320M") as f:
         o = f["o"]
-        o.spawn(f"etcd --name o --data-dir /tmp/etcd --listen-client-urls http://{o.ip}:2379 "
-                f"--advertise-client-urls http://{o.ip}:2379 --listen-peer-urls http://127.0.0.1:2380 "
-                f"> /tmp/etcd.log 2>&1")
-        f.registry = f"etcd3+http://{o.ip}:2379"
-        deadline = time.monotonic() + 60
-        health = f"python3 -c \"import urllib.request; urllib.request.urlopen('http://{o.ip}:2379/health', timeout=2)\""
-        while o.run(health, timeout=20)[0] != 0:
-            assert time.monotonic() < deadline, "etcd did not come up"
-            time.sleep(1)
+        f.registry = start_etcd(o)
         py(o, f"vmthunder.export_volume('tree', '/dev/ubdb', '{o.ip}:3260')")
         f.origin_md5 = file_md5(origin, IMAGE)
         with open(origin, "rb") as fh:
@@ -107,7 +86,7 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet):
                    f"--origin /vmt-share/origin.json --vm vm-{r} --export-ip {node.ip} --domain {DOMAINS[r]} "
                    f"--fanout {FANOUT} --workdir /vmt-share/member --max-seconds 1500")
     for r in RELAYS:
-        att = wait_file(fleet[r], "/vmt-share/member/attached.json", 240)
+        att = wait_json(fleet[r], "/vmt-share/member/attached.json", 240)
         assert "error" not in att, att
         assert md5_of(fleet[r], att["path"], IMAGE) == fleet.origin_md5
     by = check_tree(peers(fleet), len(RELAYS))
@@ -120,10 +99,10 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet):
     assert leaf, f"no relay has a relay parent: {by}"
     parent = by[leaf]["parents"][0]
     ln = fleet[leaf]
-    path = wait_file(ln, "/vmt-share/member/attached.json", 10)["path"]
+    path = wait_json(ln, "/vmt-share/member/attached.json", 10)["path"]
     ln.spawn(f"python3 /vmt-share/tree_member.py --reader-only {path} --read-expect /vmt-share/expect.json "
              f"--workdir /vmt-share/reader --max-seconds 120")
-    wait_file(ln, "/vmt-share/reader/reader.json", 60)
+    wait_json(ln, "/vmt-share/reader/reader.json", 60)
     fleet[parent].kill()
     killed_at = time.monotonic()
     # The leaf must end up under a live parent.
@@ -138,23 +117,18 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet):
     reparent_s = time.monotonic() - killed_at
     time.sleep(5)                     # keep reading from the new parent for a while
     ln.write_file("reader/stop", b"")
-    res = wait_file(ln, "/vmt-share/reader/reader.json", 60)
+    res = wait_json(ln, "/vmt-share/reader/reader.json", 60)
     deadline = time.monotonic() + 60
     while not res.get("done") and time.monotonic() < deadline:
         time.sleep(1)
-        res = wait_file(ln, "/vmt-share/reader/reader.json", 10)
+        res = wait_json(ln, "/vmt-share/reader/reader.json", 10)
     print(f"failover: leaf {leaf} lost parent {parent}; re-parented to {new_parents} after {reparent_s:.1f}s; "
           f"reader: {res}")
     assert res["errors"] == 0 and res["mismatches"] == 0, res
     assert res["reads"] > len(fleet.chunks), "the reader kept reading through the failover"
-    status = wait_file(ln, "/vmt-share/member/status.json", 10)
+    status = wait_json(ln, "/vmt-share/member/status.json", 10)
     states = status["templates"][IMAGE_ID]["paths"]
     assert states and all(p["state"] == "A" for p in states), f"leaf paths after re-parenting: {states}"
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/failover.json", "w") as fh:
-        json.dump({"leaf": leaf, "dead_parent": parent, "new_parents": new_parents, "reparent_s": round(reparent_s, 1),
-                   "worst_read_stall_s": round(res["worst_stall_s"], 2), "read_errors": res["errors"],
-                   "mismatches": res["mismatches"], "reads": res["reads"]}, fh, indent=1)
 
 
 def test_registry_down_falls_back_to_the_origin(fleet):
@@ -207,6 +181,6 @@ def test_a_relay_leaving_cleanly_moves_its_children_first(fleet):
     else:
         raise AssertionError(f"{relay} did not leave cleanly: {recs}")
     for c in children:
-        att = wait_file(fleet[c], "/vmt-share/member/attached.json", 10)
+        att = wait_json(fleet[c], "/vmt-share/member/attached.json", 10)
         assert md5_of(fleet[c], att["path"], IMAGE) == fleet.origin_md5, f"{c} reads the image after moving"
     assert node.check("ls /sys/class/iscsi_session | wc -l").strip() == "0"
