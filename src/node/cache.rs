@@ -78,8 +78,23 @@ pub fn engine_of(dm: &Dm, image: &str) -> Result<Option<Engine>> {
 }
 
 pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
-    // A template keeps the engine it was built with.
-    match engine_of(dm, image)?.unwrap_or(node.cfg.engine) {
+    // A template keeps the engine it was built with: its live devices say which, or after a
+    // reboot the slices the layout records for it.
+    let recorded = || -> Result<Option<Engine>> {
+        let l = node.layout()?;
+        Ok(if l.slices.contains_key(&names::template_dm_name(image, Role::Bdev)) {
+            Some(Engine::Bcache)
+        } else if l.slices.contains_key(&names::template_dm_name(image, Role::CacheMeta)) {
+            Some(Engine::DmCache)
+        } else {
+            None
+        })
+    };
+    let engine = match engine_of(dm, image)? {
+        Some(e) => e,
+        None => recorded()?.unwrap_or(node.cfg.engine),
+    };
+    match engine {
         Engine::DmCache => ensure_dm_cache(node, dm, image, paths, sectors, undo),
         Engine::Bcache => ensure_bcache(node, dm, image, paths, sectors, undo),
     }

@@ -466,3 +466,30 @@ def test_a_relay_reboots_under_its_children_rejoins_and_serves_again(tree_fleet)
     assert res["errors"] == 0 and res["mismatches"] == 0 and res["reads"] > len(f.chunks), res
     for n, wd in (("r1", "member-after"), ("r2", "member"), ("r3", "member")):
         f[n].write_file(f"{wd}/stop", b"")
+
+
+def test_reboot_with_the_dm_cache_engine_keeps_the_vm_and_its_cache_metadata(fleet):
+    """The other cache engine: dm-cache's metadata and data slices are recorded, so after a
+    power loss the image's cache device is loaded over the same metadata (not re-zeroed) and
+    the VM's disk comes back with its write."""
+    b = fleet["b"]
+    ctor = node_ctor(b).replace("cow_size_mib", "engine='dm-cache', cow_size_mib")
+    conn = origin_conn(fleet, b)
+    path = py(b, ctor + f"out(node.attach({IMAGE_ID!r}, [{conn!r}], 'dmc'))", timeout=240)
+    data = random.Random(5).randbytes(1 << 20)
+    write_pattern(b, path, 9, data, "dmc")
+    expected = expected_image(fleet, [(9, data)], "dmc.img")[1]
+    assert md5_of(b, path, IMAGE) == expected
+    before = py(b, ctor + "out(node.status())")
+    assert before["templates"][IMAGE_ID]["engine"] == "dm-cache"
+    b.check("sync; sleep 2")
+    power_cycle(b)
+    # A node configured for bcache now: the recorded template keeps its own engine.
+    st = start_up(b)
+    assert st["templates"][IMAGE_ID]["engine"] == "dm-cache", st["templates"]
+    assert_converged(b, st)
+    cset = "vmthunder-1_node_cset"     # start-up prepares a bcache set: the node's engine
+    assert {k: v for k, v in st["layout"]["slices"].items() if k != cset} == before["layout"]["slices"]
+    assert md5_of(b, path, IMAGE) == expected
+    py(b, ctor + "node.detach('dmc')")
+    assert py(b, ctor + "out(node.status())")["layout"]["slices"] == {}
