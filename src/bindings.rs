@@ -97,6 +97,16 @@ fn validate_choice(py: Python<'_>, newcomer: &Bound<'_, PyAny>, placement: &Boun
     crate::placement::validate_choice_json(&args[0], &args[1], &args[2], &args[3]).map_err(placement_err)
 }
 
+/// simulate(params) -> dict: one simulated boot storm (src/sim). `params` is a dict of
+/// `sim::Params` fields (omitted ones take the lab's values); a bad or unknown field, an
+/// unreadable trace or a tree that cannot be placed raise InvalidArgument naming it.
+#[pyfunction]
+fn simulate(py: Python<'_>, params: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+    let p = py_to_json(py, "params", params)?.to_string();
+    let out = py.allow_threads(|| crate::sim::simulate_json(&p)).map_err(|e| InvalidArgument::new_err(e.to_string()))?;
+    Ok(py.import("json")?.call_method1("loads", (out,))?.unbind())
+}
+
 fn placement_err(e: crate::placement::PlacementError) -> PyErr {
     if e.is_retryable() { Busy::new_err(e.to_string()) } else { InvalidArgument::new_err(e.to_string()) }
 }
@@ -367,6 +377,7 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(export_volume, m)?)?;
     m.add_function(wrap_pyfunction!(choose_parents, m)?)?;
     m.add_function(wrap_pyfunction!(validate_choice, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(allow_initiator, m)?)?;
     m.add_function(wrap_pyfunction!(unexport_volume, m)?)?;
     m.add("Error", py.get_type::<Error>())?;

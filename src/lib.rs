@@ -6,6 +6,8 @@
 //! - [`iscsi`]: the open-iscsi initiator (sessions to parents)
 //! - [`lio`]: the LIO target (exports to children) through configfs
 //! - [`node`]: lifecycle of templates (one image on a node) and snapshots (one VM)
+//! - [`placement`]: which parents a joining node takes
+//! - [`sim`]: a boot-storm simulator (which shape, how long) calibrated by the lab
 //! - [`bindings`]: the Python module
 pub mod cmd;
 pub mod dm;
@@ -15,6 +17,7 @@ pub mod error;
 pub mod names;
 pub mod node;
 pub mod placement;
+pub mod sim;
 
 mod bindings;
 

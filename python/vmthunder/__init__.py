@@ -32,6 +32,7 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     unexport_volume,
     choose_parents,
     validate_choice,
+    simulate,
 )
 
 # Rust `log` records arrive here through pyo3-log; operators configure the "vmthunder" logger.
@@ -40,5 +41,5 @@ _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 __all__ = [
     "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "__version__",
-    "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice",
+    "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice", "simulate",
 ]

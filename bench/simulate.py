@@ -1,0 +1,168 @@
+"""The boot-storm simulator (vmthunder.simulate, src/sim) against the lab, and beyond it.
+
+    python bench/simulate.py --validate          # lab runs vs predictions -> results/simulator-validation.json
+    python bench/simulate.py --validate --quick --out /tmp/v.json   # the small cases only (CI)
+    python bench/simulate.py --paper             # 160 nodes at GbE, 1,000 / 10,000 at 10 GbE -> results/simulator-paper.json
+    python bench/simulate.py --shapes            # fastest shape, with and without a relay failing -> results/simulator-shapes.json
+
+Every measured value is read from the lab result file named in its case.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
+CPU_BOUND = 0.70    # host busy above this: the lab measured its CPU, not its links
+
+# (file, nodes or None for a single-size run, mode, shape, fanout)
+CASES = [
+    ("fleet-scaling-session9.json", 2, "tree-f1", "chain", 1),
+    ("fleet-scaling-session9.json", 4, "tree-f1", "chain", 1),
+    ("fleet-scaling-session9.json", 8, "tree-f1", "chain", 1),
+    ("fleet-scaling-session9.json", 2, "direct", "direct", None),
+    ("fleet-scaling-session9.json", 4, "direct", "direct", None),
+    ("fleet-scaling-session9.json", 8, "direct", "direct", None),
+    ("fleet-scaling-overlap.json", 2, "tree", "tree", 3),
+    ("fleet-scaling-overlap.json", 4, "tree", "tree", 3),
+    ("fleet-scaling-overlap.json", 8, "tree", "tree", 3),
+    ("fleet-session7.json", None, "tree", "tree", 3),
+    ("fleet-session7.json", None, "tree-f2", "tree", 2),
+    ("fleet-session7.json", None, "tree-f1", "chain", 1),
+    ("fleet-25mbit-session7.json", None, "tree-f1", "chain", 1),
+    ("fleet-25mbit-session7.json", None, "direct", "direct", None),
+    ("fleet-25mbit-overlap.json", None, "tree", "tree", 3),
+    ("fleet-scaling-session7.json", 16, "tree-f1", "chain", 1),
+    ("fleet-scaling-session7.json", 16, "direct", "direct", None),
+]
+QUICK = {0, 3, 6}   # 2-node cases: a second or less of simulation each
+
+
+def lab_run(fname, nodes, mode):
+    doc = json.load(open(os.path.join(RESULTS, fname)))
+    if "runs" in doc:
+        runs = doc["runs"]
+        run = next(r for r in (runs.values() if isinstance(runs, dict) else runs) if r.get("nodes") == nodes)
+    else:
+        run = doc
+    return run, run["modes"][mode]
+
+
+def params(nodes, rate, shape, fanout=None, **extra):
+    p = {"nodes": nodes, "rate_bps": rate, "shape": shape, "trace": TRACE}
+    if fanout is not None and shape in ("tree", "striped"):
+        p["fanout"] = fanout
+    p.update(extra)
+    return p
+
+
+def run_sim(p):
+    from vmthunder import simulate
+    t0 = time.monotonic()
+    out = simulate(p)
+    out["wall_s"] = time.monotonic() - t0
+    out.pop("edges", None)
+    out.pop("vm_nodes", None)
+    return p, out
+
+
+def validate(quick):
+    cases, scale = [], []
+    for i, (fname, nodes, mode, shape, k) in enumerate(CASES):
+        if quick and i not in QUICK:
+            continue
+        run, m = lab_run(fname, nodes, mode)
+        n, rate, w = run["nodes"], run["rate_bps"], run["working_set_bytes"]
+        _, out = run_sim(params(n, rate, shape, k))
+        busy = (m.get("cpu") or {}).get("host_busy")
+        pred, meas = out["completion_s"], m["completion_s"]
+        cases.append({
+            "nodes": n, "rate_bps": rate, "shape": shape if shape != "tree" else f"tree-f{k}",
+            "measured_s": meas, "predicted_s": round(pred, 2), "error": round(abs(pred - meas) / meas, 3),
+            "cpu_bound": bool(busy is not None and busy > CPU_BOUND), "host_busy": busy,
+            "measured_origin_w": round(m["origin_data_bytes"] / w, 3),
+            "predicted_origin_w": round(out["origin_bytes"] / out["working_set_bytes"], 3),
+            "source": f"bench/results/{fname}" + (f" (runs, nodes={nodes})" if nodes else "") + f", mode {mode}",
+        })
+    sizes = [(160, 1e9)] if quick else [(160, 1e9), (1000, 10e9), (10000, 10e9)]
+    for n, rate in sizes:
+        _, out = run_sim(params(n, rate, "tree", 3))
+        scale.append({"nodes": n, "rate_bps": rate, "shape": "tree-f3", "predicted_s": round(out["completion_s"], 2),
+                      "sim_wall_s": round(out["wall_s"], 2)})
+    return {"cases": cases, "scale": scale}
+
+
+def paper():
+    """160 nodes / 160 VMs at GbE for three working sets, then 1,000 and 10,000 at 10 GbE."""
+    rows = []
+    jobs = []
+    for n, rate in [(160, 1e9), (1000, 10e9), (10000, 10e9)]:
+        sets = [None, 87_000_000, 424_000_000] if n == 160 else [None]
+        for ws in sets:
+            extra = {"working_set_bytes": ws} if ws else {}
+            for shape, k in [("tree", 3), ("chain", None), ("direct", None), ("full_copy", None)]:
+                if n == 10000 and shape == "full_copy":
+                    continue
+                jobs.append(params(n, rate, shape, k, **extra))
+    with ProcessPoolExecutor(2) as ex:
+        for p, out in ex.map(run_sim, jobs):
+            rows.append({"nodes": p["nodes"], "rate_bps": p["rate_bps"], "shape": p["shape"],
+                         "working_set_bytes": out["working_set_bytes"], "completion_s": out["completion_s"],
+                         "vm_median_s": sorted(out["vm_times_s"])[len(out["vm_times_s"]) // 2],
+                         "origin_w": out["origin_bytes"] / out["working_set_bytes"], "sim_wall_s": out["wall_s"]})
+    return {"rows": rows, "paper": "VMThunder (TPDS 2014): 160 VMs on 160 nodes, GbE, under a minute, ~20 s mean"}
+
+
+SHAPES = [("tree", 2), ("tree", 3), ("tree", 4), ("chain", None), ("direct", None), ("striped", 2), ("striped", 3), ("striped", 4)]
+
+
+def shapes(sizes):
+    # At 10,000 nodes each placement is O(N^2): striped trees only with 3 stripes there.
+    base_jobs = [params(n, rate, s, k) for n, rate in sizes for s, k in SHAPES
+                 if n < 10000 or s != "striped" or k == 3]
+    with ProcessPoolExecutor(2) as ex:
+        base = list(ex.map(run_sim, base_jobs))
+        fail_jobs = [dict(p, fail={"node": "auto", "at_s": round(out["completion_s"] / 2, 2)})
+                     for p, out in base if p["shape"] != "direct"]
+        failed = list(ex.map(run_sim, fail_jobs))
+    rows = []
+    for p, out in base + failed:
+        rows.append({"nodes": p["nodes"], "rate_bps": p["rate_bps"], "shape": p["shape"], "fanout": out["fanout"],
+                     "fail": p.get("fail"), "failed_node": out["failed_node"], "completion_s": out["completion_s"],
+                     "origin_w": out["origin_bytes"] / out["working_set_bytes"], "depth": out["depth"],
+                     "sim_wall_s": out["wall_s"]})
+    return {"rows": rows}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="the boot-storm simulator against the lab and at scale")
+    ap.add_argument("--validate", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="with --validate: 2-node cases and 160 nodes only")
+    ap.add_argument("--paper", action="store_true")
+    ap.add_argument("--shapes", action="store_true")
+    ap.add_argument("--sizes", default="160:1e9,1000:10e9,10000:10e9", help="with --shapes: nodes:rate,...")
+    ap.add_argument("--out", help="output file (default: results/simulator-<what>.json)")
+    a = ap.parse_args(argv)
+    if not (a.validate or a.paper or a.shapes):
+        ap.error("give --validate, --paper or --shapes")
+    for flag, what, fn in [(a.validate, "validation", lambda: validate(a.quick)), (a.paper, "paper", paper),
+                           (a.shapes, "shapes", lambda: shapes([(int(n), float(r)) for n, r in
+                                                                 (x.split(":") for x in a.sizes.split(","))]))]:
+        if not flag:
+            continue
+        doc = fn()
+        out = a.out or os.path.join(RESULTS, f"simulator-{what}.json")
+        with open(out, "w") as fh:
+            json.dump(doc, fh, indent=1)
+        print(f"wrote {out}")
+        for row in doc.get("cases", []) + doc.get("scale", []) + doc.get("rows", []):
+            print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
