@@ -96,11 +96,11 @@ def validate(quick):
     return {"cases": cases, "scale": scale}
 
 
-def paper():
+def paper(sizes):
     """160 nodes / 160 VMs at GbE for three working sets, then 1,000 and 10,000 at 10 GbE."""
     rows = []
     jobs = []
-    for n, rate in [(160, 1e9), (1000, 10e9), (10000, 10e9)]:
+    for n, rate in sizes:
         sets = [None, 87_000_000, 424_000_000] if n == 160 else [None]
         for ws in sets:
             extra = {"working_set_bytes": ws} if ws else {}
@@ -144,14 +144,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="with --validate: 2-node cases and 160 nodes only")
     ap.add_argument("--paper", action="store_true")
     ap.add_argument("--shapes", action="store_true")
-    ap.add_argument("--sizes", default="160:1e9,1000:10e9,10000:10e9", help="with --shapes: nodes:rate,...")
+    ap.add_argument("--sizes", default="160:1e9,1000:10e9,10000:10e9", help="with --shapes, --paper: nodes:rate,...")
     ap.add_argument("--out", help="output file (default: results/simulator-<what>.json)")
     a = ap.parse_args(argv)
     if not (a.validate or a.paper or a.shapes):
         ap.error("give --validate, --paper or --shapes")
-    for flag, what, fn in [(a.validate, "validation", lambda: validate(a.quick)), (a.paper, "paper", paper),
-                           (a.shapes, "shapes", lambda: shapes([(int(n), float(r)) for n, r in
-                                                                 (x.split(":") for x in a.sizes.split(","))]))]:
+    sizes = [(int(n), float(r)) for n, r in (x.split(":") for x in a.sizes.split(","))]
+    for flag, what, fn in [(a.validate, "validation", lambda: validate(a.quick)), (a.paper, "paper", lambda: paper(sizes)),
+                           (a.shapes, "shapes", lambda: shapes(sizes))]:
         if not flag:
             continue
         doc = fn()

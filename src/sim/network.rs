@@ -131,6 +131,7 @@ impl Network {
     fn deactivate(&mut self, e: usize, now: f64, q: &mut Queue) {
         let edge = &mut self.edges[e];
         edge.active = false;
+        edge.rate = 0.0;
         edge.head = None;
         edge.ready.clear();
         edge.version += 1;
@@ -156,6 +157,9 @@ impl Network {
 
     fn advance(&mut self, e: usize, now: f64) {
         let edge = &mut self.edges[e];
+        if !edge.active {
+            return; // an idle edge moves nothing, whatever rate it last had
+        }
         let moved = edge.rate * (now - edge.last_t);
         edge.sent += moved;
         if let Some((_, rem)) = edge.head.as_mut() {

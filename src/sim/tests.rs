@@ -138,6 +138,12 @@ fn a_relay_failure_fails_its_vms_and_its_subtree_still_finishes() {
     assert_eq!(out.failed_vms, 1);
     assert_eq!(out.unfinished_vms, 0);
     assert!(out.completion_s.is_some());
+    // Nothing crosses an edge into the dead relay after it died: the origin's edge to it
+    // carried at most what the relay fetched before (~W), not an idle edge's stale rate.
+    let dead = out.failed_node.clone().unwrap();
+    let w = (64u64 << 20) as f64 * p.fetch_amplification;
+    let into_dead: u64 = out.edges.iter().filter(|e| e.to == dead).map(|e| e.bytes).sum();
+    assert!((into_dead as f64) <= w * 1.001, "{into_dead} bytes into {dead}, W = {w}");
 }
 
 #[test]
