@@ -215,6 +215,14 @@ pub(super) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'
         ));
     }
     let mut space = node.space()?;
+    if space.slice(names::CACHE_SET_DM_NAME).is_none() {
+        if let Some(live) = dm.info(names::CACHE_SET_DM_NAME)? {
+            // bcache's set is the host's one: it cannot also live on this device.
+            return Err(Error::new(Kind::CacheDevice, format!(
+                "the host's bcache cache set ({}) lies on another device than {}: one cache device per host with bcache; \
+                 use that device, or engine=\"dm-cache\" for this one", live.device, node.cfg.cache_device.display())));
+        }
+    }
     let (cset, created) = slice(node, dm, undo, &mut space, names::CACHE_SET_DM_NAME.to_string(), want, "the bcache cache set")?;
     let set_link = sysfs_dev(cset.device).join("bcache/set");
     if created {

@@ -797,7 +797,7 @@ impl Node {
             "host": self.cfg.host,
             "cache_device": self.cfg.cache_device,
             "local_device_bytes": self.cache_total * 512,
-            "local_device_used_bytes": (l.used_sectors() + layout::LABEL_SECTORS) * 512,
+            "local_device_used_bytes": l.used_sectors() * 512,      // slices; the label's MiB is not counted
             "layout": {"generation": label.generation, "slices": l.slices},
             "vms": vms,
             "engine": self.cfg.engine.as_str(),

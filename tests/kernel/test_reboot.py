@@ -69,8 +69,11 @@ def start_up(node):
     return py(node, f"""
         import types, vmthunder.nova
         conf = types.SimpleNamespace(cache_device='/dev/ubdb', state_dir={STATE_DIR!r}, cow_size_mib={COW_MIB})
+        import io
+        log = io.StringIO()
+        logging.getLogger("vmthunder").addHandler(logging.StreamHandler(log))
         tree = vmthunder.nova.get_node(conf, {node.name!r})
-        out(tree.node.status())
+        out(dict(tree.node.status(), start_up_log=log.getvalue()))
     """, timeout=300)
 
 
@@ -199,6 +202,7 @@ def test_reboot_brings_back_every_vm_disk_with_its_writes(fleet):
         status = start_up(b)
     finally:
         udev.kill()
+    print(status["start_up_log"])
     assert sorted(status["vms"]) == ["vm1", "vm2", "vm3"]
     for vm in ("vm1", "vm2"):
         assert os.path.basename(paths[vm]) in b.check("ls /dev/mapper"), vm

@@ -30,7 +30,7 @@ def fleet(tmp_path_factory):
     origin = tmp_path_factory.mktemp("origin") / "origin.img"
     random_disk(origin, IMAGE)
     nodes = {"o": {"disks": {"ubdb": str(origin)}}}
-    # ubdc: a second local device big enough for a bcache cache set of its own (>= 2 x 64 MiB)
+    # ubdc: a second local device, for the registry-down test (dm-cache: bcache's set is the host's one, on ubdb)
     nodes.update({r: {"disks": {"ubdb": 160 << 20, "ubdc": 160 << 20}} for r in RELAYS})
     with Fleet(nodes=nodes, name=f"tr{os.getpid()}", subnet="198.18.10.0/24", mem="320M") as f:
         o = f["o"]
@@ -146,7 +146,8 @@ try:
     started = True
 except RegistryError as e:
     started = str(e)
-node = vmthunder.Node(host={n.name!r}, cache_device="/dev/ubdc", state_dir="/var/lib/vmthunder-down", cow_size_mib=16)
+node = vmthunder.Node(host={n.name!r}, cache_device="/dev/ubdc", state_dir="/var/lib/vmthunder-down", cow_size_mib=16,
+                      engine="dm-cache")   # a second cache device: bcache's set is the host's one, on ubdb
 tree = Tree(node, Registry("etcd3+http://{o.ip}:2999", {n.name!r}, timeout_s=2.0), initiator={n.initiator_iqn!r},
             state_dir="/var/lib/vmthunder-down")
 path = tree.attach("img-down", {conn!r}, "vm-down")
