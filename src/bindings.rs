@@ -204,7 +204,9 @@ impl Node {
         json_to_py(py, &serde_json::to_value(report).expect("report serialises"))
     }
 
-    /// Remove the VM's snapshot; the template goes too when no VM and no child uses it.
+    /// Remove the VM's snapshot; the template goes too when no VM and no child uses it, layer
+    /// by layer down to the first one still open (kept then). Busy while a process holds the
+    /// VM's disk or its qcow2 overlay open.
     fn detach(&self, py: Python<'_>, vm_id: &str) -> PyResult<()> {
         py.allow_threads(|| self.inner.detach(vm_id)).map_err(to_py)
     }
@@ -241,8 +243,8 @@ impl Node {
         py.allow_threads(|| self.inner.prelogin(&v)).map_err(to_py)
     }
 
-    /// Log out of a connection dict's sessions that no device uses (an unused `prelogin`).
-    /// Returns how many sessions ended.
+    /// Let go of a connection dict's LUNs that nothing uses (an unused `prelogin`); each session
+    /// ends when it carries no other LUN. Returns how many sessions ended.
     fn logout_unused(&self, py: Python<'_>, source: &Bound<'_, PyAny>) -> PyResult<usize> {
         let v = py_to_json(py, "source", source)?;
         py.allow_threads(|| self.inner.logout_unused(&v)).map_err(to_py)
@@ -267,8 +269,9 @@ impl Node {
     }
 
     /// Remove what a join of `image_id` that died half-way left on this node (the template if
-    /// nothing uses it, a prepared export without a template, sessions to `sources` or to
-    /// another node's export of the image that no device holds); returns what it removed.
+    /// nothing uses it, a prepared export without a template, its unused LUNs of `sources` or
+    /// of another node's export of the image, and their sessions unless they carry another
+    /// LUN); returns what it removed.
     /// Raises Busy while a join of the image is in flight (`joining`).
     fn recover(&self, py: Python<'_>, image_id: &str, sources: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         let sources = sources_json(py, sources)?;

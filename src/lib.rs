@@ -8,6 +8,7 @@
 //! - [`node`]: lifecycle of templates (one image on a node) and snapshots (one VM)
 //! - [`placement`]: which parents a joining node takes
 //! - [`sim`]: a boot-storm simulator (which shape, how long) calibrated by the lab
+//! - [`usage`]: whether a device or file is still open or held (what a teardown checks)
 //! - [`bindings`]: the Python module
 pub mod cmd;
 pub mod dm;
@@ -18,6 +19,7 @@ pub mod names;
 pub mod node;
 pub mod placement;
 pub mod sim;
+pub mod usage;
 
 mod bindings;
 

@@ -143,6 +143,17 @@ class Tree:
             json.dump(origin, f)
         os.replace(tmp, self._origin_file(image_id))
 
+    def _forget_origin(self, image_id: str) -> None:
+        """Drop the saved origin of an image that has no template here any more: `recover`
+        goes over the saved origins, so it walks only the images this node has (or had when a
+        join died), not every image ever attached."""
+        if image_id in self.node.status()["templates"]:
+            return
+        try:
+            os.unlink(self._origin_file(image_id))
+        except FileNotFoundError:
+            pass
+
     def _load_origin(self, image_id: str) -> Optional[Dict[str, Any]]:
         try:
             with open(self._origin_file(image_id)) as f:
@@ -237,11 +248,16 @@ class Tree:
         order): prefetch those blocks in the background when this call builds the template."""
         self._save_origin(image_id, origin)
         if image_id in self.node.status()["templates"]:
-            return self.node.attach(image_id, [], vm_id, snapshot)
-        # Marked in flight until we return: `recover` in a restarted process leaves it alone,
-        # and what a crash of this one leaves half-built is recovered then.
-        with self.node.joining(image_id):
-            return self._join(image_id, origin, vm_id, snapshot, profile)
+            path = self.node.attach(image_id, [], vm_id, snapshot)
+        else:
+            # Marked in flight until we return: `recover` in a restarted process leaves it
+            # alone, and what a crash of this one leaves half-built is recovered then.
+            with self.node.joining(image_id):
+                path = self._join(image_id, origin, vm_id, snapshot, profile)
+        # The detach of the image's last VM in another thread may have forgotten the origin
+        # between our save and our template: saved again now that the template exists.
+        self._save_origin(image_id, origin)
+        return path
 
     def _join(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str,
               profile: Optional[List[List[int]]]) -> str:
@@ -407,8 +423,9 @@ class Tree:
         (it died between its first login and its VM's attach: an unused template, a prepared
         export, sessions nothing uses), for every image attached here through a Tree with this
         state_dir. Images whose join is in flight in some process are left alone. Call it before
-        this process's first attach (`vmthunder.nova` does, at nova-compute start). Returns
-        {image_id: [what went]} for the images where something went."""
+        this process's first attach (`vmthunder.nova` does, at nova-compute start). An image
+        left without a template here is forgotten (its saved origin goes), so later calls do not
+        walk it again. Returns {image_id: [what went]} for the images where something went."""
         try:
             images = sorted(f[:-len(".json")] for f in os.listdir(self._dir) if f.endswith(".json"))
         except FileNotFoundError:
@@ -426,6 +443,7 @@ class Tree:
                 continue
             if removed:
                 out[image_id] = removed
+            self._forget_origin(image_id)
         return out
 
     # -- boot-profile prefetch -----------------------------------------------------------------
@@ -480,14 +498,17 @@ class Tree:
         kept = self.node.status()["templates"].get(image_id) if last else None
         if kept is not None:
             self._kept.add(image_id)
-            LOG.warning("image %s: children %s still read from this node after %.0fs; the template "
-                        "stays until they leave (upkeep removes it)", image_id, kept["children"], self.leave_timeout_s)
+            # Children still reading, or a layer still open (the node logged which).
+            LOG.warning("image %s: the template stays until nothing uses it (children %s after %.0fs); "
+                        "upkeep removes it", image_id, kept["children"], self.leave_timeout_s)
         elif last:
             self._forget(image_id)
 
     def _forget(self, image_id: str) -> None:
-        """The template is gone from this node: its grants with it, and out of the image's group."""
+        """The template is gone from this node: its grants and its saved origin with it, and
+        out of the image's group."""
         self._grants.pop(image_id, None)
+        self._forget_origin(image_id)
         if self.registry is not None:
             try:
                 self.registry.leave(image_id)

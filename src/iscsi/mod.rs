@@ -1,6 +1,9 @@
 //! The iSCSI initiator side: open-iscsi's `iscsiadm` for logins, sysfs for everything that can
 //! be read (sessions, their SCSI host, the block device of a LUN), as os-brick does it:
-//! session reuse, CHAP from the connection info, manual scan, logout only when unused.
+//! session reuse, CHAP from the connection info, manual scan of our LUN only. Volumes behind one
+//! target (Cinder's shared targets) share one session with whoever else reads them on this
+//! node: letting go of our volume removes only our LUN's disk, and the session ends only when
+//! it carries no other LUN.
 pub mod conninfo;
 
 use std::{
@@ -17,9 +20,25 @@ use crate::{
     cmd,
     dm,
     error::{Error, Kind, Result},
+    usage,
 };
 
 const ISCSIADM: &str = "iscsiadm";
+/// iscsiadm's exit status for "no records found".
+const NO_RECORDS: i32 = 21;
+
+/// The open-iscsi interface our node records are made under (`iscsiadm -I`): a node record is
+/// keyed by target, portal and interface, so a record under this interface is one vmthunder
+/// made, and it is the only kind vmthunder deletes; another user's record of the same target
+/// (os-brick's, under `default`) is never touched, nor overwritten by our `-o new`. Chosen over
+/// a marker value in some node parameter because every parameter changes the session it
+/// logs in (timeouts, CHAP, queueing), and over "delete it when our login made the session"
+/// because the session outlives the process that made it and the record outlives a reboot:
+/// the interface is persistent and part of the record's identity. Its own settings are
+/// open-iscsi's defaults (software iSCSI over TCP, any local address), i.e. `default`'s.
+/// Sessions are shared whatever the interface: a login reuses any session to the target, as
+/// os-brick's does.
+pub const IFACE: &str = "vmthunder";
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(40);
 const ADM_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -81,7 +100,33 @@ pub fn find_session(t: &Target) -> Option<Session> {
 }
 
 fn node_args(t: &Target) -> Vec<&str> {
-    vec!["-m", "node", "-T", &t.iqn, "-p", &t.portal]
+    vec!["-m", "node", "-T", &t.iqn, "-p", &t.portal, "-I", IFACE]
+}
+
+/// Create our interface record (`IFACE`) unless it exists.
+fn ensure_iface() -> Result<()> {
+    let show = ["-m", "iface", "-I", IFACE];
+    if cmd::run(Kind::Iscsi, ISCSIADM, &show, &[], ADM_TIMEOUT)?.status == 0 {
+        return Ok(());
+    }
+    let made = cmd::check(Kind::Iscsi, ISCSIADM, &["-m", "iface", "-I", IFACE, "-o", "new"], &[], ADM_TIMEOUT);
+    // A concurrent login may have made it first.
+    match made {
+        Err(e) if cmd::run(Kind::Iscsi, ISCSIADM, &show, &[], ADM_TIMEOUT)?.status != 0 => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Our node record of `t` (see `IFACE`), made anew.
+fn new_record(t: &Target) -> Result<()> {
+    let mut a = node_args(t);
+    a.extend(["-o", "new"]);
+    if cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], ADM_TIMEOUT).is_ok() {
+        return Ok(());
+    }
+    // The interface record is made once per node, on the first login that needs it.
+    ensure_iface()?;
+    cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], ADM_TIMEOUT).map(|_| ())
 }
 
 /// Set node-record keys in one iscsiadm call (open-iscsi >= 2.1 takes several -n/-v pairs):
@@ -106,9 +151,7 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
         info!("reusing iSCSI session {} to {} at {}", s.sid, t.iqn, t.portal);
         return Ok((s, false));
     }
-    let mut a = node_args(t);
-    a.extend(["-o", "new"]);
-    cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], ADM_TIMEOUT)?;
+    new_record(t)?;
     let result = (|| {
         let noop = (path_timeout_s / 2).max(1).to_string();
         let replacement = path_timeout_s.to_string();
@@ -151,16 +194,27 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
     }
 }
 
+/// Delete our node record of `t` (see `IFACE`), if there is one.
 fn delete_record(t: &Target) {
     let mut a = node_args(t);
     a.extend(["-o", "delete"]);
-    if let Err(e) = cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], ADM_TIMEOUT) {
-        warn!("could not delete the iscsiadm node record of {} at {}: {e}", t.iqn, t.portal);
+    match cmd::run(Kind::Iscsi, ISCSIADM, &a, &[], ADM_TIMEOUT) {
+        Ok(o) if o.status == 0 || o.status == NO_RECORDS => {}
+        Ok(o) => warn!("could not delete our iscsiadm node record of {} at {}: exit {}: {}", t.iqn, t.portal, o.status, o.stderr.trim()),
+        Err(e) => warn!("could not delete our iscsiadm node record of {} at {}: {e}", t.iqn, t.portal),
     }
 }
 
-/// `sdX` devices of a session, by LUN.
-pub fn session_disks(s: &Session) -> Vec<(u32, String)> {
+/// A SCSI device (one LUN) of a session: its sysfs directory and its block device, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lun {
+    pub lun: u32,
+    pub sysfs: PathBuf,
+    pub disk: Option<String>,
+}
+
+/// Every SCSI device (LUN) of a session, with or without a block device yet.
+pub fn session_luns(s: &Session) -> Vec<Lun> {
     let mut out = Vec::new();
     let base = PathBuf::from(format!("/sys/class/iscsi_session/session{}/device", s.sid));
     let Ok(targets) = fs::read_dir(&base) else { return out };
@@ -169,19 +223,24 @@ pub fn session_disks(s: &Session) -> Vec<(u32, String)> {
         for l in luns.filter_map(|e| e.ok()) {
             let name = l.file_name().to_string_lossy().into_owned();
             // H:C:T:L
-            let Some(lun) = name.rsplit(':').next().and_then(|x| x.parse::<u32>().ok()) else { continue };
             if name.split(':').count() != 4 {
                 continue;
             }
-            if let Ok(blocks) = fs::read_dir(l.path().join("block")) {
-                for b in blocks.filter_map(|e| e.ok()) {
-                    out.push((lun, b.file_name().to_string_lossy().into_owned()));
-                }
-            }
+            let Some(lun) = name.rsplit(':').next().and_then(|x| x.parse::<u32>().ok()) else { continue };
+            let disk = fs::read_dir(l.path().join("block"))
+                .ok()
+                .and_then(|mut d| d.find_map(|e| e.ok()))
+                .map(|e| e.file_name().to_string_lossy().into_owned());
+            out.push(Lun { lun, sysfs: l.path(), disk });
         }
     }
-    out.sort();
+    out.sort_by_key(|l| l.lun);
     out
+}
+
+/// `sdX` devices of a session, by LUN.
+pub fn session_disks(s: &Session) -> Vec<(u32, String)> {
+    session_luns(s).into_iter().filter_map(|l| Some((l.lun, l.disk?))).collect()
 }
 
 /// Ask the SCSI host for exactly this LUN and wait (bounded) until its block device exists.
@@ -213,30 +272,75 @@ pub fn scan_lun(s: &Session, lun: u32, timeout: Duration) -> Result<PathBuf> {
     }
 }
 
-/// `logout_if_unused` where a held session is not an error: whether a session ended.
-pub fn logout_unless_held(t: &Target) -> Result<bool> {
-    match logout_if_unused(t) {
-        Err(e) if e.kind == Kind::Busy => Ok(false),
-        r => r,
+/// What `release` let go of.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// Our LUN's disk (`sdX`), removed.
+    pub disk: Option<String>,
+    /// The session ended (no other LUN in it).
+    pub session: bool,
+}
+
+/// `release` where a LUN still in use is not an error: `None` then.
+pub fn release_unless_used(t: &Target) -> Result<Option<Released>> {
+    match release(t) {
+        Err(e) if e.kind == Kind::Busy => {
+            info!("{e}");
+            Ok(None)
+        }
+        r => r.map(Some),
     }
 }
 
-/// Log out of a session unless one of its disks is still held (by a dm device) — then
-/// `Busy`. Removes the iscsiadm node record too.
-pub fn logout_if_unused(t: &Target) -> Result<bool> {
+/// Let go of LUN `t.lun` of target `t`: its SCSI device goes (`Busy` while a device or a
+/// process uses its disk: never pulled from under a reader); then the session ends, and our
+/// node record with it, only if it carries no other LUN: volumes behind one target share the
+/// session with their other users (os-brick's `shared_targets`), whose disks and records are
+/// never touched.
+pub fn release(t: &Target) -> Result<Released> {
+    let mut done = Released::default();
     let Some(s) = find_session(t) else {
-        return Ok(false);
+        return Ok(done);
     };
-    for (_, disk) in session_disks(&s) {
-        let held = fs::read_dir(format!("/sys/block/{disk}/holders")).map(|d| d.count()).unwrap_or(0);
-        if held > 0 {
-            return Err(Error::new(Kind::Busy, format!("session {} to {}: {disk} is still in use", s.sid, t.iqn)));
+    for l in session_luns(&s).into_iter().filter(|l| l.lun == t.lun) {
+        if let Some(disk) = &l.disk {
+            let dev = dm::device_of(&Path::new("/dev").join(disk)).ok();
+            if let Some(why) = dev.and_then(usage::block_in_use) {
+                return Err(Error::new(Kind::Busy, format!("LUN {} of {} at {} ({disk}) is in use: {why}", t.lun, t.iqn, t.portal)));
+            }
         }
+        delete_scsi_device(&l)?;
+        info!("removed LUN {} of {} at {}{}", t.lun, t.iqn, t.portal, l.disk.as_ref().map(|d| format!(" ({d})")).unwrap_or_default());
+        done.disk = l.disk.or(done.disk);
     }
-    let mut a = node_args(t);
-    a.push("--logout");
-    cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], ADM_TIMEOUT)?;
+    let others: Vec<u32> = session_luns(&s).iter().map(|l| l.lun).collect();
+    if !others.is_empty() {
+        info!("kept iSCSI session {} to {} at {}: it carries LUN(s) {others:?} of other volumes", s.sid, t.iqn, t.portal);
+        return Ok(done);
+    }
+    let sid = s.sid.to_string();
+    cmd::check(Kind::Iscsi, ISCSIADM, &["-m", "session", "-r", &sid, "--logout"], &[], ADM_TIMEOUT)?;
     delete_record(t);
     info!("logged out of {} at {} (session {})", t.iqn, t.portal, s.sid);
-    Ok(true)
+    done.session = true;
+    Ok(done)
+}
+
+/// Remove one SCSI device (LUN) from its host, as `echo 1 > .../device/delete`, and wait
+/// (bounded) until it is gone.
+fn delete_scsi_device(l: &Lun) -> Result<()> {
+    let del = l.sysfs.join("delete");
+    match fs::write(&del, "1") {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::new(Kind::Iscsi, format!("write 1 to {}: {e}", del.display()))),
+    }
+    let start = Instant::now();
+    while l.sysfs.exists() {
+        if start.elapsed() > ADM_TIMEOUT {
+            return Err(Error::new(Kind::Iscsi, format!("{} still exists {}s after its delete", l.sysfs.display(), ADM_TIMEOUT.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }

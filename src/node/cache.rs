@@ -357,19 +357,23 @@ fn stop_backing(bdev: &DmDev, detach: bool) -> Result<()> {
     wait_for(&format!("bcache to release {}", bdev.name), || !sys.exists())
 }
 
-/// Remove an image's cache devices (both engines); errors are collected.
-pub fn remove(dm: &Dm, image: &str, left: &mut Vec<String>) {
+/// Remove an image's cache devices (both engines), top down; the first that cannot go ends
+/// it. A bcache device still open (a holder or a process) is `Busy`: stopping it would pull
+/// it from under its reader, which bcache does not refuse.
+pub fn remove(dm: &Dm, image: &str) -> Result<()> {
     let bdev_name = names::template_dm_name(image, Role::Bdev);
-    if let Ok(Some(bdev)) = dm.info(&bdev_name) {
-        if let Err(e) = stop_backing(&bdev, true).and_then(|_| wait_released(dm, &bdev_name)) {
-            left.push(e.to_string());
+    if let Some(bdev) = dm.info(&bdev_name)? {
+        let sys = sysfs_dev(bdev.device).join("bcache");
+        let top = fs::read_to_string(sys.join("dev/dev")).ok().and_then(|d| d.trim().parse::<Device>().ok());
+        if let Some(why) = top.and_then(crate::usage::block_in_use) {
+            return Err(Error::new(Kind::Busy, format!("the bcache device over {bdev_name} is {why}")));
         }
+        stop_backing(&bdev, true).and_then(|_| wait_released(dm, &bdev_name))?;
     }
     for role in [Role::Bdev, Role::Cache, Role::CacheData, Role::CacheMeta] {
-        if let Err(e) = dm.remove(&names::template_dm_name(image, role)) {
-            left.push(e.to_string());
-        }
+        dm.remove(&names::template_dm_name(image, role))?;
     }
+    Ok(())
 }
 
 /// Unregister and free the node's cache set once no image uses bcache.

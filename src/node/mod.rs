@@ -441,9 +441,10 @@ impl Node {
     /// Remove what a join of `image` that died half-way (its process crashed between the
     /// first login and the VM) left on this node: the template if no VM and no child uses it,
     /// a prepared export without a template, and the sessions to `sources` or to another
-    /// node's export of `image` that no device holds. `Busy` while a join of `image` is in
-    /// flight in any process (see `joining`). Returns what it removed, e.g. `["session to
-    /// <iqn> at <portal>"]`. Sessions are matched by target, so call it before this process's
+    /// node's export of `image` that no device holds (our LUN of each: a session that also
+    /// carries another volume's LUN stays). `Busy` while a join of `image` is in flight in any
+    /// process (see `joining`). Returns what it removed, e.g. `["LUN 1 of <iqn> at <portal>
+    /// (sdc)", "session to <iqn> at <portal>"]`. Sessions are matched by target, so call it before this process's
     /// first attach when two images share an origin target.
     pub fn recover(&self, image: &str, sources: &[Value]) -> Result<Vec<String>> {
         names::validate_id("image id", image)?;
@@ -469,12 +470,13 @@ impl Node {
         targets.extend(sources.into_iter().flat_map(|s| s.targets));
         targets.sort_by(|a, b| (&a.iqn, &a.portal).cmp(&(&b.iqn, &b.portal)));
         targets.dedup_by(|a, b| a.iqn == b.iqn && a.portal == b.portal);
-        // Every session is tried; what could not be logged out is reported together.
+        // Every target is tried; what could not be let go of is reported together. Only our
+        // LUN: a session that also carries another volume's LUN (a shared target) stays.
         let mut left = Vec::new();
         for t in targets {
-            match iscsi::logout_unless_held(&t) {
-                Ok(true) => removed.push(format!("session to {} at {}", t.iqn, t.portal)),
-                Ok(false) => {}
+            match iscsi::release_unless_used(&t) {
+                Ok(Some(r)) => removed.extend(template::released(&t, &r)),
+                Ok(None) => {}
                 Err(e) => left.push(e.to_string()),
             }
         }
@@ -668,13 +670,14 @@ impl Node {
         Ok(created)
     }
 
-    /// Log out of the sessions to `source`'s targets that no device of this node uses (a
-    /// `prelogin` that went unused). Returns how many sessions ended.
+    /// Let go of `source`'s LUNs that nothing on this node uses (a `prelogin` that went
+    /// unused): their disks go, and each session once it carries no other LUN. Returns how
+    /// many sessions ended.
     pub fn logout_unused(&self, source: &Value) -> Result<usize> {
         let src = Source::from_json(source)?;
         let mut ended = 0;
         for t in &src.targets {
-            if iscsi::logout_unless_held(t)? {
+            if iscsi::release_unless_used(t)?.is_some_and(|r| r.session) {
                 ended += 1;
             }
         }

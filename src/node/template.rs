@@ -21,6 +21,7 @@ use crate::{
     iscsi::{self, Source},
     lio::{Backstore, Export, LocalDisk, Lio},
     names::{self, Role},
+    usage,
 };
 
 /// The parts of a built template the VM layer needs.
@@ -173,7 +174,7 @@ pub fn reparent(node: &Node, dm: &Dm, image: &str, sources: &[Source]) -> Result
     // Sessions only the old table used can go now.
     let keep: Vec<Device> = multipath_devices(&new);
     let mut left = Vec::new();
-    logout_devices(multipath_devices(&old).into_iter().filter(|d| !keep.contains(d)), &mut left);
+    release_devices(multipath_devices(&old).into_iter().filter(|d| !keep.contains(d)), &mut left);
     for l in left {
         warn!("image {image}: after reparent: {l}");
     }
@@ -188,24 +189,40 @@ fn multipath_devices(t: &Table) -> Vec<Device> {
     }
 }
 
-/// Log out of the sessions whose disks are `devices` (only when nothing holds them).
-fn logout_devices(devices: impl Iterator<Item = Device>, left: &mut Vec<String>) {
-    for dev in devices {
-        for s in iscsi::sessions() {
-            let disks = iscsi::session_disks(&s);
-            let owns = disks.iter().any(|(_, d)| dm::device_of(&std::path::Path::new("/dev").join(d)).ok() == Some(dev));
-            if owns {
-                let lun = disks.iter().map(|(l, _)| *l).next().unwrap_or(0);
-                let t = iscsi::Target { portal: s.portal.clone(), iqn: s.iqn.clone(), lun };
-                match iscsi::logout_if_unused(&t) {
-                    // Another template reads through the same session (same volume): keep it.
-                    Err(e) if e.kind == Kind::Busy => info!("kept iSCSI session {}: {e}", s.sid),
-                    Err(e) => left.push(e.to_string()),
-                    Ok(_) => {}
-                }
+/// Let go of the LUNs whose disks are `devices`: each disk goes unless something uses it (then
+/// it is kept), and its session ends when it carries no other LUN. Returns what went, e.g.
+/// `"LUN 1 of <iqn> at <portal> (sdc)"`, `"session to <iqn> at <portal>"`.
+pub(super) fn release_devices(devices: impl Iterator<Item = Device>, left: &mut Vec<String>) -> Vec<String> {
+    let mut gone = Vec::new();
+    let devices: Vec<Device> = devices.collect();
+    for s in iscsi::sessions() {
+        for l in iscsi::session_luns(&s) {
+            let Some(disk) = &l.disk else { continue };
+            if !dm::device_of(&std::path::Path::new("/dev").join(disk)).is_ok_and(|d| devices.contains(&d)) {
+                continue;
+            }
+            let t = iscsi::Target { portal: s.portal.clone(), iqn: s.iqn.clone(), lun: l.lun };
+            match iscsi::release_unless_used(&t) {
+                // Another template reads the same LUN (same volume): kept.
+                Ok(None) => {}
+                Ok(Some(r)) => gone.extend(released(&t, &r)),
+                Err(e) => left.push(e.to_string()),
             }
         }
     }
+    gone
+}
+
+/// What `iscsi::release` let go of, as `recover` reports it.
+pub(super) fn released(t: &iscsi::Target, r: &iscsi::Released) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(d) = &r.disk {
+        v.push(format!("LUN {} of {} at {} ({d})", t.lun, t.iqn, t.portal));
+    }
+    if r.session {
+        v.push(format!("session to {} at {}", t.iqn, t.portal));
+    }
+    v
 }
 
 /// The multipath status of a template's paths: device and "A"/"F" per path, in table order.
@@ -241,7 +258,7 @@ fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result
                 if created {
                     let t = (*t).clone();
                     undo.push(format!("iSCSI session to {} at {}", t.iqn, t.portal), move || {
-                        iscsi::logout_if_unused(&t).map(|_| ()).map_err(|e| e.to_string())
+                        iscsi::release(&t).map(|_| ()).map_err(|e| e.to_string())
                     });
                 }
                 sessions.push((session, t.lun));
@@ -275,6 +292,13 @@ pub fn unexport_image(node: &Node, lio: &Lio, image: &str) -> std::result::Resul
 }
 
 /// Tear the template down if no VM and no child session uses it. Returns whether it went.
+///
+/// Top down, and it stops at the first layer it cannot remove: a layer still open (a process
+/// reading the local disk or the origin, a qemu whose overlay went) keeps itself and every
+/// layer under it, so nothing is pulled from under a reader (bcache would stop its device
+/// under an open origin; an iSCSI logout would fail its disk). The template is then kept
+/// (`Ok(false)`, the layer named in the log) and a later release finishes it. A layer whose
+/// removal fails is an error that names it, and nothing below it is touched either.
 pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
     let vms = node.vms_of(dm, image)?;
     if !vms.is_empty() {
@@ -290,45 +314,64 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
             return Ok(false);
         }
     }
-    // Everything is tried; what could not be removed is reported together.
-    let mut left = Vec::new();
-    if let Some(l) = &lio {
-        if let Err(e) = unexport_image(node, l, image) {
-            left.push(e);
+    match teardown(node, dm, lio.as_ref(), image) {
+        Ok(()) => {}
+        Err(e) if e.kind == Kind::Busy => {
+            warn!("image {image}: template kept: {e}");
+            return Ok(false);
         }
+        Err(e) => {
+            warn!("image {image}: teardown stopped: {e}");
+            return Err(Error::new(Kind::Rollback, format!("teardown of image {image:?} stopped: {e}")));
+        }
+    }
+    // Its slices and record go only once its devices are gone; the cache set's slice
+    // once no image's cache is recorded in it (its cache survives a reboot until then).
+    let cset_live = dm.info(names::CACHE_SET_DM_NAME)?.is_some();
+    node.space()?.update(|l| {
+        l.templates.remove(image);
+        l.slices.retain(|n, _| !matches!(names::parse_dm_name(n), Some(names::Parsed::Template { image: i, .. }) if i == image));
+        let bcache_used = l.slices.keys().any(|n| matches!(names::parse_dm_name(n), Some(names::Parsed::Template { role: Role::Bdev, .. })));
+        if !bcache_used && !cset_live {
+            l.slices.remove(names::CACHE_SET_DM_NAME);
+        }
+    })?;
+    info!("image {image}: template torn down");
+    Ok(true)
+}
+
+/// The layers of `image`'s template, top down, each only once nothing uses it; the first that
+/// cannot go ends the teardown (`Busy` when it is in use).
+fn teardown(node: &Node, dm: &Dm, lio: Option<&Lio>, image: &str) -> Result<()> {
+    let lio_err = |what: &str, left: Vec<String>| {
+        if left.is_empty() { Ok(()) } else { Err(Error::new(Kind::Lio, format!("{what} of image {image:?}: {}", left.join("; ")))) }
+    };
+    if let Some(l) = lio {
+        // The node's own readers: a process with the local disk open (a VM's snapshot on it
+        // counts as a VM and was checked above).
+        if let Some(disk) = l.find_local_disk(image) {
+            if let Some(why) = usage::block_in_use(disk.device) {
+                return Err(Error::new(Kind::Busy, format!("its local disk {} is {why}", disk.path.display())));
+            }
+        }
+        unexport_image(node, l, image).map_err(|e| Error::new(Kind::Lio, format!("remove the export of image {image:?}: {e}")))?;
         // The VMs' local disk, then the backstore it kept (also after a crash left them).
+        let mut left = Vec::new();
         l.remove_local_disk(image, &mut left);
+        lio_err("remove the local disk", std::mem::take(&mut left))?;
         l.remove_backstore(&names::backstore_name(image), &mut left);
+        lio_err("remove the backstore", left)?;
     }
     let paths_table = dm.table(&names::template_dm_name(image, Role::Paths)).ok();
-    if let Err(e) = dm.remove(&names::template_dm_name(image, Role::Origin)) {
-        left.push(e.to_string());
-    }
-    cache::remove(dm, image, &mut left);
-    if let Err(e) = dm.remove(&names::template_dm_name(image, Role::Paths)) {
-        left.push(e.to_string());
-    }
+    // dm refuses to remove an open device (Busy): a process reading the origin keeps it.
+    dm.remove(&names::template_dm_name(image, Role::Origin))?;
+    cache::remove(dm, image)?;
+    dm.remove(&names::template_dm_name(image, Role::Paths))?;
+    let mut left = Vec::new();
     cache::release_cache_set_if_unused(node, dm, &mut left);
-    // Log out of the sessions that carried the paths.
+    // Our LUNs of the sessions that carried the paths, and those sessions if nothing else is in them.
     if let Some(t) = paths_table {
-        logout_devices(multipath_devices(&t).into_iter(), &mut left);
+        release_devices(multipath_devices(&t).into_iter(), &mut left);
     }
-    if left.is_empty() {
-        // Its slices and record go only once its devices are gone; the cache set's slice
-        // once no image's cache is recorded in it (its cache survives a reboot until then).
-        let cset_live = dm.info(names::CACHE_SET_DM_NAME)?.is_some();
-        node.space()?.update(|l| {
-            l.templates.remove(image);
-            l.slices.retain(|n, _| !matches!(names::parse_dm_name(n), Some(names::Parsed::Template { image: i, .. }) if i == image));
-            let bcache_used = l.slices.keys().any(|n| matches!(names::parse_dm_name(n), Some(names::Parsed::Template { role: Role::Bdev, .. })));
-            if !bcache_used && !cset_live {
-                l.slices.remove(names::CACHE_SET_DM_NAME);
-            }
-        })?;
-        info!("image {image}: template torn down");
-        Ok(true)
-    } else {
-        warn!("image {image}: teardown incomplete: {}", left.join("; "));
-        Err(Error::new(Kind::Rollback, format!("teardown of image {image:?} left: {}", left.join("; "))))
-    }
+    if left.is_empty() { Ok(()) } else { Err(Error::new(Kind::Rollback, left.join("; "))) }
 }

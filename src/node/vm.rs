@@ -125,6 +125,11 @@ pub fn remove(node: &Node, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -
         }
         SnapshotMode::Vmm => {
             let p = overlay_path(node, image, vm);
+            // Unlinking an open file succeeds, and the guest would go on writing to a file
+            // nobody can find; and the template under it would lose its last known user.
+            if let Some(why) = crate::usage::file_in_use(&p) {
+                return Err(Error::new(Kind::Busy, format!("VM {vm:?}: its overlay {} is {why}", p.display())));
+            }
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -423,3 +423,32 @@ def test_rejoin_offers_a_rebuilt_template_from_the_origin_with_fresh_grants(tmp_
     assert len(node.export_calls) == calls_before + 1
     assert reparented == [("img", [{"target_iqn": "iqn.x:origin"}])], "reads from the origin alone first"
     assert tree.rejoin() == [], "idempotent: recorded now"
+
+
+def test_an_image_is_forgotten_when_its_last_template_goes(tmp_path):
+    """`recover` walks the saved origins: an image leaves them when it has no template here any
+    more (after its last VM's detach, or a recover that found nothing of it), so a node that
+    attached many images over time does not walk them all at every start."""
+    node, reg = FakeNode(), FakeRegistry()
+    tree = Tree(node, reg, initiator="iqn.x:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    for image in ("a", "b"):
+        tree.attach(image, {"target_iqn": f"iqn.x:origin-{image}"}, f"vm-{image}")
+    tree.attach("a", {"target_iqn": "iqn.x:origin-a"}, "vm-a2")
+    tree._save_origin("crashed", {"target_iqn": "iqn.x:origin-crashed"})    # a join that died
+    tree._save_origin("busy", {"target_iqn": "iqn.x:origin-busy"})          # one still in flight
+    tree.detach("vm-b")                             # b's last VM: its template goes
+    tree.detach("vm-a")                             # a keeps a VM
+    asked = []
+
+    def recover(image, sources):
+        asked.append(image)
+        if image == "busy":
+            raise vmthunder.Busy("a join of image 'busy' is in flight")
+        return []
+    node.recover = recover
+    tree.recover()
+    assert asked == ["a", "busy", "crashed"]
+    asked.clear()
+    tree.recover()
+    assert asked == ["a", "busy"]                   # "crashed" had nothing left: forgotten
+    assert tree._load_origin("a") == {"target_iqn": "iqn.x:origin-a"}
