@@ -265,8 +265,9 @@ def test_a_vm_whose_image_is_unreachable_is_named_and_its_cow_kept(fleet):
     st = py(b, node_ctor(b) + "out(node.status())")
     assert st["layout"]["slices"][f"vmthunder-1_{IMAGE_ID}_vm_vmy_cow"]["start"] != cow_start
     for vm in ("vmx", "vmy"):
-        py(b, node_ctor(b) + f"node.detach({vm!r})")
-    assert py(b, node_ctor(b) + "out(node.status())")["layout"]["slices"] == {}
+        print(b.check("python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n" + node_ctor(b) + f"node.detach({vm!r})\nEOF", timeout=120))
+    final = py(b, node_ctor(b) + "out(node.status())")
+    assert final["layout"]["slices"] == {}, (final, b.check("dmsetup ls; dmsetup table"))
 
 
 def _measure(node, code):
@@ -316,9 +317,9 @@ def test_power_loss_at_random_instants_of_attach_and_detach_converges(fleet):
             path = py(b, attach_code(fleet, b, vm))
             assert md5_of(b, path, IMAGE) == file_md5(fleet.origin_path, IMAGE)
             py(b, node_ctor(b) + f"node.detach({vm!r})")
-    py(b, node_ctor(b) + "node.detach('keep')")
+    print(b.check("python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n" + node_ctor(b) + "node.detach('keep')\nEOF", timeout=120))
     st = py(b, node_ctor(b) + "out(node.status())")
-    assert st["vms"] == {} and st["layout"]["slices"] == {}, st
+    assert st["vms"] == {} and st["layout"]["slices"] == {}, (st, b.check("dmsetup ls"))
 
 
 def test_a_full_cow_fails_only_its_own_vm(fleet):
