@@ -348,6 +348,54 @@ fn unexport_volume(py: Python<'_>, name: &str) -> PyResult<()> {
     .map_err(to_py)
 }
 
+/// template_iqn(host, image_id) -> the IQN `host` exports `image_id` under (injective: ids
+/// differing in case get different IQNs). Raises InvalidArgument for a bad host or id.
+#[pyfunction]
+fn template_iqn(host: &str, image_id: &str) -> PyResult<String> {
+    names::validate_host(host).map_err(to_py)?;
+    names::validate_id("image id", image_id).map_err(to_py)?;
+    Ok(names::template_iqn(host, image_id))
+}
+
+/// validate_id(what, value) -> value: an image or VM id as every call checks it; raises
+/// InvalidArgument naming `what` and the value. Check before the id becomes a file name.
+#[pyfunction]
+fn validate_id(what: &str, value: &str) -> PyResult<String> {
+    names::validate_id(what, value).map(str::to_string).map_err(to_py)
+}
+
+/// parse_host_record(record) -> the checked record (`{host, initiator, export_ip,
+/// failure_domain}`; unknown fields dropped). Raises InvalidArgument naming the host and field.
+#[pyfunction]
+fn parse_host_record(py: Python<'_>, record: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+    let v = py_to_json(py, "record", record)?;
+    let r = crate::records::parse_host_record(&v).map_err(to_py)?;
+    json_to_py(py, &serde_json::to_value(r).expect("record serialises"))
+}
+
+/// parse_image_record(record) -> the checked record (`{host, state, depth, parents,
+/// failure_domain, grants, built?}`; unknown fields dropped). Raises InvalidArgument naming
+/// the host and field.
+#[pyfunction]
+fn parse_image_record(py: Python<'_>, record: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+    let v = py_to_json(py, "record", record)?;
+    let r = crate::records::parse_image_record(&v).map_err(to_py)?;
+    json_to_py(py, &serde_json::to_value(r).expect("record serialises"))
+}
+
+/// check_grant(grant, parent, image_id, export_ip) -> the connection dict to log in with,
+/// only if the grant names exactly one target, LUN 0, the IQN `parent` exports `image_id`
+/// under, on a portal at `export_ip` (the parent's published export address). Raises
+/// InvalidArgument saying what is wrong (never the grant's CHAP secret).
+#[pyfunction]
+#[pyo3(signature = (grant, parent, image_id, export_ip))]
+fn check_grant(py: Python<'_>, grant: &Bound<'_, PyAny>, parent: &str, image_id: &str, export_ip: Option<&str>) -> PyResult<PyObject> {
+    let g = py_to_json(py, "grant", grant)
+        .map_err(|_| InvalidArgument::new_err(format!("grant of host {parent:?} for image {image_id:?}: not JSON-like data")))?;
+    let v = crate::records::check_grant(&g, parent, image_id, export_ip).map_err(to_py)?;
+    json_to_py(py, &v)
+}
+
 /// A join in flight (see `Node.joining`); a context manager, released on exit.
 #[pyclass(module = "vmthunder")]
 pub struct JoinMark {
@@ -383,6 +431,11 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(allow_initiator, m)?)?;
     m.add_function(wrap_pyfunction!(unexport_volume, m)?)?;
+    m.add_function(wrap_pyfunction!(template_iqn, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_id, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_host_record, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_image_record, m)?)?;
+    m.add_function(wrap_pyfunction!(check_grant, m)?)?;
     m.add("Error", py.get_type::<Error>())?;
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
     m.add("NotFound", py.get_type::<NotFound>())?;

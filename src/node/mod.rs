@@ -462,10 +462,7 @@ impl Node {
         } else if template::release_if_unused(self, &dm, image)? {
             removed.push(format!("template of image {image}"));
         }
-        let relay_suffix = format!(".{}", image.to_ascii_lowercase());
-        let relays = iscsi::sessions().into_iter().filter(|s| {
-            s.iqn.strip_prefix(names::IQN_AUTHORITY).and_then(|r| r.strip_prefix(':')).is_some_and(|r| r.ends_with(&relay_suffix))
-        });
+        let relays = iscsi::sessions().into_iter().filter(|s| names::is_relay_of(&s.iqn, image));
         let mut targets: Vec<Target> = relays.map(|s| Target { portal: s.portal, iqn: s.iqn, lun: 0 }).collect();
         targets.extend(sources.into_iter().flat_map(|s| s.targets));
         targets.sort_by(|a, b| (&a.iqn, &a.portal).cmp(&(&b.iqn, &b.portal)));
