@@ -47,7 +47,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from vmthunder._vmthunder import Error
+from vmthunder._vmthunder import Error, InvalidArgument, parse_host_record, parse_image_record
 
 LOG = logging.getLogger("vmthunder.registry")
 
@@ -153,12 +153,13 @@ def _positive(what: str, v: Any) -> float:
 
 def _clean_record(record: Any, member_id: str) -> Dict[str, Any]:
     """A JSON-round-tripped copy (so every backend returns the same types), "host" = member."""
+    # Messages never show the record: its grants carry CHAP secrets.
     if not isinstance(record, dict):
-        raise RegistryError(f"invalid record {record!r}: must be a dict")
+        raise RegistryError(f"invalid record of {member_id!r}: must be a dict, got {type(record).__name__}")
     try:
         rec = json.loads(json.dumps(record))
     except (TypeError, ValueError) as e:
-        raise RegistryError(f"invalid record: not JSON-serializable: {e}") from None
+        raise RegistryError(f"invalid record of {member_id!r}: not JSON-serializable: {e}") from None
     if rec.get("host", member_id) != member_id:
         raise RegistryError(f"invalid record: host {rec['host']!r} is not this member {member_id!r}")
     rec["host"] = member_id
@@ -216,6 +217,7 @@ class Registry:
         self._mu = threading.RLock()
         self._records: Dict[str, Dict[str, Any]] = {}        # group -> record we published
         self._pending: set = set()           # groups whose last publish/leave may not have happened
+        self._skipped: Dict[Tuple[str, Any], str] = {}     # (group, host) -> why its record is skipped
         self._stop_ev = threading.Event()
         self._heart: Optional[threading.Thread] = None
 
@@ -473,7 +475,28 @@ class Registry:
             LOG.warning("registry: %s missing from %s; re-publishing", self.member_id, group)
             self._bounded(f"publish {group}", lambda: self._join(c, group, mine))
             members[self.member_id] = dict(mine)
-        return [members[h] for h in sorted(members)]
+        return self._checked(group, [members[h] for h in sorted(members)])
+
+    def _checked(self, group: str, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Every record as the Rust parser checked it (typed fields, unknown ones dropped);
+        one that fails is skipped, with one warning naming the host and the field (repeated
+        only when what is wrong changes): anyone who can write the backend writes these."""
+        parse = parse_host_record if group == HOSTS_GROUP else parse_image_record
+        out = []
+        for rec in records:
+            host = rec.get("host")
+            try:
+                out.append(parse(rec))
+            except InvalidArgument as e:
+                why = str(e)
+                with self._mu:
+                    new = self._skipped.get((group, host)) != why
+                    self._skipped[(group, host)] = why
+                (LOG.warning if new else LOG.debug)("registry: %s: skipping the record of %s: %s", group, host, why)
+                continue
+            with self._mu:
+                self._skipped.pop((group, host), None)
+        return out
 
     def publish(self, image_id: str, record: Dict[str, Any]) -> None:
         """Join the image's group (created if needed) with `record` (a JSON-serializable dict;
@@ -484,7 +507,8 @@ class Registry:
 
     def peers(self, image_id: str) -> List[Dict[str, Any]]:
         """Live members' records of the image's group (this host included if it published),
-        each with "host" = member id, sorted by host; [] if nobody ever published."""
+        each with "host" = member id, sorted by host; [] if nobody ever published. Checked
+        (`vmthunder.parse_image_record`): a malformed record is skipped and logged."""
         return self._peers(image_group(image_id))
 
     def leave(self, image_id: str) -> None:
@@ -505,7 +529,8 @@ class Registry:
         self._publish(HOSTS_GROUP, record)
 
     def hosts(self) -> List[Dict[str, Any]]:
-        """Every live host's record (see publish_host), sorted by host."""
+        """Every live host's record (see publish_host), sorted by host; checked like peers()
+        (`vmthunder.parse_host_record`)."""
         return self._peers(HOSTS_GROUP)
 
     def _try_lock(self, name: str, lk: Any) -> bool:

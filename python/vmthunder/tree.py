@@ -14,6 +14,12 @@ A relay cannot be asked for credentials at attach time (there is no daemon to an
 relay *grants* each known host ahead of time: it creates that host's ACL + CHAP with
 `Node.export_info` and publishes the resulting connection dict in its registry record
 (`grants[host]`). A peer that has not granted the newcomer yet is not eligible as its parent.
+
+Other hosts' records are not trusted (anyone who can write the registry writes them): the
+registry hands out only records its Rust parser accepted, and a grant is used only if
+`vmthunder.check_grant` finds it names that parent's own export of the image (one target, LUN
+0, the IQN vmthunder derives, on the export address the parent published in the hosts group);
+a peer whose grant fails counts as not having granted us, with one warning.
 """
 import json
 import logging
@@ -22,7 +28,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from vmthunder._vmthunder import Busy, Error, Node, choose_parents
+from vmthunder._vmthunder import Busy, Error, InvalidArgument, Node, check_grant, choose_parents, validate_id
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -119,6 +125,9 @@ class Tree:
         self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
         self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, grant)
         self._kept: set = set()     # images whose last VM left here while children still read them
+        self._export_ips: Dict[str, Optional[str]] = {}     # host -> export_ip it published
+        self._export_ips_at = -1e9
+        self._bad_grants: Dict[tuple, str] = {}             # (image, host) -> why its grant is refused
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
@@ -133,15 +142,25 @@ class Tree:
             return False
 
     def _origin_file(self, image_id: str) -> str:
-        return os.path.join(self._dir, f"{image_id}.json")
+        return os.path.join(self._dir, f"{validate_id('image id', image_id)}.json")
 
     def _save_origin(self, image_id: str, origin: Dict[str, Any]) -> None:
-        # A cache of what the caller passed, needed to re-parent later; the kernel decides state.
+        """A cache of what the caller passed (the origin's CHAP secret too), needed to
+        re-parent later; the kernel decides state. The id is checked before it names a file;
+        the file is new (never a link someone planted: not followed), 0600, renamed in place."""
+        path = self._origin_file(image_id)
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
-        tmp = self._origin_file(image_id) + ".tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        if not os.path.isdir(self._dir) or os.path.islink(self._dir):
+            raise InvalidArgument(f"{self._dir} is not a directory (a symbolic link?)")
+        tmp = path + ".tmp"
+        try:
+            os.unlink(tmp)          # a leftover of a crash (or a planted link: unlink does not follow)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
             json.dump(origin, f)
-        os.replace(tmp, self._origin_file(image_id))
+        os.replace(tmp, path)
 
     def _forget_origin(self, image_id: str) -> None:
         """Drop the saved origin of an image that has no template here any more: `recover`
@@ -155,29 +174,71 @@ class Tree:
             pass
 
     def _load_origin(self, image_id: str) -> Optional[Dict[str, Any]]:
+        path = self._origin_file(image_id)
         try:
-            with open(self._origin_file(image_id)) as f:
-                return json.load(f)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as e:        # ELOOP: a symbolic link, not followed
+            raise InvalidArgument(f"{path}: {e.strerror} (links are not followed)") from None
+        with open(fd) as f:
+            return json.load(f)
+
+    # -- other hosts' grants: checked before use -------------------------------------------
+    def _export_ip_of(self, hosts: List[str]) -> Dict[str, Optional[str]]:
+        """The export address each of `hosts` published in the hosts group. Read again when
+        older than a few seconds, or (at most once a second) when one of them is unknown."""
+        now = time.monotonic()
+        age = now - self._export_ips_at
+        if age > 5.0 or (age > 1.0 and any(h not in self._export_ips for h in hosts)):
+            self._note_hosts(self.registry.hosts())
+        return {h: self._export_ips.get(h) for h in hosts}
+
+    def _note_hosts(self, hosts: List[Dict[str, Any]]) -> None:
+        self._export_ips = {h["host"]: h.get("export_ip") for h in hosts}
+        self._export_ips_at = time.monotonic()
+
+    def _grants_for_us(self, image_id: str, records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+        """host -> the connection dict to log in to that parent with, for the peers whose grant
+        for us passes `check_grant`. A refused grant is logged once (again when the reason
+        changes) and the peer counts as not having granted us."""
+        offered = {r["host"]: r["grants"][self.host] for r in records
+                   if r["host"] != self.host and self.host in (r.get("grants") or {})}
+        if not offered:
+            return {}
+        ips = self._export_ip_of(sorted(offered))
+        out = {}
+        for host, grant in offered.items():
+            try:
+                out[host] = check_grant(grant, host, image_id, ips.get(host))
+            except InvalidArgument as e:
+                why = str(e)
+                if self._bad_grants.get((image_id, host)) != why:
+                    LOG.warning("image %s: not using the grant of %s: %s", image_id, host, why)
+                self._bad_grants[(image_id, host)] = why
+                continue
+            self._bad_grants.pop((image_id, host), None)
+        return out
 
     # -- placement ---------------------------------------------------------------------------
-    def _peers(self, records: List[Dict[str, Any]], exclude=(), early: bool = False) -> List[Dict[str, Any]]:
-        """Registry records -> placement peers. Peers that have not granted us are 'joining'.
-        `early`: a joining peer that has granted us (its target exists, without a LUN) counts
-        as ready: we may claim under it and log in while it builds."""
+    def _peers(self, records: List[Dict[str, Any]], grants: Dict[str, Any], exclude=(),
+               early: bool = False) -> List[Dict[str, Any]]:
+        """Registry records (checked by the registry) -> placement peers. Peers that have not
+        granted us (a usable grant: `grants`) are 'joining'. `early`: a joining peer that has
+        granted us (its target exists, without a LUN) counts as ready: we may claim under it
+        and log in while it builds."""
         peers = []
         for r in records:
-            if r.get("host") in (self.host, *exclude):
+            if r["host"] in (self.host, *exclude):
                 continue
-            state = r.get("state", "joining")
-            granted = self.host in (r.get("grants") or {})
+            state = r["state"]
+            granted = r["host"] in grants
             if state == "ready" and not granted:
                 state = "joining"
             elif state == "joining" and granted and early:
                 state = "ready"
-            peers.append({"host": r["host"], "state": state, "depth": max(1, int(r.get("depth", 1))),
-                          "failure_domain": r.get("failure_domain"), "parents": r.get("parents", [])})
+            peers.append({"host": r["host"], "state": state, "depth": r["depth"],
+                          "failure_domain": r.get("failure_domain"), "parents": r["parents"]})
         return peers
 
     def _choose(self, image_id: str, records, exclude=(), last_resort=False, early=False):
@@ -185,7 +246,8 @@ class Tree:
         peer that is not ready (or has not granted us) yet, unless `last_resort`: then the
         origin alone. Placement never picks a node below us (it follows the peers' parents)."""
         newcomer = {"host": self.host, "failure_domain": self.failure_domain}
-        peers = self._peers(records, exclude, early)
+        grants = self._grants_for_us(image_id, records)
+        peers = self._peers(records, grants, exclude, early)
         try:
             placement = choose_parents(newcomer, peers, self.policy)
         except Busy:
@@ -200,7 +262,8 @@ class Tree:
             placement = dict(placement, parents=[p for i, p in enumerate(placement["parents"])
                                                  if i == 0 or p == "origin" or by_host[p].get("state") == "ready"])
         # Failover order = placement order; "origin" stands for the origin volume itself.
-        sources = [None if p == "origin" else by_host[p]["grants"][self.host] for p in placement["parents"]]
+        # Only peers with a checked grant count as ready (see _peers): the checked dict is used.
+        sources = [None if p == "origin" else grants[p] for p in placement["parents"]]
         if None not in sources:
             sources.append(None)
         return placement, sources
@@ -221,7 +284,9 @@ class Tree:
         known = {} if fresh else self._grants.get(image_id, {})
         now = {}
         if self.export_ip:
-            for h in self.registry.hosts():
+            hosts = self.registry.hosts()
+            self._note_hosts(hosts)
+            for h in hosts:
                 if h.get("host") and h["host"] != self.host and h.get("initiator"):
                     got = known.get(h["host"])
                     if got is None or got[0] != h["initiator"]:
@@ -432,7 +497,11 @@ class Tree:
             return {}
         out: Dict[str, List[str]] = {}
         for image_id in images:
-            origin = self._load_origin(image_id)
+            try:
+                origin = self._load_origin(image_id)
+            except (Error, ValueError) as e:     # not an image id, a link, not JSON
+                LOG.warning("%s: skipping %s.json: %s", self._dir, image_id, e)
+                continue
             try:
                 removed = self.node.recover(image_id, [origin] if origin else [])
             except Busy:
