@@ -47,7 +47,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from vmthunder._vmthunder import Error, InvalidArgument, parse_host_record, parse_image_record
+from vmthunder._vmthunder import Error
 
 LOG = logging.getLogger("vmthunder.registry")
 
@@ -217,7 +217,6 @@ class Registry:
         self._mu = threading.RLock()
         self._records: Dict[str, Dict[str, Any]] = {}        # group -> record we published
         self._pending: set = set()           # groups whose last publish/leave may not have happened
-        self._skipped: Dict[Tuple[str, Any], str] = {}     # (group, host) -> why its record is skipped
         self._stop_ev = threading.Event()
         self._heart: Optional[threading.Thread] = None
 
@@ -475,28 +474,7 @@ class Registry:
             LOG.warning("registry: %s missing from %s; re-publishing", self.member_id, group)
             self._bounded(f"publish {group}", lambda: self._join(c, group, mine))
             members[self.member_id] = dict(mine)
-        return self._checked(group, [members[h] for h in sorted(members)])
-
-    def _checked(self, group: str, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """Every record as the Rust parser checked it (typed fields, unknown ones dropped);
-        one that fails is skipped, with one warning naming the host and the field (repeated
-        only when what is wrong changes): anyone who can write the backend writes these."""
-        parse = parse_host_record if group == HOSTS_GROUP else parse_image_record
-        out = []
-        for rec in records:
-            host = rec.get("host")
-            try:
-                out.append(parse(rec))
-            except InvalidArgument as e:
-                why = str(e)
-                with self._mu:
-                    new = self._skipped.get((group, host)) != why
-                    self._skipped[(group, host)] = why
-                (LOG.warning if new else LOG.debug)("registry: %s: skipping the record of %s: %s", group, host, why)
-                continue
-            with self._mu:
-                self._skipped.pop((group, host), None)
-        return out
+        return [members[h] for h in sorted(members)]
 
     def publish(self, image_id: str, record: Dict[str, Any]) -> None:
         """Join the image's group (created if needed) with `record` (a JSON-serializable dict;
@@ -507,8 +485,8 @@ class Registry:
 
     def peers(self, image_id: str) -> List[Dict[str, Any]]:
         """Live members' records of the image's group (this host included if it published),
-        each with "host" = member id, sorted by host; [] if nobody ever published. Checked
-        (`vmthunder.parse_image_record`): a malformed record is skipped and logged."""
+        each with "host" = member id, sorted by host; [] if nobody ever published. As the
+        members wrote them: the reader checks them (`vmthunder.parse_image_record`)."""
         return self._peers(image_group(image_id))
 
     def leave(self, image_id: str) -> None:
@@ -529,8 +507,8 @@ class Registry:
         self._publish(HOSTS_GROUP, record)
 
     def hosts(self) -> List[Dict[str, Any]]:
-        """Every live host's record (see publish_host), sorted by host; checked like peers()
-        (`vmthunder.parse_host_record`)."""
+        """Every live host's record (see publish_host), sorted by host; unchecked, like
+        peers() (`vmthunder.parse_host_record`)."""
         return self._peers(HOSTS_GROUP)
 
     def _try_lock(self, name: str, lk: Any) -> bool:

@@ -28,7 +28,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from vmthunder._vmthunder import Busy, Error, InvalidArgument, Node, check_grant, choose_parents, validate_id
+from vmthunder._vmthunder import (Busy, Error, InvalidArgument, Node, check_grant, choose_parents, parse_host_record,
+                                  parse_image_record, validate_id)
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -128,6 +129,7 @@ class Tree:
         self._export_ips: Dict[str, Optional[str]] = {}     # host -> export_ip it published
         self._export_ips_at = -1e9
         self._bad_grants: Dict[tuple, str] = {}             # (image, host) -> why its grant is refused
+        self._bad_records: Dict[tuple, str] = {}            # (group, host) -> why its record is skipped
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
@@ -184,14 +186,40 @@ class Tree:
         with open(fd) as f:
             return json.load(f)
 
-    # -- other hosts' grants: checked before use -------------------------------------------
+    # -- other hosts' records and grants: checked before use -------------------------------
+    def _checked(self, what: str, parse, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Every record as the Rust parser checked it (typed fields, unknown ones dropped); one
+        that fails is skipped with one warning naming the host and the field (repeated only
+        when what is wrong changes). Anyone who can write the registry writes these."""
+        out = []
+        for rec in records:
+            host = rec.get("host") if isinstance(rec, dict) else None
+            try:
+                out.append(parse(rec))
+            except InvalidArgument as e:
+                why = str(e)
+                (LOG.warning if self._bad_records.get((what, host)) != why else LOG.debug)(
+                    "%s: skipping the record of %s: %s", what, host, why)
+                self._bad_records[(what, host)] = why
+                continue
+            self._bad_records.pop((what, host), None)
+        return out
+
+    def _records(self, image_id: str) -> List[Dict[str, Any]]:
+        """The image group's records, checked: every read of them goes through here."""
+        return self._checked(f"image {image_id}", parse_image_record, self.registry.peers(image_id))
+
+    def _hosts(self) -> List[Dict[str, Any]]:
+        """The hosts group's records, checked."""
+        return self._checked("hosts", parse_host_record, self.registry.hosts())
+
     def _export_ip_of(self, hosts: List[str]) -> Dict[str, Optional[str]]:
         """The export address each of `hosts` published in the hosts group. Read again when
         older than a few seconds, or (at most once a second) when one of them is unknown."""
         now = time.monotonic()
         age = now - self._export_ips_at
         if age > 5.0 or (age > 1.0 and any(h not in self._export_ips for h in hosts)):
-            self._note_hosts(self.registry.hosts())
+            self._note_hosts(self._hosts())
         return {h: self._export_ips.get(h) for h in hosts}
 
     def _note_hosts(self, hosts: List[Dict[str, Any]]) -> None:
@@ -284,7 +312,7 @@ class Tree:
         known = {} if fresh else self._grants.get(image_id, {})
         now = {}
         if self.export_ip:
-            hosts = self.registry.hosts()
+            hosts = self._hosts()
             self._note_hosts(hosts)
             for h in hosts:
                 if h.get("host") and h["host"] != self.host and h.get("initiator"):
@@ -435,13 +463,13 @@ class Tree:
             late = time.monotonic() > deadline
             if not late:
                 try:
-                    self._choose(image_id, self.registry.peers(image_id), exclude, early=True)
+                    self._choose(image_id, self._records(image_id), exclude, early=True)
                 except Busy:
                     time.sleep(0.25)
                     continue
             with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
                 try:
-                    placement, sources = self._choose(image_id, self.registry.peers(image_id), exclude,
+                    placement, sources = self._choose(image_id, self._records(image_id), exclude,
                                                       last_resort=late, early=not late)
                 except Busy:
                     placement = None
@@ -460,7 +488,7 @@ class Tree:
         parents that left, failed or still fall short at the deadline (empty: all there)."""
         want = [p for p in placement["parents"] if p != "origin"]
         while want:
-            by_host = {r["host"]: r for r in self.registry.peers(image_id)}
+            by_host = {r["host"]: r for r in self._records(image_id)}
             gone = {p for p in want if p not in by_host or by_host[p].get("state") in ("leaving", "failed")}
             if gone:
                 return gone
@@ -557,7 +585,7 @@ class Tree:
         if last:
             self._stop_prefetch(image_id)   # it holds the template's device open
         if last and st[image_id]["children"] and self._registry_ok(f"leaving image {image_id}"):
-            me = next((r for r in self.registry.peers(image_id) if r.get("host") == self.host), None)
+            me = next((r for r in self._records(image_id) if r.get("host") == self.host), None)
             if me:
                 self.registry.publish(image_id, dict(me, state="leaving"))
             deadline = time.monotonic() + self.leave_timeout_s
@@ -628,7 +656,7 @@ class Tree:
         origin = self._load_origin(image_id)
         if origin is None:
             return False
-        records = self.registry.peers(image_id)
+        records = self._records(image_id)
         by_host = {r["host"]: r for r in records}
         me = by_host.get(self.host)
         if me is None or me.get("state") == "joining":    # attach is still placing it
@@ -640,7 +668,7 @@ class Tree:
                 self._publish(image_id, me)          # grants for hosts that joined since
             return False
         with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
-            records = self.registry.peers(image_id)
+            records = self._records(image_id)
             # never choose a dead/leaving parent, nor a node below us
             placement, sources = self._choose(image_id, records, exclude=bad, last_resort=True)
             LOG.warning("image %s: parents %s gone or leaving; re-parenting to %s", image_id, bad, placement["parents"])
@@ -664,7 +692,7 @@ class Tree:
             if not t.get("complete") or origin is None:
                 continue
             try:
-                if any(r.get("host") == self.host for r in self.registry.peers(image_id)):
+                if any(r.get("host") == self.host for r in self._records(image_id)):
                     continue        # still a member (a restart within the lease): upkeep keeps it
                 if len(t.get("paths", [])) > 1:
                     self.node.reparent(image_id, [origin])

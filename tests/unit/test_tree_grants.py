@@ -80,22 +80,14 @@ class FakeNode:
                     del self.templates[image]
 
     def export_info(self, image, initiator):
+        if not initiator.startswith("iqn.") or " " in initiator:     # as Node checks it
+            raise vmthunder.InvalidArgument(f"invalid IQN {initiator!r}")
         self.export_calls.append((image, initiator))
         return {"target_iqn": f"iqn.x:{image}", "auth_password": f"secret-{len(self.export_calls)}"}
 
 
-def _checked(parse, records):
-    out = []
-    for r in records:
-        try:
-            out.append(parse(r))
-        except vmthunder.InvalidArgument:
-            pass
-    return out
-
-
 class FakeRegistry:
-    """Records in memory, checked on read as Registry checks them (bad ones skipped)."""
+    """Records in memory, handed out as written (the tree checks them)."""
 
     def __init__(self):
         self.host_records = {h: {"host": h, "export_ip": ip} for h, ip in EXPORT_IPS.items()}
@@ -106,7 +98,7 @@ class FakeRegistry:
         self.host_records.setdefault(rec["host"], {}).update(rec)
 
     def hosts(self):
-        return _checked(vmthunder.parse_host_record, [self.host_records[h] for h in sorted(self.host_records)])
+        return [dict(self.host_records[h]) for h in sorted(self.host_records)]
 
     @contextlib.contextmanager
     def lock(self, image, timeout_s):
@@ -115,7 +107,7 @@ class FakeRegistry:
     def peers(self, image):
         if self.on_peers:
             self.on_peers()
-        return _checked(vmthunder.parse_image_record, [dict(r, host=h) for h, r in sorted(self.records.get(image, {}).items())])
+        return [dict(r, host=h) for h, r in sorted(self.records.get(image, {}).items())]
 
 
     def publish(self, image, rec):
@@ -225,7 +217,7 @@ def test_a_joiner_never_claims_under_its_own_descendant(tmp_path):
                                   "grants": {"cn1": grant("cn2")}},
                           "cn1": {"state": "joining", "depth": 1, "parents": ["origin"]}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
-    placement, _ = tree._choose("img", reg.peers("img"), last_resort=True, early=True)
+    placement, _ = tree._choose("img", tree._records("img"), last_resort=True, early=True)
     assert "cn2" not in placement["parents"]
 
 
@@ -288,10 +280,10 @@ def test_only_the_primary_parent_may_still_be_building(tmp_path):
     reg.records["img"] = {"cn3": {"state": "joining", "depth": 1, "parents": ["origin"],
                                   "grants": {"cn1": grant("cn3")}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=3)
-    placement, sources = tree._choose("img", reg.peers("img"), early=True)
+    placement, sources = tree._choose("img", tree._records("img"), early=True)
     assert placement["parents"] == ["origin"] and sources == [None]
     reg.records["img"]["cn3"]["state"] = "ready"
-    placement, _ = tree._choose("img", reg.peers("img"), early=True)
+    placement, _ = tree._choose("img", tree._records("img"), early=True)
     assert placement["parents"] == ["origin", "cn3"]
 
 
@@ -529,11 +521,11 @@ def test_a_grant_that_becomes_valid_is_used_and_a_refusal_is_logged_once(tmp_pat
                                   "grants": {"cn1": grant("cn0", target_portal="198.18.0.99:3260")}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     for _ in range(3):
-        placement, sources = tree._choose("img", reg.peers("img"), last_resort=True)
+        placement, sources = tree._choose("img", tree._records("img"), last_resort=True)
         assert placement["parents"] == ["origin"] and sources == [None]
     assert len([r for r in caplog.records if "grant of" in r.getMessage()]) == 1, "logged once, not every round"
     reg.records["img"]["cn0"]["grants"]["cn1"] = grant("cn0")
-    placement, sources = tree._choose("img", reg.peers("img"))
+    placement, sources = tree._choose("img", tree._records("img"))
     assert placement["parents"][0] == "cn0" and sources[0] == checked("cn0")
 
 
@@ -542,34 +534,39 @@ def test_a_grant_of_a_host_that_published_no_export_address_is_not_used(tmp_path
     del reg.host_records["cn0"]
     reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": grant("cn0")}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
-    placement, _ = tree._choose("img", reg.peers("img"), last_resort=True)
+    placement, _ = tree._choose("img", tree._records("img"), last_resort=True)
     assert placement["parents"] == ["origin"]
 
 
-def test_bad_records_are_skipped_with_one_line_naming_host_and_field(caplog):
-    """Validated where records are read (Registry.peers/hosts): a bad initiator, a
-    non-integer depth, grants of the wrong type each skip that record only."""
-    from vmthunder.registry import HOSTS_GROUP, Registry
+def test_bad_records_are_skipped_with_one_line_naming_host_and_field(tmp_path, caplog):
+    """Checked where the tree reads them: a bad initiator, a non-integer depth, grants of the
+    wrong type each skip that record only, with one warning naming the host and the field;
+    the join goes on with the good records."""
     caplog.set_level("DEBUG")
-    reg = Registry("file:///nonexistent-vmthunder-test", "cn1")     # not started: no backend needed
-    good = {"host": "cn5", "state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": grant("cn0")}}
-    records = [good,
-               {"host": "cn6", "state": "ready", "depth": "2", "parents": ["origin"]},
-               {"host": "cn7", "state": "ready", "depth": 2.5, "parents": ["origin"]},
-               {"host": "cn8", "state": "ready", "depth": 1, "parents": ["origin"], "grants": ["cn1"]},
-               {"host": "cn9", "state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": "Pw-cn9-Secret9"}}]
-    for _ in range(2):
-        got = reg._checked("vmthunder-image-img", records)
-    assert [r["host"] for r in got] == ["cn5"] and got[0]["depth"] == 1
+    node, reg = FakeNode(), FakeRegistry()
+    reg.publish_host({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2"})
+    reg.publish_host({"host": "cn6", "initiator": "not an iqn; rm -rf /"})
+    reg.publish_host({"host": "cn7", "initiator": "iqn.1993-08.org.debian:01:cn7", "export_ip": "198.18.0.7:3260"})
+    reg.records["img"] = {
+        "cn0": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": grant("cn0")}},
+        "cn6": {"state": "ready", "depth": "2", "parents": ["origin"]},
+        "cn7": {"state": "ready", "depth": 2.5, "parents": ["origin"]},
+        "cn8": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": ["cn1"]},
+        "cn9": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": "Pw-cn9-Secret9"}}}
+    node.reparent = lambda image, sources: "table"
+    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1",
+                state_dir=str(tmp_path), fanout=1, max_parents=1)
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    for _ in range(3):
+        tree.maintain()
+    assert reg.records["img"]["cn1"]["parents"][0] == "cn0"
+    assert set(reg.records["img"]["cn1"]["grants"]) == {"cn2"}, "cn6's bad initiator got no ACL"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 4, warnings            # once each, not again on the second read
-    for host, field in [("cn6", "field depth"), ("cn7", "field depth"), ("cn8", "field grants"), ("cn9", "field grants")]:
-        assert any(host in w and field in w for w in warnings), (host, warnings)
-    hosts = reg._checked(HOSTS_GROUP, [{"host": "cn5", "initiator": "iqn.1993-08.org.debian:01:cn5", "export_ip": "198.18.0.5"},
-                                        {"host": "cn6", "initiator": "not an iqn; rm -rf /", "export_ip": "198.18.0.6"},
-                                        {"host": "cn7", "export_ip": "198.18.0.7:3260"}])
-    assert [h["host"] for h in hosts] == ["cn5"]
-    assert any("cn6" in w and "field initiator" in w for w in [r.getMessage() for r in caplog.records])
+    skipped = [w for w in warnings if "skipping the record" in w]
+    assert len(skipped) == 6, skipped           # once each, not on every upkeep round
+    for host, field in [("cn6", "field depth"), ("cn7", "field depth"), ("cn8", "field grants"), ("cn9", "field grants"),
+                        ("cn6", "field initiator"), ("cn7", "field export_ip")]:
+        assert any(host in w and field in w for w in skipped), (host, field, skipped)
     assert "Pw-cn9-Secret9" not in _all_log_text(caplog) and "Pw-cn0-Secret9" not in _all_log_text(caplog)
 
 
@@ -622,10 +619,38 @@ def test_random_records_never_raise_anything_but_a_typed_error(tmp_path):
         except vmthunder.InvalidArgument:
             pass
         reg.records["img"] = {rec["host"]: {k: v for k, v in rec.items() if k != "host"}}
-        if reg.peers("img"):
+        if tree._records("img"):
             accepted += 1
         try:
-            tree._choose("img", reg.peers("img"))
+            tree._choose("img", tree._records("img"))
         except vmthunder.Busy:
             pass
     assert accepted > 0, "the fuzzing never produced a valid record: it tests nothing"
+
+
+def test_saved_origins_are_new_0600_files_never_through_a_link_and_only_for_valid_ids(tmp_path):
+    """The saved origin holds the origin's CHAP secret: 0600, written to a new file (a link
+    planted at its temporary name is replaced, not followed) and read without following one."""
+    import os
+    import stat
+    node = FakeNode()
+    asked = []
+    node.recover = lambda image, sources: asked.append(image) or []
+    tree = Tree(node, FakeRegistry(), initiator="iqn.1993-08.org.debian:01:cn1", state_dir=str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    os.makedirs(tmp_path / "tree", mode=0o700)
+    os.symlink(victim, tmp_path / "tree" / "img.json.tmp")
+    tree._save_origin("img", {"auth_password": "Pw-origin-Secret9"})
+    assert victim.read_text() == "untouched", "followed a planted link"
+    assert stat.S_IMODE(os.stat(tmp_path / "tree" / "img.json").st_mode) == 0o600
+    assert tree._load_origin("img") == {"auth_password": "Pw-origin-Secret9"}
+    os.symlink(victim, tmp_path / "tree" / "lnk.json")
+    with pytest.raises(vmthunder.InvalidArgument):
+        tree._load_origin("lnk")
+    for bad in ("../escape", "a/b", "", "x..y"):
+        with pytest.raises(vmthunder.InvalidArgument):
+            tree._save_origin(bad, {})
+    assert not (tmp_path / "escape.json").exists()
+    assert sorted(os.listdir(tmp_path / "tree")) == ["img.json", "lnk.json"]
+    assert tree.recover() == {} and asked == ["img"], "the link is skipped, not followed"
