@@ -37,6 +37,8 @@ pub struct HostRecord {
     /// Where its exports are reached; `None`: it does not relay.
     pub export_ip: Option<Ipv4Addr>,
     pub failure_domain: Option<String>,
+    /// The public key relays seal its grants with (`seal`); `None`: it gets no grants.
+    pub grant_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -128,7 +130,11 @@ pub fn parse_host_record(v: &Value) -> Result<HostRecord> {
         None => None,
     };
     let failure_domain = opt_text(m, &host, "failure_domain")?;
-    Ok(HostRecord { host, initiator, export_ip, failure_domain })
+    let grant_key = match opt_text(m, &host, "grant_key")? {
+        Some(k) => Some(crate::seal::public_key(&k).map(|_| k.to_ascii_lowercase()).map_err(|e| record_err(&host, "grant_key", e.message))?),
+        None => None,
+    };
+    Ok(HostRecord { host, initiator, export_ip, failure_domain, grant_key })
 }
 
 /// Check an image-group record (`{host, state, depth, parents, failure_domain, grants, built}`).

@@ -32,6 +32,10 @@ Liveness. A member whose process dies disappears from `peers()` after about `lea
 If the lease lapsed anyway (process stopped for longer than lease_s, etcd unreachable for a
 while), the heartbeat thread re-publishes every record this Registry published.
 
+TLS (``etcd3+https://host:port?ca_cert=/etc/vmthunder/etcd-ca.pem&cert_cert=/etc/vmthunder/cn1.pem&cert_key=/etc/vmthunder/cn1.key``):
+the CA that verifies etcd (only it: REQUESTS_CA_BUNDLE is ignored then) and this host's client
+certificate and key, passed to tooz/etcd3gw.
+
 Every call is bounded by `timeout_s` (lock acquisition by its own timeout); failures are
 `RegistryError` (a `vmthunder.Error`). `stop()` is best-effort and never raises.
 """
@@ -299,6 +303,11 @@ class Registry:
                 c = coordination.get_coordinator(self._tooz_url, self.member_id.encode(), **options)
             except Exception as e:
                 raise RegistryError(f"registry {self.url}: no tooz driver: {_describe(e)}") from e
+            session = getattr(getattr(c, "client", None), "session", None)
+            if session is not None and "ca_cert=" in self._tooz_url:
+                # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace the session's CA:
+                # the CA the URL names is the one that verifies etcd.
+                session.trust_env = False
             # our own heart below: tooz's cannot be stopped while the backend is down
             self._bounded("start", lambda: c.start(start_heart=False), connecting=True)
             self._coord = c

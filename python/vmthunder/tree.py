@@ -15,8 +15,12 @@ relay *grants* each known host ahead of time: it creates that host's ACL + CHAP 
 `Node.export_info` and publishes the resulting connection dict in its registry record
 (`grants[host]`). A peer that has not granted the newcomer yet is not eligible as its parent.
 
+Grants are sealed for their recipient (`vmthunder.seal_grant`): each host publishes a public
+key (`grant_key`, its key pair in state_dir) in the hosts group, and only it can open what a
+relay granted it; a host that publishes none gets no grant (it reads from the origin).
+
 Other hosts' records are not trusted (anyone who can write the registry writes them): the
-registry hands out only records its Rust parser accepted, and a grant is used only if
+tree uses only records the Rust parser accepts, and a grant is used only if
 `vmthunder.check_grant` finds it names that parent's own export of the image (one target, LUN
 0, the IQN vmthunder derives, on the export address the parent published in the hosts group);
 a peer whose grant fails counts as not having granted us, with one warning.
@@ -28,8 +32,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from vmthunder._vmthunder import (Busy, Error, InvalidArgument, Node, check_grant, choose_parents, parse_host_record,
-                                  parse_image_record, validate_id)
+from vmthunder._vmthunder import (Busy, Error, InvalidArgument, Node, check_grant, choose_parents, grant_key,
+                                  parse_host_record, parse_image_record, seal_grant, validate_id)
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -124,20 +128,24 @@ class Tree:
         # 1.25 x W from the origin instead of 1.08 (bench/README.md, eleventh session).
         self.prefetch_reverse = prefetch_reverse
         self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
-        self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, grant)
+        self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, its key, sealed grant)
         self._kept: set = set()     # images whose last VM left here while children still read them
         self._export_ips: Dict[str, Optional[str]] = {}     # host -> export_ip it published
         self._export_ips_at = -1e9
         self._bad_grants: Dict[tuple, str] = {}             # (image, host) -> why its grant is refused
         self._bad_records: Dict[tuple, str] = {}            # (group, host) -> why its record is skipped
+        self._key: Optional[str] = None                     # our public key for sealed grants
+        self._keyless: set = set()                          # (image, host) told it gets no grant
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
         if self.registry is None:
             return False
         try:
-            self.registry.publish_host({"host": self.host, "initiator": self.initiator,
-                                        "export_ip": self.export_ip, "failure_domain": self.failure_domain})
+            if self._key is None:
+                self._key = grant_key(self.state_dir)
+            self.registry.publish_host({"host": self.host, "initiator": self.initiator, "export_ip": self.export_ip,
+                                        "failure_domain": self.failure_domain, "grant_key": self._key})
             return True
         except Error as e:
             LOG.warning("registry unavailable (%s): %s from the origin alone", e, what)
@@ -238,7 +246,7 @@ class Tree:
         out = {}
         for host, grant in offered.items():
             try:
-                out[host] = check_grant(grant, host, image_id, ips.get(host))
+                out[host] = check_grant(grant, host, image_id, ips.get(host), self.state_dir)
             except InvalidArgument as e:
                 why = str(e)
                 if self._bad_grants.get((image_id, host)) != why:
@@ -309,17 +317,35 @@ class Tree:
         self.registry.publish(image_id, self._record(image_id, placement, state, built))
 
     def _update_grants(self, image_id: str, fresh: bool) -> None:
+        """Grant every live host that publishes an initiator and a key: its ACL + CHAP
+        (`export_info`), sealed for it. A host without a key (an older vmthunder) gets none:
+        no secret goes out that every member can read. The ACLs of hosts that left are revoked
+        (their grants were in records anyone could keep): on the first round in this process
+        for the image, and whenever a granted host's initiator is gone."""
         known = {} if fresh else self._grants.get(image_id, {})
+        first = fresh or image_id not in self._grants
         now = {}
         if self.export_ip:
             hosts = self._hosts()
             self._note_hosts(hosts)
             for h in hosts:
-                if h.get("host") and h["host"] != self.host and h.get("initiator"):
-                    got = known.get(h["host"])
-                    if got is None or got[0] != h["initiator"]:
-                        got = (h["initiator"], self.node.export_info(image_id, h["initiator"]))
-                    now[h["host"]] = got
+                if h["host"] == self.host or not h.get("initiator"):
+                    continue
+                if not h.get("grant_key"):
+                    if (image_id, h["host"]) not in self._keyless:
+                        LOG.info("image %s: no grant for %s: it publishes no grant_key", image_id, h["host"])
+                        self._keyless.add((image_id, h["host"]))
+                    continue
+                got = known.get(h["host"])
+                if got is None or got[:2] != (h["initiator"], h["grant_key"]):
+                    got = (h["initiator"], h["grant_key"],
+                           seal_grant(self.node.export_info(image_id, h["initiator"]), h["grant_key"]))
+                now[h["host"]] = got
+            gone = {g[0] for g in known.values()} - {g[0] for g in now.values()}
+            if (first and not fresh) or gone:
+                revoked = self.node.revoke_grants(image_id, sorted({g[0] for g in now.values()}))
+                if revoked:
+                    LOG.info("image %s: revoked the grants of hosts that left: %s", image_id, revoked)
         self._grants[image_id] = now
 
     def _record(self, image_id: str, placement: Dict[str, Any], state: str, built: bool = False) -> Dict[str, Any]:
@@ -328,7 +354,7 @@ class Tree:
         rec = {"state": state, "depth": placement["depth"], "parents": placement["parents"],
                "failure_domain": self.failure_domain}
         if image_id in self._grants:
-            rec["grants"] = {host: g for host, (_, g) in self._grants[image_id].items()}
+            rec["grants"] = {host: g[-1] for host, g in self._grants[image_id].items()}
         if built and state == "joining":
             rec["built"] = True
         return rec

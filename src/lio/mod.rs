@@ -322,6 +322,29 @@ impl Lio {
             .collect()
     }
 
+    /// Remove the ACLs (and so the CHAP credentials) of `iqn` whose initiator is not in `keep`
+    /// and has no live session: hosts that left. One still reading keeps its ACL until its
+    /// session ends (removing it would cut the child's path mid-read). Returns the initiators
+    /// revoked; a removal that fails is an error naming what was left.
+    pub fn revoke_except(&self, iqn: &str, keep: &[String]) -> Result<Vec<String>> {
+        let live = self.active_sessions(iqn);
+        let mut revoked = Vec::new();
+        let mut errs = Vec::new();
+        for acl in subdirs(&self.tpg_dir(iqn).join("acls")) {
+            let Some(name) = acl.file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
+            if keep.contains(&name) || live.contains(&name) {
+                continue;
+            }
+            let before = errs.len();
+            self.remove_acl(&acl, &mut errs);
+            if errs.len() == before {
+                info!("revoked {name}'s access to {iqn}");
+                revoked.push(name);
+            }
+        }
+        if errs.is_empty() { Ok(revoked) } else { Err(Error::new(Kind::Lio, format!("revoking ACLs of {iqn} left: {}", errs.join("; ")))) }
+    }
+
     pub fn acls(&self, iqn: &str) -> Vec<String> {
         subdirs(&self.tpg_dir(iqn).join("acls")).iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect()
     }
@@ -414,6 +437,25 @@ mod tests {
         assert!(!e.message.contains(secret), "{}", e.message);
         assert!(!format!("{e:?}").contains(secret));
         cap.assert_absent(secret);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn revoke_removes_departed_initiators_but_not_a_live_session_or_a_kept_one() {
+        let iqn = names::template_iqn("cn1", "img");
+        let root = std::env::temp_dir().join(format!("vmthunder-lio-revoke-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let acls = root.join("iscsi").join(&iqn).join("tpgt_1/acls");
+        for i in ["iqn.1993-08.org.debian:01:gone", "iqn.1993-08.org.debian:01:live", "iqn.1993-08.org.debian:01:kept"] {
+            fs::create_dir_all(acls.join(i)).unwrap();
+        }
+        fs::write(acls.join("iqn.1993-08.org.debian:01:live/info"), "LIO Session ID: 3  ISID: 0x00023d000001").unwrap();
+        let lio = Lio { root: root.clone() };
+        let revoked = lio.revoke_except(&iqn, &["iqn.1993-08.org.debian:01:kept".to_string()]).unwrap();
+        assert_eq!(revoked, ["iqn.1993-08.org.debian:01:gone"]);
+        let mut left = lio.acls(&iqn);
+        left.sort();
+        assert_eq!(left, ["iqn.1993-08.org.debian:01:kept", "iqn.1993-08.org.debian:01:live"]);
         fs::remove_dir_all(&root).unwrap();
     }
 

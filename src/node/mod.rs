@@ -624,6 +624,17 @@ impl Node {
         Ok(lio.source_for(&iqn, &portal, chap).to_json())
     }
 
+    /// Revoke the grants of `image`'s export held by initiators not in `keep` (hosts that left
+    /// the cloud) unless they still have a session. Returns the initiators revoked.
+    pub fn revoke_grants(&self, image: &str, keep: &[String]) -> Result<Vec<String>> {
+        names::validate_id("image id", image)?;
+        for i in keep {
+            names::validate_iqn(i)?;
+        }
+        let _lock = self.lock_image(image)?;
+        Lio::new()?.revoke_except(&names::template_iqn(&self.cfg.host, image), keep)
+    }
+
     /// Create this node's iSCSI target for `image` before its template exists, without a LUN:
     /// children can log in (and `export_info` grant them) while this node builds; the template's
     /// export adds LUN 0 for all of them. In a chain this takes every level's logins off the

@@ -29,6 +29,27 @@ def checked(parent, image="img"):
     return vmthunder.check_grant(grant(parent, image), parent, image, EXPORT_IPS[parent])
 
 
+_PEER_DIRS = {}
+
+
+def peer_dir(host):
+    """A peer's state dir: where its key pair for sealed grants lives."""
+    import tempfile
+    if host not in _PEER_DIRS:
+        _PEER_DIRS[host] = tempfile.mkdtemp(prefix=f"vmthunder-peer-{host}-")
+    return _PEER_DIRS[host]
+
+
+def peer_host(host, initiator):
+    """A live peer's hosts-group record, as its Tree publishes it."""
+    return {"host": host, "initiator": initiator, "grant_key": vmthunder.grant_key(peer_dir(host))}
+
+
+def opened(host, sealed, image="img"):
+    """What `host` reads in the grant cn1 (this test's node, 198.18.0.1) sealed for it."""
+    return vmthunder.check_grant(sealed, "cn1", image, "198.18.0.1", peer_dir(host))["data"]
+
+
 def iqn_of(source):
     return source.get("data", source)["target_iqn"]
 
@@ -83,7 +104,13 @@ class FakeNode:
         if not initiator.startswith("iqn.") or " " in initiator:     # as Node checks it
             raise vmthunder.InvalidArgument(f"invalid IQN {initiator!r}")
         self.export_calls.append((image, initiator))
-        return {"target_iqn": f"iqn.x:{image}", "auth_password": f"secret-{len(self.export_calls)}"}
+        return {"target_portal": "198.18.0.1:3260", "target_iqn": vmthunder.template_iqn(self.host, image),
+                "target_lun": 0, "auth_method": "CHAP", "auth_username": "vmtuser1",
+                "auth_password": f"secret-{len(self.export_calls)}"}
+
+    def revoke_grants(self, image, initiators):
+        self.calls.append(("revoke_grants", image, tuple(initiators)))
+        return []
 
 
 class FakeRegistry:
@@ -119,7 +146,7 @@ class FakeRegistry:
 
 def test_upkeep_grants_only_new_hosts_and_a_rebuilt_template_grants_again(tmp_path):
     node, reg = FakeNode(), FakeRegistry()
-    reg.publish_host({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2"})
+    reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     assert node.export_calls == [("img", "iqn.1993-08.org.debian:01:cn2")]
@@ -127,8 +154,8 @@ def test_upkeep_grants_only_new_hosts_and_a_rebuilt_template_grants_again(tmp_pa
     for _ in range(3):
         tree.maintain()
     assert node.export_calls == [("img", "iqn.1993-08.org.debian:01:cn2")], "upkeep re-granted a known host"
-    reg.publish_host({"host": "cn3", "initiator": "iqn.1993-08.org.debian:01:cn3"})
-    reg.publish_host({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2-new"})     # cn2 was reinstalled
+    reg.publish_host(peer_host("cn3", "iqn.1993-08.org.debian:01:cn3"))
+    reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2-new"))     # cn2 was reinstalled
     tree.maintain()
     assert sorted(node.export_calls[1:]) == [("img", "iqn.1993-08.org.debian:01:cn2-new"), ("img", "iqn.1993-08.org.debian:01:cn3")]
     grants = reg.records["img"]["cn1"]["grants"]
@@ -144,7 +171,7 @@ def test_a_joiner_builds_from_the_origin_at_once_and_switches_to_its_parent_once
     grants, builds from the origin alone while cn0 builds, publishes `built`, switches its paths
     to [cn0, origin] only once cn0 is built and publishes `ready` only once cn0 is ready."""
     node, reg = FakeNode(), FakeRegistry()
-    reg.publish_host({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2"})
+    reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
     cn0 = {"state": "joining", "depth": 1, "parents": ["origin"], "failure_domain": None,
            "grants": {"cn1": grant("cn0")}}
     reg.records["img"] = {"cn0": cn0}
@@ -309,7 +336,7 @@ def test_the_build_does_not_wait_for_the_claim(tmp_path):
     queue behind them. Here the image lock is held by others until our build has begun: the
     attach still completes, claimed under the parent it found, with our grants published."""
     node, reg = FakeNode(), FakeRegistry()
-    reg.publish_host({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2"})
+    reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
     reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"],
                                   "grants": {"cn1": grant("cn0")}}}
     building = threading.Event()
@@ -430,7 +457,7 @@ def test_rejoin_offers_a_rebuilt_template_from_the_origin_with_fresh_grants(tmp_
     publishes the template ready at depth 1 with new grants; an image still recorded (a restart
     within the lease) or never joined through this tree is left alone."""
     node, reg = FakeNode(), FakeRegistry()
-    reg.publish_host({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2"})
+    reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     tree.attach("other", {"target_iqn": "iqn.x:origin2"}, "vm2")
@@ -446,7 +473,7 @@ def test_rejoin_offers_a_rebuilt_template_from_the_origin_with_fresh_grants(tmp_
     assert tree.rejoin() == ["img"]
     rec = reg.records["img"]["cn1"]
     assert (rec["state"], rec["depth"], rec["parents"]) == ("ready", 1, ["origin"])
-    assert rec["grants"]["cn2"]["auth_password"] != "secret-1", "fresh ACLs"
+    assert opened("cn2", rec["grants"]["cn2"])["auth_password"] != "secret-1", "fresh ACLs"
     assert len(node.export_calls) == calls_before + 1
     assert reparented == [("img", [{"target_iqn": "iqn.x:origin"}])], "reads from the origin alone first"
     assert tree.rejoin() == [], "idempotent: recorded now"
@@ -544,8 +571,8 @@ def test_bad_records_are_skipped_with_one_line_naming_host_and_field(tmp_path, c
     the join goes on with the good records."""
     caplog.set_level("DEBUG")
     node, reg = FakeNode(), FakeRegistry()
-    reg.publish_host({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2"})
-    reg.publish_host({"host": "cn6", "initiator": "not an iqn; rm -rf /"})
+    reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
+    reg.publish_host(peer_host("cn6", "not an iqn; rm -rf /"))
     reg.publish_host({"host": "cn7", "initiator": "iqn.1993-08.org.debian:01:cn7", "export_ip": "198.18.0.7:3260"})
     reg.records["img"] = {
         "cn0": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": grant("cn0")}},
@@ -654,3 +681,54 @@ def test_saved_origins_are_new_0600_files_never_through_a_link_and_only_for_vali
     assert not (tmp_path / "escape.json").exists()
     assert sorted(os.listdir(tmp_path / "tree")) == ["img.json", "lnk.json"]
     assert tree.recover() == {} and asked == ["img"], "the link is skipped, not followed"
+
+
+def test_grants_go_out_sealed_each_readable_by_its_recipient_only(tmp_path):
+    """No CHAP secret in the record every member reads: cn2's grant opens with cn2's key only,
+    and a host that publishes no key gets no grant at all."""
+    node, reg = FakeNode(), FakeRegistry()
+    reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
+    reg.publish_host(peer_host("cn3", "iqn.1993-08.org.debian:01:cn3"))
+    reg.publish_host({"host": "cn4", "initiator": "iqn.1993-08.org.debian:01:cn4"})     # an older vmthunder
+    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    rec = reg.records["img"]["cn1"]
+    assert set(rec["grants"]) == {"cn2", "cn3"}
+    assert "secret-" not in repr(rec) and "auth_password" not in repr(rec)
+    assert opened("cn2", rec["grants"]["cn2"])["auth_password"] != opened("cn3", rec["grants"]["cn3"])["auth_password"]
+    with pytest.raises(vmthunder.InvalidArgument, match="another host"):
+        opened("cn3", rec["grants"]["cn2"])
+    assert reg.host_records["cn1"]["grant_key"] == vmthunder.grant_key(str(tmp_path)), "we publish our key"
+
+
+def test_a_grant_sealed_for_us_is_opened_checked_and_used(tmp_path):
+    node, reg = FakeNode(), FakeRegistry()
+    mine = vmthunder.grant_key(str(tmp_path))
+    reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"],
+                                  "grants": {"cn1": vmthunder.seal_grant(grant("cn0"), mine)}}}
+    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    placement, sources = tree._choose("img", tree._records("img"))
+    assert placement["parents"][0] == "cn0" and sources[0] == checked("cn0")
+    # sealed for us but forged inside: refused like a plain forgery
+    reg.records["img"]["cn0"]["grants"]["cn1"] = vmthunder.seal_grant(grant("cn0", target_lun=7), mine)
+    placement, _ = tree._choose("img", tree._records("img"), last_resort=True)
+    assert placement["parents"] == ["origin"]
+
+
+def test_upkeep_revokes_the_grants_of_hosts_that_left(tmp_path):
+    node, reg = FakeNode(), FakeRegistry()
+    reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
+    reg.publish_host(peer_host("cn3", "iqn.1993-08.org.debian:01:cn3"))
+    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    tree.maintain()
+    assert not [c for c in node.calls if c[0] == "revoke_grants"], "nobody left"
+    del reg.host_records["cn3"]                 # cn3's lease expired: it left
+    tree.maintain()
+    assert [c for c in node.calls if c[0] == "revoke_grants"] == [("revoke_grants", "img", ("iqn.1993-08.org.debian:01:cn2",))]
+    assert set(reg.records["img"]["cn1"]["grants"]) == {"cn2"}
+    # a restarted process does not know whom it granted: its first round revokes all but the live
+    node.calls = []
+    fresh = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    fresh.maintain()
+    assert [c for c in node.calls if c[0] == "revoke_grants"] == [("revoke_grants", "img", ("iqn.1993-08.org.debian:01:cn2",))]
