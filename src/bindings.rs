@@ -218,6 +218,12 @@ impl Node {
         json_to_py(py, &v)
     }
 
+    /// Revoke the grants (ACL + CHAP) of `image_id`'s export held by initiators not in
+    /// `initiators` and without a live session: hosts that left. Returns those revoked.
+    fn revoke_grants(&self, py: Python<'_>, image_id: &str, initiators: Vec<String>) -> PyResult<Vec<String>> {
+        py.allow_threads(|| self.inner.revoke_grants(image_id, &initiators)).map_err(to_py)
+    }
+
     /// Make the node's shared cache (bcache cache set) now, not at the first attach.
     fn prepare_cache(&self, py: Python<'_>) -> PyResult<bool> {
         py.allow_threads(|| self.inner.prepare_cache()).map_err(to_py)
@@ -348,6 +354,84 @@ fn unexport_volume(py: Python<'_>, name: &str) -> PyResult<()> {
     .map_err(to_py)
 }
 
+/// template_iqn(host, image_id) -> the IQN `host` exports `image_id` under (injective: ids
+/// differing in case get different IQNs). Raises InvalidArgument for a bad host or id.
+#[pyfunction]
+fn template_iqn(host: &str, image_id: &str) -> PyResult<String> {
+    names::validate_host(host).map_err(to_py)?;
+    names::validate_id("image id", image_id).map_err(to_py)?;
+    Ok(names::template_iqn(host, image_id))
+}
+
+/// validate_id(what, value) -> value: an image or VM id as every call checks it; raises
+/// InvalidArgument naming `what` and the value. Check before the id becomes a file name.
+#[pyfunction]
+fn validate_id(what: &str, value: &str) -> PyResult<String> {
+    names::validate_id(what, value).map(str::to_string).map_err(to_py)
+}
+
+/// parse_host_record(record) -> the checked record (`{host, initiator, export_ip,
+/// failure_domain}`; unknown fields dropped). Raises InvalidArgument naming the host and field.
+#[pyfunction]
+fn parse_host_record(py: Python<'_>, record: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+    let v = py_to_json(py, "record", record)?;
+    let r = crate::records::parse_host_record(&v).map_err(to_py)?;
+    json_to_py(py, &serde_json::to_value(r).expect("record serialises"))
+}
+
+/// parse_image_record(record) -> the checked record (`{host, state, depth, parents,
+/// failure_domain, grants, built?}`; unknown fields dropped). Raises InvalidArgument naming
+/// the host and field.
+#[pyfunction]
+fn parse_image_record(py: Python<'_>, record: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+    let v = py_to_json(py, "record", record)?;
+    let r = crate::records::parse_image_record(&v).map_err(to_py)?;
+    json_to_py(py, &serde_json::to_value(r).expect("record serialises"))
+}
+
+/// check_grant(grant, parent, image_id, export_ip, state_dir=None) -> the connection dict to
+/// log in with, only if the grant names exactly one target, LUN 0, the IQN `parent` exports
+/// `image_id` under, on a portal at `export_ip` (the parent's published export address). A
+/// sealed grant (`{"sealed": ...}`) is opened first with this host's key in `state_dir`.
+/// Raises InvalidArgument saying what is wrong (never the grant's CHAP secret).
+#[pyfunction]
+#[pyo3(signature = (grant, parent, image_id, export_ip, state_dir=None))]
+fn check_grant(py: Python<'_>, grant: &Bound<'_, PyAny>, parent: &str, image_id: &str, export_ip: Option<&str>,
+               state_dir: Option<&str>) -> PyResult<PyObject> {
+    let g = py_to_json(py, "grant", grant)
+        .map_err(|_| InvalidArgument::new_err(format!("grant of host {parent:?} for image {image_id:?}: not JSON-like data")))?;
+    let v = py
+        .allow_threads(|| {
+            let g = if crate::seal::is_sealed(&g) {
+                let dir = state_dir.ok_or_else(|| RsError::invalid("a sealed grant needs the state dir holding this host's key"))?;
+                crate::seal::open(&g, &crate::seal::node_key(std::path::Path::new(dir))?)
+                    .map_err(|e| RsError::invalid(format!("grant of host {parent:?} for image {image_id:?}: {}", e.message)))?
+            } else {
+                g
+            };
+            crate::records::check_grant(&g, parent, image_id, export_ip)
+        })
+        .map_err(to_py)?;
+    json_to_py(py, &v)
+}
+
+/// grant_key(state_dir) -> this host's public key for sealed grants (64 hex digits), its key
+/// pair made in `state_dir` on first use (0600). Publish it in the hosts-group record.
+#[pyfunction]
+fn grant_key(py: Python<'_>, state_dir: &str) -> PyResult<String> {
+    names::validate_path("state dir", state_dir).map_err(to_py)?;
+    py.allow_threads(|| crate::seal::node_public_key(std::path::Path::new(state_dir))).map_err(to_py)
+}
+
+/// seal_grant(grant, recipient_key) -> {"sealed": hex}: `grant` readable only by the holder of
+/// `recipient_key` (what that host published as its grant_key).
+#[pyfunction]
+fn seal_grant(py: Python<'_>, grant: &Bound<'_, PyAny>, recipient_key: &str) -> PyResult<PyObject> {
+    let g = py_to_json(py, "grant", grant)?;
+    let v = crate::seal::seal(&g, recipient_key).map_err(to_py)?;
+    json_to_py(py, &v)
+}
+
 /// A join in flight (see `Node.joining`); a context manager, released on exit.
 #[pyclass(module = "vmthunder")]
 pub struct JoinMark {
@@ -383,6 +467,13 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(allow_initiator, m)?)?;
     m.add_function(wrap_pyfunction!(unexport_volume, m)?)?;
+    m.add_function(wrap_pyfunction!(template_iqn, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_id, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_host_record, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_image_record, m)?)?;
+    m.add_function(wrap_pyfunction!(check_grant, m)?)?;
+    m.add_function(wrap_pyfunction!(grant_key, m)?)?;
+    m.add_function(wrap_pyfunction!(seal_grant, m)?)?;
     m.add("Error", py.get_type::<Error>())?;
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
     m.add("NotFound", py.get_type::<NotFound>())?;

@@ -16,13 +16,20 @@ pub struct Output {
     pub stderr: String,
 }
 
+/// `text` with every occurrence of each non-empty secret replaced by `***`: for anything a
+/// message or log line shows that may carry one (arguments, a tool's output).
+pub fn mask(text: &str, secrets: &[&str]) -> String {
+    secrets.iter().filter(|s| !s.is_empty()).fold(text.to_string(), |t, s| t.replace(s, "***"))
+}
+
 /// Run `program args...`; `secret` words are shown as `***`. Fails with `kind` when the tool
 /// cannot start or outlives `timeout`; a non-zero exit is returned, not an error.
 pub fn run(kind: Kind, program: &str, args: &[&str], secrets: &[&str], timeout: Duration) -> Result<Output> {
     let shown = std::iter::once(program)
-        .chain(args.iter().map(|a| if secrets.contains(a) { "***" } else { a }))
+        .chain(args.iter().copied())
         .collect::<Vec<_>>()
         .join(" ");
+    let shown = mask(&shown, secrets);
     debug!("run: {shown}");
     let mut child = Command::new(program)
         .args(args)
@@ -65,11 +72,29 @@ pub fn run(kind: Kind, program: &str, args: &[&str], secrets: &[&str], timeout: 
 pub fn check(kind: Kind, program: &str, args: &[&str], secrets: &[&str], timeout: Duration) -> Result<Output> {
     let out = run(kind, program, args, secrets, timeout)?;
     if out.status != 0 {
-        let shown: Vec<&str> = args.iter().map(|a| if secrets.contains(a) { "***" } else { *a }).collect();
-        return Err(Error::new(
-            kind,
-            format!("{program} {} failed (exit {}): {}", shown.join(" "), out.status, out.stderr.trim()),
-        ));
+        let shown = format!("{program} {} failed (exit {}): {}", args.join(" "), out.status, out.stderr.trim());
+        return Err(Error::new(kind, mask(&shown, secrets)));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked_in_the_error_and_the_log_also_inside_words_and_output() {
+        let secret = "Zq7secretValue9";
+        let cap = crate::testlog::capture();
+        // The tool echoes its argument to stderr and fails: the secret is in the argv (as a
+        // word and inside one) and in the tool's output.
+        let e = check(Kind::Iscsi, "sh", &["-c", "echo \"bad $0 $1\" >&2; exit 3", secret, &format!("--password={secret}")],
+                      &[secret], Duration::from_secs(10))
+            .err()
+            .expect("exit 3 is an error");
+        assert!(e.message.contains("exit 3") && e.message.contains("***"), "{}", e.message);
+        assert!(!e.message.contains(secret), "{}", e.message);
+        assert!(cap.lines().iter().any(|l| l.contains("run: sh")), "the command was logged: {:?}", cap.lines());
+        cap.assert_absent(secret);
+    }
 }

@@ -9,6 +9,7 @@
 //! - [`placement`]: which parents a joining node takes
 //! - [`sim`]: a boot-storm simulator (which shape, how long) calibrated by the lab
 //! - [`usage`]: whether a device or file is still open or held (what a teardown checks)
+//! - [`records`]: the registry records other hosts publish, checked (untrusted input)
 //! - [`bindings`]: the Python module
 pub mod cmd;
 pub mod dm;
@@ -20,6 +21,10 @@ pub mod node;
 pub mod placement;
 pub mod sim;
 pub mod usage;
+pub mod records;
+pub mod seal;
+#[cfg(test)]
+mod testlog;
 
 mod bindings;
 

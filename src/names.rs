@@ -173,11 +173,48 @@ pub fn parse_dm_name(name: &str) -> Option<Parsed> {
     }
 }
 
-/// The IQN this node exports an image under: `iqn.2026-11.org.vmthunder:<host>.<image>`.
-/// IQNs are lower case; image ids differing only in case would collide, so they are rejected
-/// by `Node` before reaching here (see `template_iqn_checked`).
+/// The IQN this node exports an image under: `iqn.2026-11.org.vmthunder:<host>:<image>`, the
+/// image id with each upper-case letter written as `:` and its lower-case form (IQNs are lower
+/// case). Injective: `:` appears in neither hosts nor ids, so the first `:` after the
+/// authority ends the host and every later one marks a capital (`parse_template_iqn` inverts
+/// it): "Img" and "img" get different targets, and a relay's target names exactly one host and
+/// one image. Lower-case ids (Glance and Cinder UUIDs) appear unchanged.
 pub fn template_iqn(host: &str, image: &str) -> String {
-    format!("{IQN_AUTHORITY}:{host}.{}", image.to_ascii_lowercase())
+    let mut iqn = format!("{IQN_AUTHORITY}:{host}:");
+    for c in image.chars() {
+        if c.is_ascii_uppercase() {
+            iqn.push(':');
+        }
+        iqn.push(c.to_ascii_lowercase());
+    }
+    iqn
+}
+
+/// `(host, image)` of an IQN made by `template_iqn`; `None` for any other IQN.
+pub fn parse_template_iqn(iqn: &str) -> Option<(String, String)> {
+    let rest = iqn.strip_prefix(IQN_AUTHORITY)?.strip_prefix(':')?;
+    let (host, encoded) = rest.split_once(':')?;
+    let mut image = String::with_capacity(encoded.len());
+    let mut chars = encoded.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ':' => match chars.next() {
+                Some(l) if l.is_ascii_lowercase() => image.push(l.to_ascii_uppercase()),
+                _ => return None,
+            },
+            c if c.is_ascii_uppercase() => return None,
+            c => image.push(c),
+        }
+    }
+    validate_host(host).ok()?;
+    validate_id("image", &image).ok()?;
+    Some((host.to_string(), image))
+}
+
+/// Whether `iqn` is some node's relay export of exactly `image` (not of an image whose id
+/// merely ends like it, nor differs from it in case).
+pub fn is_relay_of(iqn: &str, image: &str) -> bool {
+    parse_template_iqn(iqn).is_some_and(|(_, i)| i == image)
 }
 
 /// IQN of a plain volume exported with `export_volume` (an origin where there is no Cinder).
@@ -252,5 +289,60 @@ mod tests {
     fn iqn_of_template_is_valid() {
         let iqn = template_iqn("cn-1", "3F1C2A6E-8f7b");
         assert_eq!(validate_iqn(&iqn), Ok(iqn.as_str()));
+        assert_eq!(iqn, "iqn.2026-11.org.vmthunder:cn-1:3:f1:c2:a6:e-8f7b");
+        assert_eq!(template_iqn("cn1", "3f1c-8f7b"), "iqn.2026-11.org.vmthunder:cn1:3f1c-8f7b", "lower case unchanged");
+    }
+
+    #[test]
+    fn image_ids_differing_in_case_or_split_differently_get_different_iqns() {
+        // Before: both lower-cased to "...:cn1.img", and host "a.b" + image "c" equalled
+        // host "a" + image "b.c".
+        assert_ne!(template_iqn("cn1", "Img"), template_iqn("cn1", "img"));
+        assert_ne!(template_iqn("cn1", "iMg"), template_iqn("cn1", "imG"));
+        assert_ne!(template_iqn("a.b", "c"), template_iqn("a", "b.c"));
+    }
+
+    #[test]
+    fn template_iqns_parse_back_and_nothing_else_does() {
+        for (h, i) in [("cn1", "img"), ("cn-1.example.org", "3F1C2A6E-8f7b.A"), ("a", "Z")] {
+            assert_eq!(parse_template_iqn(&template_iqn(h, i)), Some((h.to_string(), i.to_string())));
+        }
+        for other in ["iqn.2026-11.org.vmthunder:cn1.img", "iqn.2026-11.org.vmthunder:cn1:img:", "iqn.2026-11.org.vmthunder:cn1:i::mg",
+                      "iqn.2026-11.org.vmthunder:cn1:i:9", "iqn.2026-11.org.vmthunder.volume:x", "iqn.2010-10.org.openstack:volume-1",
+                      "iqn.2026-11.org.vmthunder:CN1:img", "iqn.2026-11.org.vmthunder:cn1:a..b"] {
+            assert_eq!(parse_template_iqn(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_relay_session_belongs_to_the_exact_image_only() {
+        let of_ab = template_iqn("cn2", "a.b");
+        assert!(is_relay_of(&of_ab, "a.b"));
+        assert!(!is_relay_of(&of_ab, "b"), "recovering b must not catch a.b's session");
+        assert!(!is_relay_of(&template_iqn("cn2", "B"), "b"));
+        assert!(!is_relay_of("iqn.2010-10.org.openstack:volume-b", "b"));
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+            /// Injective: the IQN gives back exactly the host and image it was made of.
+            #[test]
+            fn template_iqn_round_trips(host in "[a-z0-9][a-z0-9.-]{0,20}", image in "[A-Za-z0-9][A-Za-z0-9.-]{0,39}") {
+                prop_assume!(validate_host(&host).is_ok() && validate_id("image", &image).is_ok());
+                let iqn = template_iqn(&host, &image);
+                prop_assert!(validate_iqn(&iqn).is_ok(), "{iqn}");
+                prop_assert_eq!(parse_template_iqn(&iqn), Some((host, image)));
+            }
+
+            #[test]
+            fn parse_template_iqn_never_panics(s in "\\PC{0,80}") {
+                let _ = parse_template_iqn(&s);
+                let _ = parse_dm_name(&s);
+            }
+        }
     }
 }

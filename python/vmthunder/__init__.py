@@ -33,6 +33,13 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     choose_parents,
     validate_choice,
     simulate,
+    template_iqn,
+    validate_id,
+    parse_host_record,
+    parse_image_record,
+    check_grant,
+    grant_key,
+    seal_grant,
 )
 
 # Rust `log` records arrive here through pyo3-log; operators configure the "vmthunder" logger.
@@ -42,4 +49,6 @@ __all__ = [
     "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "__version__",
     "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice", "simulate",
+    "template_iqn", "validate_id", "parse_host_record", "parse_image_record", "check_grant",
+    "grant_key", "seal_grant",
 ]

@@ -32,6 +32,10 @@ Liveness. A member whose process dies disappears from `peers()` after about `lea
 If the lease lapsed anyway (process stopped for longer than lease_s, etcd unreachable for a
 while), the heartbeat thread re-publishes every record this Registry published.
 
+TLS (``etcd3+https://host:port?ca_cert=/etc/vmthunder/etcd-ca.pem&cert_cert=/etc/vmthunder/cn1.pem&cert_key=/etc/vmthunder/cn1.key``):
+the CA that verifies etcd (only it: REQUESTS_CA_BUNDLE is ignored then) and this host's client
+certificate and key, passed to tooz/etcd3gw.
+
 Every call is bounded by `timeout_s` (lock acquisition by its own timeout); failures are
 `RegistryError` (a `vmthunder.Error`). `stop()` is best-effort and never raises.
 """
@@ -153,12 +157,13 @@ def _positive(what: str, v: Any) -> float:
 
 def _clean_record(record: Any, member_id: str) -> Dict[str, Any]:
     """A JSON-round-tripped copy (so every backend returns the same types), "host" = member."""
+    # Messages never show the record: its grants carry CHAP secrets.
     if not isinstance(record, dict):
-        raise RegistryError(f"invalid record {record!r}: must be a dict")
+        raise RegistryError(f"invalid record of {member_id!r}: must be a dict, got {type(record).__name__}")
     try:
         rec = json.loads(json.dumps(record))
     except (TypeError, ValueError) as e:
-        raise RegistryError(f"invalid record: not JSON-serializable: {e}") from None
+        raise RegistryError(f"invalid record of {member_id!r}: not JSON-serializable: {e}") from None
     if rec.get("host", member_id) != member_id:
         raise RegistryError(f"invalid record: host {rec['host']!r} is not this member {member_id!r}")
     rec["host"] = member_id
@@ -298,6 +303,11 @@ class Registry:
                 c = coordination.get_coordinator(self._tooz_url, self.member_id.encode(), **options)
             except Exception as e:
                 raise RegistryError(f"registry {self.url}: no tooz driver: {_describe(e)}") from e
+            session = getattr(getattr(c, "client", None), "session", None)
+            if session is not None and "ca_cert=" in self._tooz_url:
+                # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace the session's CA:
+                # the CA the URL names is the one that verifies etcd.
+                session.trust_env = False
             # our own heart below: tooz's cannot be stopped while the backend is down
             self._bounded("start", lambda: c.start(start_heart=False), connecting=True)
             self._coord = c
@@ -484,7 +494,8 @@ class Registry:
 
     def peers(self, image_id: str) -> List[Dict[str, Any]]:
         """Live members' records of the image's group (this host included if it published),
-        each with "host" = member id, sorted by host; [] if nobody ever published."""
+        each with "host" = member id, sorted by host; [] if nobody ever published. As the
+        members wrote them: the reader checks them (`vmthunder.parse_image_record`)."""
         return self._peers(image_group(image_id))
 
     def leave(self, image_id: str) -> None:
@@ -505,7 +516,8 @@ class Registry:
         self._publish(HOSTS_GROUP, record)
 
     def hosts(self) -> List[Dict[str, Any]]:
-        """Every live host's record (see publish_host), sorted by host."""
+        """Every live host's record (see publish_host), sorted by host; unchecked, like
+        peers() (`vmthunder.parse_host_record`)."""
         return self._peers(HOSTS_GROUP)
 
     def _try_lock(self, name: str, lk: Any) -> bool:

@@ -14,6 +14,16 @@ A relay cannot be asked for credentials at attach time (there is no daemon to an
 relay *grants* each known host ahead of time: it creates that host's ACL + CHAP with
 `Node.export_info` and publishes the resulting connection dict in its registry record
 (`grants[host]`). A peer that has not granted the newcomer yet is not eligible as its parent.
+
+Grants are sealed for their recipient (`vmthunder.seal_grant`): each host publishes a public
+key (`grant_key`, its key pair in state_dir) in the hosts group, and only it can open what a
+relay granted it; a host that publishes none gets no grant (it reads from the origin).
+
+Other hosts' records are not trusted (anyone who can write the registry writes them): the
+tree uses only records the Rust parser accepts, and a grant is used only if
+`vmthunder.check_grant` finds it names that parent's own export of the image (one target, LUN
+0, the IQN vmthunder derives, on the export address the parent published in the hosts group);
+a peer whose grant fails counts as not having granted us, with one warning.
 """
 import json
 import logging
@@ -22,7 +32,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from vmthunder._vmthunder import Busy, Error, Node, choose_parents
+from vmthunder._vmthunder import (Busy, Error, InvalidArgument, Node, check_grant, choose_parents, grant_key,
+                                  parse_host_record, parse_image_record, seal_grant, validate_id)
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -117,31 +128,49 @@ class Tree:
         # 1.25 x W from the origin instead of 1.08 (bench/README.md, eleventh session).
         self.prefetch_reverse = prefetch_reverse
         self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
-        self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, grant)
+        self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, its key, sealed grant)
         self._kept: set = set()     # images whose last VM left here while children still read them
+        self._export_ips: Dict[str, Optional[str]] = {}     # host -> export_ip it published
+        self._export_ips_at = -1e9
+        self._bad_grants: Dict[tuple, str] = {}             # (image, host) -> why its grant is refused
+        self._bad_records: Dict[tuple, str] = {}            # (group, host) -> why its record is skipped
+        self._key: Optional[str] = None                     # our public key for sealed grants
+        self._keyless: set = set()                          # (image, host) told it gets no grant
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
         if self.registry is None:
             return False
         try:
-            self.registry.publish_host({"host": self.host, "initiator": self.initiator,
-                                        "export_ip": self.export_ip, "failure_domain": self.failure_domain})
+            if self._key is None:
+                self._key = grant_key(self.state_dir)
+            self.registry.publish_host({"host": self.host, "initiator": self.initiator, "export_ip": self.export_ip,
+                                        "failure_domain": self.failure_domain, "grant_key": self._key})
             return True
         except Error as e:
             LOG.warning("registry unavailable (%s): %s from the origin alone", e, what)
             return False
 
     def _origin_file(self, image_id: str) -> str:
-        return os.path.join(self._dir, f"{image_id}.json")
+        return os.path.join(self._dir, f"{validate_id('image id', image_id)}.json")
 
     def _save_origin(self, image_id: str, origin: Dict[str, Any]) -> None:
-        # A cache of what the caller passed, needed to re-parent later; the kernel decides state.
+        """A cache of what the caller passed (the origin's CHAP secret too), needed to
+        re-parent later; the kernel decides state. The id is checked before it names a file;
+        the file is new (never a link someone planted: not followed), 0600, renamed in place."""
+        path = self._origin_file(image_id)
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
-        tmp = self._origin_file(image_id) + ".tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        if not os.path.isdir(self._dir) or os.path.islink(self._dir):
+            raise InvalidArgument(f"{self._dir} is not a directory (a symbolic link?)")
+        tmp = path + ".tmp"
+        try:
+            os.unlink(tmp)          # a leftover of a crash (or a planted link: unlink does not follow)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
             json.dump(origin, f)
-        os.replace(tmp, self._origin_file(image_id))
+        os.replace(tmp, path)
 
     def _forget_origin(self, image_id: str) -> None:
         """Drop the saved origin of an image that has no template here any more: `recover`
@@ -155,29 +184,97 @@ class Tree:
             pass
 
     def _load_origin(self, image_id: str) -> Optional[Dict[str, Any]]:
+        path = self._origin_file(image_id)
         try:
-            with open(self._origin_file(image_id)) as f:
-                return json.load(f)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as e:        # ELOOP: a symbolic link, not followed
+            raise InvalidArgument(f"{path}: {e.strerror} (links are not followed)") from None
+        with open(fd) as f:
+            return json.load(f)
+
+    # -- other hosts' records and grants: checked before use -------------------------------
+    def _checked(self, what: str, parse, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Every record as the Rust parser checked it (typed fields, unknown ones dropped); one
+        that fails is skipped with one warning naming the host and the field (repeated only
+        when what is wrong changes). Anyone who can write the registry writes these."""
+        out = []
+        for rec in records:
+            host = rec.get("host") if isinstance(rec, dict) else None
+            try:
+                out.append(parse(rec))
+            except InvalidArgument as e:
+                why = str(e)
+                (LOG.warning if self._bad_records.get((what, host)) != why else LOG.debug)(
+                    "%s: skipping the record of %s: %s", what, host, why)
+                self._bad_records[(what, host)] = why
+                continue
+            self._bad_records.pop((what, host), None)
+        return out
+
+    def _records(self, image_id: str) -> List[Dict[str, Any]]:
+        """The image group's records, checked: every read of them goes through here."""
+        return self._checked(f"image {image_id}", parse_image_record, self.registry.peers(image_id))
+
+    def _hosts(self) -> List[Dict[str, Any]]:
+        """The hosts group's records, checked."""
+        return self._checked("hosts", parse_host_record, self.registry.hosts())
+
+    def _export_ip_of(self, hosts: List[str]) -> Dict[str, Optional[str]]:
+        """The export address each of `hosts` published in the hosts group. Read again when
+        older than a few seconds, or (at most once a second) when one of them is unknown."""
+        now = time.monotonic()
+        age = now - self._export_ips_at
+        if age > 5.0 or (age > 1.0 and any(h not in self._export_ips for h in hosts)):
+            self._note_hosts(self._hosts())
+        return {h: self._export_ips.get(h) for h in hosts}
+
+    def _note_hosts(self, hosts: List[Dict[str, Any]]) -> None:
+        self._export_ips = {h["host"]: h.get("export_ip") for h in hosts}
+        self._export_ips_at = time.monotonic()
+
+    def _grants_for_us(self, image_id: str, records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+        """host -> the connection dict to log in to that parent with, for the peers whose grant
+        for us passes `check_grant`. A refused grant is logged once (again when the reason
+        changes) and the peer counts as not having granted us."""
+        offered = {r["host"]: r["grants"][self.host] for r in records
+                   if r["host"] != self.host and self.host in (r.get("grants") or {})}
+        if not offered:
+            return {}
+        ips = self._export_ip_of(sorted(offered))
+        out = {}
+        for host, grant in offered.items():
+            try:
+                out[host] = check_grant(grant, host, image_id, ips.get(host), self.state_dir)
+            except InvalidArgument as e:
+                why = str(e)
+                if self._bad_grants.get((image_id, host)) != why:
+                    LOG.warning("image %s: not using the grant of %s: %s", image_id, host, why)
+                self._bad_grants[(image_id, host)] = why
+                continue
+            self._bad_grants.pop((image_id, host), None)
+        return out
 
     # -- placement ---------------------------------------------------------------------------
-    def _peers(self, records: List[Dict[str, Any]], exclude=(), early: bool = False) -> List[Dict[str, Any]]:
-        """Registry records -> placement peers. Peers that have not granted us are 'joining'.
-        `early`: a joining peer that has granted us (its target exists, without a LUN) counts
-        as ready: we may claim under it and log in while it builds."""
+    def _peers(self, records: List[Dict[str, Any]], grants: Dict[str, Any], exclude=(),
+               early: bool = False) -> List[Dict[str, Any]]:
+        """Registry records (checked by the registry) -> placement peers. Peers that have not
+        granted us (a usable grant: `grants`) are 'joining'. `early`: a joining peer that has
+        granted us (its target exists, without a LUN) counts as ready: we may claim under it
+        and log in while it builds."""
         peers = []
         for r in records:
-            if r.get("host") in (self.host, *exclude):
+            if r["host"] in (self.host, *exclude):
                 continue
-            state = r.get("state", "joining")
-            granted = self.host in (r.get("grants") or {})
+            state = r["state"]
+            granted = r["host"] in grants
             if state == "ready" and not granted:
                 state = "joining"
             elif state == "joining" and granted and early:
                 state = "ready"
-            peers.append({"host": r["host"], "state": state, "depth": max(1, int(r.get("depth", 1))),
-                          "failure_domain": r.get("failure_domain"), "parents": r.get("parents", [])})
+            peers.append({"host": r["host"], "state": state, "depth": r["depth"],
+                          "failure_domain": r.get("failure_domain"), "parents": r["parents"]})
         return peers
 
     def _choose(self, image_id: str, records, exclude=(), last_resort=False, early=False):
@@ -185,7 +282,8 @@ class Tree:
         peer that is not ready (or has not granted us) yet, unless `last_resort`: then the
         origin alone. Placement never picks a node below us (it follows the peers' parents)."""
         newcomer = {"host": self.host, "failure_domain": self.failure_domain}
-        peers = self._peers(records, exclude, early)
+        grants = self._grants_for_us(image_id, records)
+        peers = self._peers(records, grants, exclude, early)
         try:
             placement = choose_parents(newcomer, peers, self.policy)
         except Busy:
@@ -200,7 +298,8 @@ class Tree:
             placement = dict(placement, parents=[p for i, p in enumerate(placement["parents"])
                                                  if i == 0 or p == "origin" or by_host[p].get("state") == "ready"])
         # Failover order = placement order; "origin" stands for the origin volume itself.
-        sources = [None if p == "origin" else by_host[p]["grants"][self.host] for p in placement["parents"]]
+        # Only peers with a checked grant count as ready (see _peers): the checked dict is used.
+        sources = [None if p == "origin" else grants[p] for p in placement["parents"]]
         if None not in sources:
             sources.append(None)
         return placement, sources
@@ -218,15 +317,35 @@ class Tree:
         self.registry.publish(image_id, self._record(image_id, placement, state, built))
 
     def _update_grants(self, image_id: str, fresh: bool) -> None:
+        """Grant every live host that publishes an initiator and a key: its ACL + CHAP
+        (`export_info`), sealed for it. A host without a key (an older vmthunder) gets none:
+        no secret goes out that every member can read. The ACLs of hosts that left are revoked
+        (their grants were in records anyone could keep): on the first round in this process
+        for the image, and whenever a granted host's initiator is gone."""
         known = {} if fresh else self._grants.get(image_id, {})
+        first = fresh or image_id not in self._grants
         now = {}
         if self.export_ip:
-            for h in self.registry.hosts():
-                if h.get("host") and h["host"] != self.host and h.get("initiator"):
-                    got = known.get(h["host"])
-                    if got is None or got[0] != h["initiator"]:
-                        got = (h["initiator"], self.node.export_info(image_id, h["initiator"]))
-                    now[h["host"]] = got
+            hosts = self._hosts()
+            self._note_hosts(hosts)
+            for h in hosts:
+                if h["host"] == self.host or not h.get("initiator"):
+                    continue
+                if not h.get("grant_key"):
+                    if (image_id, h["host"]) not in self._keyless:
+                        LOG.info("image %s: no grant for %s: it publishes no grant_key", image_id, h["host"])
+                        self._keyless.add((image_id, h["host"]))
+                    continue
+                got = known.get(h["host"])
+                if got is None or got[:2] != (h["initiator"], h["grant_key"]):
+                    got = (h["initiator"], h["grant_key"],
+                           seal_grant(self.node.export_info(image_id, h["initiator"]), h["grant_key"]))
+                now[h["host"]] = got
+            gone = {g[0] for g in known.values()} - {g[0] for g in now.values()}
+            if (first and not fresh) or gone:
+                revoked = self.node.revoke_grants(image_id, sorted({g[0] for g in now.values()}))
+                if revoked:
+                    LOG.info("image %s: revoked the grants of hosts that left: %s", image_id, revoked)
         self._grants[image_id] = now
 
     def _record(self, image_id: str, placement: Dict[str, Any], state: str, built: bool = False) -> Dict[str, Any]:
@@ -235,7 +354,7 @@ class Tree:
         rec = {"state": state, "depth": placement["depth"], "parents": placement["parents"],
                "failure_domain": self.failure_domain}
         if image_id in self._grants:
-            rec["grants"] = {host: g for host, (_, g) in self._grants[image_id].items()}
+            rec["grants"] = {host: g[-1] for host, g in self._grants[image_id].items()}
         if built and state == "joining":
             rec["built"] = True
         return rec
@@ -370,13 +489,13 @@ class Tree:
             late = time.monotonic() > deadline
             if not late:
                 try:
-                    self._choose(image_id, self.registry.peers(image_id), exclude, early=True)
+                    self._choose(image_id, self._records(image_id), exclude, early=True)
                 except Busy:
                     time.sleep(0.25)
                     continue
             with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
                 try:
-                    placement, sources = self._choose(image_id, self.registry.peers(image_id), exclude,
+                    placement, sources = self._choose(image_id, self._records(image_id), exclude,
                                                       last_resort=late, early=not late)
                 except Busy:
                     placement = None
@@ -395,7 +514,7 @@ class Tree:
         parents that left, failed or still fall short at the deadline (empty: all there)."""
         want = [p for p in placement["parents"] if p != "origin"]
         while want:
-            by_host = {r["host"]: r for r in self.registry.peers(image_id)}
+            by_host = {r["host"]: r for r in self._records(image_id)}
             gone = {p for p in want if p not in by_host or by_host[p].get("state") in ("leaving", "failed")}
             if gone:
                 return gone
@@ -432,7 +551,11 @@ class Tree:
             return {}
         out: Dict[str, List[str]] = {}
         for image_id in images:
-            origin = self._load_origin(image_id)
+            try:
+                origin = self._load_origin(image_id)
+            except (Error, ValueError) as e:     # not an image id, a link, not JSON
+                LOG.warning("%s: skipping %s.json: %s", self._dir, image_id, e)
+                continue
             try:
                 removed = self.node.recover(image_id, [origin] if origin else [])
             except Busy:
@@ -488,7 +611,7 @@ class Tree:
         if last:
             self._stop_prefetch(image_id)   # it holds the template's device open
         if last and st[image_id]["children"] and self._registry_ok(f"leaving image {image_id}"):
-            me = next((r for r in self.registry.peers(image_id) if r.get("host") == self.host), None)
+            me = next((r for r in self._records(image_id) if r.get("host") == self.host), None)
             if me:
                 self.registry.publish(image_id, dict(me, state="leaving"))
             deadline = time.monotonic() + self.leave_timeout_s
@@ -559,7 +682,7 @@ class Tree:
         origin = self._load_origin(image_id)
         if origin is None:
             return False
-        records = self.registry.peers(image_id)
+        records = self._records(image_id)
         by_host = {r["host"]: r for r in records}
         me = by_host.get(self.host)
         if me is None or me.get("state") == "joining":    # attach is still placing it
@@ -571,7 +694,7 @@ class Tree:
                 self._publish(image_id, me)          # grants for hosts that joined since
             return False
         with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
-            records = self.registry.peers(image_id)
+            records = self._records(image_id)
             # never choose a dead/leaving parent, nor a node below us
             placement, sources = self._choose(image_id, records, exclude=bad, last_resort=True)
             LOG.warning("image %s: parents %s gone or leaving; re-parenting to %s", image_id, bad, placement["parents"])
@@ -595,7 +718,7 @@ class Tree:
             if not t.get("complete") or origin is None:
                 continue
             try:
-                if any(r.get("host") == self.host for r in self.registry.peers(image_id)):
+                if any(r.get("host") == self.host for r in self._records(image_id)):
                     continue        # still a member (a restart within the lease): upkeep keeps it
                 if len(t.get("paths", [])) > 1:
                     self.node.reparent(image_id, [origin])

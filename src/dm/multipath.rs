@@ -126,14 +126,15 @@ impl FromStr for MultipathParams {
         let features = w.counted("features")?;
         let hw_handler = w.counted("hardware handler")?;
         let ngroups = w.num("number of path groups")?;
-        let first_group = w.num("first path group")? as u32;
-        let mut groups = Vec::with_capacity(ngroups);
+        let first_group = u32::try_from(w.num("first path group")?).map_err(|_| parse_err("multipath", s, "first path group out of range"))?;
+        // Counts come from the input: never sized by them beyond the words there are.
+        let mut groups = Vec::with_capacity(ngroups.min(v.len()));
         for _ in 0..ngroups {
             let selector = w.next("path selector")?.to_string();
             let selector_args = w.counted("selector args")?;
             let npaths = w.num("number of paths")?;
             let nargs = w.num("number of path args")?;
-            let mut paths = Vec::with_capacity(npaths);
+            let mut paths = Vec::with_capacity(npaths.min(v.len()));
             for _ in 0..npaths {
                 let device = parse_dev(w.next("path device")?, s)?;
                 let args = (0..nargs).map(|_| w.next("path arg").map(str::to_string)).collect::<Result<_>>()?;

@@ -165,4 +165,70 @@ mod tests {
         let b: Table = "0 8 cache 1:1 1:2 1:3 128 2 metadata2 writethrough smq 0".parse().unwrap();
         assert_eq!(a, b);
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn dev() -> impl Strategy<Value = String> {
+            (0u32..300, 0u32..70000).prop_map(|(a, b)| format!("{a}:{b}"))
+        }
+
+        /// Tables in the kernel's grammar for every target vmthunder uses, with mutations:
+        /// the parsers see both well-formed and near-miss input.
+        fn line() -> impl Strategy<Value = String> {
+            let word = prop_oneof![dev(), "[0-9]{1,20}", "[a-z_-]{1,12}", Just("P".to_string()), Just("round-robin".to_string())];
+            let params = prop_oneof![
+                (dev(), any::<u64>()).prop_map(|(d, o)| format!("linear {d} {o}")),
+                dev().prop_map(|d| format!("snapshot-origin {d}")),
+                (dev(), dev(), prop_oneof![Just("P"), Just("N"), Just("PO"), Just("X")], 0u64..1 << 20)
+                    .prop_map(|(o, c, p, k)| format!("snapshot {o} {c} {p} {k}")),
+                (dev(), dev(), dev(), 0u64..1 << 12).prop_map(|(m, d, o, b)| format!("cache {m} {d} {o} {b} 1 writethrough smq 0")),
+                (prop::collection::vec(dev(), 0..4), any::<bool>(), 0u32..3).prop_map(|(ds, q, first)| {
+                    let groups: Vec<String> = ds.iter().map(|d| format!("round-robin 0 1 1 {d} 1")).collect();
+                    format!("multipath {} 0 {} {first} {}", if q { "1 queue_if_no_path" } else { "0" }, ds.len(), groups.join(" "))
+                }),
+                Just("zero".to_string()),
+                prop::collection::vec(word, 0..12).prop_map(|w| format!("multipath {}", w.join(" "))),
+                "\\PC{0,40}",
+            ];
+            (any::<u64>(), any::<u64>(), params).prop_map(|(a, b, p)| format!("{a} {b} {p}"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+            /// No panic (nor an allocation sized by a count in the input); a refusal is a typed
+            /// error; what parses prints back to a table that parses to the same value.
+            #[test]
+            fn tables_never_panic_and_round_trip(lines in prop::collection::vec(line(), 1..4)) {
+                let text = lines.join("\n");
+                match text.parse::<Table>() {
+                    Ok(t) => {
+                        let again: Table = t.to_string().parse().unwrap();
+                        prop_assert_eq!(&again, &t);
+                        prop_assert_eq!(Table::from_kernel(&t.to_kernel()).unwrap(), t);
+                    }
+                    Err(e) => prop_assert_eq!(e.kind, crate::error::Kind::DeviceMapper),
+                }
+            }
+
+            #[test]
+            fn target_params_never_panic(t in prop_oneof![Just("linear"), Just("cache"), Just("snapshot"), Just("snapshot-origin"),
+                                                           Just("multipath"), Just("zero")],
+                                         params in prop_oneof!["\\PC{0,60}", "[0-9 ]{0,60}", "([0-9]{1,12} ){0,12}"]) {
+                if let Ok(target) = Target::parse(t, &params) {
+                    prop_assert_eq!(Target::parse(t, &target.params()).unwrap(), target);
+                }
+            }
+        }
+
+        #[test]
+        fn a_huge_count_in_a_multipath_table_is_an_error_not_an_allocation() {
+            for s in ["0 0 18446744073709551615 1", "0 0 1 1 round-robin 0 18446744073709551615 1 8:0 1",
+                      "0 0 1 4294967296 round-robin 0 1 1 8:0 1"] {
+                let e = s.parse::<MultipathParams>().unwrap_err();
+                assert_eq!(e.kind, crate::error::Kind::DeviceMapper, "{s}");
+            }
+        }
+    }
 }

@@ -9,10 +9,17 @@ use crate::{
     names::validate_iqn,
 };
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Chap {
     pub username: String,
     pub password: String,
+}
+
+/// The password never shows, not even in a debug dump.
+impl std::fmt::Debug for Chap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chap").field("username", &self.username).field("password", &"***").finish()
+    }
 }
 
 /// One path to a LUN.
@@ -34,11 +41,24 @@ fn bad(msg: String) -> Error {
     Error::invalid(format!("invalid iSCSI connection info: {msg}"))
 }
 
+/// What a message may show of a value found where a dict or string was expected: its type
+/// only (a list of connection dicts, or a mistyped `auth_password`, carries secrets).
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a dict",
+    }
+}
+
 fn get_str<'a>(d: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>> {
     match d.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(bad(format!("{key} must be a string, got {v}"))),
+        Some(v) => Err(bad(format!("{key} must be a string, got {}", kind_of(v)))),
     }
 }
 
@@ -48,7 +68,8 @@ fn lun(v: &Value, key: &str) -> Result<u32> {
         Value::String(s) => s.parse().ok(),
         _ => None,
     };
-    n.filter(|n| *n < 16384).map(|n| n as u32).ok_or_else(|| bad(format!("{key} {v} is not a LUN (0..16383)")))
+    let shown = if matches!(v, Value::Number(_) | Value::String(_)) { v.to_string() } else { kind_of(v).to_string() };
+    n.filter(|n| *n < 16384).map(|n| n as u32).ok_or_else(|| bad(format!("{key} {shown} is not a LUN (0..16383)")))
 }
 
 /// `ip:port` with an IPv4 or bracketed IPv6 address; the port defaults to 3260.
@@ -81,7 +102,7 @@ fn validate_secret(what: &str, s: &str) -> Result<String> {
 
 impl Source {
     pub fn from_json(v: &Value) -> Result<Source> {
-        let top = v.as_object().ok_or_else(|| bad(format!("expected a dict, got {v}")))?;
+        let top = v.as_object().ok_or_else(|| bad(format!("expected a dict, got {}", kind_of(v))))?;
         let data = match top.get("data") {
             Some(Value::Object(d)) => {
                 if let Some(t) = get_str(top, "driver_volume_type")? {
@@ -91,7 +112,7 @@ impl Source {
                 }
                 d
             }
-            Some(other) => return Err(bad(format!("data must be a dict, got {other}"))),
+            Some(other) => return Err(bad(format!("data must be a dict, got {}", kind_of(other)))),
             None => top,
         };
         let mut targets = Vec::new();
@@ -112,7 +133,7 @@ impl Source {
                     targets.push(Target { portal: validate_portal(portal)?, iqn: validate_iqn(iqn)?.to_string(), lun: l });
                 }
             }
-            (Some(other), _, _) => return Err(bad(format!("target_portals must be a list, got {other}"))),
+            (Some(other), _, _) => return Err(bad(format!("target_portals must be a list, got {}", kind_of(other)))),
             (None, _, _) => {
                 let portal = get_str(data, "target_portal")?.ok_or_else(|| bad("missing target_portal".into()))?;
                 let iqn = get_str(data, "target_iqn")?.ok_or_else(|| bad("missing target_iqn".into()))?;
@@ -203,9 +224,77 @@ mod tests {
     }
 
     #[test]
+    fn messages_never_carry_the_chap_password() {
+        let pw = "Sx9PasswordOfTheTenant";
+        let base = json!({"target_portal": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x", "target_lun": 0, "auth_method": "CHAP",
+                          "auth_username": "u1", "auth_password": pw});
+        let mut cases = vec![json!([base.clone()]), json!({"data": [base.clone()]}), json!({"target_portals": base.clone()})];
+        for (key, v) in [("auth_password", json!([pw])), ("auth_password", json!({"p": pw})), ("auth_password", json!(format!("{pw} x"))),
+                         ("target_lun", json!({"p": pw})), ("auth_username", json!([pw]))] {
+            let mut c = base.clone();
+            c[key] = v;
+            cases.push(c);
+        }
+        for c in cases {
+            let e = Source::from_json(&c).unwrap_err();
+            assert!(!e.message.contains(pw), "{}", e.message);
+        }
+    }
+
+    #[test]
     fn portals() {
         assert_eq!(validate_portal("198.18.0.1").unwrap(), "198.18.0.1:3260");
         assert_eq!(validate_portal("[fd00::1]:3261").unwrap(), "[fd00::1]:3261");
         assert!(validate_portal("198.18.0.1:3260\n").is_err());
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        fn field() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<i64>().prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                "\\PC{0,30}".prop_map(Value::from),
+                "(198\\.18\\.0\\.[0-9]{1,3}|\\[fd00::[0-9a-f]{1,4}\\])(:[0-9]{1,6})?".prop_map(Value::from),
+                "iqn\\.20[0-9]{2}-[0-9]{2}\\.[a-z0-9.:-]{1,20}".prop_map(Value::from),
+                prop_oneof![Just("CHAP"), Just("none"), Just("iscsi")].prop_map(Value::from),
+                prop::collection::vec(prop_oneof![any::<u16>().prop_map(Value::from), "[0-9.:a-z]{0,16}".prop_map(Value::from)], 0..4)
+                    .prop_map(Value::Array),
+            ]
+        }
+
+        fn conninfo() -> impl Strategy<Value = Value> {
+            let keys = prop_oneof![Just("target_portal"), Just("target_iqn"), Just("target_lun"), Just("target_portals"),
+                                   Just("target_iqns"), Just("target_luns"), Just("auth_method"), Just("auth_username"),
+                                   Just("auth_password"), Just("driver_volume_type")];
+            let data = prop::collection::btree_map(keys, field(), 0..10)
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+                .boxed();
+            prop_oneof![data.clone(), data.prop_map(|d| json!({"driver_volume_type": "iscsi", "data": d})), field()]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+            /// No panic; a refusal is InvalidArgument; what parses prints (`to_json`) and parses
+            /// back to the same source.
+            #[test]
+            fn conninfo_never_panics_and_round_trips(v in conninfo()) {
+                match Source::from_json(&v) {
+                    Ok(s) => prop_assert_eq!(Source::from_json(&s.to_json()).unwrap(), s),
+                    Err(e) => prop_assert_eq!(e.kind, crate::Kind::InvalidArgument),
+                }
+            }
+
+            #[test]
+            fn portal_validation_never_panics_and_is_idempotent(p in "\\PC{0,40}") {
+                if let Ok(v) = validate_portal(&p) {
+                    prop_assert_eq!(validate_portal(&v).unwrap(), v);
+                }
+            }
+        }
     }
 }

@@ -62,6 +62,12 @@ fn w(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).io_ctx(Kind::Lio, || format!("write {value:?} to {}", path.display()))
 }
 
+/// `w` of a secret (a CHAP password): the message names the file, not the value. Nova turns
+/// a failed attach into an instance fault its tenant reads.
+fn w_secret(path: &Path, value: &str) -> Result<()> {
+    fs::write(path, value).io_ctx(Kind::Lio, || format!("write the secret to {}", path.display()))
+}
+
 fn mkdir(path: &Path) -> Result<bool> {
     match fs::create_dir(path) {
         Ok(()) => Ok(true),
@@ -266,6 +272,11 @@ impl Lio {
     /// Allow `initiator` to log in with CHAP; returns its credentials. Calling it
     /// again returns the credentials already in configfs.
     pub fn allow(&self, iqn: &str, initiator: &str) -> Result<Chap> {
+        self.allow_with(iqn, initiator, || Ok(Chap { username: format!("vmt{}", &random_secret()?[..8]), password: random_secret()? }))
+    }
+
+    /// `allow`, with `new_chap` making the credentials of a new ACL.
+    fn allow_with(&self, iqn: &str, initiator: &str, new_chap: impl FnOnce() -> Result<Chap>) -> Result<Chap> {
         names::validate_iqn(initiator)?;
         let tpg = self.tpg_dir(iqn);
         if !tpg.is_dir() {
@@ -277,9 +288,9 @@ impl Lio {
             let user = fs::read_to_string(acl.join("auth/userid")).unwrap_or_default().trim().to_string();
             let pass = fs::read_to_string(acl.join("auth/password")).unwrap_or_default().trim().to_string();
             let chap = if user.is_empty() || pass.is_empty() {
-                let c = Chap { username: format!("vmt{}", &random_secret()?[..8]), password: random_secret()? };
+                let c = new_chap()?;
                 w(&acl.join("auth/userid"), &c.username)?;
-                w(&acl.join("auth/password"), &c.password)?;
+                w_secret(&acl.join("auth/password"), &c.password)?;
                 c
             } else {
                 Chap { username: user, password: pass }
@@ -309,6 +320,29 @@ impl Lio {
             .filter(|acl| fs::read_to_string(acl.join("info")).is_ok_and(|s| s.contains("LIO Session ID")))
             .filter_map(|acl| acl.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect()
+    }
+
+    /// Remove the ACLs (and so the CHAP credentials) of `iqn` whose initiator is not in `keep`
+    /// and has no live session: hosts that left. One still reading keeps its ACL until its
+    /// session ends (removing it would cut the child's path mid-read). Returns the initiators
+    /// revoked; a removal that fails is an error naming what was left.
+    pub fn revoke_except(&self, iqn: &str, keep: &[String]) -> Result<Vec<String>> {
+        let live = self.active_sessions(iqn);
+        let mut revoked = Vec::new();
+        let mut errs = Vec::new();
+        for acl in subdirs(&self.tpg_dir(iqn).join("acls")) {
+            let Some(name) = acl.file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
+            if keep.contains(&name) || live.contains(&name) {
+                continue;
+            }
+            let before = errs.len();
+            self.remove_acl(&acl, &mut errs);
+            if errs.len() == before {
+                info!("revoked {name}'s access to {iqn}");
+                revoked.push(name);
+            }
+        }
+        if errs.is_empty() { Ok(revoked) } else { Err(Error::new(Kind::Lio, format!("revoking ACLs of {iqn} left: {}", errs.join("; ")))) }
     }
 
     pub fn acls(&self, iqn: &str) -> Vec<String> {
@@ -369,5 +403,66 @@ impl Lio {
             rmdir(&tpg, errs);
         }
         rmdir(&self.root.join("iscsi").join(iqn), errs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configfs tree in a temporary directory: `iqn`'s TPG exists and the ACL of
+    /// `initiator` has an `auth/password` that cannot be written (a directory).
+    fn fake_root(iqn: &str, initiator: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("vmthunder-lio-test-{}-{}", std::process::id(), line!()));
+        let _ = fs::remove_dir_all(&root);
+        let auth = root.join("iscsi").join(iqn).join("tpgt_1/acls").join(initiator).join("auth");
+        fs::create_dir_all(auth.join("password")).unwrap();
+        fs::write(auth.join("userid"), "").unwrap();
+        root
+    }
+
+    #[test]
+    fn a_failed_write_of_a_chap_password_names_the_file_not_the_password() {
+        let iqn = names::template_iqn("cn1", "img");
+        let initiator = "iqn.1993-08.org.debian:01:cn2";
+        let root = fake_root(&iqn, initiator);
+        let lio = Lio { root: root.clone() };
+        let secret = "Pw9TopSecretChap";
+        let cap = crate::testlog::capture();
+        let e = lio
+            .allow_with(&iqn, initiator, || Ok(Chap { username: "vmtuser01".into(), password: secret.into() }))
+            .expect_err("auth/password is a directory");
+        assert_eq!(e.kind, Kind::Lio);
+        assert!(e.message.contains("auth/password"), "names the file: {}", e.message);
+        assert!(!e.message.contains(secret), "{}", e.message);
+        assert!(!format!("{e:?}").contains(secret));
+        cap.assert_absent(secret);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn revoke_removes_departed_initiators_but_not_a_live_session_or_a_kept_one() {
+        let iqn = names::template_iqn("cn1", "img");
+        let root = std::env::temp_dir().join(format!("vmthunder-lio-revoke-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let acls = root.join("iscsi").join(&iqn).join("tpgt_1/acls");
+        for i in ["iqn.1993-08.org.debian:01:gone", "iqn.1993-08.org.debian:01:live", "iqn.1993-08.org.debian:01:kept"] {
+            fs::create_dir_all(acls.join(i)).unwrap();
+        }
+        fs::write(acls.join("iqn.1993-08.org.debian:01:live/info"), "LIO Session ID: 3  ISID: 0x00023d000001").unwrap();
+        let lio = Lio { root: root.clone() };
+        let revoked = lio.revoke_except(&iqn, &["iqn.1993-08.org.debian:01:kept".to_string()]).unwrap();
+        assert_eq!(revoked, ["iqn.1993-08.org.debian:01:gone"]);
+        let mut left = lio.acls(&iqn);
+        left.sort();
+        assert_eq!(left, ["iqn.1993-08.org.debian:01:kept", "iqn.1993-08.org.debian:01:live"]);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn chap_debug_does_not_show_the_password() {
+        let c = Chap { username: "vmtuser01".into(), password: "Pw9TopSecretChap".into() };
+        let shown = format!("{c:?} {:?}", Source { targets: vec![], chap: Some(c.clone()) });
+        assert!(shown.contains("vmtuser01") && !shown.contains("Pw9TopSecretChap"), "{shown}");
     }
 }

@@ -1,7 +1,7 @@
 //! Cross-process locks: one per image (never one for the whole node), plus a short one for
 //! carving the local device, and a *join mark* per image. `flock` locks go away with the
 //! process, so a crash never leaves a stale lock.
-use std::{fs::OpenOptions, path::Path, time::{Duration, Instant}};
+use std::{path::Path, time::{Duration, Instant}};
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -31,17 +31,54 @@ pub fn try_exclusive(dir: &Path, name: &str) -> Result<Option<Lock>> {
     }
 }
 
+/// The lock file `dir/name.lock`: created exclusively where it is new (mode 0600), opened
+/// without following a symbolic link where it exists, and only ever a regular file. `name` is
+/// checked first: it comes from image ids.
+fn open_lock_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let bad = |why: String| Error::new(Kind::InvalidArgument, why);
+    if name.is_empty() || name.contains("..") || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+        return Err(bad(format!("invalid lock name {name:?}")));
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(_) => std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| bad(format!("state dir {}: {e}", dir.display())))?,
+    }
+    if !std::fs::symlink_metadata(dir).map_err(|e| bad(format!("state dir {}: {e}", dir.display())))?.is_dir() {
+        return Err(bad(format!("lock dir {} is not a directory (a symbolic link?)", dir.display())));
+    }
+    let path = dir.join(format!("{name}.lock"));
+    let nofollow = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    for _ in 0..3 {
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nofollow).open(&path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(bad(format!("lock {}: {e}", path.display()))),
+        }
+        let f = match std::fs::OpenOptions::new().write(true).custom_flags(nofollow | libc::O_NONBLOCK).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // removed meanwhile: create it
+            Err(e) => return Err(bad(format!("lock {}: {e} (not following a symbolic link)", path.display()))),
+        };
+        let meta = f.metadata().map_err(|e| bad(format!("lock {}: {e}", path.display())))?;
+        if !meta.is_file() {
+            return Err(bad(format!("lock {} is not a regular file", path.display())));
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            // made by an older version with the umask's mode
+            f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| bad(format!("chmod {}: {e}", path.display())))?;
+        }
+        return Ok(f);
+    }
+    Err(bad(format!("lock {}: created and removed again meanwhile, three times", path.display())))
+}
+
 fn take(dir: &Path, name: &str, how: FlockArg, timeout: Duration) -> Result<Lock> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::new(Kind::InvalidArgument, format!("state dir {}: {e}", dir.display())))?;
     let path = dir.join(format!("{name}.lock"));
     let start = Instant::now();
     loop {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::new(Kind::InvalidArgument, format!("lock {}: {e}", path.display())))?;
+        let f = open_lock_file(dir, name)?;
         match Flock::lock(f, how) {
             Ok(l) => return Ok(Lock { _flock: l }),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) if start.elapsed() < timeout => {
@@ -71,6 +108,32 @@ mod tests {
         let e = acquire_shared(&dir, "join-img", Duration::ZERO).err().expect("excluded while held exclusively");
         assert_eq!(e.kind, Kind::Busy);
         drop(x);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lock_files_are_new_0600_regular_files_and_links_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("vmthunder-lock-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(acquire(&dir, "image-img", Duration::ZERO).unwrap());
+        let mode = std::fs::metadata(dir.join("image-img.lock")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        // A link planted where a lock file will be: not followed, its target not created.
+        let target = dir.join("planted-target");
+        std::os::unix::fs::symlink(&target, dir.join("image-evil.lock")).unwrap();
+        let e = acquire(&dir, "image-evil", Duration::ZERO).err().expect("a symbolic link is refused");
+        assert!(e.message.contains("image-evil.lock"), "{}", e.message);
+        assert!(!target.exists(), "the link was followed");
+        // An older lock file with the umask's mode is tightened.
+        std::fs::write(dir.join("image-old.lock"), "").unwrap();
+        std::fs::set_permissions(dir.join("image-old.lock"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(acquire(&dir, "image-old", Duration::ZERO).unwrap());
+        assert_eq!(std::fs::metadata(dir.join("image-old.lock")).unwrap().permissions().mode() & 0o777, 0o600);
+        for bad in ["../x", "a/b", "", "a b"] {
+            assert_eq!(acquire(&dir, bad, Duration::ZERO).err().expect(bad).kind, Kind::InvalidArgument, "{bad}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -462,10 +462,7 @@ impl Node {
         } else if template::release_if_unused(self, &dm, image)? {
             removed.push(format!("template of image {image}"));
         }
-        let relay_suffix = format!(".{}", image.to_ascii_lowercase());
-        let relays = iscsi::sessions().into_iter().filter(|s| {
-            s.iqn.strip_prefix(names::IQN_AUTHORITY).and_then(|r| r.strip_prefix(':')).is_some_and(|r| r.ends_with(&relay_suffix))
-        });
+        let relays = iscsi::sessions().into_iter().filter(|s| names::is_relay_of(&s.iqn, image));
         let mut targets: Vec<Target> = relays.map(|s| Target { portal: s.portal, iqn: s.iqn, lun: 0 }).collect();
         targets.extend(sources.into_iter().flat_map(|s| s.targets));
         targets.sort_by(|a, b| (&a.iqn, &a.portal).cmp(&(&b.iqn, &b.portal)));
@@ -625,6 +622,17 @@ impl Node {
             if e.kind == Kind::NotFound { Error::new(Kind::NotFound, format!("image {image:?} is not exported by {}", self.cfg.host)) } else { e }
         })?;
         Ok(lio.source_for(&iqn, &portal, chap).to_json())
+    }
+
+    /// Revoke the grants of `image`'s export held by initiators not in `keep` (hosts that left
+    /// the cloud) unless they still have a session. Returns the initiators revoked.
+    pub fn revoke_grants(&self, image: &str, keep: &[String]) -> Result<Vec<String>> {
+        names::validate_id("image id", image)?;
+        for i in keep {
+            names::validate_iqn(i)?;
+        }
+        let _lock = self.lock_image(image)?;
+        Lio::new()?.revoke_except(&names::template_iqn(&self.cfg.host, image), keep)
     }
 
     /// Create this node's iSCSI target for `image` before its template exists, without a LUN:

@@ -94,8 +94,16 @@ fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, attached: bool, un
     let backing = t.origin.path().display().to_string();
     let tmp = format!("{shown}.part");
     // Made under a temporary name and renamed: a crash never leaves a half-written overlay
-    // that would count as an attached VM.
-    let r = cmd::check(Kind::Snapshot, "qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing, &tmp], &[], Duration::from_secs(60))
+    // that would count as an attached VM. The file is ours before qemu-img writes it: new,
+    // 0600 from the start, not a link someone planted (qemu-img keeps an existing file's mode).
+    let _ = std::fs::remove_file(&tmp);
+    let r = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)
+            .map(drop)
+            .map_err(|e| Error::new(Kind::Snapshot, format!("create {tmp}: {e}")))
+    };
+    let r = r.and_then(|_| cmd::check(Kind::Snapshot, "qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing, &tmp], &[], Duration::from_secs(60)))
         .and_then(|_| {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::new(Kind::Snapshot, format!("chmod {tmp}: {e}")))

@@ -167,7 +167,7 @@ node.prelogin({conn_b!r})
 os.kill(os.getpid(), signal.SIGKILL)""")
     assert crash.value.exc_type == "exit"
     left = leftovers(c)
-    assert len(left["sessions"]) == 2 and left["targets"] == [f"iqn.2026-11.org.vmthunder:c.{IMAGE_ID}"], left
+    assert len(left["sessions"]) == 2 and left["targets"] == [f"iqn.2026-11.org.vmthunder:c:{IMAGE_ID}"], left
 
     holder = c.spawn(f"python3 - <<'EOF'\nimport time, vmthunder\n{nc}mark = node.joining({IMAGE_ID!r})\n"
                      f"print('held', flush=True)\ntime.sleep(120)\nEOF")
