@@ -8,8 +8,9 @@ log() { echo "[setup] $*"; }
 
 # libdevmapper-dev + libclang-dev: the devicemapper crate's -sys build (pkg-config, bindgen);
 # gcc: the fleet's VM stand-in (bench/replay.c).
+# e2fsprogs: a persistent state dir in the reboot tests; openssl: the CA of the etcd TLS tests.
 pkgs=(user-mode-linux open-iscsi dmsetup kmod iproute2 busybox-static qemu-utils etcd-server bcache-tools
-      libdevmapper-dev libclang-dev pkg-config gcc)
+      libdevmapper-dev libclang-dev pkg-config gcc e2fsprogs openssl)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
 if ((${#missing[@]})); then
