@@ -38,6 +38,7 @@ def load_helpers():
     registry = types.ModuleType("vmthunder.registry")
     registry.Registry = mock.Mock(name="Registry")
     registry.Registry.return_value.started = False
+    tree.Tree.return_value.rejoin.return_value = []      # nothing a reboot rebuilt relays again
     fake.tree, fake.registry = tree, registry
     modules = {"vmthunder": fake, "vmthunder.tree": tree, "vmthunder.registry": registry}
     patcher = mock.patch.dict(sys.modules, modules)
@@ -266,7 +267,10 @@ class WithTheRealTreeTest(unittest.TestCase):
         ext = types.ModuleType("vmthunder._vmthunder")
         ext.Error, ext.NotFound, ext.Busy = Error, NotFound, type("Busy", (Error,), {})
         ext.Node = mock.MagicMock(name="Node")
-        ext.choose_parents = mock.Mock(name="choose_parents")
+        ext.InvalidArgument = type("InvalidArgument", (Error,), {})
+        for name in ("choose_parents", "check_grant", "grant_key", "parse_host_record",
+                     "parse_image_record", "seal_grant", "validate_id"):
+            setattr(ext, name, mock.Mock(name=name))
         fake = types.ModuleType("vmthunder")
         fake.Node, fake.Error, fake.NotFound = ext.Node, Error, NotFound
         patcher = mock.patch.dict(sys.modules, {"vmthunder": fake, "vmthunder._vmthunder": ext})
