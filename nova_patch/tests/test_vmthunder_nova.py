@@ -268,6 +268,7 @@ class WithTheRealTreeTest(unittest.TestCase):
         ext.Error, ext.NotFound, ext.Busy = Error, NotFound, type("Busy", (Error,), {})
         ext.Node = mock.MagicMock(name="Node")
         ext.InvalidArgument = type("InvalidArgument", (Error,), {})
+        ext.StateDirError = type("StateDirError", (Error,), {})
         for name in ("choose_parents", "check_grant", "grant_key", "parse_host_record",
                      "parse_image_record", "seal_grant", "validate_id"):
             setattr(ext, name, mock.Mock(name=name))

@@ -186,7 +186,7 @@ impl Node {
             ));
         }
         std::fs::create_dir_all(&cfg.state_dir)
-            .map_err(|e| Error::invalid(format!("state dir {}: {e}", cfg.state_dir.display())))?;
+            .map_err(|e| Error::caused_by(Kind::StateDir, format!("state dir {}", cfg.state_dir.display()), e))?;
         Ok(Node { cfg, cache_dev, cache_total })
     }
 
