@@ -26,6 +26,8 @@ use crate::{
 const ISCSIADM: &str = "iscsiadm";
 /// iscsiadm's exit status for "no records found".
 const NO_RECORDS: i32 = 21;
+/// iscsiadm's exit status for "session already exists" (ISCSI_ERR_SESS_EXISTS).
+const SESSION_EXISTS: i32 = 15;
 
 /// The open-iscsi interface our node records are made under (`iscsiadm -I`): a node record is
 /// keyed by target, portal and interface, so a record under this interface is one vmthunder
@@ -40,6 +42,14 @@ const NO_RECORDS: i32 = 21;
 /// os-brick's does.
 pub const IFACE: &str = "vmthunder";
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(40);
+/// iscsid's own bound on a first login: `LOGIN_ATTEMPTS` attempts of at most
+/// `LOGIN_ATTEMPT_TIMEOUT_S` each, below `LOGIN_TIMEOUT`. Without it iscsid goes on retrying
+/// (8 x 15 s by default) after iscsiadm was killed, and its late session makes the next login
+/// fail with "session already exists".
+const LOGIN_ATTEMPT_TIMEOUT_S: &str = "15";
+const LOGIN_RETRIES: &str = "1";
+/// How long a login that found "session already exists" waits for that session to show in sysfs.
+const SESSION_APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
 const ADM_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +107,20 @@ pub fn sessions() -> Vec<Session> {
 
 pub fn find_session(t: &Target) -> Option<Session> {
     sessions().into_iter().find(|s| s.iqn == t.iqn && s.portal == t.portal)
+}
+
+/// The session to `t`, waiting up to `timeout` for it to show (polled every 200 ms).
+fn wait_for_session(t: &Target, timeout: Duration) -> Option<Session> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = find_session(t) {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn node_args(t: &Target) -> Vec<&str> {
@@ -161,6 +185,8 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
             ("node.session.timeo.replacement_timeout", replacement.as_str()),
             ("node.conn[0].timeo.noop_out_interval", noop.as_str()),
             ("node.conn[0].timeo.noop_out_timeout", noop.as_str()),
+            ("node.conn[0].timeo.login_timeout", LOGIN_ATTEMPT_TIMEOUT_S),
+            ("node.session.initial_login_retry_max", LOGIN_RETRIES),
         ];
         let mut secrets = vec![];
         match chap {
@@ -174,13 +200,28 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
         update(t, &pairs, &secrets)?;
         let mut a = node_args(t);
         a.push("--login");
-        cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], LOGIN_TIMEOUT)?;
-        find_session(t).ok_or_else(|| Error::new(Kind::Iscsi, format!("login to {} at {} reported success but no session appeared", t.iqn, t.portal)))
+        let out = cmd::run(Kind::Iscsi, ISCSIADM, &a, &[], LOGIN_TIMEOUT)?;
+        if out.status == SESSION_EXISTS {
+            // A concurrent login, or iscsid finishing an earlier one: use that session.
+            return wait_for_session(t, SESSION_APPEAR_TIMEOUT).map(|s| (s, false)).ok_or_else(|| {
+                Error::new(Kind::Iscsi, format!("iscsiadm reports a session to {} at {} but none appeared in {:?}", t.iqn, t.portal, SESSION_APPEAR_TIMEOUT))
+            });
+        }
+        if out.status != 0 {
+            return Err(Error::new(Kind::Iscsi, format!("{ISCSIADM} {} failed (exit {}): {}", a.join(" "), out.status, out.stderr.trim())));
+        }
+        find_session(t)
+            .map(|s| (s, true))
+            .ok_or_else(|| Error::new(Kind::Iscsi, format!("login to {} at {} reported success but no session appeared", t.iqn, t.portal)))
     })();
     match result {
-        Ok(s) => {
+        Ok((s, true)) => {
             info!("logged in to {} at {} (session {}, host{})", t.iqn, t.portal, s.sid, s.host_no);
             Ok((s, true))
+        }
+        Ok((s, false)) => {
+            info!("reusing iSCSI session {} to {} at {} (it appeared during our login)", s.sid, t.iqn, t.portal);
+            Ok((s, false))
         }
         Err(e) => {
             // iscsid may still be retrying a login iscsiadm gave up on (an unreachable

@@ -50,6 +50,23 @@ def fleet(tmp_path_factory):
         yield f
 
 
+@pytest.fixture(autouse=True)
+def no_vm_left_behind(request):
+    """The tests share node B: a failed one must not leave VMs that make the next ones fail.
+    Runs after each test of `fleet` (its own assertions came first), detaching whatever is left."""
+    yield
+    if "fleet" not in request.fixturenames:
+        return
+    b = request.getfixturevalue("fleet")["b"]
+    b.run("ip route flush type blackhole", timeout=30)     # the unreachable-image test's
+    rc, out = b.run("python3 - <<'EOF'\nimport vmthunder\n" + node_ctor(b)
+                    + "for vm in sorted(node.status()['vms']):\n"
+                      "    try:\n        node.detach(vm); print('detached', vm)\n"
+                      "    except vmthunder.Error as e:\n        print('left', vm, e)\nEOF", timeout=300)
+    if out.strip():
+        print(f"after the test, on B: {out.strip()}")
+
+
 def origin_conn(fleet, node):
     a = fleet["a"]
     return py(a, f"out(vmthunder.allow_initiator({VOLUME!r}, {node.initiator_iqn!r}, '{a.ip}:3260'))")
