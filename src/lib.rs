@@ -22,6 +22,7 @@ pub mod placement;
 pub mod sim;
 pub mod usage;
 pub mod records;
+pub mod rollback;
 pub mod seal;
 #[cfg(test)]
 mod testlog;
