@@ -535,6 +535,7 @@ impl Node {
             orphans
         };
         report.removed.extend(orphans.into_iter().map(|n| format!("slice {n} (its owner is gone)")));
+        report.removed.extend(iscsi::sweep_records(iscsi::RECORD_SWEEP_MIN_AGE));
         log::info!(
             "reassembled {} VM disk(s){}{}",
             report.disks.len(),

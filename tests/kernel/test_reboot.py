@@ -287,6 +287,28 @@ def test_a_vm_whose_image_is_unreachable_is_named_and_its_cow_kept(fleet):
     assert final["layout"]["slices"] == {}, (final, b.check("dmsetup ls; dmsetup table"))
 
 
+def test_start_up_deletes_our_node_records_that_a_killed_login_left(fleet):
+    """A kill inside `iscsiadm -o update` (or a logout) leaves our node record without a
+    session: start-up deletes it, spares a record young enough to be a login in flight, and
+    never touches another interface's record."""
+    b = fleet["b"]
+    b.check(f"mkdir -p {STATE_DIR}")
+    portal = "198.18.9.77:3260"
+    gone, young, other = (f"iqn.2026-11.org.vmthunder.test:{n}" for n in ("gone", "young", "other"))
+    b.check("iscsiadm -m iface -I vmthunder >/dev/null 2>&1 || iscsiadm -m iface -I vmthunder -o new")
+    for iqn, iface in ((gone, "vmthunder"), (young, "vmthunder"), (other, "default")):
+        b.check(f"iscsiadm -m node -o new -T {iqn} -p {portal} -I {iface}")
+    for iqn in (gone, other):
+        b.check(f"find /etc/iscsi/nodes/{iqn} -type f -exec touch -d '2 hours ago' {{}} +")
+    report = py(b, node_ctor(b) + "out(node.reassemble())")
+    assert f"iSCSI node record of {gone} at {portal} (no session)" in report["removed"], report
+    assert not any(young in r or other in r for r in report["removed"]), report
+    listed = b.check("iscsiadm -m node 2>/dev/null || true")
+    assert gone not in listed and young in listed and other in listed, listed
+    for iqn, iface in ((young, "vmthunder"), (other, "default")):
+        b.check(f"iscsiadm -m node -o delete -T {iqn} -p {portal} -I {iface}")
+
+
 def _measure(node, code):
     t0 = time.monotonic()
     p = spawn_py(node, code)
