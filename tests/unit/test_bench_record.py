@@ -9,6 +9,7 @@ import pytest
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 sys.path.insert(0, BENCH)
 import record  # noqa: E402  (bench/record.py)
+import simulate  # noqa: E402  (bench/simulate.py)
 
 W = 80 << 20
 
@@ -63,6 +64,24 @@ def test_history_goes_beside_the_result(tmp_path):
     assert h["modes"]["direct"] == {"error": "RuntimeError: boom"}
     assert json.loads(out.read_text())["provenance"]["commit"] == "0421ba3"
     assert not (tmp_path / "fleet-8n-100mbit.json.tmp").exists()
+
+
+def test_the_simulator_finds_each_lab_run_once_in_the_history():
+    history = record.read_history()
+    for scenario, commit, nodes, mode, _shape, _k in simulate.CASES:
+        run, m = simulate.lab_run(scenario, commit, nodes, mode, history)
+        assert run["rate_bps"] > 0 and m["completion_s"] > 0 and m["origin_data_w"] > 0
+    with pytest.raises(SystemExit, match="0 runs of fleet-8n-100mbit at nope"):
+        simulate.lab_run("fleet-8n-100mbit", "nope", 8, "direct", history)
+
+
+def test_every_kept_result_carries_its_provenance():
+    res = os.path.join(BENCH, "results")
+    for f in sorted(os.listdir(res)):
+        if f.endswith(".json"):
+            prov = json.load(open(os.path.join(res, f)))["provenance"]
+            assert prov["date"] and "commit" in prov and prov["host"]["cores"], (f, prov)
+    assert not [f for f in os.listdir(res) if f.endswith(".png")], "PNGs are drawn on demand (bench/plot.py)"
 
 
 def test_plot_draws_a_fleet_result_from_its_json(tmp_path):
