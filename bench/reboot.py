@@ -152,9 +152,9 @@ done
     return res
 
 
-def summary(doc: dict) -> dict:
+def summary(doc: dict, command: str) -> dict:
     """The history line: per VM count the reassembly and the first reads, and the carve costs."""
-    return {**record.run_fields(doc["provenance"]), "bench": "reboot", "scenario": "reboot",
+    return {**record.run_fields(doc["provenance"]), "bench": "reboot", "scenario": "reboot", "command": command,
             "image_bytes": doc["image_bytes"],
             "runs": {str(r["vms"]): {"reassemble_s": r["reassemble_s"], "power_on_to_disks_s": r["power_on_to_disks_s"],
                                      "first_read_cold_s": r["first_read_cold"]["seconds"],
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
                 doc["runs"].append(run_n(fleet, n, image))
             doc["carve"] = carve_costs(fleet, args.carve_rounds)
         record.write_result(args.out, doc)
-        record.append_history(args.out, summary(doc))
+        record.append_history(args.out, summary(doc, " ".join(["python3", "bench/reboot.py"] + (argv if argv is not None else sys.argv[1:]))))
         print(f"{'VMs':>4} {'reassemble':>11} {'boot->disks':>12} {'cold read':>16} {'read after':>16}")
         for r in doc["runs"]:
             c, w = r["first_read_cold"], r["first_read_after_reassembly"]

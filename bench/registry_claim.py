@@ -66,7 +66,9 @@ def main(argv=None) -> int:
                "round_s": sum(times) / len(times) / 4, "host_cores": os.cpu_count()}
         record.write_result(a.out, doc)
         record.append_history(a.out, {**record.run_fields(doc["provenance"]), "bench": "registry_claim",
-                                      "scenario": "registry-claim", "claims": doc["claims"],
+                                      "scenario": "registry-claim",
+                                      "command": " ".join(["python", "bench/registry_claim.py"] + (argv if argv is not None else sys.argv[1:])),
+                                      "claims": doc["claims"],
                                       "claim_s_median": round(doc["claim_s_median"], 4),
                                       "claim_s_mean": round(doc["claim_s_mean"], 4), "round_s": round(doc["round_s"], 4)})
         print(json.dumps(doc))
