@@ -100,3 +100,46 @@ def test_plot_draws_a_fleet_result_from_its_json(tmp_path):
     no_tl = tmp_path / "fleet-scaling-100mbit.json"
     no_tl.write_text(json.dumps({"runs": [], "modes": {}}))
     assert plot.main([str(no_tl)]) == 2
+
+
+def test_a_fleet_run_names_its_result_and_writes_history_only_into_its_out_dir(tmp_path, monkeypatch):
+    """bench/fleet.py's output, with its UML fleet stood in for: the result named by the run's
+    parameters, provenance inside, the PNG beside it, one history line per fleet size, all under
+    --out; bench/results untouched."""
+    import fleet  # bench/fleet.py
+
+    class Run:
+        def __init__(self, a, trace, image_path, W, digest, n, m):
+            self.n, self.W, self.rate = n, W, fleet.parse_rate(a.rate)
+
+        def run(self):
+            doc = fleet_doc(self.n)
+            doc["working_set_bytes"], doc["rate_bps"] = self.W, self.rate
+            doc["modes"]["tree-f1"]["timeline"] = {"t": [0.0, 1.0], "tx": {"o": [0, 1 << 20]}, "vm_bytes": 1,
+                                                   "vm_progress": {"vm01": [[0.5, 1]]}}
+            doc["modes"]["tree-f1"]["vm_times_s"] = {"vm01": 0.5}
+            doc.update(fanout=1, image_bytes=32 << 20)
+            del doc["provenance"], doc["command"]
+            return doc
+
+    monkeypatch.setattr(fleet.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(fleet, "uml_available", lambda: (True, ""))
+    monkeypatch.setattr(fleet, "FleetRun", Run)
+    monkeypatch.setattr(fleet, "table", lambda doc: "")
+    monkeypatch.setattr(fleet, "host_speed", lambda: {"python_loop_2e6_s": 0.05, "cpu_model": "x", "cores": 2})
+    repo_history = os.path.join(BENCH, "results", "history.jsonl")
+    before = open(repo_history).read()
+    fleet.main(["--nodes", "2", "--smoke", "--modes", "tree-f1,direct", "--out", str(tmp_path)])
+    fleet.main(["--scaling", "2,3", "--smoke", "--rate", "25mbit", "--modes", "tree-f1,direct", "--out", str(tmp_path)])
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["fleet-2n-100mbit-synthetic-timeline.png", "fleet-2n-100mbit-synthetic.json",
+                     "fleet-scaling-25mbit-synthetic.json", "history.jsonl"], names
+    doc = json.loads((tmp_path / "fleet-2n-100mbit-synthetic.json").read_text())
+    assert doc["provenance"]["commit"] and doc["provenance"]["date"].endswith("Z")
+    assert doc["png"] == "fleet-2n-100mbit-synthetic-timeline.png"
+    hist = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [(h["file"], h["nodes"]) for h in hist] == [("fleet-2n-100mbit-synthetic.json", 2),
+                                                       ("fleet-scaling-25mbit-synthetic.json", 2),
+                                                       ("fleet-scaling-25mbit-synthetic.json", 3)]
+    assert hist[0]["host"]["python_loop_2e6_s"] == 0.05 and hist[0]["modes"]["tree-f1"]["completion_s"] == 16.033
+    assert open(repo_history).read() == before
