@@ -125,7 +125,7 @@ class Tree:
         self._lock = threading.Lock()   # one upkeep round at a time in this process
         self.prefetch_depth = prefetch_depth
         # From the profile's end (default): forwards, the 8-node chain measured the same time but
-        # 1.25 x W from the origin instead of 1.08 (bench/README.md, eleventh session).
+        # 1.25 x W from the origin instead of 1.08 (bench/README.md, 2026-12-03).
         self.prefetch_reverse = prefetch_reverse
         self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
         self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, its key, sealed grant)
