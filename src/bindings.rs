@@ -130,11 +130,11 @@ pub struct Node {
 impl Node {
     /// Node(host, cache_device, state_dir, export_ip=None, export_port=3260, engine="bcache",
     ///      cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0,
-    ///      path_timeout_s=5, coalesce=True, readahead_kib=4, cow_warn_percent=90)
+    ///      path_timeout_s=5, coalesce=True, readahead_kib=4, cow_warn_percent=90, queue_timeout_s=60)
     #[new]
     #[pyo3(signature = (host, cache_device, state_dir, export_ip=None, export_port=3260, engine="bcache",
                         cache_block_kib=64, cache_size_mib=None, cow_size_mib=1024, scan_timeout_s=15.0, path_timeout_s=5,
-                        coalesce=true, readahead_kib=4, cow_warn_percent=90))]
+                        coalesce=true, readahead_kib=4, cow_warn_percent=90, queue_timeout_s=60))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -152,6 +152,7 @@ impl Node {
         coalesce: bool,
         readahead_kib: u32,
         cow_warn_percent: u8,
+        queue_timeout_s: u32,
     ) -> PyResult<Self> {
         if !(scan_timeout_s > 0.0 && scan_timeout_s <= 600.0) {
             return Err(InvalidArgument::new_err(format!("invalid scan_timeout_s {scan_timeout_s}: 0 < t <= 600")));
@@ -168,6 +169,7 @@ impl Node {
         cfg.coalesce = coalesce;
         cfg.readahead_kib = readahead_kib;
         cfg.cow_warn_percent = cow_warn_percent;
+        cfg.queue_timeout_s = queue_timeout_s;
         let inner = py.allow_threads(|| node::Node::new(cfg)).map_err(to_py)?;
         Ok(Node { inner })
     }
@@ -301,6 +303,16 @@ impl Node {
     fn reassemble(&self, py: Python<'_>) -> PyResult<PyObject> {
         let r = py.allow_threads(|| self.inner.reassemble()).map_err(to_py)?;
         json_to_py(py, &serde_json::to_value(r).expect("report serialises"))
+    }
+
+    /// heal_paths() -> [{"image", "device", "disk"}]
+    ///
+    /// One upkeep round over the parent paths of every template: reinstate each failed path
+    /// whose iSCSI session is logged in again, re-arm bounded queueing where an outage
+    /// outlived `queue_timeout_s`. Returns the paths reinstated. `Tree.maintain` runs it.
+    fn heal_paths(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let h = py.allow_threads(|| self.inner.heal_paths()).map_err(to_py)?;
+        json_to_py(py, &serde_json::to_value(h).expect("serialises"))
     }
 
     /// What this node holds, read from the kernel: templates, their devices, VMs and children.

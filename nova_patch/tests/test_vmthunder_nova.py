@@ -81,7 +81,7 @@ class GetNodeTest(HelperTestCase):
                                           initiator="iqn.2004-10.com.ubuntu:01:cn1",
                                           export_ip="198.18.0.2", state_dir="/var/lib/nova/vmthunder")
         self.Registry.assert_not_called()
-        tree.start_watch.assert_not_called()
+        tree.start_watch.assert_called_once_with()      # upkeep heals parent paths without a registry too
         self.helpers.get_node(Conf(cache_device="/dev/vdc"), "cn1", "198.18.0.2")
         self.assertEqual(2, self.Node.call_count)
 

@@ -53,7 +53,8 @@ def _initiator():
 def get_node(conf, host, export_ip=None):
     """What Nova attaches through: this process's relay ``Tree`` around its ``Node``, for
     ``conf`` (Nova's ``[vmthunder]`` group, or any object with ``cache_device``,
-    ``state_dir`` and, optional, ``coordination_url``, ``fanout`` and ``cow_size_mib``).
+    ``state_dir`` and, optional, ``coordination_url``, ``fanout``, ``cow_size_mib`` and
+    ``queue_timeout_s``).
 
     Built on first use and kept, one per configuration. With ``coordination_url`` the tree
     joins the registry (tooz) and keeps itself up on a thread; without it, or while the
@@ -62,12 +63,15 @@ def get_node(conf, host, export_ip=None):
     url = getattr(conf, "coordination_url", None)
     fanout = getattr(conf, "fanout", None)
     cow_size_mib = getattr(conf, "cow_size_mib", None)
+    queue_timeout_s = getattr(conf, "queue_timeout_s", None)
     host = host_name(host)
-    key = (host, conf.cache_device, conf.state_dir, export_ip, url, fanout, cow_size_mib)
+    key = (host, conf.cache_device, conf.state_dir, export_ip, url, fanout, cow_size_mib, queue_timeout_s)
     with _lock:
         tree = _nodes.get(key)
         if tree is None:
             sizes = {"cow_size_mib": cow_size_mib} if cow_size_mib else {}
+            if queue_timeout_s is not None:
+                sizes["queue_timeout_s"] = queue_timeout_s
             node = vmthunder.Node(host=host, cache_device=conf.cache_device,
                                   state_dir=conf.state_dir, export_ip=export_ip, **sizes)
             _reassemble(node)
@@ -80,8 +84,7 @@ def get_node(conf, host, export_ip=None):
             tree = Tree(node, registry, initiator=_initiator(), export_ip=export_ip,
                         state_dir=conf.state_dir, **extra)
             _recover(tree)
-            if registry is not None:
-                tree.start_watch()
+            tree.start_watch()      # upkeep heals parent paths, with or without a registry
             _nodes[key] = tree
         if tree.registry is not None and not tree.registry.started:
             try:

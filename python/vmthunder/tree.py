@@ -2,8 +2,9 @@
 parent choice through the Rust placement function, failover and re-parenting.
 
 No daemon: `Tree` lives in the caller's process (nova-compute). `maintain()` is one round of
-upkeep (re-grant new hosts, re-parent away from dead or leaving parents); `start_watch()` runs it
-on a thread of that process.
+upkeep (reinstate parent paths whose sessions are back, re-grant new hosts, re-parent away from
+dead or leaving parents); `start_watch()` runs it on a thread of that process. Paths are healed
+with or without a registry: an outage that took the registry down too must not leave them failed.
 
 Boot profiles: when the caller gives one (the recorded boot reads of the image, `load_profile`),
 the node that builds a template reads those blocks through it on a thread, from the profile's
@@ -639,11 +640,16 @@ class Tree:
                 LOG.warning("image %s: could not leave the registry group: %s", image_id, e)
 
     def maintain(self) -> List[str]:
-        """One upkeep round over the images this node holds: tear down the templates nothing
-        uses any more, grant new hosts, and re-parent away from parents that died (left the
-        registry) or are leaving. Returns re-parented ids."""
+        """One upkeep round over the images this node holds: reinstate parent paths whose
+        iSCSI sessions are back (`Node.heal_paths`), tear down the templates nothing uses any
+        more, grant new hosts, and re-parent away from parents that died (left the registry)
+        or are leaving. Returns re-parented ids."""
         moved = []
         with self._lock:
+            try:
+                self.node.heal_paths()      # logs what it reinstated
+            except Error as e:
+                LOG.warning("upkeep could not heal the parent paths: %s", e)
             self._sweep_unused()
             if not self._registry_ok("upkeep"):
                 return moved

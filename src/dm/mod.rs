@@ -52,11 +52,15 @@ pub struct Dm {
 /// and vmthunder never writes to them, so the paths device is read-only. The layers above it
 /// (bcache's backing device, dm-cache) still load read-write tables over it.
 fn load_options(table: &Table) -> DmOptions {
-    if table.lines.iter().any(|l| matches!(l.target, Target::Multipath(_))) {
+    if is_multipath(table) {
         DmOptions::default().set_flags(DmFlags::DM_READONLY)
     } else {
         DmOptions::default()
     }
+}
+
+fn is_multipath(table: &Table) -> bool {
+    table.lines.iter().any(|l| matches!(l.target, Target::Multipath(_)))
 }
 
 fn dm_name(name: &str) -> Result<&DmName> {
@@ -160,8 +164,11 @@ impl Dm {
         let id = DevId::Name(dm_name(name)?);
         let ctx = |what: &str| format!("{what} {name} (reload with {table})");
         self.dm.table_load(&id, &table.to_kernel(), load_options(table)).map_err(|e| Error::from(e).context(ctx("load a table into")))?;
+        // A multipath device is suspended without flushing (as multipathd does): I/O queued
+        // while every path is down stays queued through the swap instead of failing.
+        let flags = if is_multipath(table) { DmFlags::DM_SUSPEND | DmFlags::DM_NOFLUSH } else { DmFlags::DM_SUSPEND };
         self.dm
-            .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .device_suspend(&id, DmOptions::default().set_flags(flags))
             .map_err(|e| Error::from(e).context(ctx("suspend")))?;
         self.dm.device_suspend(&id, DmOptions::default()).map_err(|e| Error::from(e).context(ctx("resume")))?;
         info!("reloaded {name}: {table}");

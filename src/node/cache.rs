@@ -335,6 +335,10 @@ fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sec
     write_sysfs(&sys.join("sequential_cutoff"), "0")?;
     let _ = fs::write(sys.join("readahead"), "0");
     write_sysfs(&sys.join("cache_mode"), "writethrough")?;
+    // A path error that outlives the paths' queueing bound reaches the reader, but must not
+    // stop the backing device (bcache does after io_error_limit errors, 64 by default, and the
+    // template is then dead): the template reads again once its paths heal.
+    write_sysfs(&sys.join("io_error_limit"), &i32::MAX.to_string())?;
     let bc = fs::read_to_string(sys.join("dev/dev")).map_err(|e| Error::new(Kind::CacheDevice, format!("{}/dev/dev: {e}", sys.display())))?;
     let device: Device = bc.trim().parse().map_err(|_| Error::new(Kind::CacheDevice, format!("bad bcache dev {bc:?}")))?;
     let bname = fs::read_link(sys.join("dev")).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
@@ -415,11 +419,12 @@ pub fn status(dm: &Dm, image: &str) -> Option<String> {
         let sys = sysfs_dev(b.device).join("bcache");
         let rd = |f: &str| fs::read_to_string(sys.join(f)).map(|s| s.trim().to_string()).unwrap_or_default();
         return Some(format!(
-            "bcache state={} hits={} misses={} bypassed={}",
+            "bcache state={} hits={} misses={} bypassed={} io_errors={}",
             rd("state"),
             rd("stats_total/cache_hits"),
             rd("stats_total/cache_misses"),
-            rd("stats_total/bypassed")
+            rd("stats_total/bypassed"),
+            rd("io_errors")
         ));
     }
     dm.status(&names::template_dm_name(image, Role::Cache)).ok().map(|s| s.join("; "))

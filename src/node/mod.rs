@@ -9,6 +9,7 @@ pub mod cache;
 pub mod carve;
 pub mod layout;
 pub mod lock;
+pub mod paths;
 pub mod prefetch;
 mod template;
 mod vm;
@@ -76,6 +77,10 @@ pub struct Config {
     pub engine: cache::Engine,
     /// Seconds I/O waits on a dead parent before failing over to the next path.
     pub path_timeout_s: u32,
+    /// Seconds dm-multipath holds I/O when every path is down (an outage of the origin and
+    /// all parents) before failing it to the guest; 0: fail at once. Host-wide (dm_multipath's
+    /// `queue_if_no_path_timeout_secs`). Upkeep (`heal_paths`) reinstates paths afterwards.
+    pub queue_timeout_s: u32,
     /// VMs, children and the prefetch read a template through one page cache (LIO fileio,
     /// VMs through a local tcm_loop disk), so concurrent misses on a block fetch it once.
     /// Off: children read through iblock and VMs the cached device directly.
@@ -103,6 +108,7 @@ impl Config {
             scan_timeout: Duration::from_secs(15),
             engine: cache::Engine::Bcache,
             path_timeout_s: 5,
+            queue_timeout_s: 60,
             coalesce: true,
             readahead_kib: 4,
             cow_warn_percent: 90,
@@ -127,6 +133,9 @@ impl Config {
         }
         if !(1..=600).contains(&self.path_timeout_s) {
             return Err(Error::invalid(format!("invalid path timeout {}s: 1..600", self.path_timeout_s)));
+        }
+        if self.queue_timeout_s > 3600 {
+            return Err(Error::invalid(format!("invalid queue timeout {}s: 0..3600 (0: no queueing)", self.queue_timeout_s)));
         }
         if self.readahead_kib > 65536 {
             return Err(Error::invalid(format!("invalid readahead {} KiB: 0..65536", self.readahead_kib)));
@@ -171,6 +180,9 @@ pub struct TemplateStatus {
     pub engine: Option<String>,
     /// Parent paths in failover order: `{"device", "state"}`, state "A" active or "F" failed.
     pub paths: Vec<Value>,
+    /// Whether I/O queues (bounded) when every path is down; false after the bound expired
+    /// until upkeep re-arms it, or when the node does not queue. `None` without paths.
+    pub queueing: Option<bool>,
 }
 
 impl Node {
@@ -344,6 +356,15 @@ impl Node {
         let dm = Dm::open()?;
         let _lock = self.lock_image(image)?;
         template::reparent(self, &dm, image, &sources)
+    }
+
+    /// One upkeep round over every template's parent paths: reinstate each failed path whose
+    /// iSCSI session is logged in again (nothing else does: dm-multipath has no checker of
+    /// its own) and re-arm bounded queueing where an outage outlived it. Returns the paths
+    /// reinstated. Cheap when nothing failed (sysfs and dm status reads); run it every few
+    /// seconds (`Tree.maintain` does).
+    pub fn heal_paths(&self) -> Result<Vec<paths::Healed>> {
+        paths::heal(self, &Dm::open()?)
     }
 
     /// Read a recorded boot profile (`ranges`: byte offset, length; first-read order) through
@@ -773,6 +794,7 @@ impl Node {
                     complete: devs.contains_key(&Role::Paths) && devs.contains_key(&Role::Origin),
                     engine,
                     paths: template::path_states(&dm, &image),
+                    queueing: template::queueing(&dm, &image),
                     devices,
                     size_bytes,
                     vms: self.vms_of(&dm, &image)?,

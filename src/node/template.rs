@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use devicemapper::Device;
 use log::{info, warn};
 
-use super::{cache, Node};
+use super::{cache, paths, Node};
 use crate::{
     rollback::Undo,
     dm::{self, multipath::MultipathParams, snapshot::SnapshotOriginParams, Dm, DmDev, Table, Target},
@@ -114,7 +114,12 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
                 if left.is_empty() { Ok(()) } else { Err(left.join("; ")) }
             });
         }
-        read_dev = disk?.device;
+        let disk = disk?;
+        if node.cfg.queue_timeout_s > 0 {
+            // The VMs' reads wait here while the paths queue: no SCSI error handling first.
+            paths::set_command_timeout(disk.device, paths::command_timeout(node))?;
+        }
+        read_dev = disk.device;
     }
     if let Some(exp) = export_of(node, image) {
         let lio = Lio::new()?;
@@ -139,7 +144,16 @@ fn paths_table<'a>(node: &Node, image: &str, sources: &[Source], undo: &mut Undo
             return Err(Error::invalid(format!("sources of image {image:?} differ in size: {sectors} and {s} sectors")));
         }
     }
-    Ok(Table::single(sectors, Target::Multipath(MultipathParams::failover(&disks, false))))
+    // Bounded queueing when every path is down (see paths.rs); the path disks wait for a
+    // parent that is itself queueing.
+    let queue = node.cfg.queue_timeout_s > 0;
+    if queue {
+        paths::bound_queueing(node.cfg.queue_timeout_s)?;
+        for d in &disks {
+            paths::set_command_timeout(*d, paths::command_timeout(node))?;
+        }
+    }
+    Ok(Table::single(sectors, Target::Multipath(MultipathParams::failover(&disks, queue))))
 }
 
 /// Swap the parents of a live template (see `Node::reparent`).
@@ -221,13 +235,19 @@ pub(super) fn released(t: &iscsi::Target, r: &iscsi::Released) -> Vec<String> {
 pub fn path_states(dm: &Dm, image: &str) -> Vec<serde_json::Value> {
     let name = names::template_dm_name(image, Role::Paths);
     let Ok(status) = dm.status(&name) else { return vec![] };
-    // "... <dev> <A|F> <fail count> <selector args>..." per path; pick MAJOR:MINOR followed by A/F.
-    let words: Vec<&str> = status.iter().flat_map(|l| l.split_whitespace()).collect();
-    words
-        .windows(2)
-        .filter(|w| w[0].contains(':') && w[0].parse::<Device>().is_ok() && (w[1] == "A" || w[1] == "F"))
-        .map(|w| serde_json::json!({"device": w[0], "state": w[1]}))
+    paths::path_states(&status.join(" "))
+        .into_iter()
+        .map(|(d, active)| serde_json::json!({"device": d.to_string(), "state": if active { "A" } else { "F" }}))
         .collect()
+}
+
+/// Whether the template's paths device queues I/O when every path is down right now (off
+/// after the bound expired in an outage, until upkeep re-arms it).
+pub fn queueing(dm: &Dm, image: &str) -> Option<bool> {
+    match dm.table(&names::template_dm_name(image, Role::Paths)).ok()?.lines.into_iter().next()?.target {
+        Target::Multipath(mp) => Some(mp.features.iter().any(|f| f == "queue_if_no_path")),
+        _ => None,
+    }
 }
 
 /// Log in to every path of every source, all at once (a login is several round trips and

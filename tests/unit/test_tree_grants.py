@@ -112,6 +112,10 @@ class FakeNode:
         self.calls.append(("revoke_grants", image, tuple(initiators)))
         return []
 
+    def heal_paths(self):
+        self.calls.append(("heal_paths",))
+        return []
+
 
 class FakeRegistry:
     """Records in memory, handed out as written (the tree checks them)."""
@@ -419,6 +423,23 @@ def test_a_relay_kept_for_a_slow_child_is_removed_by_upkeep_once_the_child_leave
     tree.maintain()
     assert node.templates == {}, "upkeep left the unused template behind"
     assert "cn1" not in reg.records["img"], "upkeep removed the template but stayed in the group"
+
+
+def test_upkeep_heals_the_paths_with_or_without_a_registry_and_goes_on_when_healing_fails(tmp_path, caplog):
+    node = FakeNode()
+    Tree(node, None, initiator="iqn.1993-08.org.debian:01:cn1", state_dir=str(tmp_path)).maintain()
+    assert node.calls == [("heal_paths",)], "an outage that took the registry down too must still heal the paths"
+
+    def broken():
+        raise vmthunder.DeviceMapperError("cannot open /dev/mapper/control")
+    node.heal_paths = broken
+    reg = FakeRegistry()
+    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
+    reg.publish_host(peer_host("cn3", "iqn.1993-08.org.debian:01:cn3"))
+    tree.maintain()
+    assert "could not heal the parent paths: cannot open /dev/mapper/control" in caplog.text
+    assert node.export_calls == [("img", "iqn.1993-08.org.debian:01:cn3")], "the rest of the round did not run"
 
 
 def test_early_logins_log_out_what_they_started_and_start_nothing_once_closed():
