@@ -470,8 +470,8 @@ fn seal_grant(py: Python<'_>, grant: &Bound<'_, PyAny>, recipient_key: &str) -> 
     json_to_py(py, &v)
 }
 
-/// doctor(cache_device=None, state_dir=None, engine="bcache", coalesce=True, relay=True,
-///        snapshot_mode="dm") -> [{"name", "ok", "blocking", "detail", "fix"}]
+/// node_checks(cache_device=None, state_dir=None, engine="bcache", coalesce=True, relay=True,
+///             snapshot_mode="dm") -> [{"name", "ok", "blocking", "detail", "fix"}]
 ///
 /// This node's preconditions for an attach that the kernel and the host show: kernel modules,
 /// configfs, open-iscsi (iscsiadm, iscsid, the initiator name), bcache-tools and its udev rule,
@@ -479,7 +479,7 @@ fn seal_grant(py: Python<'_>, grant: &Bound<'_, PyAny>, recipient_key: &str) -> 
 /// the state dir. `blocking`: a failure makes attaches fail. Reads only; changes nothing.
 #[pyfunction]
 #[pyo3(signature = (cache_device=None, state_dir=None, engine="bcache", coalesce=true, relay=true, snapshot_mode="dm"))]
-fn doctor(py: Python<'_>, cache_device: Option<String>, state_dir: Option<String>, engine: &str, coalesce: bool, relay: bool,
+fn node_checks(py: Python<'_>, cache_device: Option<String>, state_dir: Option<String>, engine: &str, coalesce: bool, relay: bool,
           snapshot_mode: &str) -> PyResult<PyObject> {
     let o = crate::doctor::Options {
         cache_device: cache_device.map(Into::into),
@@ -543,7 +543,7 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_grant, m)?)?;
     m.add_function(wrap_pyfunction!(grant_key, m)?)?;
     m.add_function(wrap_pyfunction!(seal_grant, m)?)?;
-    m.add_function(wrap_pyfunction!(doctor, m)?)?;
+    m.add_function(wrap_pyfunction!(node_checks, m)?)?;
     m.add_function(wrap_pyfunction!(write_textfile, m)?)?;
     m.add("Error", py.get_type::<Error>())?;
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;

@@ -40,7 +40,7 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     check_grant,
     grant_key,
     seal_grant,
-    doctor,
+    node_checks,
     write_textfile,
 )
 
@@ -52,5 +52,5 @@ __all__ = [
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "__version__",
     "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice", "simulate",
     "template_iqn", "validate_id", "parse_host_record", "parse_image_record", "check_grant",
-    "grant_key", "seal_grant", "doctor", "write_textfile",
+    "grant_key", "seal_grant", "node_checks", "write_textfile",
 ]

@@ -1,4 +1,4 @@
-"""`vmthunder doctor`: the library's checks of the kernel and the host (``vmthunder.doctor``,
+"""`vmthunder doctor`: the library's checks of the kernel and the host (``vmthunder.node_checks``,
 src/doctor.rs) plus the ones that need the network or Nova: the registry answers, the clock
 agrees with it, the Nova this Python imports carries the patch.
 
@@ -16,7 +16,7 @@ import urllib.request
 from importlib import metadata
 from typing import Any, Dict, List, Optional
 
-from ._vmthunder import doctor as _kernel_checks
+from ._vmthunder import node_checks
 
 SKEW_LIMIT_S = 3.0      # the Date header has a resolution of 1 s
 
@@ -110,14 +110,14 @@ def nova_check(required: bool, markers: Dict[str, str], version: str) -> Dict[st
             missing.append(f"{rel} ({e.strerror})")
     if missing:
         return check(name, False, f"Nova {have} in {root} lacks the patch in {', '.join(missing)}", fix, blocking=required)
-    return check(name, True, f"Nova {have} in {root} carries the vmthunder patch")
+    return check(name, True, f"Nova {have} in {root} carries the vmthunder patch", blocking=required)
 
 
 def run(settings, engine: str = "bcache", coalesce: bool = True) -> List[Dict[str, Any]]:
     """Every check for a node configured as ``settings`` (``vmthunder.conf.Settings``)."""
     from .nova import NOVA_VERSION, PATCH_MARKERS
     v = settings.vmthunder
-    checks = _kernel_checks(cache_device=v.get("cache_device"), state_dir=v.get("state_dir"), engine=engine,
+    checks = node_checks(cache_device=v.get("cache_device"), state_dir=v.get("state_dir"), engine=engine,
                             coalesce=coalesce, relay=True, snapshot_mode=v.get("snapshot_mode") or "dm")
     checks += registry_checks(v.get("coordination_url"))
     checks.append(nova_check(bool(v.get("enabled")), PATCH_MARKERS, NOVA_VERSION))
