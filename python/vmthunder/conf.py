@@ -58,7 +58,7 @@ def _oslo_opts() -> List[Any]:
     from oslo_config import cfg   # only where Nova (or the generator) runs
     out = []
     for o in OPTIONS:
-        kw: Dict[str, Any] = {"default": o.default, "help": o.help}
+        kw: Dict[str, Any] = {"default": o.default, "help": " ".join(o.help.split())}
         if o.kind is bool:
             out.append(cfg.BoolOpt(o.name, **kw))
         elif o.kind is int:
@@ -70,7 +70,7 @@ def _oslo_opts() -> List[Any]:
 
 def _group() -> Any:
     from oslo_config import cfg
-    return cfg.OptGroup(GROUP, help=GROUP_HELP)
+    return cfg.OptGroup(GROUP, help=" ".join(GROUP_HELP.split()))
 
 
 def register_opts(conf: Any) -> None:
