@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import fleet  # noqa: E402  (bench/fleet.py)
 
 
-def test_fleet_smoke(tmp_path):
+def test_fleet_smoke(tmp_path, capsys):
     require_uml()
     try:
         import tooz  # noqa: F401
@@ -24,7 +24,7 @@ def test_fleet_smoke(tmp_path):
     except ImportError as e:
         import pytest
         pytest.skip(f"the tree mode needs the registry: {e}")
-    rc = fleet.main(["--nodes", "3", "--smoke", "--out", str(tmp_path)])
+    rc = fleet.main(["--nodes", "3", "--smoke", "--full-copy", "measure", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "fleet.json").read_text())
     assert doc["nodes"] == 3 and doc["vms"] == 3
     for k in ("rate_bps", "fanout", "working_set_bytes", "link_bound_s", "modes"):
@@ -49,4 +49,8 @@ def test_fleet_smoke(tmp_path):
     children = {e["child"] for e in doc["modes"]["tree"]["edges"] if e["bytes"] > 0}
     assert children == {"cn1", "cn2", "cn3"}, doc["modes"]["tree"]["edges"]
     assert (tmp_path / "fleet-timeline.png").stat().st_size > 10_000
+    # the table and the PNG's path come last
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-1] == f"timeline: {tmp_path / 'fleet-timeline.png'}", out[-3:]
+    assert any(line.startswith("| full_copy |") for line in out), out
     assert rc == 0
