@@ -192,6 +192,9 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ("vmthunder_join_max_duration_seconds", "gauge", "Longest join recorded."),
 ];
 
+/// One sample: its labels and value.
+type Sample = (Vec<(&'static str, String)>, f64);
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -209,7 +212,7 @@ fn number(v: f64) -> String {
 /// Prometheus text exposition (format 0.0.4) of a node: `status` is `Node::status()` with
 /// `add_counters`, `durations` what `durations()` returned.
 pub fn prometheus(status: &Value, durations: &BTreeMap<String, Durations>) -> String {
-    let mut samples: BTreeMap<&str, Vec<(Vec<(&str, String)>, f64)>> = BTreeMap::new();
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     let mut add = |name: &'static str, labels: Vec<(&'static str, String)>, v: Option<f64>| {
         if let Some(v) = v {
             samples.entry(name).or_default().push((labels, v));
