@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cache engines in a relay tree: how many times each block crosses each tree edge (issue 3).
+"""Cache engines in a relay tree: how many times each block crosses each tree edge.
 
 Topology, in user-mode Linux nodes (tests/kernel/harness), each node on a shaped link:
 
@@ -21,10 +21,12 @@ headers) and the child's NIC rx bytes (headers included), each divided by the wo
 bytes W; the origin's NIC tx bytes; and the fleet's completion time (start -> last reader
 done). Each engine runs in a fresh fleet: every engine starts cold.
 
-Goal (issue 3): every edge <= 1.1 x W and the origin sends <= fan-out (2) x W. The default
+Goal: every edge <= 1.1 x W and the origin sends <= fan-out (2) x W. The default
 engine is the one that meets the goals with the best completion time.
 
-Results: bench/results/cache-engines.json, a markdown table on stdout, progress on stderr.
+Results: bench/results/cache-engines.json (named by the run's parameters: cache-engines-prefetch,
+cache-engines-readahead0, ...; --out to choose) with its provenance, a summary line in
+history.jsonl beside it, a markdown table on stdout, progress on stderr.
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ from tests.kernel.harness._util import parse_size  # noqa: E402
 from tests.kernel.harness.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  # noqa: E402
 
 import host_memory  # noqa: E402  (bench/host_memory.py)
+import record  # noqa: E402  (bench/record.py: result names, provenance, history)
 
-DEFAULT_OUT = os.path.join(HERE, "results", "cache-engines.json")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
 DEFAULT_ENGINES = ["bcache", "bcache-direct", "dm-cache-64k", "dm-cache-256k"]
 SUBNET = "198.18.20.0/24"
@@ -528,9 +530,10 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=600.0, help="per engine, for the readers (default: %(default)s s)")
     ap.add_argument("--retries", type=int, default=1, help="set-up failures (before any reader starts) are retried "
                     "this many times in a fresh fleet (default: %(default)s)")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON results (default: bench/results/cache-engines.json)")
+    ap.add_argument("--out", help="JSON results (default: bench/results/cache-engines[-prefetch][-readaheadN]..."
+                    ".json, named by the options that differ from the defaults)")
     ap.add_argument("--quick", action="store_true", help="synthetic 32 MiB working set over a 128 MiB image, no "
-                    "trace unless --trace is given (faster; below the issue's 64 MiB, for trying things out)")
+                    "trace unless --trace is given (faster; below the 64 MiB the goal is judged on, for trying things out)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: bcache only, 8 MiB working set over "
                     "a 32 MiB image, no trace")
     host_memory.add_option(ap)
@@ -566,6 +569,9 @@ def main(argv=None):
     trace = args.trace or (None if args.no_trace or not os.path.exists(DEFAULT_TRACE) else DEFAULT_TRACE)
     if args.no_trace:
         trace = None
+    scenario = record.cache_engines_name(args.prefetch, args.readahead_kib, args.rate, bool(trace), args.smoke,
+                                         args.readers, list(TREE))
+    args.out = args.out or os.path.join(record.RESULTS, scenario + ".json")
     tmp = tempfile.mkdtemp(prefix="vmt-bench-ce-")
     stack = contextlib.ExitStack()
     try:
@@ -583,7 +589,10 @@ def main(argv=None):
         digest = expected_digest(image_path, extents)
         kept = host_memory.enter(stack, args.host_memory,
                                  host_memory.want_for(len(TREE) + 1, parse_size(args.mem), image_bytes))
-        doc = {"host_memory": kept, "default": None, "working_set_bytes": ws_bytes, "engines": {},
+        prov = record.provenance()
+        if trace:
+            prov["trace_sha1"] = record.file_sha1(trace)
+        doc = {"provenance": prov, "host_memory": kept, "default": None, "working_set_bytes": ws_bytes, "engines": {},
                "goals_met_by_default": False, "working_set": source, "image_bytes": image_bytes,
                "reads": len(extents), "read_bytes": sum(n for _, n in extents), "rate": args.rate,
                "depth": args.depth, "readers": args.readers, "topology": {c: p for c, p in TREE.items()},
@@ -613,12 +622,8 @@ def main(argv=None):
                 doc["engines"][k]["setup_failures"] = setup_errors
         doc["default"], doc["goals_met_by_default"] = choose_default(doc["engines"])
         doc["total_s"] = round(time.monotonic() - t_all, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp_out = args.out + ".tmp"
-        with open(tmp_out, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp_out, args.out)
+        record.write_result(args.out, doc)
+        record.append_history(args.out, record.cache_engines_summary(doc, os.path.splitext(os.path.basename(args.out))[0]))
         log.info("wrote %s (%.0fs); default engine: %s (goals %s)", args.out, doc["total_s"], doc["default"],
                  "met" if doc["goals_met_by_default"] else "NOT met by any engine")
         print(table(doc))

@@ -57,9 +57,12 @@ The full copy moves the whole image to every node (8 x 2 GiB over one 100 Mbit/s
 so by default it is not run: its link bound, image bytes x nodes / rate, is printed as a bound
 (what the copy cannot beat); --full-copy measure runs it.
 
-Output: progress on stderr, then a table and the PNG's path on stdout, <out>/fleet.json, <out>/fleet-timeline.png
-(VMs over time and bytes per link per mode); with --scaling 2,4,8 one fleet per size,
-<out>/fleet-scaling.json and a markdown table. Needs root and user-mode Linux.
+Output: progress on stderr, then a table and the PNG's path on stdout, <out>/<scenario>.json
+named by the run's parameters (fleet-8n-100mbit.json; --name to choose) with its provenance, and
+<out>/<scenario>-timeline.png (VMs over time and bytes per link per mode; bench/plot.py redraws
+it from the JSON); with --scaling 2,4,8 one fleet per size, <out>/fleet-scaling-100mbit.json and
+a markdown table. Each run appends its summary to <out>/history.jsonl. Needs root and
+user-mode Linux.
 """
 from __future__ import annotations
 
@@ -95,6 +98,7 @@ from tests.kernel.harness._util import parse_rate, parse_size  # noqa: E402
 
 import fleet_guest  # noqa: E402  (bench/fleet_guest.py: the replay's command line)
 import host_memory  # noqa: E402  (bench/host_memory.py)
+import record  # noqa: E402  (bench/record.py: result names, provenance, history)
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
@@ -1026,7 +1030,7 @@ def table(doc) -> str:
 
 
 def goals(doc) -> dict:
-    """Issue 6's goals for every tree mode that ran ({mode: {goal: verdict}}): each fan-out is
+    """The fleet goals for every tree mode that ran ({mode: {goal: verdict}}): each fan-out is
     its own tree, judged against the same direct run and its own origin limit."""
     return {mode: _goals_of(doc, t) for mode, t in doc["modes"].items()
             if TREE_MODE.fullmatch(mode) and "completion_s" in t}
@@ -1204,6 +1208,7 @@ def parse_args(argv):
         "  python bench/fleet.py --modes tree,tree-f2,direct --trace synthetic\n"
         "  python bench/fleet.py --scaling 2,4,8 --modes tree,direct\n"
         "  python bench/fleet.py --nodes 3 --smoke --out /tmp/fleet   # the test suite's short run\n"
+        "  python bench/plot.py bench/results/fleet-8n-100mbit.json   # its timeline PNG again\n"
         "Leftovers of a killed run: python -m tests.kernel.harness cleanup")
     ap.add_argument("--nodes", type=int, default=8, help="compute nodes (default: %(default)s)")
     ap.add_argument("--vms", type=int, default=None, help="VMs, round-robin over the nodes (default: one per node)")
@@ -1238,7 +1243,7 @@ def parse_args(argv):
     ap.add_argument("--origin-mem", default="320M", help="RAM of the origin node (default: %(default)s)")
     ap.add_argument("--progress-s", type=float, default=5.0, help="progress line interval (default: %(default)s s)")
     ap.add_argument("--scaling", default=None, metavar="N1,N2,...", help="run one fleet per size (VMs = nodes "
-                    "x --vms-per-node) and write fleet-scaling.json")
+                    "x --vms-per-node) and write fleet-scaling-<rate>.json")
     ap.add_argument("--vms-per-node", type=int, default=1, help="with --scaling (default: %(default)s)")
     host_memory.add_option(ap)
     ap.add_argument("--logs", metavar="DIR", help="keep each tree member's log (vmthunder's own log lines) in DIR")
@@ -1250,7 +1255,7 @@ def parse_args(argv):
                     "sizes a send to ~1 ms at its pacing rate: 64 KiB on the 1 GbE link the fleet models, ~12 KiB "
                     "on its 100 Mbit/s stand-in, so each byte costs the UML nodes ~5x the packets a 1 GbE host "
                     "handles; 44 (x 1448 B MSS = 64 KiB) restores the 1 GbE frame count. Every mode gets it. Measured "
-                    "(bench/README.md, tenth session): 44 cut direct reads' CPU ~13 %% but made the 8-node chain "
+                    "2026-12-03 (bench/README.md): 44 cut direct reads' CPU ~13 %% but made the 8-node chain "
                     "slower (17.3-17.5 s against 15.6-16.6 s) with more CPU, so the default leaves it alone")
     ap.add_argument("--prefetch-order", choices=fleet_guest.PREFETCH_ORDERS, default="reverse",
                     help="the tree modes' prefetch walks the boot profile from its end while the VM boots from "
@@ -1260,10 +1265,12 @@ def parse_args(argv):
                     help="the tree modes' local device (the cache set and the VMs' COW; a compute node's SSD): "
                     "ram, a brd RAM disk inside the node (--mem holds it), or ubd, a UML disk over a file in the "
                     "host's tmpfs, where each request is a round trip to UML's I/O thread. Both keep the data in "
-                    "RAM; measured (bench/README.md, eleventh session) ubd cost the 8-node chain 10-16 %% more CPU "
+                    "RAM; measured 2026-12-03 (bench/README.md) ubd cost the 8-node chain 10-16 %% more CPU "
                     "(default: %(default)s)")
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
+    ap.add_argument("--name", help="the result file's name without .json (default: the scenario, e.g. "
+                    "fleet-8n-100mbit, fleet-scaling-100mbit; give one for experiments that should not replace it)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "
                     "32 MiB image, short delays")
     a = ap.parse_args(argv)
@@ -1336,7 +1343,7 @@ def main(argv=None):
         image_path = os.path.join(tmp, "origin.img")
         make_origin_image(image_path, trace["image_bytes"], trace["reads"])
         digest = expected_digest(image_path, trace["reads"])
-        prov = provenance()
+        prov = {**record.provenance(), **provenance()}
         prov["host_speed"] = host_speed()
         log.info("host: %s", prov["host_speed"])
         want = host_memory.want_for(max(a.sizes or [a.nodes]) + 1, parse_size(a.mem), trace["image_bytes"])
@@ -1360,10 +1367,12 @@ def main(argv=None):
             doc["goals"] = goals(doc)
             docs.append(doc)
             if not a.sizes:
-                path = os.path.join(a.out, "fleet.json")
-                png = os.path.join(a.out, "fleet-timeline.png")
+                name = a.name or record.fleet_scenario(n, doc["rate_bps"], a.start, "sha1" not in trace)
+                path = os.path.join(a.out, name + ".json")
+                png = os.path.join(a.out, name + "-timeline.png")
                 doc["png"] = os.path.basename(png) if plot(doc, png) else None
                 write_json(path, doc)
+                record.append_history(path, record.fleet_summary(doc, name))
                 log.info("wrote %s", path)
                 report += [table(doc), f"\ntimeline: {png}" if doc["png"] else "\ntimeline: none (matplotlib missing)"]
             else:
@@ -1373,9 +1382,12 @@ def main(argv=None):
                 for r in d["modes"].values():
                     r.pop("timeline", None)
             md = scaling_table(docs)
-            path = os.path.join(a.out, "fleet-scaling.json")
+            name = a.name or record.fleet_scenario(None, docs[0]["rate_bps"], a.start, "sha1" not in trace)
+            path = os.path.join(a.out, name + ".json")
             write_json(path, {"sizes": sizes, "rate_bps": docs[0]["rate_bps"], "fanout": a.fanout,
                               "working_set_bytes": W, "runs": docs, "table_md": md, **common})
+            for d in docs:
+                record.append_history(path, record.fleet_summary(d, name))
             log.info("wrote %s", path)
             report.append(md)
         failed = [(d["nodes"], k) for d in docs for k, r in d["modes"].items() if "error" in r or not r.get("all_finished")]

@@ -17,8 +17,8 @@ The report (DIR/<mode>-profile.txt and stdout): the share of samples per UML pro
 node's kernel thread; its guest processes, each a host process of its own), and the inclusive
 share of chosen guest-kernel and host-kernel functions: `U:userspace` (running guest processes:
 every guest syscall and page fault is a ptrace round trip), `U:vector_poll` /
-`U:vector_net_start_xmit` (the NIC), `H:__x64_sys_ptrace` ... Measured on this host
-(bench/README.md, fourth session): guest processes cost far more than their own work, which is
+`U:vector_net_start_xmit` (the NIC), `H:__x64_sys_ptrace` ... Measured on 2026-11-22
+(bench/README.md): guest processes cost far more than their own work, which is
 why the fleet's members and replays are written to make few syscalls.
 """
 import argparse

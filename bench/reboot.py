@@ -9,6 +9,7 @@ vmthunder's on-device layout against LVM2 (lvcreate/lvremove of the same size), 
 installed: the comparison behind the layout's design (README.md).
 
     python3 bench/reboot.py                      # N = 1, 8, 32; writes bench/results/reboot.json
+                                                 # and appends its summary to history.jsonl beside it
     python3 bench/reboot.py --vms 1 --out /tmp/r.json
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ if REPO not in sys.path:
 
 from tests.kernel.harness import Fleet, uml_available  # noqa: E402
 from tests.kernel.harness.guestpy import py  # noqa: E402
+
+import record  # noqa: E402  (bench/record.py: provenance, history)
 
 log = logging.getLogger("bench.reboot")
 IMAGE_ID = "img-reboot"
@@ -149,6 +152,18 @@ done
     return res
 
 
+def summary(doc: dict, command: str) -> dict:
+    """The history line: per VM count the reassembly and the first reads, and the carve costs."""
+    return {**record.run_fields(doc["provenance"]), "bench": "reboot", "scenario": "reboot", "command": command,
+            "image_bytes": doc["image_bytes"],
+            "runs": {str(r["vms"]): {"reassemble_s": r["reassemble_s"], "power_on_to_disks_s": r["power_on_to_disks_s"],
+                                     "first_read_cold_s": r["first_read_cold"]["seconds"],
+                                     "first_read_after_s": r["first_read_after_reassembly"]["seconds"],
+                                     "first_read_after_origin_bytes": r["first_read_after_reassembly"]["origin_bytes"]}
+                     for r in doc["runs"]},
+            "carve": {k: v for k, v in (doc.get("carve") or {}).items() if isinstance(v, (int, float))}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vms", default="1,8,32", help="VM counts to reboot with (comma-separated; default 1,8,32)")
@@ -173,7 +188,8 @@ def main(argv=None) -> int:
                 f.write(os.urandom(1 << 20))
         nodes = {"a": {"disks": {"ubdb": origin}},
                  "b": {"disks": {"ubdb": local, "ubdc": 256 << 20, "ubdd": 1 << 30}, "mem": "512M"}}
-        doc = {"benchmark": "reboot", "date": time.strftime("%Y-%m-%d"), "host_cpu": host_cpu(),
+        doc = {"benchmark": "reboot", "provenance": record.provenance(), "date": time.strftime("%Y-%m-%d"),
+               "host_cpu": host_cpu(),
                "image_bytes": image, "cow_mib": COW_MIB, "runs": []}
         with Fleet(nodes=nodes, name=f"rbb{os.getpid()}", subnet=SUBNET) as fleet:
             a, b = fleet["a"], fleet["b"]
@@ -182,11 +198,8 @@ def main(argv=None) -> int:
             for n in counts:
                 doc["runs"].append(run_n(fleet, n, image))
             doc["carve"] = carve_costs(fleet, args.carve_rounds)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(args.out + ".tmp", args.out)
+        record.write_result(args.out, doc)
+        record.append_history(args.out, summary(doc, " ".join(["python3", "bench/reboot.py"] + (argv if argv is not None else sys.argv[1:]))))
         print(f"{'VMs':>4} {'reassemble':>11} {'boot->disks':>12} {'cold read':>16} {'read after':>16}")
         for r in doc["runs"]:
             c, w = r["first_read_cold"], r["first_read_after_reassembly"]

@@ -1,6 +1,7 @@
 """Time one join's claim against a real etcd (native on the host, as the fleet runs it): the
-image lock, a read of the peers, a publish, the unlock. Writes results/registry-claim.json;
-the simulator's registry_round_s is its mean claim over its rounds.
+image lock, a read of the peers, a publish, the unlock. Writes results/registry-claim.json (with
+its provenance) and appends its summary to history.jsonl beside it; the simulator's
+registry_round_s is its mean claim over its rounds.
 
     python bench/registry_claim.py [--claims 50]
 """
@@ -15,6 +16,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+import record  # noqa: E402  (bench/record.py: provenance, history)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,11 +61,16 @@ def main(argv=None) -> int:
                     reg.publish("img", {"state": "joining", "depth": 1, "parents": ["origin"], "n": i})
                 times.append(time.monotonic() - t0)
         times.sort()
-        doc = {"claims": len(times), "rounds_per_claim": 4, "claim_s_median": times[len(times) // 2],
+        doc = {"provenance": record.provenance(), "claims": len(times), "rounds_per_claim": 4, "claim_s_median": times[len(times) // 2],
                "claim_s_mean": sum(times) / len(times), "claim_s_max": times[-1],
                "round_s": sum(times) / len(times) / 4, "host_cores": os.cpu_count()}
-        with open(a.out, "w") as fh:
-            json.dump(doc, fh, indent=1)
+        record.write_result(a.out, doc)
+        record.append_history(a.out, {**record.run_fields(doc["provenance"]), "bench": "registry_claim",
+                                      "scenario": "registry-claim",
+                                      "command": " ".join(["python", "bench/registry_claim.py"] + (argv if argv is not None else sys.argv[1:])),
+                                      "claims": doc["claims"],
+                                      "claim_s_median": round(doc["claim_s_median"], 4),
+                                      "claim_s_mean": round(doc["claim_s_mean"], 4), "round_s": round(doc["round_s"], 4)})
         print(json.dumps(doc))
     finally:
         os.kill(proc.pid, signal.SIGKILL)

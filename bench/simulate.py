@@ -5,7 +5,9 @@
     python bench/simulate.py --paper             # 160 nodes at GbE, 1,000 / 10,000 at 10 GbE -> results/simulator-paper.json
     python bench/simulate.py --shapes            # fastest shape, with and without a relay failing -> results/simulator-shapes.json
 
-Every measured value is read from the lab result file named in its case.
+Every measured value is read from the lab run named in its case: a line of
+bench/results/history.jsonl (scenario, commit, nodes), where every fleet run's summary is kept.
+Each result holds its provenance, and each run appends its summary to history.jsonl beside it.
 """
 import argparse
 import json
@@ -14,42 +16,46 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import record  # noqa: E402  (bench/record.py: provenance, history)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
 CPU_BOUND = 0.70    # host busy above this: the lab measured its CPU, not its links
 
-# (file, nodes or None for a single-size run, mode, shape, fanout)
+HISTORY = os.path.join(RESULTS, record.HISTORY)
+
+# (scenario, commit of the run, nodes, mode, shape, fanout): one fleet run in history.jsonl
 CASES = [
-    ("fleet-scaling-session9.json", 2, "tree-f1", "chain", 1),
-    ("fleet-scaling-session9.json", 4, "tree-f1", "chain", 1),
-    ("fleet-scaling-session9.json", 8, "tree-f1", "chain", 1),
-    ("fleet-scaling-session9.json", 2, "direct", "direct", None),
-    ("fleet-scaling-session9.json", 4, "direct", "direct", None),
-    ("fleet-scaling-session9.json", 8, "direct", "direct", None),
-    ("fleet-scaling-overlap.json", 2, "tree", "tree", 3),
-    ("fleet-scaling-overlap.json", 4, "tree", "tree", 3),
-    ("fleet-scaling-overlap.json", 8, "tree", "tree", 3),
-    ("fleet-session7.json", None, "tree", "tree", 3),
-    ("fleet-session7.json", None, "tree-f2", "tree", 2),
-    ("fleet-session7.json", None, "tree-f1", "chain", 1),
-    ("fleet-25mbit-session7.json", None, "tree-f1", "chain", 1),
-    ("fleet-25mbit-session7.json", None, "direct", "direct", None),
-    ("fleet-25mbit-overlap.json", None, "tree", "tree", 3),
-    ("fleet-scaling-session7.json", 16, "tree-f1", "chain", 1),
-    ("fleet-scaling-session7.json", 16, "direct", "direct", None),
+    ("fleet-scaling-100mbit", "3f6a64f", 2, "tree-f1", "chain", 1),
+    ("fleet-scaling-100mbit", "3f6a64f", 4, "tree-f1", "chain", 1),
+    ("fleet-scaling-100mbit", "3f6a64f", 8, "tree-f1", "chain", 1),
+    ("fleet-scaling-100mbit", "3f6a64f", 2, "direct", "direct", None),
+    ("fleet-scaling-100mbit", "3f6a64f", 4, "direct", "direct", None),
+    ("fleet-scaling-100mbit", "3f6a64f", 8, "direct", "direct", None),
+    ("fleet-scaling-100mbit", "3f76a2b", 2, "tree", "tree", 3),
+    ("fleet-scaling-100mbit", "3f76a2b", 4, "tree", "tree", 3),
+    ("fleet-scaling-100mbit", "3f76a2b", 8, "tree", "tree", 3),
+    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree", "tree", 3),
+    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree-f2", "tree", 2),
+    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree-f1", "chain", 1),
+    ("fleet-8n-25mbit", "67c5095", 8, "tree-f1", "chain", 1),
+    ("fleet-8n-25mbit", "67c5095", 8, "direct", "direct", None),
+    ("fleet-8n-25mbit", "3698a8d", 8, "tree", "tree", 3),
+    ("fleet-scaling-100mbit", "7c5fe9e", 16, "tree-f1", "chain", 1),
+    ("fleet-scaling-100mbit", "7c5fe9e", 16, "direct", "direct", None),
 ]
 QUICK = {0, 3, 6}   # 2-node cases: a second or less of simulation each
 
 
-def lab_run(fname, nodes, mode):
-    doc = json.load(open(os.path.join(RESULTS, fname)))
-    if "runs" in doc:
-        runs = doc["runs"]
-        run = next(r for r in (runs.values() if isinstance(runs, dict) else runs) if r.get("nodes") == nodes)
-    else:
-        run = doc
-    return run, run["modes"][mode]
+def lab_run(scenario, commit, nodes, mode, history=None):
+    """The history line of that fleet run and its mode's summary."""
+    runs = [h for h in (history if history is not None else record.read_history(HISTORY))
+            if h.get("bench") == "fleet" and h.get("scenario") == scenario and h.get("commit") == commit
+            and h.get("nodes") == nodes]
+    if len(runs) != 1:
+        raise SystemExit(f"{HISTORY}: {len(runs)} runs of {scenario} at {commit} with {nodes} nodes, want one")
+    return runs[0], runs[0]["modes"][mode]
 
 
 def params(nodes, rate, shape, fanout=None, **extra):
@@ -72,21 +78,23 @@ def run_sim(p):
 
 def validate(quick):
     cases, scale = [], []
-    for i, (fname, nodes, mode, shape, k) in enumerate(CASES):
+    history = record.read_history(HISTORY)
+    for i, (scenario, commit, nodes, mode, shape, k) in enumerate(CASES):
         if quick and i not in QUICK:
             continue
-        run, m = lab_run(fname, nodes, mode)
-        n, rate, w = run["nodes"], run["rate_bps"], run["working_set_bytes"]
+        run, m = lab_run(scenario, commit, nodes, mode, history)
+        n, rate = run["nodes"], run["rate_bps"]
         _, out = run_sim(params(n, rate, shape, k))
-        busy = (m.get("cpu") or {}).get("host_busy")
+        busy = m.get("host_busy")
         pred, meas = out["completion_s"], m["completion_s"]
         cases.append({
             "nodes": n, "rate_bps": rate, "shape": shape if shape != "tree" else f"tree-f{k}",
             "measured_s": meas, "predicted_s": round(pred, 2), "error": round(abs(pred - meas) / meas, 3),
             "cpu_bound": bool(busy is not None and busy > CPU_BOUND), "host_busy": busy,
-            "measured_origin_w": round(m["origin_data_bytes"] / w, 3),
+            "measured_origin_w": m["origin_data_w"],
             "predicted_origin_w": round(out["origin_bytes"] / out["working_set_bytes"], 3),
-            "source": f"bench/results/{fname}" + (f" (runs, nodes={nodes})" if nodes else "") + f", mode {mode}",
+            "source": f"bench/results/history.jsonl: {scenario} of {run['date']} (commit {commit}), "
+                      f"{nodes} nodes, mode {mode}",
         })
     sizes = [(160, 1e9)] if quick else [(160, 1e9), (1000, 10e9), (10000, 10e9)]
     for n, rate in sizes:
@@ -138,6 +146,21 @@ def shapes(sizes):
     return {"rows": rows}
 
 
+def summary(what: str, doc: dict) -> dict:
+    """The history line's numbers: the validation's worst errors, the predicted completions."""
+    if what == "validation":
+        cases = doc["cases"]
+        err = lambda bound: max((c["error"] for c in cases if c["cpu_bound"] == bound), default=None)  # noqa: E731
+        return {"cases": len(cases), "max_error_link_bound": err(False), "max_error_cpu_bound": err(True),
+                "scale_predicted_s": {str(s["nodes"]): s["predicted_s"] for s in doc["scale"]}}
+    rows = [r for r in doc["rows"] if not r.get("fail")]
+    first_ws = rows[0].get("working_set_bytes") if rows else None
+    return {"completion_s": {f"{r['nodes']}n-{r['rate_bps'] / 1e9:g}gbit-{r['shape']}"
+                             + (f"-k{r['fanout']}" if r.get("fanout") and r["shape"] in ("tree", "striped") else ""):
+                             round(r["completion_s"], 1)
+                             for r in rows if r.get("working_set_bytes", first_ws) == first_ws}}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="the boot-storm simulator against the lab and at scale")
     ap.add_argument("--validate", action="store_true")
@@ -154,10 +177,13 @@ def main(argv=None):
                            (a.shapes, "shapes", lambda: shapes(sizes))]:
         if not flag:
             continue
-        doc = fn()
+        prov = record.provenance()
+        doc = {"provenance": prov, **fn()}
         out = a.out or os.path.join(RESULTS, f"simulator-{what}.json")
-        with open(out, "w") as fh:
-            json.dump(doc, fh, indent=1)
+        record.write_result(out, doc)
+        record.append_history(out, {**record.run_fields(prov), "bench": "simulate", "scenario": f"simulator-{what}",
+                                    "command": " ".join(["python", "bench/simulate.py"] + (argv if argv is not None else sys.argv[1:])),
+                                    **summary(what, doc)})
         print(f"wrote {out}")
         for row in doc.get("cases", []) + doc.get("scale", []) + doc.get("rows", []):
             print(json.dumps(row))

@@ -22,10 +22,12 @@ create_exception!(vmthunder, IscsiError, Error, "open-iscsi failed: discovery, l
 create_exception!(vmthunder, LioError, Error, "The LIO target (configfs) refused an operation.");
 create_exception!(vmthunder, DeviceMapperError, Error, "A device-mapper operation failed.");
 create_exception!(vmthunder, SnapshotError, Error, "Creating or removing a VM snapshot failed.");
-create_exception!(vmthunder, RollbackError, Error, "An operation failed and undoing it failed too: objects were left behind (named in the message).");
+create_exception!(vmthunder, StateDirError, Error, "The state directory (locks, saved origins, overlays) cannot be used.");
+create_exception!(vmthunder, RollbackError, Error, "An operation failed and undoing it failed too: `left_behind` lists what stayed, the message says why it failed.");
 
 fn to_py(e: RsError) -> PyErr {
     let m = e.message;
+    let left_behind = e.left_behind;
     match e.kind {
         Kind::InvalidArgument => InvalidArgument::new_err(m),
         Kind::NotFound => NotFound::new_err(m),
@@ -35,7 +37,14 @@ fn to_py(e: RsError) -> PyErr {
         Kind::Lio => LioError::new_err(m),
         Kind::DeviceMapper => DeviceMapperError::new_err(m),
         Kind::Snapshot => SnapshotError::new_err(m),
-        Kind::Rollback => RollbackError::new_err(m),
+        Kind::StateDir => StateDirError::new_err(m),
+        Kind::Rollback => Python::with_gil(|py| {
+            let err = RollbackError::new_err(m);
+            if let Err(e) = err.value(py).setattr("left_behind", left_behind) {
+                return e;
+            }
+            err
+        }),
     }
 }
 
@@ -554,6 +563,7 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LioError", py.get_type::<LioError>())?;
     m.add("DeviceMapperError", py.get_type::<DeviceMapperError>())?;
     m.add("SnapshotError", py.get_type::<SnapshotError>())?;
+    m.add("StateDirError", py.get_type::<StateDirError>())?;
     m.add("RollbackError", py.get_type::<RollbackError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

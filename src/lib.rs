@@ -24,6 +24,7 @@ pub mod placement;
 pub mod sim;
 pub mod usage;
 pub mod records;
+pub mod rollback;
 pub mod seal;
 pub mod doctor;
 pub mod stats;

@@ -39,6 +39,7 @@ def load_helpers():
     registry = types.ModuleType("vmthunder.registry")
     registry.Registry = mock.Mock(name="Registry")
     registry.Registry.return_value.started = False
+    tree.Tree.return_value.rejoin.return_value = []      # nothing a reboot rebuilt relays again
     fake.tree, fake.registry = tree, registry
     modules = {"vmthunder": fake, "vmthunder.tree": tree, "vmthunder.registry": registry}
     patcher = mock.patch.dict(sys.modules, modules)
@@ -322,8 +323,9 @@ class WithTheRealTreeTest(unittest.TestCase):
         ext.Error, ext.NotFound, ext.Busy = Error, NotFound, type("Busy", (Error,), {})
         ext.InvalidArgument = type("InvalidArgument", (Error,), {})
         ext.Node = mock.MagicMock(name="Node")
-        for name in ("choose_parents", "check_grant", "grant_key", "parse_host_record", "parse_image_record",
-                     "seal_grant", "validate_choice", "validate_id"):
+        ext.StateDirError = type("StateDirError", (Error,), {})
+        for name in ("choose_parents", "check_grant", "grant_key", "parse_host_record",
+                     "parse_image_record", "seal_grant", "validate_choice", "validate_id"):
             setattr(ext, name, mock.Mock(name=name))
         ext.validate_id.side_effect = lambda what, value: value
         fake = types.ModuleType("vmthunder")

@@ -26,6 +26,7 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     DeviceMapperError,
     SnapshotError,
     RollbackError,
+    StateDirError,
     __version__,
     export_volume,
     allow_initiator,
@@ -49,7 +50,7 @@ _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 
 __all__ = [
     "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
-    "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "__version__",
+    "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "StateDirError", "__version__",
     "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice", "simulate",
     "template_iqn", "validate_id", "parse_host_record", "parse_image_record", "check_grant",
     "grant_key", "seal_grant", "node_checks", "write_textfile",

@@ -32,8 +32,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from vmthunder._vmthunder import (Busy, Error, InvalidArgument, Node, check_grant, choose_parents, grant_key,
-                                  parse_host_record, parse_image_record, seal_grant, validate_id)
+from vmthunder._vmthunder import (Busy, Error, InvalidArgument, Node, StateDirError, check_grant, choose_parents,
+                                  grant_key, parse_host_record, parse_image_record, seal_grant, validate_id)
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -125,7 +125,7 @@ class Tree:
         self._lock = threading.Lock()   # one upkeep round at a time in this process
         self.prefetch_depth = prefetch_depth
         # From the profile's end (default): forwards, the 8-node chain measured the same time but
-        # 1.25 x W from the origin instead of 1.08 (bench/README.md, eleventh session).
+        # 1.25 x W from the origin instead of 1.08 (bench/README.md, 2026-12-03).
         self.prefetch_reverse = prefetch_reverse
         self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
         self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, its key, sealed grant)
@@ -161,7 +161,7 @@ class Tree:
         path = self._origin_file(image_id)
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         if not os.path.isdir(self._dir) or os.path.islink(self._dir):
-            raise InvalidArgument(f"{self._dir} is not a directory (a symbolic link?)")
+            raise StateDirError(f"{self._dir} is not a directory (a symbolic link?)")
         tmp = path + ".tmp"
         try:
             os.unlink(tmp)          # a leftover of a crash (or a planted link: unlink does not follow)
@@ -190,7 +190,7 @@ class Tree:
         except FileNotFoundError:
             return None
         except OSError as e:        # ELOOP: a symbolic link, not followed
-            raise InvalidArgument(f"{path}: {e.strerror} (links are not followed)") from None
+            raise StateDirError(f"{path}: {e.strerror} (links are not followed)") from e
         with open(fd) as f:
             return json.load(f)
 

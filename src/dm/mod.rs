@@ -15,7 +15,10 @@ use log::{debug, info};
 
 pub use table::{Line, Table, Target};
 
-use crate::error::{Error, Kind, Result};
+use crate::{
+    error::{Error, Kind, Result},
+    rollback::Undo,
+};
 
 pub(crate) fn parse_err(target: &str, s: &str, why: &str) -> Error {
     Error::new(Kind::DeviceMapper, format!("cannot parse {target} table {s:?}: {why}"))
@@ -105,6 +108,16 @@ impl Dm {
             .table_status(&DevId::Name(dm_name(name)?), DmOptions::default())
             .map_err(|e| Error::from(e).context(format!("read status of {name}")))?;
         Ok(lines.into_iter().map(|(_, _, t, p)| format!("{t} {p}")).collect())
+    }
+
+    /// `ensure`, registering the removal of a device this call created with `undo` (an
+    /// adopted device is not ours to remove if the set-up fails).
+    pub fn ensure_with_undo<'a>(&'a self, undo: &mut Undo<'a>, name: String, table: &Table) -> Result<DmDev> {
+        let (dev, created) = self.ensure(&name, table)?;
+        if created {
+            undo.push(format!("device {name}"), move || self.remove(&name).map(|_| ()).map_err(|e| e.to_string()));
+        }
+        Ok(dev)
     }
 
     /// Create `name` with `table`, or adopt it if it exists with the same table (idempotent).

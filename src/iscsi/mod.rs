@@ -26,6 +26,8 @@ use crate::{
 const ISCSIADM: &str = "iscsiadm";
 /// iscsiadm's exit status for "no records found".
 const NO_RECORDS: i32 = 21;
+/// iscsiadm's exit status for "session already exists" (ISCSI_ERR_SESS_EXISTS).
+const SESSION_EXISTS: i32 = 15;
 
 /// The open-iscsi interface our node records are made under (`iscsiadm -I`): a node record is
 /// keyed by target, portal and interface, so a record under this interface is one vmthunder
@@ -40,6 +42,14 @@ const NO_RECORDS: i32 = 21;
 /// os-brick's does.
 pub const IFACE: &str = "vmthunder";
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(40);
+/// iscsid's own bound on a first login: `LOGIN_ATTEMPTS` attempts of at most
+/// `LOGIN_ATTEMPT_TIMEOUT_S` each, below `LOGIN_TIMEOUT`. Without it iscsid goes on retrying
+/// (8 x 15 s by default) after iscsiadm was killed, and its late session makes the next login
+/// fail with "session already exists".
+const LOGIN_ATTEMPT_TIMEOUT_S: &str = "15";
+const LOGIN_RETRIES: &str = "1";
+/// How long a login that found "session already exists" waits for that session to show in sysfs.
+const SESSION_APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
 const ADM_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +107,20 @@ pub fn sessions() -> Vec<Session> {
 
 pub fn find_session(t: &Target) -> Option<Session> {
     sessions().into_iter().find(|s| s.iqn == t.iqn && s.portal == t.portal)
+}
+
+/// The session to `t`, waiting up to `timeout` for it to show (polled every 200 ms).
+fn wait_for_session(t: &Target, timeout: Duration) -> Option<Session> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = find_session(t) {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn node_args(t: &Target) -> Vec<&str> {
@@ -161,6 +185,8 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
             ("node.session.timeo.replacement_timeout", replacement.as_str()),
             ("node.conn[0].timeo.noop_out_interval", noop.as_str()),
             ("node.conn[0].timeo.noop_out_timeout", noop.as_str()),
+            ("node.conn[0].timeo.login_timeout", LOGIN_ATTEMPT_TIMEOUT_S),
+            ("node.session.initial_login_retry_max", LOGIN_RETRIES),
         ];
         let mut secrets = vec![];
         match chap {
@@ -174,13 +200,28 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
         update(t, &pairs, &secrets)?;
         let mut a = node_args(t);
         a.push("--login");
-        cmd::check(Kind::Iscsi, ISCSIADM, &a, &[], LOGIN_TIMEOUT)?;
-        find_session(t).ok_or_else(|| Error::new(Kind::Iscsi, format!("login to {} at {} reported success but no session appeared", t.iqn, t.portal)))
+        let out = cmd::run(Kind::Iscsi, ISCSIADM, &a, &[], LOGIN_TIMEOUT)?;
+        if out.status == SESSION_EXISTS {
+            // A concurrent login, or iscsid finishing an earlier one: use that session.
+            return wait_for_session(t, SESSION_APPEAR_TIMEOUT).map(|s| (s, false)).ok_or_else(|| {
+                Error::new(Kind::Iscsi, format!("iscsiadm reports a session to {} at {} but none appeared in {:?}", t.iqn, t.portal, SESSION_APPEAR_TIMEOUT))
+            });
+        }
+        if out.status != 0 {
+            return Err(Error::new(Kind::Iscsi, format!("{ISCSIADM} {} failed (exit {}): {}", a.join(" "), out.status, out.stderr.trim())));
+        }
+        find_session(t)
+            .map(|s| (s, true))
+            .ok_or_else(|| Error::new(Kind::Iscsi, format!("login to {} at {} reported success but no session appeared", t.iqn, t.portal)))
     })();
     match result {
-        Ok(s) => {
+        Ok((s, true)) => {
             info!("logged in to {} at {} (session {}, host{})", t.iqn, t.portal, s.sid, s.host_no);
             Ok((s, true))
+        }
+        Ok((s, false)) => {
+            info!("reusing iSCSI session {} to {} at {} (it appeared during our login)", s.sid, t.iqn, t.portal);
+            Ok((s, false))
         }
         Err(e) => {
             // iscsid may still be retrying a login iscsiadm gave up on (an unreachable
@@ -193,6 +234,69 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
         }
     }
 }
+
+/// Where open-iscsi keeps node records: `<iqn>/<addr>,<port>,<tpgt>/<iface>`.
+const NODE_RECORDS: &str = "/etc/iscsi/nodes";
+
+/// Seconds since the epoch at this boot (`btime` of /proc/stat).
+fn boot_time() -> Option<std::time::SystemTime> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let secs = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse::<u64>().ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Our node records (under `IFACE`) in `root` as targets (LUN 0), each with when it was last
+/// written. open-iscsi keeps a record as `<iqn>/<addr>,<port>,<tpgt>/<iface>` once a target
+/// portal group is known (discovery), and as the file `<iqn>/<addr>,<port>` for one made with
+/// `-o new` (ours), naming its interface inside.
+fn our_records(root: &Path) -> Vec<(Target, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let Ok(iqns) = fs::read_dir(root) else { return out };
+    for iqn in iqns.filter_map(|e| e.ok()) {
+        let Ok(portals) = fs::read_dir(iqn.path()) else { continue };
+        for p in portals.filter_map(|e| e.ok()) {
+            let Ok(meta) = fs::symlink_metadata(p.path()) else { continue };
+            let name = p.file_name().to_string_lossy().into_owned();
+            let (record, addr_port) = if meta.is_dir() {
+                (p.path().join(IFACE), name.rsplit_once(',').map(|(ap, _tpgt)| ap.to_string()))
+            } else {
+                let ours = fs::read_to_string(p.path())
+                    .is_ok_and(|t| t.lines().any(|l| l.split_once('=').is_some_and(|(k, v)| k.trim() == "iface.iscsi_ifacename" && v.trim() == IFACE)));
+                (if ours { p.path() } else { continue }, Some(name))
+            };
+            let Ok(meta) = fs::symlink_metadata(&record) else { continue };
+            let Some((addr, port)) = addr_port.as_deref().and_then(|ap| ap.rsplit_once(',')) else { continue };
+            let addr = if addr.contains(':') && !addr.starts_with('[') { format!("[{addr}]") } else { addr.to_string() };
+            let written = meta.modified().unwrap_or_else(|_| std::time::SystemTime::now());
+            out.push((Target { portal: format!("{addr}:{port}"), iqn: iqn.file_name().to_string_lossy().into_owned(), lun: 0 }, written));
+        }
+    }
+    out
+}
+
+/// Delete our node records that have no session and were written before this boot or more
+/// than `min_age` ago: what a login, an update or a logout killed half-way left (a record
+/// under our interface is only needed while its session lives; the next login makes it
+/// anew). `min_age` spares a login in flight in another process, which needs its record for
+/// at most `LOGIN_TIMEOUT`. Returns what went, for the caller's report.
+pub fn sweep_records(min_age: Duration) -> Vec<String> {
+    let live = sessions();
+    let booted = boot_time();
+    let mut removed = Vec::new();
+    for (t, written) in our_records(Path::new(NODE_RECORDS)) {
+        let before_boot = booted.is_some_and(|b| written < b);
+        let old = written.elapsed().is_ok_and(|age| age >= min_age);
+        if !(before_boot || old) || live.iter().any(|s| s.iqn == t.iqn && s.portal == t.portal) {
+            continue;
+        }
+        delete_record(&t);
+        removed.push(format!("iSCSI node record of {} at {} (no session)", t.iqn, t.portal));
+    }
+    removed
+}
+
+/// A login in flight keeps its record at most this long (then it has a session or failed).
+pub const RECORD_SWEEP_MIN_AGE: Duration = Duration::from_secs(LOGIN_TIMEOUT.as_secs() + ADM_TIMEOUT.as_secs() * 2);
 
 /// Delete our node record of `t` (see `IFACE`), if there is one.
 fn delete_record(t: &Target) {
@@ -343,4 +447,38 @@ fn delete_scsi_device(l: &Lun) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_records_are_those_under_our_interface_with_their_portal() {
+        let root = std::env::temp_dir().join(format!("vmthunder-nodes-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let mk = |iqn: &str, portal_dir: &str, iface: &str| {
+            let d = root.join(iqn).join(portal_dir);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join(iface), "node.name = x\n").unwrap();
+        };
+        // A record made by `-o new`: a file, its interface inside.
+        let file = |iqn: &str, portal: &str, iface: &str| {
+            fs::create_dir_all(root.join(iqn)).unwrap();
+            fs::write(root.join(iqn).join(portal), format!("node.name = {iqn}\niface.iscsi_ifacename = {iface}\n")).unwrap();
+        };
+        mk("iqn.2026-11.org.vmthunder:a:img", "198.18.0.1,3260,1", IFACE);
+        mk("iqn.2026-11.org.vmthunder:a:img", "198.18.0.2,3260,1", "default");     // os-brick's: not ours
+        mk("iqn.2026-11.org.vmthunder:b:img", "fd00::1,3260,1", IFACE);
+        file("iqn.2026-11.org.vmthunder:c:img", "198.18.0.3,3260", IFACE);
+        file("iqn.2026-11.org.vmthunder:d:img", "198.18.0.4,3260", "default");
+        let mut got: Vec<(String, String)> = our_records(&root).into_iter().map(|(t, _)| (t.iqn, t.portal)).collect();
+        got.sort();
+        assert_eq!(got, [
+            ("iqn.2026-11.org.vmthunder:a:img".to_string(), "198.18.0.1:3260".to_string()),
+            ("iqn.2026-11.org.vmthunder:b:img".to_string(), "[fd00::1]:3260".to_string()),
+            ("iqn.2026-11.org.vmthunder:c:img".to_string(), "198.18.0.3:3260".to_string()),
+        ]);
+        fs::remove_dir_all(&root).unwrap();
+    }
 }

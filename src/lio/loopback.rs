@@ -47,7 +47,7 @@ impl Lio {
                 self.remove_backstore(backstore, &mut left);
             }
             if !left.is_empty() {
-                return Err(Error::new(Kind::Rollback, format!("{e}; rollback left: {}", left.join("; "))));
+                return Err(Error::rollback(e.clone(), left));
             }
         }
         r

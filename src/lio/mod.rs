@@ -137,7 +137,7 @@ impl Lio {
         if let (Err(e), false) = (&r, existed) {
             let e = e.clone();
             if let Err(left) = self.unexport(&exp) {
-                return Err(Error::new(Kind::Rollback, format!("{e}; rollback left: {left}")));
+                return Err(Error::rollback(e, vec![left]));
             }
             return Err(e);
         }
@@ -229,7 +229,7 @@ impl Lio {
         if let Err(e) = self.target_steps(iqn, portal) {
             let mut left = Vec::new();
             self.remove_target(iqn, &mut left);
-            return Err(if left.is_empty() { e } else { Error::new(Kind::Rollback, format!("{e}; rollback left: {}", left.join("; "))) });
+            return Err(if left.is_empty() { e } else { Error::rollback(e, left) });
         }
         info!("prepared {iqn} on {portal} (no LUN yet)");
         Ok(true)

@@ -18,11 +18,10 @@ use log::info;
 use super::{
     carve::{self, Space},
     layout::SliceState,
-    rollback::Undo,
-    template::ensure_dev,
     zero_head, Node,
 };
 use crate::{
+    rollback::Undo,
     cmd,
     dm::{self, Dm, DmDev, Line, Table, Target},
     error::{Error, Kind, Result},
@@ -113,7 +112,7 @@ fn slice<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>, space: &mut Space,
             (t, true)
         }
     };
-    Ok((ensure_dev(dm, undo, name, &table)?, fresh))
+    Ok((dm.ensure_with_undo(undo, name, &table)?, fresh))
 }
 
 fn ensure_dm_cache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
@@ -150,7 +149,7 @@ fn ensure_dm_cache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, s
             vec![],
         )),
     );
-    let cache = ensure_dev(dm, undo, names::template_dm_name(image, Role::Cache), &table)?;
+    let cache = dm.ensure_with_undo(undo, names::template_dm_name(image, Role::Cache), &table)?;
     Ok(Cached { device: cache.device, path: cache.path() })
 }
 
@@ -300,7 +299,7 @@ fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sec
             // make-bcache probes the whole device for other signatures (libblkid: its head,
             // tail and superblock offsets, ~1.1 MB of a 2 GiB image): formatted over zeros, that costs the
             // parent nothing. The real table goes in before bcache ever opens the device.
-            let dev = ensure_dev(dm, undo, name.clone(), &over(Target::Zero))?;
+            let dev = dm.ensure_with_undo(undo, name.clone(), &over(Target::Zero))?;
             zero_head(&dev.path(), (BDEV_HEAD_SECTORS * 512) as usize)?;
             let path = dev.path().display().to_string();
             cmd::check(Kind::CacheDevice, "make-bcache", &["-B", "--block", "4k", &path], &[], Duration::from_secs(60))?;
@@ -311,7 +310,7 @@ fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sec
         } else {
             // Recorded and formatted: its superblock names the cache set, whose blocks of this
             // image are still valid (a rebooted host's cache stays warm).
-            ensure_dev(dm, undo, name.clone(), &with_paths)?
+            dm.ensure_with_undo(undo, name.clone(), &with_paths)?
         };
         (dev, fresh)
     };

@@ -36,16 +36,18 @@ pub fn try_exclusive(dir: &Path, name: &str) -> Result<Option<Lock>> {
 /// checked first: it comes from image ids.
 fn open_lock_file(dir: &Path, name: &str) -> Result<std::fs::File> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    let bad = |why: String| Error::new(Kind::InvalidArgument, why);
+    // The name comes from the caller's ids; everything after is the state dir's own trouble.
     if name.is_empty() || name.contains("..") || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
-        return Err(bad(format!("invalid lock name {name:?}")));
+        return Err(Error::invalid(format!("invalid lock name {name:?}")));
     }
+    let io = |what: String, e: std::io::Error| Error::caused_by(Kind::StateDir, what, e);
+    let bad = |why: String| Error::new(Kind::StateDir, why);
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(_) => std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| bad(format!("state dir {}: {e}", dir.display())))?,
+        Err(_) => std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io(format!("state dir {}", dir.display()), e))?,
     }
-    if !std::fs::symlink_metadata(dir).map_err(|e| bad(format!("state dir {}: {e}", dir.display())))?.is_dir() {
+    if !std::fs::symlink_metadata(dir).map_err(|e| io(format!("state dir {}", dir.display()), e))?.is_dir() {
         return Err(bad(format!("lock dir {} is not a directory (a symbolic link?)", dir.display())));
     }
     let path = dir.join(format!("{name}.lock"));
@@ -54,20 +56,20 @@ fn open_lock_file(dir: &Path, name: &str) -> Result<std::fs::File> {
         match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nofollow).open(&path) {
             Ok(f) => return Ok(f),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(bad(format!("lock {}: {e}", path.display()))),
+            Err(e) => return Err(io(format!("lock {}", path.display()), e)),
         }
         let f = match std::fs::OpenOptions::new().write(true).custom_flags(nofollow | libc::O_NONBLOCK).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // removed meanwhile: create it
-            Err(e) => return Err(bad(format!("lock {}: {e} (not following a symbolic link)", path.display()))),
+            Err(e) => return Err(io(format!("lock {} (not following a symbolic link)", path.display()), e)),
         };
-        let meta = f.metadata().map_err(|e| bad(format!("lock {}: {e}", path.display())))?;
+        let meta = f.metadata().map_err(|e| io(format!("lock {}", path.display()), e))?;
         if !meta.is_file() {
             return Err(bad(format!("lock {} is not a regular file", path.display())));
         }
         if meta.permissions().mode() & 0o077 != 0 {
             // made by an older version with the umask's mode
-            f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| bad(format!("chmod {}: {e}", path.display())))?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| io(format!("chmod {}", path.display()), e))?;
         }
         return Ok(f);
     }
@@ -125,12 +127,18 @@ mod tests {
         std::os::unix::fs::symlink(&target, dir.join("image-evil.lock")).unwrap();
         let e = acquire(&dir, "image-evil", Duration::ZERO).err().expect("a symbolic link is refused");
         assert!(e.message.contains("image-evil.lock"), "{}", e.message);
+        assert_eq!(e.kind, Kind::StateDir, "the state dir's trouble, not a bad caller value");
+        let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>()).expect("the io error kept");
+        assert_eq!(io.raw_os_error(), Some(libc::ELOOP));
         assert!(!target.exists(), "the link was followed");
         // An older lock file with the umask's mode is tightened.
         std::fs::write(dir.join("image-old.lock"), "").unwrap();
         std::fs::set_permissions(dir.join("image-old.lock"), std::fs::Permissions::from_mode(0o644)).unwrap();
         drop(acquire(&dir, "image-old", Duration::ZERO).unwrap());
         assert_eq!(std::fs::metadata(dir.join("image-old.lock")).unwrap().permissions().mode() & 0o777, 0o600);
+        // A file where the lock directory belongs.
+        let file = dir.join("image-old.lock");
+        assert_eq!(acquire(&file, "x", Duration::ZERO).err().expect("not a directory").kind, Kind::StateDir);
         for bad in ["../x", "a/b", "", "a b"] {
             assert_eq!(acquire(&dir, bad, Duration::ZERO).err().expect(bad).kind, Kind::InvalidArgument, "{bad}");
         }

@@ -10,7 +10,6 @@ pub mod carve;
 pub mod layout;
 pub mod lock;
 pub mod prefetch;
-pub mod rollback;
 mod template;
 mod vm;
 
@@ -25,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
+    rollback::Undo,
     dm::{self, Dm},
     error::{Error, Kind, Result},
     iscsi::{self, Source, Target},
@@ -186,7 +186,7 @@ impl Node {
             ));
         }
         std::fs::create_dir_all(&cfg.state_dir)
-            .map_err(|e| Error::invalid(format!("state dir {}: {e}", cfg.state_dir.display())))?;
+            .map_err(|e| Error::caused_by(Kind::StateDir, format!("state dir {}", cfg.state_dir.display()), e))?;
         Ok(Node { cfg, cache_dev, cache_total })
     }
 
@@ -221,7 +221,7 @@ impl Node {
     }
 
     /// Free the slice `name` if the call that carved it fails.
-    fn undo_slice<'a>(&'a self, undo: &mut rollback::Undo<'a>, name: String) {
+    fn undo_slice<'a>(&'a self, undo: &mut Undo<'a>, name: String) {
         undo.push(format!("slice {name} of the local device"), move || {
             self.space().and_then(|mut s| s.free(&[name])).map_err(|e| e.to_string())
         });
@@ -244,7 +244,7 @@ impl Node {
             }
         }
         let _lock = self.lock_image(image)?;
-        let mut undo = rollback::Undo::default();
+        let mut undo = Undo::default();
         let result = (|| -> Result<String> {
             let attached = self.record_attaching(image, raw_sources.last(), vm, mode, &mut undo)?;
             let t = template::ensure(self, &dm, image, &sources, &mut undo)?;
@@ -269,7 +269,7 @@ impl Node {
     /// last of the attach's sources). Returns whether the VM was attached already: its disk
     /// then holds the guest's writes and is found again, never made anew.
     fn record_attaching<'a>(&'a self, image: &str, source: Option<&Value>, vm: &str, mode: SnapshotMode,
-                            undo: &mut rollback::Undo<'a>) -> Result<bool> {
+                            undo: &mut Undo<'a>) -> Result<bool> {
         use layout::{TemplateRecord, VmRecord, VmState};
         let mut space = self.space()?;
         let (new_template, new_vm, attached) = {
@@ -322,7 +322,7 @@ impl Node {
         }
         let dm = Dm::open()?;
         let _set = self.lock_cache_set()?;
-        let mut undo = rollback::Undo::default();
+        let mut undo = Undo::default();
         match cache::ensure_cache_set(self, &dm, &mut undo) {
             Ok((_, created)) => {
                 undo.commit();
@@ -535,6 +535,7 @@ impl Node {
             orphans
         };
         report.removed.extend(orphans.into_iter().map(|n| format!("slice {n} (its owner is gone)")));
+        report.removed.extend(iscsi::sweep_records(iscsi::RECORD_SWEEP_MIN_AGE));
         log::info!(
             "reassembled {} VM disk(s){}{}",
             report.disks.len(),
@@ -572,7 +573,7 @@ impl Node {
                 return Ok(());
             }
         };
-        let mut undo = rollback::Undo::default();
+        let mut undo = Undo::default();
         let t = match template::ensure(self, dm, image, &sources, &mut undo) {
             Ok(t) => {
                 undo.commit();
@@ -584,7 +585,7 @@ impl Node {
             }
         };
         for (vm, mode) in vms {
-            let mut undo = rollback::Undo::default();
+            let mut undo = Undo::default();
             match vm::ensure(self, dm, &t, &vm, mode, true, &mut undo) {
                 Ok(path) => {
                     undo.commit();

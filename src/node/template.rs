@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 use devicemapper::Device;
 use log::{info, warn};
 
-use super::{cache, rollback::Undo, Node};
+use super::{cache, Node};
 use crate::{
+    rollback::Undo,
     dm::{self, multipath::MultipathParams, snapshot::SnapshotOriginParams, Dm, DmDev, Table, Target},
     error::{Error, Kind, Result},
     iscsi::{self, Source},
@@ -70,15 +71,6 @@ fn set_readahead(dev: Device, kib: u32) -> Result<()> {
     std::fs::write(&p, kib.to_string()).map_err(|e| Error::new(Kind::DeviceMapper, format!("write {kib} to {p}: {e}")))
 }
 
-/// Create `name` with `table` (or adopt it), registering its removal with `undo` if created.
-pub(super) fn ensure_dev<'a>(dm: &'a Dm, undo: &mut Undo<'a>, name: String, table: &Table) -> Result<DmDev> {
-    let (dev, created) = dm.ensure(&name, table)?;
-    if created {
-        undo.push(format!("device {name}"), move || dm.remove(&name).map(|_| ()).map_err(|e| e.to_string()));
-    }
-    Ok(dev)
-}
-
 pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], undo: &mut Undo<'a>) -> Result<Template> {
     let have = devices(dm, image)?;
     let paths_name = names::template_dm_name(image, Role::Paths);
@@ -94,14 +86,14 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
                 return Err(Error::invalid(format!("image {image:?} is not on this node yet: at least one source is needed")));
             }
             let table = paths_table(node, image, sources, undo)?;
-            ensure_dev(dm, undo, paths_name, &table)?
+            dm.ensure_with_undo(undo, paths_name, &table)?
         }
     };
     let sectors = dm::size_sectors(paths.device)?;
 
     let cached = cache::ensure(node, dm, image, &paths, sectors, undo)?;
     let origin_table = Table::single(sectors, Target::SnapshotOrigin(SnapshotOriginParams { origin: cached.device }));
-    let origin = ensure_dev(dm, undo, names::template_dm_name(image, Role::Origin), &origin_table)?;
+    let origin = dm.ensure_with_undo(undo, names::template_dm_name(image, Role::Origin), &origin_table)?;
 
     let mut read_dev = cached.device;
     if node.cfg.coalesce {

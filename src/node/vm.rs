@@ -4,7 +4,8 @@ use std::{path::PathBuf, time::Duration};
 
 use log::info;
 
-use super::{layout::SliceState, rollback::Undo, template::Template, zero_head, Node, SnapshotMode};
+use super::{layout::SliceState, template::Template, zero_head, Node, SnapshotMode};
+use crate::rollback::Undo;
 use crate::{
     cmd,
     dm::{self, snapshot::{Persistence, SnapshotParams}, Dm, Table, Target},

@@ -43,3 +43,8 @@ def test_cache_engines_smoke(tmp_path):
         assert abs(e["ratio"] - e["bytes"] / w) < 1e-3
     assert set(r["reader_times_s"]) == {"r1", "r2", "r3", "r1b"}
     assert r["data_ok"] == {"r1": True, "r2": True, "r3": True, "r1b": True}, "every reader read the origin's data"
+    # provenance inside, the summary in the history file beside the result (not bench/results)
+    assert doc["provenance"]["date"] and doc["provenance"]["host"]["cores"] >= 1, doc["provenance"]
+    hist = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [(h["file"], h["bench"]) for h in hist] == [("cache-engines.json", "cache_engines")], hist
+    assert hist[0]["engines"]["bcache"]["completion_s"] == round(r["completion_s"], 2)

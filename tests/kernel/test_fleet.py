@@ -1,8 +1,10 @@
 """The fleet benchmark end to end, short: origin + 3 compute nodes in UML, a small synthetic boot
 trace, every mode (relay tree through the registry, direct reads from the origin, full copy).
 
-Checks the pipeline, not the timings: the JSON has the documented shape, every VM finished its
-reads with the right data, and the timeline PNG exists.
+Checks the pipeline, not the timings: the JSON, named by the run's parameters, has the
+documented shape and its provenance, every VM finished its reads with the right data, the
+timeline PNG exists, and the run's summary went to the history file beside them (the
+temporary directory, not bench/results).
 """
 import json
 import os
@@ -25,7 +27,7 @@ def test_fleet_smoke(tmp_path, capsys):
         import pytest
         pytest.skip(f"the tree mode needs the registry: {e}")
     rc = fleet.main(["--nodes", "3", "--smoke", "--full-copy", "measure", "--out", str(tmp_path)])
-    doc = json.loads((tmp_path / "fleet.json").read_text())
+    doc = json.loads((tmp_path / "fleet-3n-100mbit-synthetic.json").read_text())
     assert doc["nodes"] == 3 and doc["vms"] == 3
     for k in ("rate_bps", "fanout", "working_set_bytes", "link_bound_s", "modes"):
         assert k in doc, k
@@ -48,9 +50,15 @@ def test_fleet_smoke(tmp_path, capsys):
     # every node's data came over some tree edge (a peer or the origin)
     children = {e["child"] for e in doc["modes"]["tree"]["edges"] if e["bytes"] > 0}
     assert children == {"cn1", "cn2", "cn3"}, doc["modes"]["tree"]["edges"]
-    assert (tmp_path / "fleet-timeline.png").stat().st_size > 10_000
+    png = tmp_path / "fleet-3n-100mbit-synthetic-timeline.png"
+    assert png.stat().st_size > 10_000
+    prov = doc["provenance"]
+    assert prov["date"] and prov["commit"] and prov["host"]["cores"] >= 1, prov
+    hist = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [(h["file"], h["scenario"]) for h in hist] == [("fleet-3n-100mbit-synthetic.json", "fleet-3n-100mbit-synthetic")]
+    assert set(hist[0]["modes"]) == {"tree", "direct", "full_copy"}, hist
     # the table and the PNG's path come last
     out = capsys.readouterr().out.rstrip().splitlines()
-    assert out[-1] == f"timeline: {tmp_path / 'fleet-timeline.png'}", out[-3:]
+    assert out[-1] == f"timeline: {png}", out[-3:]
     assert any(line.startswith("| full_copy |") for line in out), out
     assert rc == 0

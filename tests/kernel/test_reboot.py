@@ -50,6 +50,23 @@ def fleet(tmp_path_factory):
         yield f
 
 
+@pytest.fixture(autouse=True)
+def no_vm_left_behind(request):
+    """The tests share node B: a failed one must not leave VMs that make the next ones fail.
+    Runs after each test of `fleet` (its own assertions came first), detaching whatever is left."""
+    yield
+    if "fleet" not in request.fixturenames:
+        return
+    b = request.getfixturevalue("fleet")["b"]
+    b.run("ip route flush type blackhole", timeout=30)     # the unreachable-image test's
+    rc, out = b.run("python3 - <<'EOF'\nimport vmthunder\n" + node_ctor(b)
+                    + "for vm in sorted(node.status()['vms']):\n"
+                      "    try:\n        node.detach(vm); print('detached', vm)\n"
+                      "    except vmthunder.Error as e:\n        print('left', vm, e)\nEOF", timeout=300)
+    if out.strip():
+        print(f"after the test, on B: {out.strip()}")
+
+
 def origin_conn(fleet, node):
     a = fleet["a"]
     return py(a, f"out(vmthunder.allow_initiator({VOLUME!r}, {node.initiator_iqn!r}, '{a.ip}:3260'))")
@@ -268,6 +285,28 @@ def test_a_vm_whose_image_is_unreachable_is_named_and_its_cow_kept(fleet):
         print(b.check("python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n" + node_ctor(b) + f"node.detach({vm!r})\nEOF", timeout=120))
     final = py(b, node_ctor(b) + "out(node.status())")
     assert final["layout"]["slices"] == {}, (final, b.check("dmsetup ls; dmsetup table"))
+
+
+def test_start_up_deletes_our_node_records_that_a_killed_login_left(fleet):
+    """A kill inside `iscsiadm -o update` (or a logout) leaves our node record without a
+    session: start-up deletes it, spares a record young enough to be a login in flight, and
+    never touches another interface's record."""
+    b = fleet["b"]
+    b.check(f"mkdir -p {STATE_DIR}")
+    portal = "198.18.9.77:3260"
+    gone, young, other = (f"iqn.2026-11.org.vmthunder.test:{n}" for n in ("gone", "young", "other"))
+    b.check("iscsiadm -m iface -I vmthunder >/dev/null 2>&1 || iscsiadm -m iface -I vmthunder -o new")
+    for iqn, iface in ((gone, "vmthunder"), (young, "vmthunder"), (other, "default")):
+        b.check(f"iscsiadm -m node -o new -T {iqn} -p {portal} -I {iface}")
+    for iqn in (gone, other):
+        b.check(f"find /etc/iscsi/nodes/{iqn} -type f -exec touch -d '2 hours ago' {{}} +")
+    report = py(b, node_ctor(b) + "out(node.reassemble())")
+    assert f"iSCSI node record of {gone} at {portal} (no session)" in report["removed"], report
+    assert not any(young in r or other in r for r in report["removed"]), report
+    listed = b.check("iscsiadm -m node 2>/dev/null || true")
+    assert gone not in listed and young in listed and other in listed, listed
+    for iqn, iface in ((young, "vmthunder"), (other, "default")):
+        b.check(f"iscsiadm -m node -o delete -T {iqn} -p {portal} -I {iface}")
 
 
 def _measure(node, code):

@@ -2,6 +2,10 @@
 a valid tree; a leaf keeps reading while its parent's node is killed; the registry being down
 falls back to the origin.
 
+The failover's figures go to failover.json in the test's temporary directory, or in
+$VMT_BENCH_RESULTS when set (`VMT_BENCH_RESULTS=bench/results pytest ... -k leaf_survives`
+renews bench/results/failover.json and appends its line to history.jsonl there).
+
 Each relay runs tests/kernel/tree_member.py, a stand-in for nova-compute: it holds the registry
 membership (heartbeats) and runs the tree upkeep on a thread, as the Nova process would.
 """
@@ -13,6 +17,7 @@ import time
 
 import pytest
 
+from bench import record
 from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
 from tests.kernel.harness import Fleet
 
@@ -70,7 +75,7 @@ def check_tree(records, n):
     return by
 
 
-def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet):
+def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet, tmp_path):
     o = fleet["o"]
     member = open(MEMBER, "rb").read()
     for r in RELAYS:
@@ -129,6 +134,20 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet):
     status = wait_json(ln, "/vmt-share/member/status.json", 10)
     states = status["templates"][IMAGE_ID]["paths"]
     assert states and all(p["state"] == "A" for p in states), f"leaf paths after re-parenting: {states}"
+    write_failover(os.environ.get("VMT_BENCH_RESULTS") or str(tmp_path),
+                   {"leaf": leaf, "dead_parent": parent, "new_parents": new_parents, "reparent_s": round(reparent_s, 1),
+                    "worst_read_stall_s": round(res["worst_stall_s"], 2), "read_errors": res["errors"],
+                    "mismatches": res["mismatches"], "reads": res["reads"]})
+
+
+def write_failover(out_dir, figures):
+    prov = {**record.provenance(), "command": "python3 -m pytest tests/kernel/test_relay_tree.py -k leaf_survives"}
+    path = os.path.join(out_dir, "failover.json")
+    record.write_result(path, {"provenance": prov, **figures})
+    record.append_history(path, {**record.run_fields(prov), "bench": "relay_tree_failover", "scenario": "failover",
+                                 "command": prov["command"],
+                                 **{k: figures[k] for k in ("reparent_s", "worst_read_stall_s", "reads", "read_errors",
+                                                            "mismatches")}})
 
 
 def test_registry_down_falls_back_to_the_origin(fleet):

@@ -26,7 +26,7 @@ def blockdev(tmp_path):
 def test_exception_hierarchy():
     kinds = [vmthunder.InvalidArgument, vmthunder.NotFound, vmthunder.Busy, vmthunder.CacheDeviceError,
              vmthunder.IscsiError, vmthunder.LioError, vmthunder.DeviceMapperError, vmthunder.SnapshotError,
-             vmthunder.RollbackError]
+             vmthunder.RollbackError, vmthunder.StateDirError]
     assert len(set(kinds)) == len(kinds)
     for k in kinds:
         assert issubclass(k, vmthunder.Error)

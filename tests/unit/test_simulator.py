@@ -79,6 +79,8 @@ def test_plan_command_prints_json_and_plots(tmp_path, capsys):
 
 def test_validate_quick_writes_the_documented_fields(tmp_path):
     out = tmp_path / "v.json"
+    repo_history = os.path.join(ROOT, "bench", "results", "history.jsonl")
+    before = open(repo_history).read()
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "simulate.py"), "--validate", "--quick",
                     "--out", str(out)], check=True, capture_output=True, timeout=300)
     doc = json.loads(out.read_text())
@@ -87,3 +89,7 @@ def test_validate_quick_writes_the_documented_fields(tmp_path):
     for c in doc["cases"]:
         assert c["error"] == pytest.approx(abs(c["predicted_s"] - c["measured_s"]) / c["measured_s"], abs=2e-3)
     assert all({"nodes", "rate_bps", "shape", "predicted_s", "sim_wall_s"} <= set(s) for s in doc["scale"])
+    assert doc["provenance"]["date"] and doc["provenance"]["host"]["cores"]
+    hist = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [(h["file"], h["scenario"], h["cases"]) for h in hist] == [("v.json", "simulator-validation", len(doc["cases"]))]
+    assert open(repo_history).read() == before, "a test run leaves bench/results alone"

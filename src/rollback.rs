@@ -2,7 +2,9 @@
 //! reverse, and a failed undo becomes a `Rollback` error naming what was left behind.
 use log::warn;
 
-use crate::error::{Error, Kind};
+use crate::error::Error;
+#[cfg(test)]
+use crate::error::Kind;
 
 type UndoFn<'a> = Box<dyn FnOnce() -> Result<(), String> + 'a>;
 
@@ -33,7 +35,7 @@ impl<'a> Undo<'a> {
         if left.is_empty() {
             cause
         } else {
-            Error::new(Kind::Rollback, format!("{cause}; rollback failed, left behind: {}", left.join(", ")))
+            Error::rollback(cause, left)
         }
     }
 }
@@ -54,6 +56,7 @@ mod tests {
         assert_eq!(*order.borrow(), ["c", "b", "a"]);
         assert_eq!(e.kind, Kind::Rollback);
         assert!(e.message.contains("boom") && e.message.contains("b (busy)"), "{}", e.message);
+        assert_eq!(e.left_behind, ["b (busy)"]);
     }
 
     #[test]
