@@ -182,7 +182,16 @@ impl Node {
     fn attach(&self, py: Python<'_>, image_id: &str, sources: &Bound<'_, PyAny>, vm_id: &str, snapshot: &str) -> PyResult<String> {
         let sources = sources_json(py, sources)?;
         let mode: SnapshotMode = snapshot.parse().map_err(to_py)?;
-        py.allow_threads(|| self.inner.attach(image_id, &sources, vm_id, mode)).map_err(to_py)
+        py.allow_threads(|| {
+            let t = std::time::Instant::now();
+            let path = self.inner.attach(image_id, &sources, vm_id, mode)?;
+            // for `vmthunder metrics`; a record that fails does not fail the attach
+            if let Err(e) = crate::stats::record_duration(&self.inner.config().state_dir, "attach", t.elapsed().as_secs_f64()) {
+                log::warn!("attach duration not recorded: {e}");
+            }
+            Ok(path)
+        })
+        .map_err(to_py)
     }
 
     /// Point the template of `image_id` at new parents (`sources`: parents first, the origin
@@ -316,9 +325,38 @@ impl Node {
     }
 
     /// What this node holds, read from the kernel: templates, their devices, VMs and children.
-    fn status(&self, py: Python<'_>) -> PyResult<PyObject> {
-        let v = py.allow_threads(|| self.inner.status()).map_err(to_py)?;
+    /// `counters=True` adds the kernel's counters per template: each path's parent and bytes
+    /// read from it (`paths[].parent/target/portal/read_bytes`), bytes served to each child
+    /// (`served`), cache hits and misses (`cache`), bytes its VMs read (`local_read_bytes`).
+    #[pyo3(signature = (counters=false))]
+    fn status(&self, py: Python<'_>, counters: bool) -> PyResult<PyObject> {
+        let v = py
+            .allow_threads(|| {
+                let mut v = self.inner.status()?;
+                if counters {
+                    crate::stats::add_counters(&mut v);
+                }
+                Ok(v)
+            })
+            .map_err(to_py)?;
         json_to_py(py, &v)
+    }
+
+    /// metrics() -> str: this node in Prometheus' text format (status with counters, and the
+    /// attach and join durations recorded in the state dir). README, "Metrics", lists them.
+    fn metrics(&self, py: Python<'_>) -> PyResult<String> {
+        py.allow_threads(|| {
+            let mut v = self.inner.status()?;
+            crate::stats::add_counters(&mut v);
+            Ok(crate::stats::prometheus(&v, &crate::stats::durations(&self.inner.config().state_dir)))
+        })
+        .map_err(to_py)
+    }
+
+    /// record_duration(op, seconds): add one "attach" or "join" that took `seconds` to the
+    /// durations `metrics()` reports (kept in the state dir, shared by this node's processes).
+    fn record_duration(&self, py: Python<'_>, op: &str, seconds: f64) -> PyResult<()> {
+        py.allow_threads(|| crate::stats::record_duration(&self.inner.config().state_dir, op, seconds)).map_err(to_py)
     }
 
     #[getter]
@@ -453,6 +491,37 @@ fn seal_grant(py: Python<'_>, grant: &Bound<'_, PyAny>, recipient_key: &str) -> 
     json_to_py(py, &v)
 }
 
+/// node_checks(cache_device=None, state_dir=None, engine="bcache", coalesce=True, relay=True,
+///             snapshot_mode="dm") -> [{"name", "ok", "blocking", "detail", "fix"}]
+///
+/// This node's preconditions for an attach that the kernel and the host show: kernel modules,
+/// configfs, open-iscsi (iscsiadm, iscsid, the initiator name), bcache-tools and its udev rule,
+/// the local device (a block device, large enough, used by nothing else, its layout readable),
+/// the state dir. `blocking`: a failure makes attaches fail. Reads only; changes nothing.
+#[pyfunction]
+#[pyo3(signature = (cache_device=None, state_dir=None, engine="bcache", coalesce=true, relay=true, snapshot_mode="dm"))]
+fn node_checks(py: Python<'_>, cache_device: Option<String>, state_dir: Option<String>, engine: &str, coalesce: bool, relay: bool,
+          snapshot_mode: &str) -> PyResult<PyObject> {
+    let o = crate::doctor::Options {
+        cache_device: cache_device.map(Into::into),
+        state_dir: state_dir.map(Into::into),
+        engine: engine.parse().map_err(to_py)?,
+        coalesce,
+        relay,
+        vmm: snapshot_mode.parse::<SnapshotMode>().map_err(to_py)? == SnapshotMode::Vmm,
+        ..Default::default()
+    };
+    let checks = py.allow_threads(|| crate::doctor::run(&o));
+    json_to_py(py, &serde_json::to_value(checks).expect("checks serialise"))
+}
+
+/// write_textfile(path, text): write metrics for node_exporter's textfile collector (a new
+/// file renamed into place: a scrape never reads half of it).
+#[pyfunction]
+fn write_textfile(py: Python<'_>, path: &str, text: &str) -> PyResult<()> {
+    py.allow_threads(|| crate::stats::write_textfile(std::path::Path::new(path), text)).map_err(to_py)
+}
+
 /// A join in flight (see `Node.joining`); a context manager, released on exit.
 #[pyclass(module = "vmthunder")]
 pub struct JoinMark {
@@ -495,6 +564,8 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_grant, m)?)?;
     m.add_function(wrap_pyfunction!(grant_key, m)?)?;
     m.add_function(wrap_pyfunction!(seal_grant, m)?)?;
+    m.add_function(wrap_pyfunction!(node_checks, m)?)?;
+    m.add_function(wrap_pyfunction!(write_textfile, m)?)?;
     m.add("Error", py.get_type::<Error>())?;
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
     m.add("NotFound", py.get_type::<NotFound>())?;

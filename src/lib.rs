@@ -10,6 +10,8 @@
 //! - [`sim`]: a boot-storm simulator (which shape, how long) calibrated by the lab
 //! - [`usage`]: whether a device or file is still open or held (what a teardown checks)
 //! - [`records`]: the registry records other hosts publish, checked (untrusted input)
+//! - [`doctor`]: the node's preconditions (modules, open-iscsi, the local device) with their fixes
+//! - [`stats`]: counters, durations and Prometheus text for operators
 //! - [`bindings`]: the Python module
 pub mod cmd;
 pub mod dm;
@@ -24,6 +26,8 @@ pub mod usage;
 pub mod records;
 pub mod rollback;
 pub mod seal;
+pub mod doctor;
+pub mod stats;
 #[cfg(test)]
 mod testlog;
 

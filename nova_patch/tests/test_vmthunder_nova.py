@@ -34,6 +34,7 @@ def load_helpers():
     tree.Tree = mock.Mock(name="Tree")
     tree.Tree.return_value.registry = None
     tree.Tree.return_value.recover.return_value = {}
+    tree.Tree.return_value.rejoin.return_value = []
     tree.load_profile = mock.Mock(name="load_profile", return_value=[[0, 4096]])
     registry = types.ModuleType("vmthunder.registry")
     registry.Registry = mock.Mock(name="Registry")
@@ -260,18 +261,73 @@ class AttachDetachTest(HelperTestCase):
         self.assertRaises(Error, self.helpers.detach, self.tree, "vm1")
 
 
+class NovaCallsTest(HelperTestCase):
+    """The four calls the Nova patch makes, with Nova's whole CONF."""
+
+    def setUp(self):
+        super().setUp()
+        self.conf = types.SimpleNamespace(vmthunder=Conf(snapshot_mode="vmm"), host="CN1",
+                                          my_block_storage_ip="198.18.0.2")
+        self.tree = self.Tree.return_value
+        self.tree.state_dir = "/nonexistent"
+
+    def test_start_up_builds_the_tree_once(self):
+        self.assertIs(self.tree, self.helpers.start_up(self.conf))
+        self.Node.assert_called_once_with(host="cn1", cache_device="/dev/vdb",
+                                          state_dir="/var/lib/nova/vmthunder", export_ip="198.18.0.2")
+        self.Node.return_value.reassemble.assert_called_once_with()
+        self.tree.recover.assert_called_once_with()
+
+    def test_start_up_logs_and_never_raises(self):
+        self.Node.side_effect = Error("layout damaged")
+        with self.assertLogs("vmthunder.nova", "ERROR") as logs:
+            self.assertIsNone(self.helpers.start_up(self.conf))
+        self.assertIn("layout damaged", "\n".join(logs.output))
+
+    def test_attach_volume_takes_the_configured_snapshot_mode(self):
+        self.tree.attach.return_value = "/var/lib/nova/vmthunder/vm1.qcow2"
+        info = self.helpers.attach_volume(self.conf, {"data": {}}, "vm1", "vol1")
+        self.tree.attach.assert_called_once_with("vol1", {"data": {}}, "vm1", "vmm", profile=None)
+        self.assertEqual("qcow2", info["data"]["format"])
+
+    def test_detach_volume_raises_and_instance_left_logs(self):
+        self.tree.detach.side_effect = Error("busy")
+        self.assertRaises(Error, self.helpers.detach_volume, self.conf, "vm1")
+        with self.assertLogs("vmthunder.nova", "ERROR") as logs:
+            self.assertFalse(self.helpers.instance_left(self.conf, "vm1"))
+        self.assertIn("vm1 behind: busy", logs.output[0])
+        self.tree.detach.side_effect = NotFound("vm2")     # not one of ours: nothing to say
+        self.assertFalse(self.helpers.instance_left(self.conf, "vm2"))
+        self.tree.detach.side_effect = None
+        self.assertTrue(self.helpers.instance_left(self.conf, "vm3"))
+
+    def test_the_patch_markers_are_lines_the_patch_adds(self):
+        patch = os.path.join(os.path.dirname(__file__), "..", "vmthunder-nova-34.0.0.patch")
+        with open(patch) as f:
+            added = {}
+            path = None
+            for line in f:
+                if line.startswith("+++ b/"):
+                    path = line[6:].split("\t")[0].strip()
+                elif line.startswith("+") and path:
+                    added.setdefault(path, []).append(line[1:].strip())
+        for path, marker in self.helpers.PATCH_MARKERS.items():
+            self.assertIn(marker, added[path], path)
+
+
 class WithTheRealTreeTest(unittest.TestCase):
     """nova.py over the project's own vmthunder/tree.py (only the extension is faked)."""
 
     def setUp(self):
         ext = types.ModuleType("vmthunder._vmthunder")
         ext.Error, ext.NotFound, ext.Busy = Error, NotFound, type("Busy", (Error,), {})
-        ext.Node = mock.MagicMock(name="Node")
         ext.InvalidArgument = type("InvalidArgument", (Error,), {})
+        ext.Node = mock.MagicMock(name="Node")
         ext.StateDirError = type("StateDirError", (Error,), {})
         for name in ("choose_parents", "check_grant", "grant_key", "parse_host_record",
-                     "parse_image_record", "seal_grant", "validate_id"):
+                     "parse_image_record", "seal_grant", "validate_choice", "validate_id"):
             setattr(ext, name, mock.Mock(name=name))
+        ext.validate_id.side_effect = lambda what, value: value
         fake = types.ModuleType("vmthunder")
         fake.Node, fake.Error, fake.NotFound = ext.Node, Error, NotFound
         patcher = mock.patch.dict(sys.modules, {"vmthunder": fake, "vmthunder._vmthunder": ext})

@@ -41,6 +41,8 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     check_grant,
     grant_key,
     seal_grant,
+    node_checks,
+    write_textfile,
 )
 
 # Rust `log` records arrive here through pyo3-log; operators configure the "vmthunder" logger.
@@ -51,5 +53,5 @@ __all__ = [
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "StateDirError", "__version__",
     "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice", "simulate",
     "template_iqn", "validate_id", "parse_host_record", "parse_image_record", "check_grant",
-    "grant_key", "seal_grant",
+    "grant_key", "seal_grant", "node_checks", "write_textfile",
 ]

@@ -1,15 +1,19 @@
 """What the Nova patch (nova_patch/) calls.
 
-Nova hands over plain values (its ``[vmthunder]`` option group, Cinder connection dicts,
-ids); every vmthunder-specific choice is made here, so that the Nova patch stays small:
+Nova hands over its configuration object and plain values (Cinder connection dicts, ids);
+every vmthunder-specific choice is made here, so that the Nova patch stays small. The four
+calls the patch makes, each with Nova's ``CONF`` (``[vmthunder]``, ``host``,
+``my_block_storage_ip``):
 
-    node = vmthunder.nova.get_node(CONF.vmthunder, CONF.host, CONF.my_block_storage_ip)
-    info = vmthunder.nova.attach(node, cinder_connection_info, instance.uuid, volume_id, "dm")
+    vmthunder.nova.start_up(CONF)           # ComputeManager.init_host, before instances resume
+    info = vmthunder.nova.attach_volume(CONF, cinder_connection_info, instance.uuid, volume_id)
     # -> {"driver_volume_type": "local", "serial": volume_id, "data": {"device_path": ...}}
-    vmthunder.nova.detach(node, instance.uuid)
+    vmthunder.nova.detach_volume(CONF, instance.uuid)       # the BDM's detach
+    vmthunder.nova.instance_left(CONF, instance.uuid)       # delete, shelve offload, resize away
 
-``attach`` and ``detach`` block in the kernel (iSCSI login, device-mapper; the extension
-releases the GIL): under eventlet Nova runs them in a native thread (``nova.utils.tpool_wrap``).
+They block in the kernel (iSCSI login, device-mapper; the extension releases the GIL): under
+eventlet Nova runs them in a native thread (``nova.utils.tpool_wrap``). The ``[vmthunder]``
+options themselves are defined in ``vmthunder.conf``.
 """
 import hashlib
 import logging
@@ -190,3 +194,54 @@ def detach(node, vm_id):
     except vmthunder.NotFound:
         return False
     return True
+
+
+# -- the calls the Nova patch makes (Nova's whole CONF) --------------------------------------------
+def _tree(conf):
+    return get_node(conf.vmthunder, conf.host, conf.my_block_storage_ip)
+
+
+def start_up(conf):
+    """nova-compute starts (``ComputeManager.init_host``, after the virt driver, before any
+    instance resumes): every instance disk this host holds comes back at its path, what
+    unfinished joins left goes, the cache set is made. Never raises: a failure is logged, the
+    instances whose disks are missing fail to start with the reason, and the next attach
+    tries again. Returns the tree, or None after a failure."""
+    try:
+        return _tree(conf)
+    except Exception:
+        LOG.exception("vmthunder could not rebuild the disks of this host")
+        return None
+
+
+def attach_volume(conf, connection_info, vm_id, volume_id):
+    """``attach`` through this host's tree, in ``[vmthunder] snapshot_mode``."""
+    return attach(_tree(conf), connection_info, vm_id, volume_id, conf.vmthunder.snapshot_mode)
+
+
+def detach_volume(conf, vm_id):
+    """``detach`` through this host's tree; a vmthunder.Error when the snapshot cannot go."""
+    return detach(_tree(conf), vm_id)
+
+
+def instance_left(conf, vm_id):
+    """The instance left this host (deleted, shelve-offloaded, resized or migrated away): its
+    snapshot goes, and its image's template when nothing else uses it. Never raises (Nova goes
+    on with the instance): a failure is logged with what was left. Returns whether a snapshot
+    went."""
+    try:
+        return detach_volume(conf, vm_id)
+    except Exception as e:
+        LOG.error("vmthunder left the snapshot of instance %s behind: %s", vm_id, e)
+        return False
+
+
+# A line of each file the Nova patch changes, there only once it is applied: what
+# `vmthunder doctor` looks for in the Nova that this Python imports.
+PATCH_MARKERS = {
+    "nova/conf/__init__.py": "register_vmthunder_opts(CONF)",
+    "nova/compute/manager.py": "driver_block_device.vmthunder().start_up(CONF)",
+    "nova/virt/block_device.py": "class DriverVMThunderVolumeBlockDevice(DriverVolumeBlockDevice):",
+    "nova/virt/libvirt/volume/volume.py": "conf.driver_format = \"qcow2\"",
+}
+NOVA_VERSION = "34.0.0"

@@ -372,8 +372,13 @@ class Tree:
         else:
             # Marked in flight until we return: `recover` in a restarted process leaves it
             # alone, and what a crash of this one leaves half-built is recovered then.
+            started = time.monotonic()
             with self.node.joining(image_id):
                 path = self._join(image_id, origin, vm_id, snapshot, profile)
+            try:    # for `vmthunder metrics`
+                self.node.record_duration("join", time.monotonic() - started)
+            except Error as e:
+                LOG.warning("join duration not recorded: %s", e)
         # The detach of the image's last VM in another thread may have forgotten the origin
         # between our save and our template: saved again now that the template exists.
         self._save_origin(image_id, origin)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import fleet  # noqa: E402  (bench/fleet.py)
 
 
-def test_fleet_smoke(tmp_path):
+def test_fleet_smoke(tmp_path, capsys):
     require_uml()
     try:
         import tooz  # noqa: F401
@@ -26,7 +26,7 @@ def test_fleet_smoke(tmp_path):
     except ImportError as e:
         import pytest
         pytest.skip(f"the tree mode needs the registry: {e}")
-    rc = fleet.main(["--nodes", "3", "--smoke", "--out", str(tmp_path)])
+    rc = fleet.main(["--nodes", "3", "--smoke", "--full-copy", "measure", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "fleet-3n-100mbit-synthetic.json").read_text())
     assert doc["nodes"] == 3 and doc["vms"] == 3
     for k in ("rate_bps", "fanout", "working_set_bytes", "link_bound_s", "modes"):
@@ -50,10 +50,15 @@ def test_fleet_smoke(tmp_path):
     # every node's data came over some tree edge (a peer or the origin)
     children = {e["child"] for e in doc["modes"]["tree"]["edges"] if e["bytes"] > 0}
     assert children == {"cn1", "cn2", "cn3"}, doc["modes"]["tree"]["edges"]
-    assert (tmp_path / "fleet-3n-100mbit-synthetic-timeline.png").stat().st_size > 10_000
+    png = tmp_path / "fleet-3n-100mbit-synthetic-timeline.png"
+    assert png.stat().st_size > 10_000
     prov = doc["provenance"]
     assert prov["date"] and prov["commit"] and prov["host"]["cores"] >= 1, prov
     hist = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [(h["file"], h["scenario"]) for h in hist] == [("fleet-3n-100mbit-synthetic.json", "fleet-3n-100mbit-synthetic")]
     assert set(hist[0]["modes"]) == {"tree", "direct", "full_copy"}, hist
+    # the table and the PNG's path come last
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-1] == f"timeline: {png}", out[-3:]
+    assert any(line.startswith("| full_copy |") for line in out), out
     assert rc == 0

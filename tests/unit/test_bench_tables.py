@@ -51,3 +51,19 @@ def test_cpu_until_sums_every_node_up_to_the_last_attach():
     assert fleet.cpu_until(load["node_samples"], 1.2) == 1.5
     assert fleet.cpu_until(load["node_samples"], 5.0) == 3.0
     assert fleet.cpu_until(load["node_samples"], -1.0) == 0.0
+
+
+def test_by_default_the_full_copy_is_its_link_bound_and_measure_measures_it():
+    assert fleet.parse_args([]).modes == ["tree", "direct"]
+    assert fleet.parse_args(["--full-copy", "measure"]).modes == ["tree", "direct", "full_copy"]
+    W = 80 << 20
+    tree = {"completion_s": 27.3, "fanout": 3, "origin_bytes": 3.1 * W, "origin_data_bytes": 3.1 * W,
+            "origin_ratio": 3.1, "max_edge_ratio": 1.03, "vm_min_s": 26.2, "vm_median_s": 26.9, "all_finished": True,
+            "data_ok": True, "cpu": {"fleet_cores": 1.1, "host_busy": 0.9}, "tree": {"joins_wall_s": 9.5}}
+    doc = {"nodes": 8, "vms": 8, "working_set_bytes": W, "image_bytes": 2 << 30, "fanout": 3, "rate_bps": 100e6,
+           "link_bound_s": 6.7, "tree_bound_s": 20.1, "direct_bound_s": 53.5, "full_copy_bound_s": 1374.4,
+           "modes": {"tree": tree}}
+    assert fleet.goals(doc)["tree"]["tree vs full copy"].startswith(">= 50.34x faster (against the full copy's link bound")
+    table = fleet.table(doc)
+    row = next(line for line in table.splitlines() if line.startswith("| full_copy"))
+    assert "LINK BOUND, not measured (--full-copy measure)" in row and ">= 1374.4 (bound)" in row, row

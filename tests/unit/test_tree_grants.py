@@ -61,6 +61,10 @@ class FakeNode:
         self.templates = {}
         self.export_calls = []
         self.calls = []         # prepare_export, drop_export, prelogin, logout_unused, in order
+        self.durations = []     # (op, seconds) recorded for `vmthunder metrics`
+
+    def record_duration(self, op, seconds):
+        self.durations.append((op, seconds))
 
     def prepare_export(self, image):
         self.calls.append(("prepare_export", image))
@@ -262,6 +266,7 @@ def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_retu
     assert steps[0] == "joining" and steps.count("joined") == 1
     assert steps.index("joined") > max(steps.index("prepare_export"), steps.index("prelogin"))
     assert "img" in node.templates          # attached inside the mark: joined comes after it
+    assert [op for op, s in node.durations] == ["join"] and node.durations[0][1] > 0   # for the metrics
 
     def broken_attach(*args, **kw):
         raise vmthunder.CacheDeviceError("the cache device is gone")
@@ -269,6 +274,7 @@ def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_retu
     with pytest.raises(vmthunder.CacheDeviceError):
         tree.attach("img2", {"target_iqn": "iqn.x:origin"}, "vm2")
     assert node.calls[0] == ("joining", "img2") and ("joined", "img2") in node.calls
+    assert len(node.durations) == 1         # a failed join is not a join duration
 
 
 def test_recover_goes_over_every_image_attached_here_and_leaves_joins_in_flight_alone(tmp_path):

@@ -1,0 +1,6 @@
+"""`python -m vmthunder ...`: the `vmthunder` command (vmthunder.cli)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
