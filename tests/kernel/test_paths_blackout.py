@@ -144,8 +144,8 @@ def fleet(tmp_path_factory):
         yield f
         path = os.environ.get("VMT_BLACKOUT_RESULTS")
         if path and f.results:
-            with open(path, "w") as fh:
-                json.dump(f.results, fh, indent=1)
+            from bench import record
+            record.write_result(path, {"provenance": record.provenance(), **f.results})
 
 
 def set_port(fleet, node, up):
