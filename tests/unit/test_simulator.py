@@ -50,6 +50,18 @@ def test_a_failed_relay_loses_its_vm_and_the_rest_finish():
     assert sum(t is None for t in out["vm_times_s"]) == 1
 
 
+def test_a_relay_failing_with_its_children_half_fed_reports_what_they_owed(capsys):
+    assert plan.parse_fail("auto@50%") == {"node": "auto", "children_have": 0.5}
+    assert plan.main(["--nodes", "13", "--rate", "100mbit", "--working-set-bytes", str(W), "--fail", "auto@50%"]) == 0
+    text = capsys.readouterr().out
+    assert "relay cn1 failed at" in text and "3 children owed 1.50 x W" in text, text
+    out = sim(nodes=13, fail={"node": "auto", "children_have": 0.5})
+    f = out["failure"]
+    assert f["node"] == "cn1" and f["at_s"] is not None and sorted(f["subtree"]) == ["cn10", "cn13", "cn4", "cn7"]
+    with pytest.raises(vmthunder.InvalidArgument, match="exactly one"):
+        sim(fail={"node": "auto", "at_s": 1.0, "children_have": 0.5})
+
+
 @pytest.mark.skipif(not os.path.exists(TRACE), reason="no recorded boot trace")
 def test_the_trace_is_replayed_and_direct_reads_include_its_re_reads():
     out = vmthunder.simulate({"nodes": 2, "rate_bps": 100e6, "shape": "direct", "trace": TRACE})
