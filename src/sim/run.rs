@@ -234,14 +234,7 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
     let completion = if unfinished > 0 { None } else { vm_times.iter().flatten().copied().reduce(f64::max) };
     let failure_report = failure.map(|(node, _)| {
         let kids = topo.children();
-        let mut subtree = Vec::new();
-        let mut stack = vec![node];
-        while let Some(x) = stack.pop() {
-            for &c in &kids[x] {
-                subtree.push(c);
-                stack.push(c);
-            }
-        }
+        let subtree = topo.subtree(node);
         let mut inside = vec![false; engine_nodes];
         subtree.iter().for_each(|&c| inside[c] = true);
         let times: Vec<Option<f64>> = eng.vms.iter().filter(|v| inside[v.node]).map(|v| v.done_s).collect();

@@ -218,3 +218,22 @@ fn a_placed_tree_is_reused_for_the_same_nodes_shape_and_fanout_only() {
     assert!(!Arc::ptr_eq(&first, &other));
     assert_eq!(other.paths, super::topology::build(&p).unwrap().paths);
 }
+
+#[test]
+fn a_striped_relays_failure_reports_its_subtree_in_each_stripe_once() {
+    // Striped nodes are parents of each other in different stripes: following every child
+    // link at once loops (it ran out of memory before).
+    let mut p = base(40, Shape::Striped);
+    p.fanout = 4;
+    p.working_set_bytes = Some(4 << 20);
+    p.fail = Some(super::Failure { node: "auto".into(), at_s: None, children_have: Some(0.5) });
+    let out = simulate(&p).unwrap();
+    let rep = out.failure.unwrap();
+    let mut names = rep.subtree.clone();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), rep.subtree.len(), "{:?}", rep.subtree);
+    assert!(rep.descendants >= rep.children && rep.children >= 1 && rep.descendants < 40, "{rep:?}");
+    assert!(!rep.subtree.contains(&rep.node));
+    assert_eq!(out.unfinished_vms, 0);
+}

@@ -182,6 +182,31 @@ impl Topology {
         kids
     }
 
+    /// Every node below `node` in any stripe's tree (each stripe's tree followed on its own:
+    /// striped nodes may be each other's parents in different stripes).
+    pub fn subtree(&self, node: usize) -> Vec<usize> {
+        let n = self.paths.len();
+        let mut inside = vec![false; n];
+        let mut out = Vec::new();
+        for s in 0..self.stripes {
+            let mut kids = vec![Vec::new(); n];
+            for c in 1..n {
+                kids[self.paths[c][s][0]].push(c);
+            }
+            let mut stack = vec![node];
+            while let Some(x) = stack.pop() {
+                for &c in &kids[x] {
+                    stack.push(c);
+                    if !inside[c] {
+                        inside[c] = true;
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The depth-1 relay with the most descendants (in stripe 0): the worst single failure.
     pub fn busiest_relay(&self) -> Option<usize> {
         let kids = self.children();

@@ -99,3 +99,19 @@ def test_validate_quick_writes_the_documented_fields(tmp_path):
     for c in doc["cases"]:
         assert c["error"] == pytest.approx(abs(c["predicted_s"] - c["measured_s"]) / c["measured_s"], abs=2e-3)
     assert all({"nodes", "rate_bps", "shape", "predicted_s", "sim_wall_s"} <= set(s) for s in doc["scale"])
+
+
+def test_shapes_writes_provenance_a_summary_and_failures_that_hit_a_subtree_still_fetching(tmp_path):
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "simulate.py"), "--shapes", "--sizes", "13:1e8",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    doc = json.loads(out.read_text())
+    assert {"commit", "host_cpu", "date"} <= set(doc["provenance"])
+    assert {(s["working_set"], s["claims"]) for s in doc["summary"]} == {
+        ("trace", "serial"), ("trace", "free"), ("424MB", "serial"), ("424MB", "free")}
+    failed = [r for r in doc["rows"] if r["fail"]]
+    assert failed and all(r["shape"] != "direct" for r in failed)
+    for r in failed:
+        # an interior relay, dead while what it serves was still arriving
+        assert r["failed_children"] >= 1 and r["failed_descendants"] >= r["failed_children"], r
+        assert r["failed_at_s"] < r["healthy_subtree_completion_s"] and r["children_owed_w"] > 0, r
