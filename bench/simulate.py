@@ -62,9 +62,10 @@ def params(nodes, rate, shape, fanout=None, **extra):
 
 def run_sim(p):
     from vmthunder import simulate
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     out = simulate({k: v for k, v in p.items() if not k.startswith("_")})
     out["wall_s"] = time.monotonic() - t0
+    out["cpu_s"] = time.process_time() - c0     # the simulator's own: wall grows with the host's load
     out.pop("edges", None)
     return p, out
 
@@ -178,7 +179,7 @@ def shape_row(p, out):
            "fail": p.get("fail"), "completion_s": out["completion_s"],
            "vm_median_s": sorted(t for t in out["vm_times_s"] if t is not None)[len(out["vm_times_s"]) // 2],
            "origin_w": out["origin_bytes"] / out["working_set_bytes"], "events": out["events"],
-           "sim_wall_s": out["wall_s"]}
+           "sim_wall_s": out["wall_s"], "sim_cpu_s": out["cpu_s"]}
     f = out.get("failure")
     if f:
         row.update({"failed_node": f["node"], "failed_at_s": f["at_s"], "failed_children": f["children"],
@@ -199,6 +200,7 @@ def bounds(n, rate, w_bytes):
 
 def shapes(sizes):
     groups = shape_jobs(sizes)
+    prov = provenance()
     with ProcessPoolExecutor(2) as ex:
         done = [r for g in ex.map(run_group, groups) for r in g]
     rows = [shape_row(p, out) for p, out in done]
@@ -240,7 +242,8 @@ def shapes(sizes):
                     "striped_speedup_over_best_tree": best_tree["completion_s"] / best_striped["completion_s"],
                     "bounds": bounds(n, rate, best["working_set_bytes"]),
                 })
-    return {"provenance": provenance(), "fail_when": f"auto relay (most descendants), once its children hold "
+    prov["load_avg_at_end"] = os.getloadavg()
+    return {"provenance": prov, "fail_when": f"auto relay (most descendants), once its children hold "
             f"{FAIL_SHARE:.0%} of what they fetch through it", "summary": summary, "rows": rows}
 
 
