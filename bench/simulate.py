@@ -68,11 +68,11 @@ def params(nodes, rate, shape, fanout=None, **extra):
 
 def run_sim(p):
     from vmthunder import simulate
-    t0 = time.monotonic()
-    out = simulate(p)
+    t0, c0 = time.monotonic(), time.process_time()
+    out = simulate({k: v for k, v in p.items() if not k.startswith("_")})
     out["wall_s"] = time.monotonic() - t0
+    out["cpu_s"] = time.process_time() - c0     # the simulator's own: wall grows with the host's load
     out.pop("edges", None)
-    out.pop("vm_nodes", None)
     return p, out
 
 
@@ -125,25 +125,122 @@ def paper(sizes):
     return {"rows": rows, "paper": "VMThunder (TPDS 2014): 160 VMs on 160 nodes, GbE, under a minute, ~20 s mean"}
 
 
-SHAPES = [("tree", 2), ("tree", 3), ("tree", 4), ("chain", None), ("direct", None), ("striped", 2), ("striped", 3), ("striped", 4)]
+SHAPES = [("tree", 2), ("tree", 3), ("tree", 4), ("chain", None), ("striped", 2), ("striped", 3), ("striped", 4),
+          ("direct", None)]
+# The working sets: the recorded boot's, and the paper's large image (bandwidth-bound at GbE).
+WORKING_SETS = [("trace", None), ("424MB", 424_000_000)]
+# Joins: claims one at a time through the image lock at the lab's 40 ms each, as the library
+# does them; and free (0 ms), which leaves the data plane and the join ripple to decide.
+CLAIMS = [("serial", None), ("free", 0.0)]
+FAIL_SHARE = 0.5    # the relay dies once its children hold half of what they fetch through it
+
+
+def run_group(jobs):
+    """One tree's storms in one process, so that it is placed once (src/sim/topology.rs)."""
+    return [run_sim(p) for p in jobs]
+
+
+def shape_jobs(sizes):
+    groups = []
+    for n, rate in sizes:
+        for shape, k in SHAPES:
+            jobs = []
+            for wname, ws in WORKING_SETS:
+                for cname, rr in CLAIMS:
+                    # Direct boot has no joins to claim; a chain's join ripple (0.5 s a level)
+                    # dwarfs its claims; 10,000 direct readers of 424 MB: an hour of origin time.
+                    if shape in ("direct", "chain") and cname == "free":
+                        continue
+                    if shape == "direct" and n >= 10000 and ws:
+                        continue
+                    extra = {"working_set_bytes": ws} if ws else {}
+                    if rr is not None:
+                        extra["registry_round_s"] = rr
+                    p = params(n, rate, shape, k, **extra)
+                    p["_case"] = {"working_set": wname, "claims": cname}
+                    jobs.append(p)
+                    if shape != "direct":
+                        jobs.append(dict(p, fail={"node": "auto", "children_have": FAIL_SHARE}))
+            groups.append(jobs)
+    # The costliest first (10,000-node striped trees place 2-4 trees of 10,000 joins).
+    groups.sort(key=lambda g: -(g[0]["nodes"] ** 2 * (g[0].get("fanout", 1) if g[0]["shape"] == "striped" else 1)))
+    return groups
+
+
+def shape_row(p, out):
+    case = p["_case"]
+    row = {"nodes": p["nodes"], "rate_bps": p["rate_bps"], "working_set": case["working_set"],
+           "working_set_bytes": out["working_set_bytes"], "claims": case["claims"], "shape": p["shape"],
+           "fanout": out["fanout"] if p["shape"] in ("tree", "striped") else None, "depth": out["depth"],
+           "fail": p.get("fail"), "completion_s": out["completion_s"],
+           "vm_median_s": sorted(t for t in out["vm_times_s"] if t is not None)[len(out["vm_times_s"]) // 2],
+           "origin_w": out["origin_bytes"] / out["working_set_bytes"], "events": out["events"],
+           "sim_wall_s": out["wall_s"], "sim_cpu_s": out["cpu_s"]}
+    f = out.get("failure")
+    if f:
+        row.update({"failed_node": f["node"], "failed_at_s": f["at_s"], "failed_children": f["children"],
+                    "failed_descendants": f["descendants"],
+                    "children_owed_w": f["children_owed_bytes"] / out["working_set_bytes"],
+                    "subtree_completion_s": f["subtree_completion_s"], "_subtree": f["subtree"]})
+    return row
+
+
+def bounds(n, rate, w_bytes):
+    """The figures the shapes are bound by, for the summary: seconds."""
+    u = rate * 0.95 / 8                      # link_efficiency 0.95: data bytes per second
+    w = w_bytes * 1.06                       # fetch_amplification 1.06: bytes on a relay's link
+    return {"W_bytes": w_bytes, "W_over_u_s": w / u, "k_W_over_u_s": {k: k * w / u for k in (2, 3, 4)},
+            "W_over_local_read_s": w_bytes / (40 * 2**20), "serial_claims_s": 0.04 * n,
+            "build_s": 1.1, "reparent_per_level_s": 0.5}
 
 
 def shapes(sizes):
-    # At 10,000 nodes each placement is O(N^2): striped trees only with 3 stripes there.
-    base_jobs = [params(n, rate, s, k) for n, rate in sizes for s, k in SHAPES
-                 if n < 10000 or s != "striped" or k == 3]
+    groups = shape_jobs(sizes)
+    load = {"load_avg_at_start": os.getloadavg()}     # the sim's wall times depend on it
     with ProcessPoolExecutor(2) as ex:
-        base = list(ex.map(run_sim, base_jobs))
-        fail_jobs = [dict(p, fail={"node": "auto", "at_s": round(out["completion_s"] / 2, 2)})
-                     for p, out in base if p["shape"] != "direct"]
-        failed = list(ex.map(run_sim, fail_jobs))
-    rows = []
-    for p, out in base + failed:
-        rows.append({"nodes": p["nodes"], "rate_bps": p["rate_bps"], "shape": p["shape"], "fanout": out["fanout"],
-                     "fail": p.get("fail"), "failed_node": out["failed_node"], "completion_s": out["completion_s"],
-                     "origin_w": out["origin_bytes"] / out["working_set_bytes"], "depth": out["depth"],
-                     "sim_wall_s": out["wall_s"]})
-    return {"rows": rows}
+        done = [r for g in ex.map(run_group, groups) for r in g]
+    rows = [shape_row(p, out) for p, out in done]
+    # Each failed run beside the same storm without the failure: the storm's completion and
+    # its dead relay's subtree's (the failover's cost).
+    healthy = {(r["nodes"], r["working_set"], r["claims"], r["shape"], r["fanout"]): (r, out)
+               for r, (p, out) in zip(rows, done) if r["fail"] is None}
+    for r in rows:
+        if r["fail"] is None:
+            continue
+        h, hout = healthy[(r["nodes"], r["working_set"], r["claims"], r["shape"], r["fanout"])]
+        sub = set(r.pop("_subtree"))
+        times = [t for t, host in zip(hout["vm_times_s"], hout["vm_nodes"]) if host in sub]
+        r["healthy_completion_s"] = h["completion_s"]
+        r["healthy_subtree_completion_s"] = max(times) if times else None
+        if r["subtree_completion_s"] is not None and times:
+            r["failover_cost_s"] = r["subtree_completion_s"] - max(times)
+    summary = []
+    for n, rate in sizes:
+        for wname, _ in WORKING_SETS:
+            for cname, _ in CLAIMS:
+                ok = [r for r in rows if (r["nodes"], r["working_set"], r["claims"], r["fail"]) == (n, wname, cname, None)]
+                if not ok:
+                    continue
+                # chain and direct have no claims to free: their serial rows stand for both
+                if cname == "free":
+                    ok += [r for r in rows if (r["nodes"], r["working_set"], r["claims"], r["fail"]) == (n, wname, "serial", None)
+                           and r["shape"] in ("chain", "direct")]
+                label = lambda r: r["shape"] + (f"-{r['fanout']}" if r["fanout"] else "")  # noqa: E731
+                best = min(ok, key=lambda r: r["completion_s"])
+                trees = [r for r in ok if r["shape"] == "tree"]
+                best_tree = min(trees, key=lambda r: r["completion_s"])
+                best_striped = min((r for r in ok if r["shape"] == "striped"), key=lambda r: r["completion_s"])
+                summary.append({
+                    "nodes": n, "rate_bps": rate, "working_set": wname, "claims": cname,
+                    "best": label(best), "best_s": best["completion_s"],
+                    "best_tree": label(best_tree),
+                    "tree_vs_best_tree": {label(r): r["completion_s"] / best_tree["completion_s"] for r in trees},
+                    "striped_speedup_over_best_tree": best_tree["completion_s"] / best_striped["completion_s"],
+                    "bounds": bounds(n, rate, best["working_set_bytes"]),
+                })
+    load["load_avg_at_end"] = os.getloadavg()
+    return {"host_load": load, "fail_when": f"auto relay (most descendants), once its children hold "
+            f"{FAIL_SHARE:.0%} of what they fetch through it", "summary": summary, "rows": rows}
 
 
 def summary(what: str, doc: dict) -> dict:

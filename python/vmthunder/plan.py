@@ -4,6 +4,7 @@ the result.
 
     python -m vmthunder.plan --nodes 160 --vms 160 --rate 1gbit --trace bench/traces/debian12-boot.json
     python -m vmthunder.plan --nodes 1000 --rate 10gbit --trace T --shape chain --fail auto@5 --json
+    python -m vmthunder.plan --nodes 160 --trace T --fail auto@50%   # dies with its children half fed
 """
 import argparse
 import json
@@ -25,14 +26,18 @@ def parse_rate(text: str) -> float:
 
 
 def parse_fail(text: str) -> Dict[str, Any]:
-    """'cn3@10' or 'auto@10': that relay dies 10 s into the storm."""
+    """'cn3@10' or 'auto@10': that relay dies 10 s into the storm; 'auto@50%': once its
+    children hold half of what they fetch through it."""
     node, sep, at = text.partition("@")
     try:
         if not (node and sep):
             raise ValueError
+        if at.endswith("%"):
+            return {"node": node, "children_have": float(at[:-1]) / 100}
         return {"node": node, "at_s": float(at)}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--fail {text!r}: expected RELAY@SECONDS (cn3@10 or auto@10)") from None
+        raise argparse.ArgumentTypeError(f"--fail {text!r}: expected RELAY@SECONDS or RELAY@PERCENT "
+                                         "(cn3@10, auto@10, auto@50%)") from None
 
 
 def params_from_args(a: argparse.Namespace) -> Dict[str, Any]:
@@ -67,8 +72,13 @@ def summary(out: Dict[str, Any]) -> str:
     if times:
         lines.append(f"VM min / median / max: {times[0]:.2f} / {times[len(times) // 2]:.2f} / {times[-1]:.2f} s")
     lines.append(f"origin sent {out['origin_bytes'] / w:.2f} x W; busiest edge {out['max_edge_bytes'] / w:.2f} x W")
-    if out.get("failed_node"):
-        lines.append(f"relay {out['failed_node']} failed: {out['failed_vms']} VM(s) lost with it")
+    f = out.get("failure")
+    if f:
+        when = f"at {f['at_s']:.2f} s" if f["at_s"] is not None else "never (the storm ended first)"
+        done = f["subtree_completion_s"]
+        lines.append(f"relay {f['node']} failed {when}: {out['failed_vms']} VM(s) lost with it; its "
+                     f"{f['children']} children owed {f['children_owed_bytes'] / w:.2f} x W; its "
+                     f"{f['descendants']} descendants done " + (f"at {done:.2f} s" if done is not None else "never"))
     lines.append(f"simulated in {out['sim_wall_s']:.2f} s ({out['events']} events)")
     return "\n".join(lines)
 
@@ -98,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trace", help="boot trace JSON (bench/traces/debian12-boot.json)")
     ap.add_argument("--shape", choices=["tree", "chain", "direct", "striped", "full_copy"], default="tree")
     ap.add_argument("--fanout", type=int, help="children per relay (tree), stripes (striped)")
-    ap.add_argument("--fail", type=parse_fail, metavar="RELAY@SECONDS", help="a relay dies then (auto: the busiest)")
+    ap.add_argument("--fail", type=parse_fail, metavar="RELAY@WHEN",
+                    help="a relay dies at SECONDS, or at PERCENT%% of its children's data (auto: the busiest)")
     ap.add_argument("--working-set-bytes", dest="working_set_bytes", type=int, help="scale the trace to this W")
     ap.add_argument("--image-bytes", dest="image_bytes", type=int, help="image size for full_copy")
     ap.add_argument("--origin-rate", dest="origin_rate_bps", type=parse_rate, help="the origin's uplink")

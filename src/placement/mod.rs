@@ -113,14 +113,19 @@ mod tests;
 /// No peer may use it as its host name.
 pub const ORIGIN: &str = "origin";
 
-/// Default [`Policy::fanout`].
+/// Default [`Policy::fanout`], chosen with the boot-storm simulator (bench/README.md,
+/// "Which tree shape": 160 nodes at GbE, 1,000 and 10,000 at 10 GbE, the recorded 80 MiB
+/// boot and a 424 MB working set, claims serial or free, with and without the busiest
+/// relay failing).
 ///
-/// A block read by every VM must reach the deepest node; each relay sends it
-/// to its `k` children one after another, over `log_k N` levels, so the time
-/// grows like `k * log_k N = (k / ln k) * ln N`, smallest at `k = e`; among
-/// integers 3 is best (3/ln 3 = 2.73 against 2.89 for both 2 and 4). It also
-/// keeps trees shallow (64 nodes: depth 4 rather than 6 with `k = 2`), which
-/// shortens the miss path of random boot reads. The benchmark may tune it.
+/// Blocks stream through the tree, so a storm is bound by `k * W / u` (the origin and every
+/// relay send `k` copies) plus one join ripple (~0.5 s: a node is ready once its parents
+/// are) per level of `log_k N`, not by `k * log_k N` per block. A small `k` wins where
+/// `k * W / u` dominates (424 MB at GbE: `k = 2` is 8-13 % faster than 3), a large one where
+/// the ripple does (10 GbE: `k = 4` is 4-16 % faster); with claims serialised by the image
+/// lock, as joins take them today, every `k` ties from 1,000 nodes up. `k = 3` is never more
+/// than 16 % slower than the best fan-out (33 % with a relay failing), against 49 % for 2 and
+/// 36 % (68 %) for 4, and keeps trees shallow (64 nodes: depth 4 rather than 6 with 2).
 pub const DEFAULT_FANOUT: u32 = 3;
 
 /// Default [`Policy::max_parents`]: one primary and one secondary.

@@ -58,6 +58,23 @@ pub struct Vm {
     pub failed: bool,
 }
 
+/// When a relay dies (see `Failure`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FailWhen {
+    At(f64),
+    /// Once its children hold this share of the chunks they fetch through it.
+    ChildrenHave(f64),
+}
+
+/// A relay whose children's arrivals are counted until it dies.
+struct Watch {
+    relay: usize,
+    /// Per node: the stripes it fetches through the relay (empty: not a child).
+    stripes: Vec<Vec<bool>>,
+    target: usize,
+    got: usize,
+}
+
 pub struct Engine<'a> {
     topo: &'a Topology,
     specs: Vec<NodeSpec>,
@@ -75,6 +92,10 @@ pub struct Engine<'a> {
     failover_s: f64,
     pub events: u64,
     vms_left: usize,
+    watch: Option<Watch>,
+    /// When the relay died, and the chunk bytes its children still lacked then.
+    pub failed_at: Option<f64>,
+    pub owed_bytes: f64,
 }
 
 pub struct EngineConfig {
@@ -136,11 +157,32 @@ impl<'a> Engine<'a> {
             local_bps: cfg.local_bps,
             failover_s: cfg.failover_s,
             events: 0,
+            watch: None,
+            failed_at: None,
+            owed_bytes: 0.0,
         }
     }
 
-    pub fn schedule_failure(&mut self, node: usize, at: f64) {
-        self.q.push(at, Event::Fail { node });
+    pub fn schedule_failure(&mut self, node: usize, when: FailWhen) {
+        match when {
+            FailWhen::At(t) => self.q.push(t, Event::Fail { node }),
+            FailWhen::ChildrenHave(share) => {
+                let n = self.nodes.len();
+                let mut stripes = vec![Vec::new(); n];
+                let mut total = 0usize;
+                for (c, st) in stripes.iter_mut().enumerate().skip(1) {
+                    let mask: Vec<bool> = (0..self.topo.stripes).map(|s| self.topo.paths[c][s][0] == node).collect();
+                    if mask.iter().any(|&m| m) {
+                        total += (0..self.sizes.len()).filter(|&ch| mask[ch % self.topo.stripes]).count();
+                        *st = mask;
+                    }
+                }
+                let target = ((share * total as f64).ceil() as usize).max(1);
+                if total > 0 {
+                    self.watch = Some(Watch { relay: node, stripes, target, got: 0 });
+                }
+            }
+        }
     }
 
     /// Runs until every VM is done (or failed) or `max_time` passes. Returns the end time.
@@ -218,6 +260,15 @@ impl<'a> Engine<'a> {
         }
         st.have[chunk as usize] = PRESENT;
         st.missing -= 1;
+        if let Some(w) = self.watch.as_mut() {
+            if w.stripes[node].get(chunk as usize % self.topo.stripes) == Some(&true) {
+                w.got += 1;
+                if w.got == w.target {
+                    self.q.push(self.now, Event::Fail { node: w.relay });
+                }
+            }
+        }
+        let st = &mut self.nodes[node];
         let waiters = st.waiters.remove(&chunk).unwrap_or_default();
         let mut pf = false;
         for w in waiters {
@@ -310,6 +361,7 @@ impl<'a> Engine<'a> {
         if node == ORIGIN || self.nodes[node].failed {
             return;
         }
+        self.failed_at = Some(self.now);
         let st = &mut self.nodes[node];
         st.failed = true;
         st.waiters.clear();
@@ -324,8 +376,14 @@ impl<'a> Engine<'a> {
             if self.nodes[c].failed {
                 continue;
             }
-            let uses = (0..self.topo.stripes).any(|s| self.topo.paths[c][s][self.nodes[c].path_pos[s]] == node);
-            if uses {
+            let through: Vec<bool> =
+                (0..self.topo.stripes).map(|s| self.topo.paths[c][s][self.nodes[c].path_pos[s]] == node).collect();
+            if through.iter().any(|&t| t) {
+                let have = &self.nodes[c].have;
+                self.owed_bytes += (0..self.sizes.len())
+                    .filter(|&ch| through[ch % self.topo.stripes] && have[ch] != PRESENT)
+                    .map(|ch| self.sizes[ch])
+                    .sum::<f64>();
                 self.q.push(self.now + self.failover_s, Event::Failover { node: c, dead: node });
             }
         }

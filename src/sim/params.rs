@@ -23,13 +23,19 @@ pub enum Shape {
     FullCopy,
 }
 
-/// A relay that dies during the storm.
+/// A relay that dies during the storm: at a time, or once its children hold a share of
+/// what they need from it (so that it dies while its subtree still needs data).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Failure {
-    /// Host name (`cn1` .. `cnN`), or `"auto"`: the depth-1 relay with the most descendants.
+    /// Host name (`cn1` .. `cnN`), or `"auto"`: the relay with the most descendants.
     pub node: String,
-    pub at_s: f64,
+    #[serde(default)]
+    pub at_s: Option<f64>,
+    /// Dies once its children hold this share (0-1, over all of them) of the chunks they
+    /// fetch through it.
+    #[serde(default)]
+    pub children_have: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,8 +246,15 @@ impl Params {
             }
         }
         if let Some(f) = &self.fail {
-            if !(f.at_s.is_finite() && f.at_s >= 0.0) {
-                return Err(bad("fail.at_s", f.at_s, "must be a finite time >= 0"));
+            match (f.at_s, f.children_have) {
+                (Some(t), None) if !(t.is_finite() && t >= 0.0) => {
+                    return Err(bad("fail.at_s", t, "must be a finite time >= 0"));
+                }
+                (None, Some(x)) if !(x > 0.0 && x < 1.0) => {
+                    return Err(bad("fail.children_have", x, "must be a share in (0, 1)"));
+                }
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => return Err(bad("fail", &f.node, "give exactly one of at_s and children_have")),
             }
             if matches!(self.shape, Shape::Direct | Shape::FullCopy) {
                 return Err(bad("fail.node", &f.node, "only a relay can fail: use shape tree, chain or striped"));

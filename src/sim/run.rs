@@ -1,11 +1,12 @@
 //! One simulated storm: the trace cut into chunks, the tree placed, each node's join time
 //! and requests in flight worked out, the event loop run, and the result in JSON form.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use super::engine::{Engine, EngineConfig, NodeSpec};
+use super::engine::{Engine, EngineConfig, FailWhen, NodeSpec};
 use super::network::Network;
 use super::params::{Params, Shape, SimError};
 use super::topology::{self, host, Topology, ORIGIN};
@@ -16,6 +17,21 @@ pub struct EdgeBytes {
     pub from: String,
     pub to: String,
     pub bytes: u64,
+}
+
+/// What a relay's failure did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureReport {
+    pub node: String,
+    /// When it died (null: the storm ended first).
+    pub at_s: Option<f64>,
+    pub children: usize,
+    pub descendants: usize,
+    /// Chunk bytes its children still lacked from it when it died: what failover had to move.
+    pub children_owed_bytes: u64,
+    /// Its descendants (hosts), and the last of their VMs done.
+    pub subtree: Vec<String>,
+    pub subtree_completion_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +59,7 @@ pub struct Outcome {
     /// W / rate: one node's own link.
     pub link_bound_s: f64,
     pub failed_node: Option<String>,
+    pub failure: Option<FailureReport>,
     pub events: u64,
     pub sim_wall_s: f64,
 }
@@ -80,17 +97,21 @@ fn attach_times(p: &Params, topo: &Topology, engine_nodes: usize) -> Vec<f64> {
                 claimed[n] = claim * (i + 1) as f64;
             }
             let own: Vec<f64> = (0..engine_nodes).map(|n| claimed[n].max(build)).collect();
-            for &n in &topo.order {
-                let mut t = own[n];
-                for par in topo.primaries(n) {
-                    if par == ORIGIN {
-                        continue;
+            // Readiness ripples down each stripe's tree (a node is ready in stripe s once its
+            // stripe-s parent is); its VMs start once it is ready in every stripe. A striped
+            // node's parents may depend on each other across stripes, never within one.
+            for s in 0..topo.stripes {
+                let depth = topo.depth_in(s);
+                let mut by_depth: Vec<usize> = (1..engine_nodes).collect();
+                by_depth.sort_by_key(|&n| depth[n]);
+                let mut ready = own.clone();
+                for n in by_depth {
+                    let par = topo.paths[n][s][0];
+                    if par != ORIGIN {
+                        ready[n] = ready[n].max(ready[par] + p.reparent_s);
                     }
-                    // Striped parents may depend on each other: only their own join counts.
-                    let pt = if p.shape == Shape::Striped { own[par] } else { at[par] };
-                    t = t.max(pt + p.reparent_s);
+                    at[n] = f64::max(at[n], ready[n]);
                 }
-                at[n] = t;
             }
         }
     }
@@ -118,7 +139,7 @@ fn windows(p: &Params, topo: &Topology, vms_on: &[usize]) -> Vec<f64> {
     w.iter().map(|x| x.min(cap)).collect()
 }
 
-fn resolve_failure(p: &Params, topo: &Topology) -> Result<Option<(usize, f64)>, SimError> {
+fn resolve_failure(p: &Params, topo: &Topology) -> Result<Option<(usize, FailWhen)>, SimError> {
     let Some(f) = &p.fail else { return Ok(None) };
     let bad = |reason| SimError::InvalidParameter { field: "fail.node", value: f.node.clone(), reason };
     let node = if f.node == "auto" {
@@ -130,7 +151,12 @@ fn resolve_failure(p: &Params, topo: &Topology) -> Result<Option<(usize, f64)>, 
         }
         i
     };
-    Ok(Some((node, f.at_s)))
+    let when = match (f.at_s, f.children_have) {
+        (Some(t), _) => FailWhen::At(t),
+        (None, Some(share)) => FailWhen::ChildrenHave(share),
+        (None, None) => unreachable!("validated: at_s or children_have"),
+    };
+    Ok(Some((node, when)))
 }
 
 pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
@@ -139,12 +165,11 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
     let chunks = chunks_for(p)?;
     let vm_count = p.vm_count();
     let vm_hosts: Vec<usize> = (0..vm_count).map(|v| v % p.nodes + 1).collect();
-    let placed = topology::build(p)?;
     // Direct boot: each VM is its own reader (no cache shared by a node's VMs).
     let topo = if p.shape == Shape::Direct {
-        Topology { paths: vec![vec![vec![ORIGIN]]; vm_count + 1], depth: (0..=vm_count).map(|i| (i > 0) as u32).collect(), order: (1..=vm_count).collect(), stripes: 1 }
+        Arc::new(Topology { paths: vec![vec![vec![ORIGIN]]; vm_count + 1], depth: (0..=vm_count).map(|i| (i > 0) as u32).collect(), order: (1..=vm_count).collect(), stripes: 1 })
     } else {
-        placed
+        topology::build_cached(p)?
     };
     let engine_nodes = topo.paths.len();
     let host_of: Vec<usize> = if p.shape == Shape::Direct {
@@ -194,8 +219,8 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
         failover_s: p.failover_s,
     };
     let mut eng = Engine::new(&topo, specs, net, cfg);
-    if let Some((node, at)) = failure {
-        eng.schedule_failure(node, at);
+    if let Some((node, when)) = failure {
+        eng.schedule_failure(node, when);
     }
     eng.run(p.max_time_s);
 
@@ -207,6 +232,22 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
     let failed = eng.vms.iter().filter(|v| v.failed).count();
     let unfinished = eng.vms.iter().filter(|v| !v.failed && v.done_s.is_none()).count();
     let completion = if unfinished > 0 { None } else { vm_times.iter().flatten().copied().reduce(f64::max) };
+    let failure_report = failure.map(|(node, _)| {
+        let kids = topo.children();
+        let subtree = topo.subtree(node);
+        let mut inside = vec![false; engine_nodes];
+        subtree.iter().for_each(|&c| inside[c] = true);
+        let times: Vec<Option<f64>> = eng.vms.iter().filter(|v| inside[v.node]).map(|v| v.done_s).collect();
+        FailureReport {
+            node: host(node),
+            at_s: eng.failed_at,
+            children: kids[node].len(),
+            descendants: subtree.len(),
+            children_owed_bytes: eng.owed_bytes.round() as u64,
+            subtree: subtree.iter().map(|&c| host(c)).collect(),
+            subtree_completion_s: if times.iter().any(Option::is_none) { None } else { times.into_iter().flatten().reduce(f64::max) },
+        }
+    });
     Ok(Outcome {
         nodes: p.nodes,
         vms: vm_count,
@@ -224,10 +265,11 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
         origin_bytes,
         max_edge_bytes: edges.first().map_or(0, |e| e.bytes),
         edges,
-        depth: topo.depth.iter().copied().max().unwrap_or(0),
+        depth: topo.max_depth(),
         origin_children: topo.paths.iter().skip(1).filter(|s| s[0][0] == ORIGIN).count(),
         link_bound_s: chunks.working_set_bytes as f64 * 8.0 / p.rate_bps,
         failed_node: failure.map(|(n, _)| host(n)),
+        failure: failure_report,
         events: eng.events,
         sim_wall_s: started.elapsed().as_secs_f64(),
     })

@@ -50,6 +50,18 @@ def test_a_failed_relay_loses_its_vm_and_the_rest_finish():
     assert sum(t is None for t in out["vm_times_s"]) == 1
 
 
+def test_a_relay_failing_with_its_children_half_fed_reports_what_they_owed(capsys):
+    assert plan.parse_fail("auto@50%") == {"node": "auto", "children_have": 0.5}
+    assert plan.main(["--nodes", "13", "--rate", "100mbit", "--working-set-bytes", str(W), "--fail", "auto@50%"]) == 0
+    text = capsys.readouterr().out
+    assert "relay cn1 failed at" in text and "3 children owed 1.50 x W" in text, text
+    out = sim(nodes=13, fail={"node": "auto", "children_have": 0.5})
+    f = out["failure"]
+    assert f["node"] == "cn1" and f["at_s"] is not None and sorted(f["subtree"]) == ["cn10", "cn13", "cn4", "cn7"]
+    with pytest.raises(vmthunder.InvalidArgument, match="exactly one"):
+        sim(fail={"node": "auto", "at_s": 1.0, "children_have": 0.5})
+
+
 @pytest.mark.skipif(not os.path.exists(TRACE), reason="no recorded boot trace")
 def test_the_trace_is_replayed_and_direct_reads_include_its_re_reads():
     out = vmthunder.simulate({"nodes": 2, "rate_bps": 100e6, "shape": "direct", "trace": TRACE})
@@ -93,3 +105,19 @@ def test_validate_quick_writes_the_documented_fields(tmp_path):
     hist = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [(h["file"], h["scenario"], h["cases"]) for h in hist] == [("v.json", "simulator-validation", len(doc["cases"]))]
     assert open(repo_history).read() == before, "a test run leaves bench/results alone"
+
+
+def test_shapes_writes_provenance_a_summary_and_failures_that_hit_a_subtree_still_fetching(tmp_path):
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "simulate.py"), "--shapes", "--sizes", "13:1e8",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    doc = json.loads(out.read_text())
+    assert {"commit", "host", "date"} <= set(doc["provenance"]) and doc["host_load"]["load_avg_at_end"]
+    assert {(s["working_set"], s["claims"]) for s in doc["summary"]} == {
+        ("trace", "serial"), ("trace", "free"), ("424MB", "serial"), ("424MB", "free")}
+    failed = [r for r in doc["rows"] if r["fail"]]
+    assert failed and all(r["shape"] != "direct" for r in failed)
+    for r in failed:
+        # an interior relay, dead while what it serves was still arriving
+        assert r["failed_children"] >= 1 and r["failed_descendants"] >= r["failed_children"], r
+        assert r["failed_at_s"] < r["healthy_subtree_completion_s"] and r["children_owed_w"] > 0, r
