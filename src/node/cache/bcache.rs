@@ -1,157 +1,28 @@
-//! The cache engines: how a template caches what it reads on the node's local device.
-//!
-//! - `DmCache`: dm-cache (smq) with metadata and data slices per image. Ships in every
-//!   distribution kernel (RHEL's included), but smq promotes only after repeated hits.
-//! - `Bcache`: one cache set on a slice of the local device shared by every image (the
-//!   original "flashcache group"); each image's backing device is a dm-linear of a local 8 KiB
-//!   head (bcache's superblock lives there, never on the parent) and the paths device. bcache
-//!   allocates on a read miss: cache on read.
+//! bcache: one cache set on a slice of the local device shared by every image; each image's
+//! backing device is a dm-linear of a local head (its superblock) and the paths device.
 use std::{
     fs,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use devicemapper::{CacheTargetParams, Device, LinearTargetParams, Sectors};
+use devicemapper::{Device, LinearTargetParams, Sectors};
 use log::info;
 
-use super::{
-    carve::{self, Space},
-    layout::SliceState,
-    zero_head, Node,
-};
+use super::{slice, Cached};
 use crate::{
-    rollback::Undo,
     cmd,
     dm::{self, Dm, DmDev, Line, Table, Target},
     error::{Error, Kind, Result},
     names::{self, Role},
+    node::{carve, layout::SliceState, zero_head, Node},
+    rollback::Undo,
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    DmCache,
-    Bcache,
-}
-
-impl std::str::FromStr for Engine {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "dm-cache" => Ok(Engine::DmCache),
-            "bcache" => Ok(Engine::Bcache),
-            _ => Err(Error::invalid(format!("invalid cache engine {s:?}: expected \"bcache\" or \"dm-cache\""))),
-        }
-    }
-}
-
-impl Engine {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Engine::DmCache => "dm-cache",
-            Engine::Bcache => "bcache",
-        }
-    }
-}
 
 /// bcache's default data offset: the backing device's superblock sits at 4 KiB, data at 8 KiB.
 const BDEV_HEAD_SECTORS: u64 = 16;
 const SYSFS_WAIT: Duration = Duration::from_secs(15);
 const MIN_CACHE_SET_SECTORS: u64 = 64 * 2048;
-
-/// The cached device of a template (what snapshots and the snapshot-origin sit on).
-pub struct Cached {
-    pub device: Device,
-    pub path: PathBuf,
-}
-
-/// Which engine an existing template was built with, from its devices.
-pub fn engine_of(dm: &Dm, image: &str) -> Result<Option<Engine>> {
-    if dm.info(&names::template_dm_name(image, Role::Bdev))?.is_some() {
-        Ok(Some(Engine::Bcache))
-    } else if dm.info(&names::template_dm_name(image, Role::Cache))?.is_some() {
-        Ok(Some(Engine::DmCache))
-    } else {
-        Ok(None)
-    }
-}
-
-pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
-    // A template keeps the engine it was built with: its live devices say which, or after a
-    // reboot the slices the layout records for it.
-    let recorded = || -> Result<Option<Engine>> {
-        let l = node.layout()?;
-        Ok(if l.slices.contains_key(&names::template_dm_name(image, Role::Bdev)) {
-            Some(Engine::Bcache)
-        } else if l.slices.contains_key(&names::template_dm_name(image, Role::CacheMeta)) {
-            Some(Engine::DmCache)
-        } else {
-            None
-        })
-    };
-    let engine = match engine_of(dm, image)? {
-        Some(e) => e,
-        None => recorded()?.unwrap_or(node.cfg.engine),
-    };
-    match engine {
-        Engine::DmCache => ensure_dm_cache(node, dm, image, paths, sectors, undo),
-        Engine::Bcache => ensure_bcache(node, dm, image, paths, sectors, undo),
-    }
-}
-
-/// An image's (or the node's) slice `name` of the local device: the recorded one, or a new one
-/// of `want` sectors. Returns the device and whether its contents are fresh (just carved, or
-/// carved by a build that died before formatting it): the caller formats it, then
-/// `set_ready`s it. The caller holds `space`.
-fn slice<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>, space: &mut Space, name: String, want: u64, what: &str) -> Result<(DmDev, bool)> {
-    let (table, fresh) = match space.slice(&name) {
-        Some(s) => (space.table(&name).expect("recorded"), s.state == SliceState::New),
-        None => {
-            let t = space.allocate(&name, want, what)?;
-            node.undo_slice(undo, name.clone());
-            (t, true)
-        }
-    };
-    Ok((dm.ensure_with_undo(undo, name, &table)?, fresh))
-}
-
-fn ensure_dm_cache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
-    let block = node.cfg.cache_block_sectors;
-    let data_sectors = node.cfg.cache_sectors.unwrap_or(sectors).min(sectors).div_ceil(block) * block;
-    let nblocks = data_sectors / block;
-    // dm-cache needs ~16 bytes per block plus a fixed part; be generous, it is small.
-    let meta_sectors = ((8u64 << 20) + nblocks * 64).div_ceil(1 << 20) * 2048;
-    let (meta, data) = {
-        let mut space = node.space()?;
-        let (meta, meta_new) = slice(node, dm, undo, &mut space, names::template_dm_name(image, Role::CacheMeta), meta_sectors,
-                                     &format!("the cache metadata of image {image}"))?;
-        let (data, data_new) = slice(node, dm, undo, &mut space, names::template_dm_name(image, Role::CacheData), data_sectors,
-                                     &format!("the cache of image {image}"))?;
-        // dm-cache reads nothing of the data slice that its (zeroed) metadata does not map.
-        if meta_new {
-            zero_head(&meta.path(), 1 << 20)?;
-            space.set_ready(&meta.name)?;
-        }
-        if data_new {
-            space.set_ready(&data.name)?;
-        }
-        (meta, data)
-    };
-    let table = Table::single(
-        sectors,
-        Target::Cache(CacheTargetParams::new(
-            meta.device,
-            data.device,
-            paths.device,
-            Sectors(block),
-            vec!["writethrough".into()],
-            "smq".into(),
-            vec![],
-        )),
-    );
-    let cache = dm.ensure_with_undo(undo, names::template_dm_name(image, Role::Cache), &table)?;
-    Ok(Cached { device: cache.device, path: cache.path() })
-}
 
 fn sysfs_dev(d: Device) -> PathBuf {
     PathBuf::from(format!("/sys/dev/block/{}:{}", d.major, d.minor))
@@ -198,7 +69,7 @@ fn register(dev: &Path) -> Result<()> {
 
 /// The node's cache set: its dm slice and its UUID, made on first use (or by
 /// `Node::prepare_cache`), and whether this call made it. The caller holds the cache-set lock.
-pub(super) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<(String, bool)> {
+pub(in crate::node) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<(String, bool)> {
     if !Path::new("/sys/fs/bcache/register").exists() {
         let _ = cmd::run(Kind::CacheDevice, "modprobe", &["bcache"], &[], Duration::from_secs(10));
     }
@@ -271,7 +142,7 @@ fn unregister_set(dm: &Dm, link: &Path) -> std::result::Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn ensure_bcache<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
+pub(super) fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
     // The cache set is shared by every image: hold it until our backing device is attached,
     // or a teardown of another image's last use could release it under us.
     let _set = node.lock_cache_set()?;
@@ -360,27 +231,8 @@ fn stop_backing(bdev: &DmDev, detach: bool) -> Result<()> {
     wait_for(&format!("bcache to release {}", bdev.name), || !sys.exists())
 }
 
-/// Remove an image's cache devices (both engines), top down; the first that cannot go ends
-/// it. A bcache device still open (a holder or a process) is `Busy`: stopping it would pull
-/// it from under its reader, which bcache does not refuse.
-pub fn remove(dm: &Dm, image: &str) -> Result<()> {
-    let bdev_name = names::template_dm_name(image, Role::Bdev);
-    if let Some(bdev) = dm.info(&bdev_name)? {
-        let sys = sysfs_dev(bdev.device).join("bcache");
-        let top = fs::read_to_string(sys.join("dev/dev")).ok().and_then(|d| d.trim().parse::<Device>().ok());
-        if let Some(why) = top.and_then(crate::usage::block_in_use) {
-            return Err(Error::new(Kind::Busy, format!("the bcache device over {bdev_name} is {why}")));
-        }
-        stop_backing(&bdev, true).and_then(|_| wait_released(dm, &bdev_name))?;
-    }
-    for role in [Role::Bdev, Role::Cache, Role::CacheData, Role::CacheMeta] {
-        dm.remove(&names::template_dm_name(image, role))?;
-    }
-    Ok(())
-}
-
 /// Unregister and free the node's cache set once no image uses bcache.
-pub fn release_cache_set_if_unused(node: &Node, dm: &Dm, left: &mut Vec<String>) {
+pub(in crate::node) fn release_cache_set_if_unused(node: &Node, dm: &Dm, left: &mut Vec<String>) {
     // Same lock as ensure_bcache: an attach of another image between our check and the
     // teardown would otherwise lose the set it just found.
     let _set = match node.lock_cache_set() {
@@ -413,19 +265,33 @@ pub fn release_cache_set_if_unused(node: &Node, dm: &Dm, left: &mut Vec<String>)
     }
 }
 
-/// One line about the cache, for `status()`.
-pub fn status(dm: &Dm, image: &str) -> Option<String> {
-    if let Ok(Some(b)) = dm.info(&names::template_dm_name(image, Role::Bdev)) {
-        let sys = sysfs_dev(b.device).join("bcache");
-        let rd = |f: &str| fs::read_to_string(sys.join(f)).map(|s| s.trim().to_string()).unwrap_or_default();
-        return Some(format!(
-            "bcache state={} hits={} misses={} bypassed={} io_errors={}",
-            rd("state"),
-            rd("stats_total/cache_hits"),
-            rd("stats_total/cache_misses"),
-            rd("stats_total/bypassed"),
-            rd("io_errors")
-        ));
+/// Stop `image`'s bcache device, if it has one, dropping its cached blocks from the set. A
+/// device still open (a holder or a process) is `Busy`: stopping it would pull it from under
+/// its reader, which bcache does not refuse.
+pub(super) fn stop(dm: &Dm, image: &str) -> Result<()> {
+    let bdev_name = names::template_dm_name(image, Role::Bdev);
+    if let Some(bdev) = dm.info(&bdev_name)? {
+        let sys = sysfs_dev(bdev.device).join("bcache");
+        let top = fs::read_to_string(sys.join("dev/dev")).ok().and_then(|d| d.trim().parse::<Device>().ok());
+        if let Some(why) = top.and_then(crate::usage::block_in_use) {
+            return Err(Error::new(Kind::Busy, format!("the bcache device over {bdev_name} is {why}")));
+        }
+        stop_backing(&bdev, true).and_then(|_| wait_released(dm, &bdev_name))?;
     }
-    dm.status(&names::template_dm_name(image, Role::Cache)).ok().map(|s| s.join("; "))
+    Ok(())
+}
+
+/// One line about `image`'s bcache device (state, hits, misses, errors), if it has one.
+pub(super) fn status(dm: &Dm, image: &str) -> Option<String> {
+    let b = dm.info(&names::template_dm_name(image, Role::Bdev)).ok()??;
+    let sys = sysfs_dev(b.device).join("bcache");
+    let rd = |f: &str| fs::read_to_string(sys.join(f)).map(|s| s.trim().to_string()).unwrap_or_default();
+    Some(format!(
+        "bcache state={} hits={} misses={} bypassed={} io_errors={}",
+        rd("state"),
+        rd("stats_total/cache_hits"),
+        rd("stats_total/cache_misses"),
+        rd("stats_total/bypassed"),
+        rd("io_errors")
+    ))
 }
