@@ -13,6 +13,8 @@ use crate::{
     node::{self, Config, SnapshotMode},
 };
 
+mod tree;
+
 create_exception!(vmthunder, Error, PyException, "Base class of every vmthunder error.");
 create_exception!(vmthunder, InvalidArgument, Error, "A value passed in is malformed; nothing was created.");
 create_exception!(vmthunder, NotFound, Error, "The image, VM or device does not exist on this node.");
@@ -84,28 +86,6 @@ fn ranges_of(v: Value) -> PyResult<Vec<(u64, u64)>> {
         .collect()
 }
 
-/// choose_parents(newcomer, peers, policy) -> {"parents": [...], "depth": n}
-///
-/// The relay-tree placement (pure): which parents a newcomer should use. Arguments are dicts /
-/// lists as in `vmthunder.placement` (see src/placement); errors raise InvalidArgument (bad
-/// input) or Busy (no free Ready parent yet: retry later).
-#[pyfunction]
-fn choose_parents(py: Python<'_>, newcomer: &Bound<'_, PyAny>, peers: &Bound<'_, PyAny>, policy: &Bound<'_, PyAny>) -> PyResult<PyObject> {
-    let (n, p, pol) = (py_to_json(py, "newcomer", newcomer)?, py_to_json(py, "peers", peers)?, py_to_json(py, "policy", policy)?);
-    let out = crate::placement::choose_parents_json(&n.to_string(), &p.to_string(), &pol.to_string()).map_err(placement_err)?;
-    Ok(py.import("json")?.call_method1("loads", (out,))?.unbind())
-}
-
-/// validate_choice(newcomer, placement, peers, policy): re-check a choice under the image lock.
-#[pyfunction]
-fn validate_choice(py: Python<'_>, newcomer: &Bound<'_, PyAny>, placement: &Bound<'_, PyAny>, peers: &Bound<'_, PyAny>, policy: &Bound<'_, PyAny>) -> PyResult<()> {
-    let args = [("newcomer", newcomer), ("placement", placement), ("peers", peers), ("policy", policy)]
-        .iter()
-        .map(|(w, o)| py_to_json(py, w, o).map(|v| v.to_string()))
-        .collect::<PyResult<Vec<_>>>()?;
-    crate::placement::validate_choice_json(&args[0], &args[1], &args[2], &args[3]).map_err(placement_err)
-}
-
 /// simulate(params) -> dict: one simulated boot storm (src/sim). `params` is a dict of
 /// `sim::Params` fields (omitted ones take the lab's values); a bad or unknown field, an
 /// unreadable trace or a tree that cannot be placed raise InvalidArgument naming it.
@@ -114,10 +94,6 @@ fn simulate(py: Python<'_>, params: &Bound<'_, PyAny>) -> PyResult<PyObject> {
     let p = py_to_json(py, "params", params)?.to_string();
     let out = py.allow_threads(|| crate::sim::simulate_json(&p)).map_err(|e| InvalidArgument::new_err(e.to_string()))?;
     Ok(py.import("json")?.call_method1("loads", (out,))?.unbind())
-}
-
-fn placement_err(e: crate::placement::PlacementError) -> PyErr {
-    if e.is_retryable() { Busy::new_err(e.to_string()) } else { InvalidArgument::new_err(e.to_string()) }
 }
 
 /// One compute node's vmthunder state. Cheap to create: all state lives in the kernel.
@@ -379,25 +355,6 @@ fn validate_id(what: &str, value: &str) -> PyResult<String> {
     names::validate_id(what, value).map(str::to_string).map_err(to_py)
 }
 
-/// parse_host_record(record) -> the checked record (`{host, initiator, export_ip,
-/// failure_domain}`; unknown fields dropped). Raises InvalidArgument naming the host and field.
-#[pyfunction]
-fn parse_host_record(py: Python<'_>, record: &Bound<'_, PyAny>) -> PyResult<PyObject> {
-    let v = py_to_json(py, "record", record)?;
-    let r = crate::records::parse_host_record(&v).map_err(to_py)?;
-    json_to_py(py, &serde_json::to_value(r).expect("record serialises"))
-}
-
-/// parse_image_record(record) -> the checked record (`{host, state, depth, parents,
-/// failure_domain, grants, built?}`; unknown fields dropped). Raises InvalidArgument naming
-/// the host and field.
-#[pyfunction]
-fn parse_image_record(py: Python<'_>, record: &Bound<'_, PyAny>) -> PyResult<PyObject> {
-    let v = py_to_json(py, "record", record)?;
-    let r = crate::records::parse_image_record(&v).map_err(to_py)?;
-    json_to_py(py, &serde_json::to_value(r).expect("record serialises"))
-}
-
 /// check_grant(grant, parent, image_id, export_ip, state_dir=None) -> the connection dict to
 /// log in with, only if the grant names exactly one target, LUN 0, the IQN `parent` exports
 /// `image_id` under, on a portal at `export_ip` (the parent's published export address). A
@@ -470,16 +427,13 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Node>()?;
     m.add_class::<JoinMark>()?;
+    tree::register(m)?;
     m.add_function(wrap_pyfunction!(export_volume, m)?)?;
-    m.add_function(wrap_pyfunction!(choose_parents, m)?)?;
-    m.add_function(wrap_pyfunction!(validate_choice, m)?)?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(allow_initiator, m)?)?;
     m.add_function(wrap_pyfunction!(unexport_volume, m)?)?;
     m.add_function(wrap_pyfunction!(template_iqn, m)?)?;
     m.add_function(wrap_pyfunction!(validate_id, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_host_record, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_image_record, m)?)?;
     m.add_function(wrap_pyfunction!(check_grant, m)?)?;
     m.add_function(wrap_pyfunction!(grant_key, m)?)?;
     m.add_function(wrap_pyfunction!(seal_grant, m)?)?;

@@ -270,7 +270,8 @@ class WithTheRealTreeTest(unittest.TestCase):
         ext.InvalidArgument = type("InvalidArgument", (Error,), {})
         ext.StateDirError = type("StateDirError", (Error,), {})
         for name in ("choose_parents", "check_grant", "grant_key", "parse_host_record",
-                     "parse_image_record", "seal_grant", "validate_id"):
+                     "parse_image_record", "seal_grant", "validate_id", "own_record", "parents_progress",
+                     "HostRecord", "ImageRecord", "JoinState", "Placement", "Policy"):
             setattr(ext, name, mock.Mock(name=name))
         fake = types.ModuleType("vmthunder")
         fake.Node, fake.Error, fake.NotFound = ext.Node, Error, NotFound

@@ -16,6 +16,11 @@ import logging as _logging
 from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     Node,
     JoinMark,
+    JoinState,
+    ImageRecord,
+    HostRecord,
+    Placement,
+    Policy,
     Error,
     InvalidArgument,
     NotFound,
@@ -32,7 +37,8 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     allow_initiator,
     unexport_volume,
     choose_parents,
-    validate_choice,
+    parents_progress,
+    own_record,
     simulate,
     template_iqn,
     validate_id,
@@ -47,9 +53,10 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
 _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "JoinState", "ImageRecord", "HostRecord", "Placement", "Policy",
     "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "StateDirError", "__version__",
-    "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice", "simulate",
+    "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "parents_progress", "own_record", "simulate",
     "template_iqn", "validate_id", "parse_host_record", "parse_image_record", "check_grant",
     "grant_key", "seal_grant",
 ]

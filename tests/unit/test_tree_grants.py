@@ -245,7 +245,7 @@ def test_a_joiner_never_claims_under_its_own_descendant(tmp_path):
                           "cn1": {"state": "joining", "depth": 1, "parents": ["origin"]}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     placement, _ = tree._choose("img", tree._records("img"), last_resort=True, early=True)
-    assert "cn2" not in placement["parents"]
+    assert "cn2" not in placement.parents
 
 
 def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_returns(tmp_path):
@@ -308,10 +308,10 @@ def test_only_the_primary_parent_may_still_be_building(tmp_path):
                                   "grants": {"cn1": grant("cn3")}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=3)
     placement, sources = tree._choose("img", tree._records("img"), early=True)
-    assert placement["parents"] == ["origin"] and sources == [None]
+    assert placement.parents == ["origin"] and sources == [None]
     reg.records["img"]["cn3"]["state"] = "ready"
     placement, _ = tree._choose("img", tree._records("img"), early=True)
-    assert placement["parents"] == ["origin", "cn3"]
+    assert placement.parents == ["origin", "cn3"]
 
 
 def test_a_parent_whose_lun_cannot_be_used_is_excluded_and_the_joiner_still_gets_ready(tmp_path):
@@ -427,7 +427,7 @@ def test_early_logins_log_out_what_they_started_and_start_nothing_once_closed():
     logins = _EarlyLogins(node, "img")
     logins.start("origin", {"target_iqn": "iqn.x:origin"})
     logins.start("origin", {"target_iqn": "iqn.x:origin"})          # once per join
-    logins.start_parents({"parents": ["cn2", "origin"]}, [{"target_iqn": "iqn.1993-08.org.debian:01:cn2"}, None])
+    logins.start_parents(vmthunder.Placement(["cn2", "origin"], 2), [{"target_iqn": "iqn.1993-08.org.debian:01:cn2"}, None])
     logins.wait("cn2")
     logins.close()
     logins.start("cn3", {"target_iqn": "iqn.1993-08.org.debian:01:cn3"})    # a claim thread that outlived its join
@@ -549,11 +549,11 @@ def test_a_grant_that_becomes_valid_is_used_and_a_refusal_is_logged_once(tmp_pat
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     for _ in range(3):
         placement, sources = tree._choose("img", tree._records("img"), last_resort=True)
-        assert placement["parents"] == ["origin"] and sources == [None]
+        assert placement.parents == ["origin"] and sources == [None]
     assert len([r for r in caplog.records if "grant of" in r.getMessage()]) == 1, "logged once, not every round"
     reg.records["img"]["cn0"]["grants"]["cn1"] = grant("cn0")
     placement, sources = tree._choose("img", tree._records("img"))
-    assert placement["parents"][0] == "cn0" and sources[0] == checked("cn0")
+    assert placement.parents[0] == "cn0" and sources[0] == checked("cn0")
 
 
 def test_a_grant_of_a_host_that_published_no_export_address_is_not_used(tmp_path):
@@ -562,7 +562,7 @@ def test_a_grant_of_a_host_that_published_no_export_address_is_not_used(tmp_path
     reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": grant("cn0")}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     placement, _ = tree._choose("img", tree._records("img"), last_resort=True)
-    assert placement["parents"] == ["origin"]
+    assert placement.parents == ["origin"]
 
 
 def test_bad_records_are_skipped_with_one_line_naming_host_and_field(tmp_path, caplog):
@@ -708,11 +708,11 @@ def test_a_grant_sealed_for_us_is_opened_checked_and_used(tmp_path):
                                   "grants": {"cn1": vmthunder.seal_grant(grant("cn0"), mine)}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     placement, sources = tree._choose("img", tree._records("img"))
-    assert placement["parents"][0] == "cn0" and sources[0] == checked("cn0")
+    assert placement.parents[0] == "cn0" and sources[0] == checked("cn0")
     # sealed for us but forged inside: refused like a plain forgery
     reg.records["img"]["cn0"]["grants"]["cn1"] = vmthunder.seal_grant(grant("cn0", target_lun=7), mine)
     placement, _ = tree._choose("img", tree._records("img"), last_resort=True)
-    assert placement["parents"] == ["origin"]
+    assert placement.parents == ["origin"]
 
 
 def test_upkeep_revokes_the_grants_of_hosts_that_left(tmp_path):
