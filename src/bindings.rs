@@ -1,7 +1,7 @@
 //! The Python module `vmthunder._vmthunder`: the `Node` class and one exception class per
 //! error kind. Work runs with the GIL released; Rust `log` records go to Python's `logging`
 //! under the logger name `vmthunder` (pyo3-log).
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use pyo3::{create_exception, exceptions::PyException, prelude::*, types::{PyList, PyTuple}};
 use serde_json::Value;
@@ -194,6 +194,26 @@ impl Node {
     /// VM's disk or its qcow2 overlay open.
     fn detach(&self, py: Python<'_>, vm_id: &str) -> PyResult<()> {
         py.allow_threads(|| self.inner.detach(vm_id)).map_err(to_py)
+    }
+
+    /// image_of(vm_id) -> the id of the image whose template the VM's disk is a snapshot of,
+    /// or None when the VM is not attached here.
+    fn image_of(&self, py: Python<'_>, vm_id: &str) -> PyResult<Option<String>> {
+        py.allow_threads(|| self.inner.image_of(vm_id)).map_err(to_py)
+    }
+
+    /// templates() -> {image_id: Template}: this node's templates, read from the kernel (what
+    /// `status()` reports under "templates").
+    fn templates(&self, py: Python<'_>) -> PyResult<BTreeMap<String, tree::PyTemplate>> {
+        let t = py.allow_threads(|| self.inner.templates()).map_err(to_py)?;
+        Ok(t.into_iter().map(|(image, t)| (image.clone(), tree::PyTemplate::new(image, t))).collect())
+    }
+
+    /// template(image_id) -> Template, or None when this node has no template of the image.
+    fn template(&self, py: Python<'_>, image_id: &str) -> PyResult<Option<tree::PyTemplate>> {
+        names::validate_id("image id", image_id).map_err(to_py)?;
+        let mut t = py.allow_threads(|| self.inner.templates()).map_err(to_py)?;
+        Ok(t.remove(image_id).map(|t| tree::PyTemplate::new(image_id.to_string(), t)))
     }
 
     /// Let a child node (its initiator IQN) read this node's copy of `image_id`; returns the

@@ -289,8 +289,10 @@ class WithTheRealTreeTest(unittest.TestCase):
         self.node = ext.Node.return_value
         self.node.reassemble.return_value = {"disks": {}, "failed": {}, "failed_images": {}, "removed": []}
         self.node.host = "cn1"
-        self.state = {"templates": {}}
-        self.node.status.side_effect = lambda: self.state
+        self.templates = {}     # image -> what Node.template returns, as far as the tree reads it
+        self.node.templates.side_effect = lambda: dict(self.templates)
+        self.node.template.side_effect = self.templates.get
+        self.node.image_of.side_effect = lambda vm: next((i for i, t in self.templates.items() if vm in t.vms), None)
 
     def test_attach_and_detach_without_registry(self):
         import tempfile
@@ -303,7 +305,7 @@ class WithTheRealTreeTest(unittest.TestCase):
             self.node.joining.assert_called_once_with("vol1")     # marked in flight (recover skips it)
             self.node.joining.return_value.__exit__.assert_called_once()
             self.assertEqual("/dev/vmthunder-nonexistent", info["data"]["device_path"])
-            self.state = {"templates": {"vol1": {"vms": ["vm1"], "children": []}}}
+            self.templates["vol1"] = types.SimpleNamespace(vms=["vm1"], children=[])
             self.assertTrue(self.helpers.detach(tree, "vm1"))
             self.node.detach.assert_called_once_with("vm1")
             self.node.detach.side_effect = NotFound("vm1")

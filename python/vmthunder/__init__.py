@@ -21,6 +21,7 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     HostRecord,
     Placement,
     Policy,
+    Template,
     Error,
     InvalidArgument,
     NotFound,
@@ -53,7 +54,7 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
 _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 
 __all__ = [
-    "JoinState", "ImageRecord", "HostRecord", "Placement", "Policy",
+    "JoinState", "ImageRecord", "HostRecord", "Placement", "Policy", "Template",
     "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "StateDirError", "__version__",
     "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "parents_progress", "own_record", "simulate",

@@ -180,7 +180,7 @@ class Tree:
         """Drop the saved origin of an image that has no template here any more: `recover`
         goes over the saved origins, so it walks only the images this node has (or had when a
         join died), not every image ever attached."""
-        if image_id in self.node.status()["templates"]:
+        if self.node.template(image_id) is not None:
             return
         try:
             os.unlink(self._origin_file(image_id))
@@ -340,7 +340,7 @@ class Tree:
         volume always kept as the last path. `profile` ([[offset, length], ...], first-read
         order): prefetch those blocks in the background when this call builds the template."""
         self._save_origin(image_id, origin)
-        if image_id in self.node.status()["templates"]:
+        if self.node.template(image_id) is not None:
             path = self.node.attach(image_id, [], vm_id, snapshot)
         else:
             # Marked in flight until we return: `recover` in a restarted process leaves it
@@ -579,25 +579,25 @@ class Tree:
     def detach(self, vm_id: str) -> None:
         """Detach a VM; when it was the image's last VM here and children still read from this
         node, announce 'leaving' and give them time to move first."""
-        st = self.node.status()["templates"]
-        image_id = next((i for i, t in st.items() if vm_id in t["vms"]), None)
-        last = image_id is not None and st[image_id]["vms"] == [vm_id]
+        image_id = self.node.image_of(vm_id)
+        t = self.node.template(image_id) if image_id is not None else None
+        last = t is not None and t.vms == [vm_id]
         if last:
             self._stop_prefetch(image_id)   # it holds the template's device open
-        if last and st[image_id]["children"] and self._registry_ok(f"leaving image {image_id}"):
+        if last and t.children and self._registry_ok(f"leaving image {image_id}"):
             me = next((r for r in self._records(image_id) if r.host == self.host), None)
             if me and JoinState.may_follow(me.state, JoinState.LEAVING):
                 self._put(image_id, me.with_state(JoinState.LEAVING))
             deadline = time.monotonic() + self.leave_timeout_s
-            while self.node.status()["templates"][image_id]["children"] and time.monotonic() < deadline:
+            while (t := self.node.template(image_id)) is not None and t.children and time.monotonic() < deadline:
                 time.sleep(0.5)
         self.node.detach(vm_id)
-        kept = self.node.status()["templates"].get(image_id) if last else None
+        kept = self.node.template(image_id) if last else None
         if kept is not None:
             self._kept.add(image_id)
             # Children still reading, or a layer still open (the node logged which).
             LOG.warning("image %s: the template stays until nothing uses it (children %s after %.0fs); "
-                        "upkeep removes it", image_id, kept["children"], self.leave_timeout_s)
+                        "upkeep removes it", image_id, kept.children, self.leave_timeout_s)
         elif last:
             self._forget(image_id)
 
@@ -621,7 +621,7 @@ class Tree:
             self._sweep_unused()
             if not self._registry_ok("upkeep"):
                 return moved
-            for image_id, t in self.node.status()["templates"].items():
+            for image_id in self.node.templates():
                 try:
                     if self._maintain_image(image_id):
                         moved.append(image_id)
@@ -636,12 +636,12 @@ class Tree:
         another caller is building has no VM yet either."""
         if not self._kept:
             return
-        templates = self.node.status()["templates"]
+        templates = self.node.templates()
         for image_id in sorted(self._kept):
             t = templates.get(image_id)
-            if t is None or t["vms"]:       # gone, or in use again
+            if t is None or t.vms:          # gone, or in use again
                 self._kept.discard(image_id)
-            elif not t["children"]:
+            elif not t.children:
                 try:
                     removed = self.node.release(image_id)
                 except Error as e:
@@ -686,14 +686,14 @@ class Tree:
         rejoined: List[str] = []
         if not self._registry_ok("rejoining the tree"):
             return rejoined
-        for image_id, t in sorted(self.node.status()["templates"].items()):
+        for image_id, t in sorted(self.node.templates().items()):
             origin = self._load_origin(image_id)
-            if not t.get("complete") or origin is None:
+            if not t.complete or origin is None:
                 continue
             try:
                 if any(r.host == self.host for r in self._records(image_id)):
                     continue        # still a member (a restart within the lease): upkeep keeps it
-                if len(t.get("paths", [])) > 1:
+                if len(t.paths) > 1:
                     self.node.reparent(image_id, [origin])
                 self._states.pop(image_id, None)       # no record of ours any more
                 self._publish(image_id, Placement.origin_only(), fresh=True)

@@ -1,5 +1,5 @@
-//! The relay tree's values in Python, typed: join states, registry records, placements, policy;
-//! and the join protocol's steps over them (`placement::protocol`).
+//! The relay tree's values in Python, typed: join states, registry records, placements, policy,
+//! the node's templates; and the join protocol's steps over them (`placement::protocol`).
 //! The registry I/O and the threads stay in Python (`vmthunder.registry`, `vmthunder.tree`).
 use std::collections::{BTreeMap, HashSet};
 
@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::{json_to_py, py_to_json, to_py, Busy, InvalidArgument};
 use crate::{
     names,
+    node::TemplateStatus,
     placement::{protocol, JoinState, ParentRef, Placement, PlacementError, Policy, DEFAULT_FANOUT, DEFAULT_MAX_PARENTS},
     records::{HostRecord, ImageRecord},
 };
@@ -262,6 +263,95 @@ impl PyPolicy {
     }
 }
 
+/// One image's template on this node, as `Node.status()["templates"][image_id]` reports it.
+#[pyclass(name = "Template", module = "vmthunder", frozen)]
+pub struct PyTemplate {
+    image_id: String,
+    t: TemplateStatus,
+}
+
+impl PyTemplate {
+    pub(super) fn new(image_id: String, t: TemplateStatus) -> Self {
+        PyTemplate { image_id, t }
+    }
+}
+
+#[pymethods]
+impl PyTemplate {
+    #[getter]
+    fn image_id(&self) -> &str {
+        &self.image_id
+    }
+
+    /// Its stack is whole (parent paths and origin devices exist).
+    #[getter]
+    fn complete(&self) -> bool {
+        self.t.complete
+    }
+
+    /// The VMs whose disks are snapshots of it.
+    #[getter]
+    fn vms(&self) -> Vec<String> {
+        self.t.vms.clone()
+    }
+
+    /// Initiators of the children with a live session to its export.
+    #[getter]
+    fn children(&self) -> Vec<String> {
+        self.t.children.clone()
+    }
+
+    /// Initiators its export has an ACL for.
+    #[getter]
+    fn child_acls(&self) -> Vec<String> {
+        self.t.child_acls.clone()
+    }
+
+    #[getter]
+    fn export_iqn(&self) -> Option<&str> {
+        self.t.export_iqn.as_deref()
+    }
+
+    /// Parent paths in failover order: (device "MAJOR:MINOR", "A" active or "F" failed).
+    #[getter]
+    fn paths(&self) -> Vec<(String, String)> {
+        let field = |p: &Value, k: &str| p.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        self.t.paths.iter().map(|p| (field(p, "device"), field(p, "state"))).collect()
+    }
+
+    /// role -> device path.
+    #[getter]
+    fn devices(&self) -> BTreeMap<String, String> {
+        self.t.devices.clone()
+    }
+
+    #[getter]
+    fn size_bytes(&self) -> u64 {
+        self.t.size_bytes
+    }
+
+    #[getter]
+    fn engine(&self) -> Option<&str> {
+        self.t.engine.as_deref()
+    }
+
+    #[getter]
+    fn cache_status(&self) -> Option<&str> {
+        self.t.cache_status.as_deref()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Template(image_id={:?}, complete={}, vms={:?}, children={:?}, paths={})",
+            self.image_id,
+            self.t.complete,
+            self.t.vms,
+            self.t.children,
+            self.t.paths.len()
+        )
+    }
+}
+
 /// Host names from any iterable of str (a set, a list, dict keys); None: none.
 fn host_set(what: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<HashSet<String>> {
     let Some(obj) = obj else { return Ok(HashSet::new()) };
@@ -360,6 +450,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHostRecord>()?;
     m.add_class::<PyPlacement>()?;
     m.add_class::<PyPolicy>()?;
+    m.add_class::<PyTemplate>()?;
     m.add_function(wrap_pyfunction!(parse_host_record, m)?)?;
     m.add_function(wrap_pyfunction!(parse_image_record, m)?)?;
     m.add_function(wrap_pyfunction!(choose_parents, m)?)?;

@@ -54,11 +54,18 @@ def iqn_of(source):
     return source.get("data", source)["target_iqn"]
 
 
+class FakeTemplate:
+    """What Node.template returns, as far as the tree reads it."""
+
+    def __init__(self, vms, children=(), complete=True, paths=()):
+        self.vms, self.children, self.complete, self.paths = list(vms), list(children), complete, list(paths)
+
+
 class FakeNode:
     host = "cn1"
 
     def __init__(self):
-        self.templates = {}
+        self.images = {}        # image -> its VMs
         self.export_calls = []
         self.calls = []         # prepare_export, drop_export, prelogin, logout_unused, in order
 
@@ -86,19 +93,25 @@ class FakeNode:
         finally:
             self.calls.append(("joined", image))
 
-    def status(self):
-        return {"templates": {i: {"vms": list(v), "children": []} for i, v in self.templates.items()}}
+    def templates(self):
+        return {i: FakeTemplate(v) for i, v in self.images.items()}
+
+    def template(self, image):
+        return self.templates().get(image)
+
+    def image_of(self, vm):
+        return next((i for i, vms in self.images.items() if vm in vms), None)
 
     def attach(self, image, sources, vm, snapshot="dm"):
-        self.templates.setdefault(image, []).append(vm)
+        self.images.setdefault(image, []).append(vm)
         return f"/dev/mapper/{image}-{vm}"
 
     def detach(self, vm):
-        for image, vms in list(self.templates.items()):
+        for image, vms in list(self.images.items()):
             if vm in vms:
                 vms.remove(vm)
                 if not vms:
-                    del self.templates[image]
+                    del self.images[image]
 
     def export_info(self, image, initiator):
         if not initiator.startswith("iqn.") or " " in initiator:     # as Node checks it
@@ -257,7 +270,7 @@ def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_retu
     steps = [c[0] for c in node.calls if c[1] == "img" or c[0] in ("prelogin", "logout_unused")]
     assert steps[0] == "joining" and steps.count("joined") == 1
     assert steps.index("joined") > max(steps.index("prepare_export"), steps.index("prelogin"))
-    assert "img" in node.templates          # attached inside the mark: joined comes after it
+    assert "img" in node.images          # attached inside the mark: joined comes after it
 
     def broken_attach(*args, **kw):
         raise vmthunder.CacheDeviceError("the cache device is gone")
@@ -375,7 +388,7 @@ def test_a_claim_that_fails_leaves_the_vm_on_the_origin_and_the_group(tmp_path):
     reg.leave = lambda image: left.append(image)
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     assert tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1") == "/dev/mapper/img-vm1"
-    assert left == ["img"] and node.templates == {"img": ["vm1"]}
+    assert left == ["img"] and node.images == {"img": ["vm1"]}
 
 
 class RelayNode(FakeNode):
@@ -385,39 +398,38 @@ class RelayNode(FakeNode):
         super().__init__()
         self.children = {}      # image -> [child host]
 
-    def status(self):
-        return {"templates": {i: {"vms": list(v), "children": list(self.children.get(i, []))}
-                              for i, v in self.templates.items()}}
+    def templates(self):
+        return {i: FakeTemplate(v, self.children.get(i, [])) for i, v in self.images.items()}
 
     def detach(self, vm):
-        for vms in self.templates.values():
+        for vms in self.images.values():
             if vm in vms:
                 vms.remove(vm)
 
     def release(self, image):
-        if self.templates.get(image) or self.children.get(image):
+        if self.images.get(image) or self.children.get(image):
             return False
-        return self.templates.pop(image, None) is not None
+        return self.images.pop(image, None) is not None
 
 
 def test_a_relay_kept_for_a_slow_child_is_removed_by_upkeep_once_the_child_leaves(tmp_path):
     node, reg = RelayNode(), FakeRegistry()
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path),
                 leave_timeout_s=0.1)
-    node.templates["building"] = []     # another caller's template, its VM not attached yet
+    node.images["building"] = []     # another caller's template, its VM not attached yet
     tree.maintain()
-    assert "building" in node.templates, "upkeep removed a template it had not kept"
-    del node.templates["building"]
+    assert "building" in node.images, "upkeep removed a template it had not kept"
+    del node.images["building"]
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     node.children["img"] = ["cn2"]
     tree.detach("vm1")              # the child did not move within leave_timeout_s
-    assert node.templates == {"img": []}
+    assert node.images == {"img": []}
     assert reg.records["img"]["cn1"]["state"] == "leaving"
     tree.maintain()                 # still read by cn2: kept
-    assert "img" in node.templates and "cn1" in reg.records["img"]
+    assert "img" in node.images and "cn1" in reg.records["img"]
     node.children["img"] = []
     tree.maintain()
-    assert node.templates == {}, "upkeep left the unused template behind"
+    assert node.images == {}, "upkeep left the unused template behind"
     assert "cn1" not in reg.records["img"], "upkeep removed the template but stayed in the group"
 
 
@@ -463,11 +475,9 @@ def test_rejoin_offers_a_rebuilt_template_from_the_origin_with_fresh_grants(tmp_
     tree.attach("other", {"target_iqn": "iqn.x:origin2"}, "vm2")
     reparented = []
     node.reparent = lambda image, sources: reparented.append((image, sources)) or "table"
-    paths = {"img": [{"device": "8:0", "state": "F"}, {"device": "8:16", "state": "A"}],
-             "other": [{"device": "8:32", "state": "A"}], "stranger": [{"device": "8:48", "state": "A"}]}
-    node.templates["stranger"] = ["vm3"]
-    node.status = lambda: {"templates": {i: {"vms": list(v), "children": [], "complete": True, "paths": paths[i]}
-                                         for i, v in node.templates.items()}}
+    paths = {"img": [("8:0", "F"), ("8:16", "A")], "other": [("8:32", "A")], "stranger": [("8:48", "A")]}
+    node.images["stranger"] = ["vm3"]
+    node.templates = lambda: {i: FakeTemplate(v, paths=paths[i]) for i, v in node.images.items()}
     reg.records["img"].pop("cn1")           # the lease expired while the node was down
     calls_before = len(node.export_calls)
     assert tree.rejoin() == ["img"]
