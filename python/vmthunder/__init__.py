@@ -43,6 +43,7 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     simulate,
     template_iqn,
     validate_id,
+    validate_host,
     parse_host_record,
     parse_image_record,
     check_grant,
@@ -54,7 +55,7 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
 _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 
 __all__ = [
-    "JoinState", "ImageRecord", "HostRecord", "Placement", "Policy", "Template",
+    "JoinState", "ImageRecord", "HostRecord", "Placement", "Policy", "Template", "validate_host",
     "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "StateDirError", "__version__",
     "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "parents_progress", "own_record", "simulate",

@@ -444,6 +444,13 @@ fn own_record(
     protocol::own_record(host, was, state, &placement.0, failure_domain, grants).map(PyImageRecord).map_err(placement_err)
 }
 
+/// validate_host(what, value) -> value: a host name as vmthunder accepts it (lower-case
+/// letters, digits, '-', '.'; at most 40 characters); InvalidArgument naming `what` otherwise.
+#[pyfunction]
+fn validate_host(what: &str, value: &str) -> PyResult<String> {
+    names::validate_host_as(what, value).map(str::to_string).map_err(to_py)
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<JoinState>()?;
     m.add_class::<PyImageRecord>()?;
@@ -456,5 +463,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(choose_parents, m)?)?;
     m.add_function(wrap_pyfunction!(parents_progress, m)?)?;
     m.add_function(wrap_pyfunction!(own_record, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_host, m)?)?;
     Ok(())
 }
