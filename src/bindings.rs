@@ -1,7 +1,7 @@
 //! The Python module `vmthunder._vmthunder`: the `Node` class and one exception class per
 //! error kind. Work runs with the GIL released; Rust `log` records go to Python's `logging`
 //! under the logger name `vmthunder` (pyo3-log).
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use pyo3::{create_exception, exceptions::PyException, prelude::*, types::{PyList, PyTuple}};
 use serde_json::Value;
@@ -12,6 +12,8 @@ use crate::{
     names,
     node::{self, Config, SnapshotMode},
 };
+
+mod tree;
 
 create_exception!(vmthunder, Error, PyException, "Base class of every vmthunder error.");
 create_exception!(vmthunder, InvalidArgument, Error, "A value passed in is malformed; nothing was created.");
@@ -84,28 +86,6 @@ fn ranges_of(v: Value) -> PyResult<Vec<(u64, u64)>> {
         .collect()
 }
 
-/// choose_parents(newcomer, peers, policy) -> {"parents": [...], "depth": n}
-///
-/// The relay-tree placement (pure): which parents a newcomer should use. Arguments are dicts /
-/// lists as in `vmthunder.placement` (see src/placement); errors raise InvalidArgument (bad
-/// input) or Busy (no free Ready parent yet: retry later).
-#[pyfunction]
-fn choose_parents(py: Python<'_>, newcomer: &Bound<'_, PyAny>, peers: &Bound<'_, PyAny>, policy: &Bound<'_, PyAny>) -> PyResult<PyObject> {
-    let (n, p, pol) = (py_to_json(py, "newcomer", newcomer)?, py_to_json(py, "peers", peers)?, py_to_json(py, "policy", policy)?);
-    let out = crate::placement::choose_parents_json(&n.to_string(), &p.to_string(), &pol.to_string()).map_err(placement_err)?;
-    Ok(py.import("json")?.call_method1("loads", (out,))?.unbind())
-}
-
-/// validate_choice(newcomer, placement, peers, policy): re-check a choice under the image lock.
-#[pyfunction]
-fn validate_choice(py: Python<'_>, newcomer: &Bound<'_, PyAny>, placement: &Bound<'_, PyAny>, peers: &Bound<'_, PyAny>, policy: &Bound<'_, PyAny>) -> PyResult<()> {
-    let args = [("newcomer", newcomer), ("placement", placement), ("peers", peers), ("policy", policy)]
-        .iter()
-        .map(|(w, o)| py_to_json(py, w, o).map(|v| v.to_string()))
-        .collect::<PyResult<Vec<_>>>()?;
-    crate::placement::validate_choice_json(&args[0], &args[1], &args[2], &args[3]).map_err(placement_err)
-}
-
 /// simulate(params) -> dict: one simulated boot storm (src/sim). `params` is a dict of
 /// `sim::Params` fields (omitted ones take the lab's values); a bad or unknown field, an
 /// unreadable trace or a tree that cannot be placed raise InvalidArgument naming it.
@@ -114,10 +94,6 @@ fn simulate(py: Python<'_>, params: &Bound<'_, PyAny>) -> PyResult<PyObject> {
     let p = py_to_json(py, "params", params)?.to_string();
     let out = py.allow_threads(|| crate::sim::simulate_json(&p)).map_err(|e| InvalidArgument::new_err(e.to_string()))?;
     Ok(py.import("json")?.call_method1("loads", (out,))?.unbind())
-}
-
-fn placement_err(e: crate::placement::PlacementError) -> PyErr {
-    if e.is_retryable() { Busy::new_err(e.to_string()) } else { InvalidArgument::new_err(e.to_string()) }
 }
 
 /// One compute node's vmthunder state. Cheap to create: all state lives in the kernel.
@@ -229,6 +205,26 @@ impl Node {
     /// VM's disk or its qcow2 overlay open.
     fn detach(&self, py: Python<'_>, vm_id: &str) -> PyResult<()> {
         py.allow_threads(|| self.inner.detach(vm_id)).map_err(to_py)
+    }
+
+    /// image_of(vm_id) -> the id of the image whose template the VM's disk is a snapshot of,
+    /// or None when the VM is not attached here.
+    fn image_of(&self, py: Python<'_>, vm_id: &str) -> PyResult<Option<String>> {
+        py.allow_threads(|| self.inner.image_of(vm_id)).map_err(to_py)
+    }
+
+    /// templates() -> {image_id: Template}: this node's templates, read from the kernel (what
+    /// `status()` reports under "templates").
+    fn templates(&self, py: Python<'_>) -> PyResult<BTreeMap<String, tree::PyTemplate>> {
+        let t = py.allow_threads(|| self.inner.templates()).map_err(to_py)?;
+        Ok(t.into_iter().map(|(image, t)| (image.clone(), tree::PyTemplate::new(image, t))).collect())
+    }
+
+    /// template(image_id) -> Template, or None when this node has no template of the image.
+    fn template(&self, py: Python<'_>, image_id: &str) -> PyResult<Option<tree::PyTemplate>> {
+        names::validate_id("image id", image_id).map_err(to_py)?;
+        let mut t = py.allow_threads(|| self.inner.templates()).map_err(to_py)?;
+        Ok(t.remove(image_id).map(|t| tree::PyTemplate::new(image_id.to_string(), t)))
     }
 
     /// Let a child node (its initiator IQN) read this node's copy of `image_id`; returns the
@@ -429,25 +425,6 @@ fn validate_id(what: &str, value: &str) -> PyResult<String> {
     names::validate_id(what, value).map(str::to_string).map_err(to_py)
 }
 
-/// parse_host_record(record) -> the checked record (`{host, initiator, export_ip,
-/// failure_domain}`; unknown fields dropped). Raises InvalidArgument naming the host and field.
-#[pyfunction]
-fn parse_host_record(py: Python<'_>, record: &Bound<'_, PyAny>) -> PyResult<PyObject> {
-    let v = py_to_json(py, "record", record)?;
-    let r = crate::records::parse_host_record(&v).map_err(to_py)?;
-    json_to_py(py, &serde_json::to_value(r).expect("record serialises"))
-}
-
-/// parse_image_record(record) -> the checked record (`{host, state, depth, parents,
-/// failure_domain, grants, built?}`; unknown fields dropped). Raises InvalidArgument naming
-/// the host and field.
-#[pyfunction]
-fn parse_image_record(py: Python<'_>, record: &Bound<'_, PyAny>) -> PyResult<PyObject> {
-    let v = py_to_json(py, "record", record)?;
-    let r = crate::records::parse_image_record(&v).map_err(to_py)?;
-    json_to_py(py, &serde_json::to_value(r).expect("record serialises"))
-}
-
 /// check_grant(grant, parent, image_id, export_ip, state_dir=None) -> the connection dict to
 /// log in with, only if the grant names exactly one target, LUN 0, the IQN `parent` exports
 /// `image_id` under, on a portal at `export_ip` (the parent's published export address). A
@@ -551,16 +528,13 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Node>()?;
     m.add_class::<JoinMark>()?;
+    tree::register(m)?;
     m.add_function(wrap_pyfunction!(export_volume, m)?)?;
-    m.add_function(wrap_pyfunction!(choose_parents, m)?)?;
-    m.add_function(wrap_pyfunction!(validate_choice, m)?)?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(allow_initiator, m)?)?;
     m.add_function(wrap_pyfunction!(unexport_volume, m)?)?;
     m.add_function(wrap_pyfunction!(template_iqn, m)?)?;
     m.add_function(wrap_pyfunction!(validate_id, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_host_record, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_image_record, m)?)?;
     m.add_function(wrap_pyfunction!(check_grant, m)?)?;
     m.add_function(wrap_pyfunction!(grant_key, m)?)?;
     m.add_function(wrap_pyfunction!(seal_grant, m)?)?;

@@ -34,9 +34,14 @@ pub fn validate_id<'a>(what: &str, id: &'a str) -> Result<&'a str> {
 
 /// A host name as it appears in our target IQNs: lower-case letters, digits, '-', '.'.
 pub fn validate_host(host: &str) -> Result<&str> {
-    validate_id("host", host)?;
+    validate_host_as("host", host)
+}
+
+/// [`validate_host`], the message naming the value as `what` (a registry's "member id").
+pub fn validate_host_as<'a>(what: &str, host: &'a str) -> Result<&'a str> {
+    validate_id(what, host)?;
     if host.chars().any(|c| c.is_ascii_uppercase()) {
-        return Err(Error::invalid(format!("invalid host {host:?}: must be lower case (it becomes part of an IQN)")));
+        return Err(Error::invalid(format!("invalid {what} {host:?}: must be lower case (it becomes part of an IQN)")));
     }
     Ok(host)
 }

@@ -17,6 +17,7 @@ use crate::{
     error::{Error, Result},
     iscsi::Source,
     names,
+    placement::{JoinState, ParentRef, Placement, PlacementError},
 };
 
 /// Deeper than any tree placement builds (its depth bound is ceil(log_k N) + 1): a record
@@ -41,20 +42,12 @@ pub struct HostRecord {
     pub grant_key: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Joining,
-    Ready,
-    Leaving,
-    Failed,
-}
-
-/// A host's record in an image's group.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A host's record in an image's group (what the states mean: `placement::protocol`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageRecord {
     pub host: String,
-    pub state: State,
+    /// Published as `state` and, for `Built`, `"built": true` beside `"state": "joining"`.
+    pub state: JoinState,
     pub depth: u32,
     /// "origin" or host names, in failover order.
     pub parents: Vec<String>,
@@ -62,9 +55,30 @@ pub struct ImageRecord {
     /// host -> connection dict; checked for its shape here, for its content by `check_grant`
     /// when the recipient uses it.
     pub grants: BTreeMap<String, Value>,
-    /// Its LUN exists (children may switch to it while it is still `joining`).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub built: bool,
+}
+
+impl ImageRecord {
+    /// The record as published (what `parse_image_record` reads back).
+    pub fn to_wire(&self) -> Value {
+        let (state, built) = self.state.to_wire();
+        let mut v = serde_json::json!({"host": self.host, "state": state, "depth": self.depth, "parents": self.parents,
+                                       "failure_domain": self.failure_domain, "grants": self.grants});
+        if built {
+            v["built"] = Value::Bool(true);
+        }
+        v
+    }
+
+    /// Its parents and depth as a placement (`parents` as published: the origin is among them).
+    pub fn placement(&self) -> Placement {
+        Placement { parents: self.parents.iter().cloned().map(ParentRef::from).collect(), depth: self.depth }
+    }
+
+    /// This record in `state`, if the protocol lets it follow the record's own
+    /// (`JoinState::may_follow`).
+    pub fn with_state(&self, state: JoinState) -> std::result::Result<ImageRecord, PlacementError> {
+        Ok(ImageRecord { state: JoinState::transition(Some(self.state), state)?, ..self.clone() })
+    }
 }
 
 fn record_err(host: &str, field: &str, why: impl std::fmt::Display) -> Error {
@@ -137,18 +151,20 @@ pub fn parse_host_record(v: &Value) -> Result<HostRecord> {
     Ok(HostRecord { host, initiator, export_ip, failure_domain, grant_key })
 }
 
-/// Check an image-group record (`{host, state, depth, parents, failure_domain, grants, built}`).
+/// Check an image-group record (`{host, state, depth, parents, failure_domain, grants, built}`;
+/// `built` is read only beside `"state": "joining"`).
 pub fn parse_image_record(v: &Value) -> Result<ImageRecord> {
     let m = object(v)?;
     let host = host_of(m)?;
+    let built = match m.get("built") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => return Err(record_err(&host, "built", format!("expected a boolean, got {}", shown(v)))),
+    };
     let state = match m.get("state") {
-        Some(Value::String(s)) => match s.as_str() {
-            "joining" => State::Joining,
-            "ready" => State::Ready,
-            "leaving" => State::Leaving,
-            "failed" => State::Failed,
-            _ => return Err(record_err(&host, "state", format!("{} is not joining, ready, leaving or failed", shown(&m["state"])))),
-        },
+        Some(Value::String(s)) => JoinState::from_wire(s, built).ok_or_else(|| {
+            record_err(&host, "state", format!("{} is not joining, ready, leaving or failed", shown(&m["state"])))
+        })?,
         Some(v) => return Err(record_err(&host, "state", format!("expected a string, got {}", shown(v)))),
         None => return Err(record_err(&host, "state", "missing")),
     };
@@ -196,12 +212,7 @@ pub fn parse_image_record(v: &Value) -> Result<ImageRecord> {
         Some(Value::Object(_)) => return Err(record_err(&host, "grants", format!("more than {MAX_GRANTS}"))),
         Some(v) => return Err(record_err(&host, "grants", format!("expected a dict, got {}", type_name(v)))),
     };
-    let built = match m.get("built") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => return Err(record_err(&host, "built", format!("expected a boolean, got {}", shown(v)))),
-    };
-    Ok(ImageRecord { host, state, depth, parents, failure_domain, grants, built })
+    Ok(ImageRecord { host, state, depth, parents, failure_domain, grants })
 }
 
 /// Accept `grant` (what `parent` published for us to read `image`) only if it names exactly
@@ -282,7 +293,11 @@ mod tests {
     fn records_parse_and_bad_fields_are_named() {
         let r = parse_image_record(&json!({"host": "cn2", "state": "ready", "depth": 2, "parents": ["cn1", "origin"],
                                            "failure_domain": "r1", "grants": {"cn3": {"target_iqn": "x"}}, "extra": 1})).unwrap();
-        assert_eq!((r.state, r.depth, r.parents.len(), r.built), (State::Ready, 2, 2, false));
+        assert_eq!((r.state, r.depth, r.parents.len()), (JoinState::Ready, 2, 2));
+        let built = |state: &str, built: bool| {
+            parse_image_record(&json!({"host": "cn2", "state": state, "depth": 1, "parents": ["origin"], "built": built})).unwrap().state
+        };
+        assert_eq!((built("joining", true), built("joining", false), built("ready", true)), (JoinState::Built, JoinState::Joining, JoinState::Ready));
         let h = parse_host_record(&json!({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2", "export_ip": "198.18.0.2",
                                           "failure_domain": null})).unwrap();
         assert_eq!(h.export_ip, Some(Ipv4Addr::new(198, 18, 0, 2)));
@@ -362,7 +377,7 @@ mod tests {
                 if let Value::Object(m) = &mut v {
                     m.entry("host").or_insert_with(|| Value::from(host.clone()));
                 }
-                for r in [parse_image_record(&v).map(|r| serde_json::to_value(r).unwrap()),
+                for r in [parse_image_record(&v).map(|r| r.to_wire()),
                           parse_host_record(&v).map(|r| serde_json::to_value(r).unwrap())] {
                     match r {
                         Ok(_) => {}
@@ -370,7 +385,7 @@ mod tests {
                     }
                 }
                 if let Ok(r) = parse_image_record(&v) {
-                    let again = parse_image_record(&serde_json::to_value(&r).unwrap()).unwrap();
+                    let again = parse_image_record(&r.to_wire()).unwrap();
                     prop_assert_eq!(again, r);
                 }
                 if let Ok(r) = parse_host_record(&v) {

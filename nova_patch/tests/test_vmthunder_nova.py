@@ -325,7 +325,8 @@ class WithTheRealTreeTest(unittest.TestCase):
         ext.Node = mock.MagicMock(name="Node")
         ext.StateDirError = type("StateDirError", (Error,), {})
         for name in ("choose_parents", "check_grant", "grant_key", "parse_host_record",
-                     "parse_image_record", "seal_grant", "validate_choice", "validate_id"):
+                     "parse_image_record", "seal_grant", "validate_id", "own_record", "parents_progress",
+                     "HostRecord", "ImageRecord", "JoinState", "Placement", "Policy"):
             setattr(ext, name, mock.Mock(name=name))
         ext.validate_id.side_effect = lambda what, value: value
         fake = types.ModuleType("vmthunder")
@@ -344,8 +345,10 @@ class WithTheRealTreeTest(unittest.TestCase):
         self.node = ext.Node.return_value
         self.node.reassemble.return_value = {"disks": {}, "failed": {}, "failed_images": {}, "removed": []}
         self.node.host = "cn1"
-        self.state = {"templates": {}}
-        self.node.status.side_effect = lambda: self.state
+        self.templates = {}     # image -> what Node.template returns, as far as the tree reads it
+        self.node.templates.side_effect = lambda: dict(self.templates)
+        self.node.template.side_effect = self.templates.get
+        self.node.image_of.side_effect = lambda vm: next((i for i, t in self.templates.items() if vm in t.vms), None)
 
     def test_attach_and_detach_without_registry(self):
         import tempfile
@@ -358,7 +361,7 @@ class WithTheRealTreeTest(unittest.TestCase):
             self.node.joining.assert_called_once_with("vol1")     # marked in flight (recover skips it)
             self.node.joining.return_value.__exit__.assert_called_once()
             self.assertEqual("/dev/vmthunder-nonexistent", info["data"]["device_path"])
-            self.state = {"templates": {"vol1": {"vms": ["vm1"], "children": []}}}
+            self.templates["vol1"] = types.SimpleNamespace(vms=["vm1"], children=[])
             self.assertTrue(self.helpers.detach(tree, "vm1"))
             self.node.detach.assert_called_once_with("vm1")
             self.node.detach.side_effect = NotFound("vm1")

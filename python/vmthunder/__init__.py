@@ -16,6 +16,12 @@ import logging as _logging
 from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     Node,
     JoinMark,
+    JoinState,
+    ImageRecord,
+    HostRecord,
+    Placement,
+    Policy,
+    Template,
     Error,
     InvalidArgument,
     NotFound,
@@ -32,10 +38,12 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     allow_initiator,
     unexport_volume,
     choose_parents,
-    validate_choice,
+    parents_progress,
+    own_record,
     simulate,
     template_iqn,
     validate_id,
+    validate_host,
     parse_host_record,
     parse_image_record,
     check_grant,
@@ -49,9 +57,10 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
 _logging.getLogger("vmthunder").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "JoinState", "ImageRecord", "HostRecord", "Placement", "Policy", "Template", "validate_host",
     "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "StateDirError", "__version__",
-    "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "validate_choice", "simulate",
+    "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "parents_progress", "own_record", "simulate",
     "template_iqn", "validate_id", "parse_host_record", "parse_image_record", "check_grant",
     "grant_key", "seal_grant", "node_checks", "write_textfile",
 ]

@@ -51,7 +51,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from vmthunder._vmthunder import Error
+from vmthunder._vmthunder import Error, InvalidArgument, validate_host, validate_id
 
 LOG = logging.getLogger("vmthunder.registry")
 
@@ -59,9 +59,6 @@ __all__ = ["Registry", "RegistryError", "wait_for", "HOSTS_GROUP", "image_group"
 
 HOSTS_GROUP = "vmthunder-hosts"
 _IMAGE_PREFIX = "vmthunder-image-"
-_MAX_ID_LEN = 40                      # as src/names.rs
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*\Z")
-_HOST_RE = re.compile(r"[a-z0-9][a-z0-9.-]*\Z")
 _SCHEMES = {"file": "file", "etcd": "etcd3+http", "etcd3+http": "etcd3+http", "etcd3+https": "etcd3+https"}
 _ETCD_PASS_OPTIONS = ("ca_cert", "cert_key", "cert_cert", "api_version")
 _ETCD_OWN_OPTIONS = {"timeout": "timeout_s", "membership_timeout": "lease_s", "lock_timeout": "lease_s"}
@@ -73,22 +70,13 @@ class RegistryError(Error):
 
 # -- validation --------------------------------------------------------------------------------
 def _validate_id(what: str, value: Any, host: bool = False) -> str:
+    """An image id, or (`host`) a host name, as every vmthunder call checks it (src/names.rs)."""
     if not isinstance(value, str):
         raise RegistryError(f"invalid {what} {value!r}: must be a string")
-    why = None
-    if not value:
-        why = "empty"
-    elif len(value) > _MAX_ID_LEN:
-        why = f"longer than {_MAX_ID_LEN} characters"
-    elif host and value != value.lower():
-        why = "must be lower case"
-    elif not (_HOST_RE if host else _ID_RE).match(value):
-        why = "letters, digits, '-', '.' only, starting with a letter or digit"
-    elif ".." in value:
-        why = "'..' not allowed"
-    if why:
-        raise RegistryError(f"invalid {what} {value!r}: {why}")
-    return value
+    try:
+        return (validate_host if host else validate_id)(what, value)
+    except InvalidArgument as e:
+        raise RegistryError(str(e)) from None
 
 
 def image_group(image_id: str) -> str:

@@ -1,5 +1,7 @@
 """The relay tree of each image across compute nodes: membership through the registry (tooz),
-parent choice through the Rust placement function, failover and re-parenting.
+failover and re-parenting. The join protocol (the records' states and their transitions, what
+a record means for choosing parents, the choice itself) is Rust's: src/placement/protocol.rs;
+this module does its I/O and runs its threads.
 
 No daemon: `Tree` lives in the caller's process (nova-compute). `maintain()` is one round of
 upkeep (reinstate parent paths whose sessions are back, re-grant new hosts, re-parent away from
@@ -33,8 +35,9 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from vmthunder._vmthunder import (Busy, Error, InvalidArgument, Node, StateDirError, check_grant, choose_parents,
-                                  grant_key, parse_host_record, parse_image_record, seal_grant, validate_id)
+from vmthunder._vmthunder import (Busy, Error, HostRecord, ImageRecord, InvalidArgument, JoinState, Node, Placement,
+                                  Policy, StateDirError, check_grant, choose_parents, grant_key, own_record,
+                                  parents_progress, parse_host_record, parse_image_record, seal_grant, validate_id)
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -65,8 +68,8 @@ class _EarlyLogins:
             self._logins[name] = (source, t)
             t.start()
 
-    def start_parents(self, placement, sources) -> None:
-        for p, src in zip(placement["parents"], sources):
+    def start_parents(self, placement: Placement, sources) -> None:
+        for p, src in zip(placement.parents, sources):
             if src is not None:
                 self.start(p, src)
 
@@ -115,7 +118,7 @@ class Tree:
         self.initiator = initiator
         self.export_ip = export_ip
         self.failure_domain = failure_domain
-        self.policy = {"fanout": fanout, "max_parents": max_parents}
+        self.policy = Policy(fanout=fanout, max_parents=max_parents)
         self.leave_timeout_s = leave_timeout_s
         self.lock_timeout_s = lock_timeout_s
         self.join_wait_s = join_wait_s
@@ -137,6 +140,7 @@ class Tree:
         self._bad_records: Dict[tuple, str] = {}            # (group, host) -> why its record is skipped
         self._key: Optional[str] = None                     # our public key for sealed grants
         self._keyless: set = set()                          # (image, host) told it gets no grant
+        self._states: Dict[str, JoinState] = {}             # image -> state of the record we last published
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
@@ -177,7 +181,7 @@ class Tree:
         """Drop the saved origin of an image that has no template here any more: `recover`
         goes over the saved origins, so it walks only the images this node has (or had when a
         join died), not every image ever attached."""
-        if image_id in self.node.status()["templates"]:
+        if self.node.template(image_id) is not None:
             return
         try:
             os.unlink(self._origin_file(image_id))
@@ -196,7 +200,7 @@ class Tree:
             return json.load(f)
 
     # -- other hosts' records and grants: checked before use -------------------------------
-    def _checked(self, what: str, parse, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def _checked(self, what: str, parse, records: List[Dict[str, Any]]) -> list:
         """Every record as the Rust parser checked it (typed fields, unknown ones dropped); one
         that fails is skipped with one warning naming the host and the field (repeated only
         when what is wrong changes). Anyone who can write the registry writes these."""
@@ -214,11 +218,11 @@ class Tree:
             self._bad_records.pop((what, host), None)
         return out
 
-    def _records(self, image_id: str) -> List[Dict[str, Any]]:
+    def _records(self, image_id: str) -> List[ImageRecord]:
         """The image group's records, checked: every read of them goes through here."""
         return self._checked(f"image {image_id}", parse_image_record, self.registry.peers(image_id))
 
-    def _hosts(self) -> List[Dict[str, Any]]:
+    def _hosts(self) -> List[HostRecord]:
         """The hosts group's records, checked."""
         return self._checked("hosts", parse_host_record, self.registry.hosts())
 
@@ -231,16 +235,15 @@ class Tree:
             self._note_hosts(self._hosts())
         return {h: self._export_ips.get(h) for h in hosts}
 
-    def _note_hosts(self, hosts: List[Dict[str, Any]]) -> None:
-        self._export_ips = {h["host"]: h.get("export_ip") for h in hosts}
+    def _note_hosts(self, hosts: List[HostRecord]) -> None:
+        self._export_ips = {h.host: h.export_ip for h in hosts}
         self._export_ips_at = time.monotonic()
 
-    def _grants_for_us(self, image_id: str, records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    def _grants_for_us(self, image_id: str, records: List[ImageRecord]) -> Dict[str, Dict[str, Any]]:
         """host -> the connection dict to log in to that parent with, for the peers whose grant
         for us passes `check_grant`. A refused grant is logged once (again when the reason
         changes) and the peer counts as not having granted us."""
-        offered = {r["host"]: r["grants"][self.host] for r in records
-                   if r["host"] != self.host and self.host in (r.get("grants") or {})}
+        offered = {r.host: g for r in records if r.host != self.host and (g := r.grant_for(self.host)) is not None}
         if not offered:
             return {}
         ips = self._export_ip_of(sorted(offered))
@@ -257,65 +260,31 @@ class Tree:
             self._bad_grants.pop((image_id, host), None)
         return out
 
-    # -- placement ---------------------------------------------------------------------------
-    def _peers(self, records: List[Dict[str, Any]], grants: Dict[str, Any], exclude=(),
-               early: bool = False) -> List[Dict[str, Any]]:
-        """Registry records (checked by the registry) -> placement peers. Peers that have not
-        granted us (a usable grant: `grants`) are 'joining'. `early`: a joining peer that has
-        granted us (its target exists, without a LUN) counts as ready: we may claim under it
-        and log in while it builds."""
-        peers = []
-        for r in records:
-            if r["host"] in (self.host, *exclude):
-                continue
-            state = r["state"]
-            granted = r["host"] in grants
-            if state == "ready" and not granted:
-                state = "joining"
-            elif state == "joining" and granted and early:
-                state = "ready"
-            peers.append({"host": r["host"], "state": state, "depth": r["depth"],
-                          "failure_domain": r.get("failure_domain"), "parents": r["parents"]})
-        return peers
-
-    def _choose(self, image_id: str, records, exclude=(), last_resort=False, early=False):
-        """Placement over the registry records. Raises Busy while every free slot belongs to a
-        peer that is not ready (or has not granted us) yet, unless `last_resort`: then the
-        origin alone. Placement never picks a node below us (it follows the peers' parents)."""
-        newcomer = {"host": self.host, "failure_domain": self.failure_domain}
+    # -- placement: the join protocol's steps are Rust's (src/placement/protocol.rs) -------------
+    def _choose(self, image_id: str, records: List[ImageRecord], exclude=(), last_resort=False, early=False,
+                previous: Optional[Placement] = None):
+        """Placement over the registry records, counting as ready only the peers whose grant for
+        us passes `check_grant`. Raises Busy while every free slot belongs to a peer that is not
+        ready for us yet, unless `last_resort`: then the origin alone. `previous`: a choice made
+        on an older read, kept if it still holds. Returns (placement, the connection dict of each
+        parent, None for the origin), in failover order."""
         grants = self._grants_for_us(image_id, records)
-        peers = self._peers(records, grants, exclude, early)
-        try:
-            placement = choose_parents(newcomer, peers, self.policy)
-        except Busy:
-            if not last_resort:
-                raise
-            LOG.warning("image %s: no parent ready in time; using the origin alone", image_id)
-            placement = {"parents": ["origin"], "depth": 1}
-        by_host = {r["host"]: r for r in records}
-        if early:
-            # Only the primary may still be building: a secondary parent is a failover path,
-            # not worth waiting for (the origin, when it is the primary, least of all).
-            placement = dict(placement, parents=[p for i, p in enumerate(placement["parents"])
-                                                 if i == 0 or p == "origin" or by_host[p].get("state") == "ready"])
-        # Failover order = placement order; "origin" stands for the origin volume itself.
-        # Only peers with a checked grant count as ready (see _peers): the checked dict is used.
-        sources = [None if p == "origin" else grants[p] for p in placement["parents"]]
-        if None not in sources:
-            sources.append(None)
-        return placement, sources
+        placement = choose_parents(image_id, self.host, records, self.policy, failure_domain=self.failure_domain,
+                                   granted=grants, exclude=exclude, early=early, last_resort=last_resort,
+                                   previous=previous)
+        return placement, [None if p == "origin" else grants[p] for p in placement.parents]
 
     @staticmethod
     def _with_origin(sources, origin):
         return [origin if s is None else s for s in sources]
 
-    def _publish(self, image_id: str, placement: Dict[str, Any], state: str = "ready",
-                 fresh: bool = False, built: bool = False) -> None:
+    def _publish(self, image_id: str, placement: Placement, state: JoinState = JoinState.READY,
+                 fresh: bool = False) -> None:
         """Publish our record with a grant for every known host. Grants are remembered per
         template (host -> initiator, grant): upkeep calls this every round and only a new host
         or initiator costs an export_info. `fresh`: the template was just built (new ACLs)."""
         self._update_grants(image_id, fresh)
-        self.registry.publish(image_id, self._record(image_id, placement, state, built))
+        self._put(image_id, self._record(image_id, placement, state))
 
     def _update_grants(self, image_id: str, fresh: bool) -> None:
         """Grant every live host that publishes an initiator and a key: its ACL + CHAP
@@ -330,18 +299,17 @@ class Tree:
             hosts = self._hosts()
             self._note_hosts(hosts)
             for h in hosts:
-                if h["host"] == self.host or not h.get("initiator"):
+                if h.host == self.host or not h.initiator:
                     continue
-                if not h.get("grant_key"):
-                    if (image_id, h["host"]) not in self._keyless:
-                        LOG.info("image %s: no grant for %s: it publishes no grant_key", image_id, h["host"])
-                        self._keyless.add((image_id, h["host"]))
+                if not h.grant_key:
+                    if (image_id, h.host) not in self._keyless:
+                        LOG.info("image %s: no grant for %s: it publishes no grant_key", image_id, h.host)
+                        self._keyless.add((image_id, h.host))
                     continue
-                got = known.get(h["host"])
-                if got is None or got[:2] != (h["initiator"], h["grant_key"]):
-                    got = (h["initiator"], h["grant_key"],
-                           seal_grant(self.node.export_info(image_id, h["initiator"]), h["grant_key"]))
-                now[h["host"]] = got
+                got = known.get(h.host)
+                if got is None or got[:2] != (h.initiator, h.grant_key):
+                    got = (h.initiator, h.grant_key, seal_grant(self.node.export_info(image_id, h.initiator), h.grant_key))
+                now[h.host] = got
             gone = {g[0] for g in known.values()} - {g[0] for g in now.values()}
             if (first and not fresh) or gone:
                 revoked = self.node.revoke_grants(image_id, sorted({g[0] for g in now.values()}))
@@ -349,16 +317,22 @@ class Tree:
                     LOG.info("image %s: revoked the grants of hosts that left: %s", image_id, revoked)
         self._grants[image_id] = now
 
-    def _record(self, image_id: str, placement: Dict[str, Any], state: str, built: bool = False) -> Dict[str, Any]:
-        """Our registry record: `built` = our LUN exists (children may switch their paths to us,
-        they read only once we are `ready`); grants as last computed."""
-        rec = {"state": state, "depth": placement["depth"], "parents": placement["parents"],
-               "failure_domain": self.failure_domain}
-        if image_id in self._grants:
-            rec["grants"] = {host: g[-1] for host, g in self._grants[image_id].items()}
-        if built and state == "joining":
-            rec["built"] = True
-        return rec
+    def _record(self, image_id: str, placement: Placement, state: JoinState, grants: bool = True) -> ImageRecord:
+        """Our registry record in `state` (InvalidArgument if the protocol does not let it follow
+        the one we published last); grants as last computed."""
+        made = self._grants.get(image_id) if grants else None
+        return own_record(self.host, placement, state, was=self._states.get(image_id),
+                          failure_domain=self.failure_domain,
+                          grants=None if made is None else {host: g[-1] for host, g in made.items()})
+
+    def _put(self, image_id: str, rec: ImageRecord) -> None:
+        """Publish our record (the registry keeps it, and retries, even if this raises)."""
+        self._states[image_id] = rec.state
+        self.registry.publish(image_id, rec.to_dict())
+
+    def _leave(self, image_id: str) -> None:
+        self._states.pop(image_id, None)
+        self.registry.leave(image_id)
 
     # -- the API Nova calls ------------------------------------------------------------------
     def attach(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str = "dm",
@@ -367,7 +341,7 @@ class Tree:
         volume always kept as the last path. `profile` ([[offset, length], ...], first-read
         order): prefetch those blocks in the background when this call builds the template."""
         self._save_origin(image_id, origin)
-        if image_id in self.node.status()["templates"]:
+        if self.node.template(image_id) is not None:
             path = self.node.attach(image_id, [], vm_id, snapshot)
         else:
             # Marked in flight until we return: `recover` in a restarted process leaves it
@@ -436,7 +410,7 @@ class Tree:
                 LOG.warning("image %s: could not finish joining the tree (%s); the VM reads through "
                             "the template's current paths", image_id, e)
                 try:
-                    self.registry.leave(image_id)
+                    self._leave(image_id)
                 except Error as e2:
                     LOG.warning("image %s: could not leave the registry group: %s", image_id, e2)
             self._start_prefetch(image_id, profile)
@@ -453,32 +427,30 @@ class Tree:
         except Error as e:
             out["error"] = e
 
-    def _follow_parents(self, image_id: str, origin, placement, sources, deadline: float,
-                        logins: _EarlyLogins) -> Dict:
+    def _follow_parents(self, image_id: str, origin, placement: Placement, sources, deadline: float,
+                        logins: _EarlyLogins) -> Placement:
         """After our build: switch the template's paths to the parents once their LUNs exist,
         and return once they are ready. A parent that leaves, fails, or is not there by the
         deadline is excluded and we choose again (after the deadline: ready parents only,
         else the origin alone). Returns the placement we ended with."""
         exclude: set = set()
         current = [None]        # the template's sources: the origin alone, as built
-        built = lambda r: r.get("built") or r.get("state") == "ready"     # noqa: E731
-        ready = lambda r: r.get("state") == "ready"                       # noqa: E731
         while True:
             if self.export_ip:
-                self._publish(image_id, placement, state="joining", built=True)    # children may switch to us
-            gone = self._wait_for_parents(image_id, placement, deadline, built)
+                self._publish(image_id, placement, state=JoinState.BUILT)     # children may switch to us
+            gone = self._wait_for_parents(image_id, placement, deadline, JoinState.BUILT)
             if not gone:
-                for p in placement["parents"]:      # reparent must not log in beside a running early login
+                for p in placement.parents:     # reparent must not log in beside a running early login
                     logins.wait(p)
                 if sources != current:
                     try:
                         self.node.reparent(image_id, self._with_origin(sources, origin))
                         current = sources
                     except Error as e:      # e.g. the parent's LUN would not scan: another parent
-                        LOG.warning("image %s: could not switch to parents %s: %s", image_id, placement["parents"], e)
-                        gone = {p for p in placement["parents"] if p != "origin"}
+                        LOG.warning("image %s: could not switch to parents %s: %s", image_id, placement.parents, e)
+                        gone = {p for p in placement.parents if p != "origin"}
                 if not gone:
-                    gone = self._wait_for_parents(image_id, placement, deadline, ready)
+                    gone = self._wait_for_parents(image_id, placement, deadline, JoinState.READY)
                 if not gone:
                     return placement
             LOG.warning("image %s: parents %s gone or not ready in time; choosing again", image_id, sorted(gone))
@@ -487,54 +459,56 @@ class Tree:
             logins.start_parents(placement, sources)
 
     def _claim(self, image_id: str, deadline: float, exclude, built: bool = False, grants: bool = False) -> tuple:
-        """Wait (outside the lock: a lock round is a backend write) until placement finds us a
-        slot, then claim it under the lock. After the deadline: ready parents only, else the
-        origin alone. `built`: our template exists (a re-claim keeps our grants and `built`);
-        `grants`: the grants were just made for the template being built (they go out too)."""
+        """The lock protocol (src/placement/protocol.rs): choose outside the lock (a lock round
+        is a backend write) until placement finds us a slot, then under the lock keep that
+        choice if it still holds on a fresh read (else choose again) and publish the claim.
+        After the deadline: ready parents only, else the origin alone. `built`: our template
+        exists (a re-claim keeps our grants and stays built); `grants`: the grants were just
+        made for the template being built (they go out too)."""
         while True:
             late = time.monotonic() > deadline
+            choice = None
             if not late:
                 try:
-                    self._choose(image_id, self._records(image_id), exclude, early=True)
+                    choice, _ = self._choose(image_id, self._records(image_id), exclude, early=True)
                 except Busy:
                     time.sleep(0.25)
                     continue
             with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
                 try:
                     placement, sources = self._choose(image_id, self._records(image_id), exclude,
-                                                      last_resort=late, early=not late)
+                                                      last_resort=late, early=not late, previous=choice)
                 except Busy:
                     placement = None
                 else:
-                    rec = self._record(image_id, placement, "joining", built)
-                    if not (built or grants):
-                        rec.pop("grants", None)     # grants of an older template: never valid
-                    self.registry.publish(image_id, rec)
+                    # A first claim carries grants only if they were made for this build: those
+                    # of an older template are never valid.
+                    state = JoinState.BUILT if built else JoinState.JOINING
+                    self._put(image_id, self._record(image_id, placement, state, grants=built or grants))
             if placement is not None:
-                LOG.info("image %s: parents %s (depth %s)", image_id, placement["parents"], placement["depth"])
+                LOG.info("image %s: parents %s (depth %s)", image_id, placement.parents, placement.depth)
                 return placement, sources
             time.sleep(0.25)    # someone took the slot: choose again
 
-    def _wait_for_parents(self, image_id: str, placement, deadline: float, until) -> set:
-        """Wait until `until(record)` holds for every parent we claimed under. Returns the
-        parents that left, failed or still fall short at the deadline (empty: all there)."""
-        want = [p for p in placement["parents"] if p != "origin"]
-        while want:
-            by_host = {r["host"]: r for r in self._records(image_id)}
-            gone = {p for p in want if p not in by_host or by_host[p].get("state") in ("leaving", "failed")}
+    def _wait_for_parents(self, image_id: str, placement: Placement, deadline: float, until: JoinState) -> set:
+        """Wait until every parent we claimed under is `until` (BUILT: its LUN exists; READY).
+        Returns the parents that left, failed or still fall short at the deadline (empty: all
+        there)."""
+        if placement.parents == ["origin"]:
+            return set()
+        while True:
+            gone, waiting = parents_progress(placement.parents, self._records(image_id), until)
             if gone:
-                return gone
-            waiting = {p for p in want if not until(by_host[p])}
+                return set(gone)
             if not waiting:
                 return set()
             if time.monotonic() > deadline:
-                return waiting
+                return set(waiting)
             time.sleep(0.2)
-        return set()
 
     def _abandon_join(self, image_id: str) -> None:
         """A failed join: out of the registry group, our prepared target removed."""
-        undos = [("leave the registry group", lambda: self.registry.leave(image_id))]
+        undos = [("leave the registry group", lambda: self._leave(image_id))]
         if self.export_ip:
             undos.append(("remove the prepared target", lambda: self.node.drop_export(image_id)))
         for what, undo in undos:
@@ -611,25 +585,25 @@ class Tree:
     def detach(self, vm_id: str) -> None:
         """Detach a VM; when it was the image's last VM here and children still read from this
         node, announce 'leaving' and give them time to move first."""
-        st = self.node.status()["templates"]
-        image_id = next((i for i, t in st.items() if vm_id in t["vms"]), None)
-        last = image_id is not None and st[image_id]["vms"] == [vm_id]
+        image_id = self.node.image_of(vm_id)
+        t = self.node.template(image_id) if image_id is not None else None
+        last = t is not None and t.vms == [vm_id]
         if last:
             self._stop_prefetch(image_id)   # it holds the template's device open
-        if last and st[image_id]["children"] and self._registry_ok(f"leaving image {image_id}"):
-            me = next((r for r in self._records(image_id) if r.get("host") == self.host), None)
-            if me:
-                self.registry.publish(image_id, dict(me, state="leaving"))
+        if last and t.children and self._registry_ok(f"leaving image {image_id}"):
+            me = next((r for r in self._records(image_id) if r.host == self.host), None)
+            if me and JoinState.may_follow(me.state, JoinState.LEAVING):
+                self._put(image_id, me.with_state(JoinState.LEAVING))
             deadline = time.monotonic() + self.leave_timeout_s
-            while self.node.status()["templates"][image_id]["children"] and time.monotonic() < deadline:
+            while (t := self.node.template(image_id)) is not None and t.children and time.monotonic() < deadline:
                 time.sleep(0.5)
         self.node.detach(vm_id)
-        kept = self.node.status()["templates"].get(image_id) if last else None
+        kept = self.node.template(image_id) if last else None
         if kept is not None:
             self._kept.add(image_id)
             # Children still reading, or a layer still open (the node logged which).
             LOG.warning("image %s: the template stays until nothing uses it (children %s after %.0fs); "
-                        "upkeep removes it", image_id, kept["children"], self.leave_timeout_s)
+                        "upkeep removes it", image_id, kept.children, self.leave_timeout_s)
         elif last:
             self._forget(image_id)
 
@@ -640,7 +614,7 @@ class Tree:
         self._forget_origin(image_id)
         if self.registry is not None:
             try:
-                self.registry.leave(image_id)
+                self._leave(image_id)
             except Error as e:
                 LOG.warning("image %s: could not leave the registry group: %s", image_id, e)
 
@@ -658,7 +632,7 @@ class Tree:
             self._sweep_unused()
             if not self._registry_ok("upkeep"):
                 return moved
-            for image_id, t in self.node.status()["templates"].items():
+            for image_id in self.node.templates():
                 try:
                     if self._maintain_image(image_id):
                         moved.append(image_id)
@@ -673,12 +647,12 @@ class Tree:
         another caller is building has no VM yet either."""
         if not self._kept:
             return
-        templates = self.node.status()["templates"]
+        templates = self.node.templates()
         for image_id in sorted(self._kept):
             t = templates.get(image_id)
-            if t is None or t["vms"]:       # gone, or in use again
+            if t is None or t.vms:          # gone, or in use again
                 self._kept.discard(image_id)
-            elif not t["children"]:
+            elif not t.children:
                 try:
                     removed = self.node.release(image_id)
                 except Error as e:
@@ -694,23 +668,22 @@ class Tree:
         if origin is None:
             return False
         records = self._records(image_id)
-        by_host = {r["host"]: r for r in records}
-        me = by_host.get(self.host)
-        if me is None or me.get("state") == "joining":    # attach is still placing it
+        me = next((r for r in records if r.host == self.host), None)
+        if me is None or me.state.is_placing:      # attach is still placing it
             return False
-        bad = [p for p in me.get("parents", []) if p != "origin"
-               and (p not in by_host or by_host[p].get("state") in ("leaving", "failed"))]
+        self._states[image_id] = me.state           # ours as the registry holds it: what follows it
+        bad, _ = parents_progress(me.parents, records, JoinState.READY)
         if not bad:
-            if me.get("state") == "ready":
-                self._publish(image_id, me)          # grants for hosts that joined since
+            if me.state == JoinState.READY:
+                self._publish(image_id, me.placement)     # grants for hosts that joined since
             return False
         with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
             records = self._records(image_id)
             # never choose a dead/leaving parent, nor a node below us
             placement, sources = self._choose(image_id, records, exclude=bad, last_resort=True)
-            LOG.warning("image %s: parents %s gone or leaving; re-parenting to %s", image_id, bad, placement["parents"])
+            LOG.warning("image %s: parents %s gone or leaving; re-parenting to %s", image_id, bad, placement.parents)
             self.node.reparent(image_id, self._with_origin(sources, origin))
-            self._publish(image_id, placement, state=me.get("state", "ready"))
+            self._publish(image_id, placement, state=me.state)
         return True
 
     def rejoin(self) -> List[str]:
@@ -724,16 +697,17 @@ class Tree:
         rejoined: List[str] = []
         if not self._registry_ok("rejoining the tree"):
             return rejoined
-        for image_id, t in sorted(self.node.status()["templates"].items()):
+        for image_id, t in sorted(self.node.templates().items()):
             origin = self._load_origin(image_id)
-            if not t.get("complete") or origin is None:
+            if not t.complete or origin is None:
                 continue
             try:
-                if any(r.get("host") == self.host for r in self._records(image_id)):
+                if any(r.host == self.host for r in self._records(image_id)):
                     continue        # still a member (a restart within the lease): upkeep keeps it
-                if len(t.get("paths", [])) > 1:
+                if len(t.paths) > 1:
                     self.node.reparent(image_id, [origin])
-                self._publish(image_id, {"parents": ["origin"], "depth": 1}, fresh=True)
+                self._states.pop(image_id, None)       # no record of ours any more
+                self._publish(image_id, Placement.origin_only(), fresh=True)
                 rejoined.append(image_id)
                 LOG.info("image %s: rebuilt template offered to the tree again (from the origin)", image_id)
             except Error as e:

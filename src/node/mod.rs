@@ -405,6 +405,12 @@ impl Node {
         Ok(())
     }
 
+    /// The image whose template `vm`'s disk is a snapshot of; `None` if the VM is not here.
+    pub fn image_of(&self, vm: &str) -> Result<Option<String>> {
+        names::validate_id("VM id", vm)?;
+        Ok(self.find_vm(&Dm::open()?, vm)?.map(|(image, _)| image))
+    }
+
     /// Remove a VM's disk and then its record and COW slice; recorded `Detaching` first, so
     /// that a crash half-way is finished by `recover`, never rebuilt as the VM's disk. The
     /// caller holds the image lock.
@@ -772,7 +778,8 @@ impl Node {
         Ok(v)
     }
 
-    pub fn status(&self) -> Result<Value> {
+    /// Every template on this node, as `status()` reports it under "templates".
+    pub fn templates(&self) -> Result<BTreeMap<String, TemplateStatus>> {
         let dm = Dm::open()?;
         let lio = Lio::new().ok();
         let mut templates = BTreeMap::new();
@@ -805,6 +812,12 @@ impl Node {
                 },
             );
         }
+        Ok(templates)
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        let dm = Dm::open()?;
+        let templates = self.templates()?;
         let label = layout::Store::new(&self.cfg.cache_device, self.cache_total).read()?;
         let l = &label.layout;
         let mut vms = BTreeMap::new();

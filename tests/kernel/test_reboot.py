@@ -492,8 +492,7 @@ def test_a_relay_reboots_under_its_children_rejoins_and_serves_again(tree_fleet)
     # It serves again: a newcomer takes it as a parent (fan-out 1: the origin's slot is r2's or
     # r1's, so r3 reads from a relay, its two parents r1 and r2) and reads the image.
     wait_json(r1, "/vmt-share/member-after/status.json", 30)
-    time.sleep(3)       # upkeep publishes grants for r3
-    member(f, "r3", "member")
+    member(f, "r3", "member", "--wait-grant-from r1")      # r1's upkeep grants r3 first
     att3 = wait_json(r3, "/vmt-share/member/attached.json", 240)
     assert "error" not in att3, att3
     assert "r1" in tree_peers(f)["r3"]["parents"], tree_peers(f)

@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--read-expect", help="JSON list of md5 per 64 KiB chunk: read continuously")
     ap.add_argument("--max-seconds", type=float, default=300)
     ap.add_argument("--reader-only", metavar="DEV", help="only read DEV continuously (needs --read-expect)")
+    ap.add_argument("--wait-grant-from", metavar="HOST",
+                    help="publish our host record, then join only once HOST's record grants us (bounded)")
     ap.add_argument("--start-up", action="store_true",
                     help="what nova-compute does when it starts: reassemble the node's VM disks and rejoin the tree")
     a = ap.parse_args()
@@ -98,6 +100,14 @@ def main():
                    {"path": report["disks"].get(a.vm), "report": report, "rejoined": tree.rejoin(), "status": node.status()})
         return watch(node, tree, a, reg, stop_file, deadline)
     origin = json.load(open(a.origin))
+    if a.wait_grant_from:
+        # A relay grants a host once its upkeep has seen that host's record; a newcomer that
+        # joins first does not count it as a parent (by design). The test wants it to.
+        tree._registry_ok("wait for a grant")
+        until = time.monotonic() + 60
+        while time.monotonic() < until and not any(
+                r["host"] == a.wait_grant_from and a.host in (r.get("grants") or {}) for r in reg.peers(a.image)):
+            time.sleep(0.5)
     try:
         path = tree.attach(a.image, origin, a.vm)
         write_json(os.path.join(a.workdir, "attached.json"), {"path": path, "status": node.status()})

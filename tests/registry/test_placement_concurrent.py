@@ -1,6 +1,7 @@
 """Placement with concurrent joiners: many processes on one real etcd, each following the join
-protocol (image lock -> peers -> choose_parents -> publish), form a valid relay tree: fan-out
-never exceeded, depth <= ceil(log_k N) + 1, no cycles, failure domains spread."""
+protocol that `vmthunder.tree` runs (choose -> image lock -> read again -> keep the choice if it
+holds, else choose again -> publish the claim; src/placement/protocol.rs), form a valid relay
+tree: fan-out never exceeded, depth <= ceil(log_k N) + 1, no cycles, failure domains spread."""
 import math
 import multiprocessing
 import os
@@ -22,22 +23,30 @@ DOMAINS = ["rack1", "rack2", "rack3"]
 def place_joiner(url, host, domain, image_id, barrier, done, results):
     out = {"host": host}
     reg = Registry(url, host, lease_s=10.0, timeout_s=10)
+    policy = vmthunder.Policy(fanout=K, max_parents=2)
+
+    def records():
+        return [vmthunder.parse_image_record(r) for r in reg.peers(image_id)]
+
+    def choose(recs, previous=None):
+        # Every joiner here counts every peer as having granted it (no exports in this test).
+        return vmthunder.choose_parents(image_id, host, recs, policy, failure_domain=domain,
+                                        granted=[r.host for r in recs], previous=previous)
     try:
         reg.start()
         barrier.wait(60)
+        choice = choose(records())
         with reg.lock(image_id, timeout_s=120):
-            peers = [{"host": p["host"], "state": p["state"], "depth": p["depth"],
-                      "failure_domain": p.get("failure_domain"), "parents": p["parents"]}
-                     for p in reg.peers(image_id)]
-            placement = vmthunder.choose_parents({"host": host, "failure_domain": domain}, peers,
-                                                 {"fanout": K, "max_parents": 2})
-            vmthunder.validate_choice({"host": host, "failure_domain": domain}, placement, peers,
-                                      {"fanout": K, "max_parents": 2})
-            reg.publish(image_id, {"state": "ready", "depth": placement["depth"], "parents": placement["parents"],
-                                   "failure_domain": domain})
-        out["placement"] = placement
-        out["order"] = len(peers)       # joins are serialized by the lock: how many came before
-        out["seen"] = peers
+            recs = records()
+            placement = choose(recs, previous=choice)
+            claim = vmthunder.own_record(host, placement, vmthunder.JoinState.JOINING, failure_domain=domain)
+            reg.publish(image_id, claim.to_dict())
+            # Its export verified at once: ready before the next joiner reads.
+            reg.publish(image_id, claim.with_state(vmthunder.JoinState.READY).to_dict())
+        out["placement"] = {"parents": placement.parents, "depth": placement.depth}
+        out["order"] = len(recs)        # joins are serialized by the lock: how many came before
+        out["seen"] = [{"host": r.host, "state": str(r.state), "depth": r.depth, "failure_domain": r.failure_domain,
+                        "parents": r.parents} for r in recs]
     except BaseException:
         out["error"] = traceback.format_exc()
     results.put(out)

@@ -54,11 +54,18 @@ def iqn_of(source):
     return source.get("data", source)["target_iqn"]
 
 
+class FakeTemplate:
+    """What Node.template returns, as far as the tree reads it."""
+
+    def __init__(self, vms, children=(), complete=True, paths=()):
+        self.vms, self.children, self.complete, self.paths = list(vms), list(children), complete, list(paths)
+
+
 class FakeNode:
     host = "cn1"
 
     def __init__(self):
-        self.templates = {}
+        self.images = {}        # image -> its VMs
         self.export_calls = []
         self.calls = []         # prepare_export, drop_export, prelogin, logout_unused, in order
         self.durations = []     # (op, seconds) recorded for `vmthunder metrics`
@@ -90,19 +97,25 @@ class FakeNode:
         finally:
             self.calls.append(("joined", image))
 
-    def status(self):
-        return {"templates": {i: {"vms": list(v), "children": []} for i, v in self.templates.items()}}
+    def templates(self):
+        return {i: FakeTemplate(v) for i, v in self.images.items()}
+
+    def template(self, image):
+        return self.templates().get(image)
+
+    def image_of(self, vm):
+        return next((i for i, vms in self.images.items() if vm in vms), None)
 
     def attach(self, image, sources, vm, snapshot="dm"):
-        self.templates.setdefault(image, []).append(vm)
+        self.images.setdefault(image, []).append(vm)
         return f"/dev/mapper/{image}-{vm}"
 
     def detach(self, vm):
-        for image, vms in list(self.templates.items()):
+        for image, vms in list(self.images.items()):
             if vm in vms:
                 vms.remove(vm)
                 if not vms:
-                    del self.templates[image]
+                    del self.images[image]
 
     def export_info(self, image, initiator):
         if not initiator.startswith("iqn.") or " " in initiator:     # as Node checks it
@@ -253,7 +266,7 @@ def test_a_joiner_never_claims_under_its_own_descendant(tmp_path):
                           "cn1": {"state": "joining", "depth": 1, "parents": ["origin"]}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     placement, _ = tree._choose("img", tree._records("img"), last_resort=True, early=True)
-    assert "cn2" not in placement["parents"]
+    assert "cn2" not in placement.parents
 
 
 def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_returns(tmp_path):
@@ -265,7 +278,7 @@ def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_retu
     steps = [c[0] for c in node.calls if c[1] == "img" or c[0] in ("prelogin", "logout_unused")]
     assert steps[0] == "joining" and steps.count("joined") == 1
     assert steps.index("joined") > max(steps.index("prepare_export"), steps.index("prelogin"))
-    assert "img" in node.templates          # attached inside the mark: joined comes after it
+    assert "img" in node.images          # attached inside the mark: joined comes after it
     assert [op for op, s in node.durations] == ["join"] and node.durations[0][1] > 0   # for the metrics
 
     def broken_attach(*args, **kw):
@@ -318,10 +331,10 @@ def test_only_the_primary_parent_may_still_be_building(tmp_path):
                                   "grants": {"cn1": grant("cn3")}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=3)
     placement, sources = tree._choose("img", tree._records("img"), early=True)
-    assert placement["parents"] == ["origin"] and sources == [None]
+    assert placement.parents == ["origin"] and sources == [None]
     reg.records["img"]["cn3"]["state"] = "ready"
     placement, _ = tree._choose("img", tree._records("img"), early=True)
-    assert placement["parents"] == ["origin", "cn3"]
+    assert placement.parents == ["origin", "cn3"]
 
 
 def test_a_parent_whose_lun_cannot_be_used_is_excluded_and_the_joiner_still_gets_ready(tmp_path):
@@ -385,7 +398,7 @@ def test_a_claim_that_fails_leaves_the_vm_on_the_origin_and_the_group(tmp_path):
     reg.leave = lambda image: left.append(image)
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     assert tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1") == "/dev/mapper/img-vm1"
-    assert left == ["img"] and node.templates == {"img": ["vm1"]}
+    assert left == ["img"] and node.images == {"img": ["vm1"]}
 
 
 class RelayNode(FakeNode):
@@ -395,39 +408,38 @@ class RelayNode(FakeNode):
         super().__init__()
         self.children = {}      # image -> [child host]
 
-    def status(self):
-        return {"templates": {i: {"vms": list(v), "children": list(self.children.get(i, []))}
-                              for i, v in self.templates.items()}}
+    def templates(self):
+        return {i: FakeTemplate(v, self.children.get(i, [])) for i, v in self.images.items()}
 
     def detach(self, vm):
-        for vms in self.templates.values():
+        for vms in self.images.values():
             if vm in vms:
                 vms.remove(vm)
 
     def release(self, image):
-        if self.templates.get(image) or self.children.get(image):
+        if self.images.get(image) or self.children.get(image):
             return False
-        return self.templates.pop(image, None) is not None
+        return self.images.pop(image, None) is not None
 
 
 def test_a_relay_kept_for_a_slow_child_is_removed_by_upkeep_once_the_child_leaves(tmp_path):
     node, reg = RelayNode(), FakeRegistry()
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path),
                 leave_timeout_s=0.1)
-    node.templates["building"] = []     # another caller's template, its VM not attached yet
+    node.images["building"] = []     # another caller's template, its VM not attached yet
     tree.maintain()
-    assert "building" in node.templates, "upkeep removed a template it had not kept"
-    del node.templates["building"]
+    assert "building" in node.images, "upkeep removed a template it had not kept"
+    del node.images["building"]
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     node.children["img"] = ["cn2"]
     tree.detach("vm1")              # the child did not move within leave_timeout_s
-    assert node.templates == {"img": []}
+    assert node.images == {"img": []}
     assert reg.records["img"]["cn1"]["state"] == "leaving"
     tree.maintain()                 # still read by cn2: kept
-    assert "img" in node.templates and "cn1" in reg.records["img"]
+    assert "img" in node.images and "cn1" in reg.records["img"]
     node.children["img"] = []
     tree.maintain()
-    assert node.templates == {}, "upkeep left the unused template behind"
+    assert node.images == {}, "upkeep left the unused template behind"
     assert "cn1" not in reg.records["img"], "upkeep removed the template but stayed in the group"
 
 
@@ -454,7 +466,7 @@ def test_early_logins_log_out_what_they_started_and_start_nothing_once_closed():
     logins = _EarlyLogins(node, "img")
     logins.start("origin", {"target_iqn": "iqn.x:origin"})
     logins.start("origin", {"target_iqn": "iqn.x:origin"})          # once per join
-    logins.start_parents({"parents": ["cn2", "origin"]}, [{"target_iqn": "iqn.1993-08.org.debian:01:cn2"}, None])
+    logins.start_parents(vmthunder.Placement(["cn2", "origin"], 2), [{"target_iqn": "iqn.1993-08.org.debian:01:cn2"}, None])
     logins.wait("cn2")
     logins.close()
     logins.start("cn3", {"target_iqn": "iqn.1993-08.org.debian:01:cn3"})    # a claim thread that outlived its join
@@ -490,11 +502,9 @@ def test_rejoin_offers_a_rebuilt_template_from_the_origin_with_fresh_grants(tmp_
     tree.attach("other", {"target_iqn": "iqn.x:origin2"}, "vm2")
     reparented = []
     node.reparent = lambda image, sources: reparented.append((image, sources)) or "table"
-    paths = {"img": [{"device": "8:0", "state": "F"}, {"device": "8:16", "state": "A"}],
-             "other": [{"device": "8:32", "state": "A"}], "stranger": [{"device": "8:48", "state": "A"}]}
-    node.templates["stranger"] = ["vm3"]
-    node.status = lambda: {"templates": {i: {"vms": list(v), "children": [], "complete": True, "paths": paths[i]}
-                                         for i, v in node.templates.items()}}
+    paths = {"img": [("8:0", "F"), ("8:16", "A")], "other": [("8:32", "A")], "stranger": [("8:48", "A")]}
+    node.images["stranger"] = ["vm3"]
+    node.templates = lambda: {i: FakeTemplate(v, paths=paths[i]) for i, v in node.images.items()}
     reg.records["img"].pop("cn1")           # the lease expired while the node was down
     calls_before = len(node.export_calls)
     assert tree.rejoin() == ["img"]
@@ -576,11 +586,11 @@ def test_a_grant_that_becomes_valid_is_used_and_a_refusal_is_logged_once(tmp_pat
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     for _ in range(3):
         placement, sources = tree._choose("img", tree._records("img"), last_resort=True)
-        assert placement["parents"] == ["origin"] and sources == [None]
+        assert placement.parents == ["origin"] and sources == [None]
     assert len([r for r in caplog.records if "grant of" in r.getMessage()]) == 1, "logged once, not every round"
     reg.records["img"]["cn0"]["grants"]["cn1"] = grant("cn0")
     placement, sources = tree._choose("img", tree._records("img"))
-    assert placement["parents"][0] == "cn0" and sources[0] == checked("cn0")
+    assert placement.parents[0] == "cn0" and sources[0] == checked("cn0")
 
 
 def test_a_grant_of_a_host_that_published_no_export_address_is_not_used(tmp_path):
@@ -589,7 +599,7 @@ def test_a_grant_of_a_host_that_published_no_export_address_is_not_used(tmp_path
     reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": grant("cn0")}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     placement, _ = tree._choose("img", tree._records("img"), last_resort=True)
-    assert placement["parents"] == ["origin"]
+    assert placement.parents == ["origin"]
 
 
 def test_bad_records_are_skipped_with_one_line_naming_host_and_field(tmp_path, caplog):
@@ -735,11 +745,11 @@ def test_a_grant_sealed_for_us_is_opened_checked_and_used(tmp_path):
                                   "grants": {"cn1": vmthunder.seal_grant(grant("cn0"), mine)}}}
     tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
     placement, sources = tree._choose("img", tree._records("img"))
-    assert placement["parents"][0] == "cn0" and sources[0] == checked("cn0")
+    assert placement.parents[0] == "cn0" and sources[0] == checked("cn0")
     # sealed for us but forged inside: refused like a plain forgery
     reg.records["img"]["cn0"]["grants"]["cn1"] = vmthunder.seal_grant(grant("cn0", target_lun=7), mine)
     placement, _ = tree._choose("img", tree._records("img"), last_resort=True)
-    assert placement["parents"] == ["origin"]
+    assert placement.parents == ["origin"]
 
 
 def test_upkeep_revokes_the_grants_of_hosts_that_left(tmp_path):
