@@ -418,6 +418,20 @@ fn template_iqn(host: &str, image_id: &str) -> PyResult<String> {
     Ok(names::template_iqn(host, image_id))
 }
 
+/// host_name(raw) -> the host name vmthunder uses for `raw` (Nova's host name): lower case,
+/// letters, digits, '-' and '.', at most 40 characters (a long one ends in a hash of it).
+#[pyfunction]
+fn host_name(raw: &str) -> String {
+    names::host_name_from(raw)
+}
+
+/// initiator_name() -> this host's open-iSCSI initiator name (/etc/iscsi/initiatorname.iscsi);
+/// raises IscsiError naming the file when there is none.
+#[pyfunction]
+fn initiator_name() -> PyResult<String> {
+    crate::iscsi::initiator_name().map_err(to_py)
+}
+
 /// validate_id(what, value) -> value: an image or VM id as every call checks it; raises
 /// InvalidArgument naming `what` and the value. Check before the id becomes a file name.
 #[pyfunction]
@@ -535,6 +549,8 @@ fn _vmthunder(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unexport_volume, m)?)?;
     m.add_function(wrap_pyfunction!(template_iqn, m)?)?;
     m.add_function(wrap_pyfunction!(validate_id, m)?)?;
+    m.add_function(wrap_pyfunction!(host_name, m)?)?;
+    m.add_function(wrap_pyfunction!(initiator_name, m)?)?;
     m.add_function(wrap_pyfunction!(check_grant, m)?)?;
     m.add_function(wrap_pyfunction!(grant_key, m)?)?;
     m.add_function(wrap_pyfunction!(seal_grant, m)?)?;

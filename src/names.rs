@@ -32,6 +32,32 @@ pub fn validate_id<'a>(what: &str, id: &'a str) -> Result<&'a str> {
     Ok(id)
 }
 
+/// A host name as vmthunder takes it from Nova's (or any) host name: lower case, every run of
+/// other characters one '-', no '..', no leading or trailing '-' or '.'; one longer than
+/// `MAX_ID_LEN` keeps its start and ends in 8 hex digits of a hash of the whole (FNV-1a), so
+/// two long names differing only at the end stay apart. Always passes [`validate_host`].
+pub fn host_name_from(raw: &str) -> String {
+    let mut name = String::with_capacity(raw.len());
+    for c in raw.chars().flat_map(char::to_lowercase) {
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' { c } else { '-' };
+        if !(c == '-' && name.ends_with('-') || c == '.' && name.ends_with('.')) {
+            name.push(c);
+        }
+    }
+    let mut name = name.trim_matches(|c| c == '-' || c == '.').to_string();
+    if name.is_empty() {
+        name = "host".into();
+    }
+    if name.len() > MAX_ID_LEN {
+        let h = raw.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        name.truncate(MAX_ID_LEN - 9);
+        let keep = name.trim_end_matches(|c| c == '-' || c == '.').len();
+        name.truncate(keep);
+        name = format!("{name}-{:08x}", h as u32);
+    }
+    name
+}
+
 /// A host name as it appears in our target IQNs: lower-case letters, digits, '-', '.'.
 pub fn validate_host(host: &str) -> Result<&str> {
     validate_host_as("host", host)
@@ -235,6 +261,20 @@ pub fn backstore_name(image: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_from_nova_are_valid_and_long_ones_stay_apart() {
+        assert_eq!(host_name_from("cn1"), "cn1");
+        assert_eq!(host_name_from("Compute_1.Example.COM"), "compute-1.example.com");
+        assert_eq!(host_name_from("-a..b_"), "a.b");
+        assert_eq!(host_name_from("__"), "host");
+        let a = host_name_from("rack12-compute-node-0042.dc1.example.org.internal");
+        let b = host_name_from("rack12-compute-node-0042.dc1.example.org.internal2");
+        assert_ne!(a, b);
+        for n in [a, b, host_name_from("-.-x_-_.y"), host_name_from(&"Ü".repeat(60))] {
+            assert!(n.len() <= MAX_ID_LEN && validate_host(&n).is_ok(), "{n}");
+        }
+    }
 
     #[test]
     fn ids_accept_uuids_and_reject_dangerous_names() {

@@ -43,6 +43,8 @@ from vmthunder._vmthunder import (  # noqa: F401  (re-exported API)
     simulate,
     template_iqn,
     validate_id,
+    host_name,
+    initiator_name,
     validate_host,
     parse_host_record,
     parse_image_record,
@@ -61,6 +63,6 @@ __all__ = [
     "Node", "JoinMark", "Error", "InvalidArgument", "NotFound", "Busy", "CacheDeviceError", "IscsiError",
     "LioError", "DeviceMapperError", "SnapshotError", "RollbackError", "StateDirError", "__version__",
     "export_volume", "allow_initiator", "unexport_volume", "choose_parents", "parents_progress", "own_record", "simulate",
-    "template_iqn", "validate_id", "parse_host_record", "parse_image_record", "check_grant",
+    "template_iqn", "validate_id", "host_name", "initiator_name", "parse_host_record", "parse_image_record", "check_grant",
     "grant_key", "seal_grant", "node_checks", "write_textfile",
 ]

@@ -110,8 +110,7 @@ def _settings(a: argparse.Namespace):
 
 
 def _node(a: argparse.Namespace, settings):
-    from . import Node
-    from .nova import host_name
+    from . import Node, host_name
     v = settings.vmthunder
     if not v.get("cache_device"):
         where = ", ".join(settings.files) or "no nova.conf found"

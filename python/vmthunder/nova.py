@@ -15,10 +15,8 @@ They block in the kernel (iSCSI login, device-mapper; the extension releases the
 eventlet Nova runs them in a native thread (``nova.utils.tpool_wrap``). The ``[vmthunder]``
 options themselves are defined in ``vmthunder.conf``.
 """
-import hashlib
 import logging
 import os
-import re
 import threading
 
 import vmthunder
@@ -26,30 +24,20 @@ from vmthunder.tree import Tree, load_profile
 
 LOG = logging.getLogger("vmthunder.nova")
 
-_MAX_HOST = 40          # src/names.rs MAX_ID_LEN
 _nodes = {}
 _lock = threading.Lock()
 
 
 def host_name(host):
-    """Nova's host name as vmthunder accepts it (lower case letters, digits, '-', '.', at
-    most 40 characters; it becomes part of IQNs and registry ids)."""
-    name = re.sub(r"[^a-z0-9.-]+", "-", host.lower())
-    name = re.sub(r"\.{2,}", ".", name).strip("-.") or "host"
-    if len(name) > _MAX_HOST:
-        digest = hashlib.sha256(host.encode()).hexdigest()[:8]
-        name = name[:_MAX_HOST - 9].rstrip("-.") + "-" + digest
-    return name
+    """Nova's host name as vmthunder uses it in IQNs and registry ids (the rule is Rust's)."""
+    return vmthunder.host_name(host)
 
 
 def _initiator():
     """This host's open-iSCSI initiator name (what parents grant access to), or None."""
     try:
-        with open("/etc/iscsi/initiatorname.iscsi") as f:
-            for line in f:
-                if line.strip().startswith("InitiatorName="):
-                    return line.split("=", 1)[1].strip()
-    except OSError as e:
+        return vmthunder.initiator_name()
+    except vmthunder.Error as e:
         LOG.warning("no iSCSI initiator name (%s): other nodes cannot relay to this one", e)
     return None
 
@@ -136,22 +124,6 @@ def _recover(tree):
         LOG.warning("vmthunder: removed what unfinished joins of an earlier nova-compute left: %s", recovered)
 
 
-def _stable_path(path):
-    """``/dev/dm-N`` is renumbered when the kernel's devices are rebuilt (after a reboot another
-    VM's snapshot may get the same N); ``/dev/mapper/<name>`` follows vmthunder's deterministic
-    names, so that is what a hypervisor should keep in its configuration."""
-    m = re.fullmatch(r"/dev/(dm-\d+)", path)
-    if m:
-        try:
-            with open(f"/sys/block/{m.group(1)}/dm/name") as f:
-                mapper = "/dev/mapper/" + f.read().strip()
-        except OSError:
-            return path
-        if os.path.exists(mapper):
-            return mapper
-    return path
-
-
 def _profile(tree, image_id):
     """The image's boot profile, if the operator recorded one: ``<state_dir>/profiles/<image_id>.json``
     (a trace as bench/traces/record_boot_trace.sh writes it). A broken file is logged and skipped:
@@ -179,7 +151,7 @@ def attach(node, connection_info, vm_id, image_id, snapshot="dm"):
     ``data["vmthunder"]`` marks the connection as vmthunder's.
     """
     path = node.attach(image_id, connection_info, vm_id, snapshot, profile=_profile(node, image_id))
-    data = {"device_path": _stable_path(path),
+    data = {"device_path": path,     # /dev/mapper/<deterministic name>, or the overlay file
             "vmthunder": {"image_id": image_id, "vm_id": vm_id, "snapshot": snapshot}}
     if snapshot == "vmm":
         data["format"] = "qcow2"

@@ -102,3 +102,26 @@ def test_fake_block_device_without_sysfs_size_is_rejected_cleanly(blockdev, tmp_
 
 def test_repr_and_signature_documented():
     assert "cache_device" in vmthunder.Node.__doc__ or vmthunder.Node.__init__.__doc__ is not None
+
+
+@pytest.mark.parametrize("raw,want", [("cn1", "cn1"), ("Compute_1.Example.COM", "compute-1.example.com"),
+                                      ("-a..b_", "a.b"), ("__", "host")])
+def test_host_name_from_nova(raw, want):
+    assert vmthunder.host_name(raw) == want
+
+
+def test_long_host_names_stay_valid_and_apart():
+    a = vmthunder.host_name("rack12-compute-node-0042.dc1.example.org.internal")
+    b = vmthunder.host_name("rack12-compute-node-0042.dc1.example.org.internal2")
+    assert a != b
+    for n in (a, b):
+        assert len(n) <= 40 and vmthunder.template_iqn(n, "img")      # a valid host for an IQN
+
+
+def test_initiator_name_is_read_or_named_missing():
+    try:
+        name = vmthunder.initiator_name()
+    except vmthunder.IscsiError as e:
+        assert "/etc/iscsi/initiatorname.iscsi" in str(e)
+    else:
+        assert name.startswith("iqn.") or name.startswith("eui.")
