@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cache engines in a relay tree: how many times each block crosses each tree edge.
 
-Topology, in user-mode Linux nodes (tests/kernel/harness), each node on a shaped link:
+Topology, in user-mode Linux nodes (lab), each node on a shaped link:
 
     o (origin: exports a random-data image volume over iSCSI)
     └── r1 ──┬── r2 ── r3        a chain o -> r1 -> r2 -> r3
@@ -46,15 +46,12 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
-from tests.kernel.harness._util import parse_size  # noqa: E402
-from tests.kernel.harness.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  # noqa: E402
+from lab import Fleet, HarnessError, uml_available  # noqa: E402
+from lab._util import parse_size  # noqa: E402
+from lab.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  # noqa: E402
 
-import host_memory  # noqa: E402  (bench/host_memory.py)
-import record  # noqa: E402  (bench/record.py: result names, provenance, history)
+from bench import host_memory, record  # noqa: E402  (record: result names, provenance, history)
 
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
 DEFAULT_ENGINES = ["bcache", "bcache-direct", "dm-cache-64k", "dm-cache-256k"]
@@ -497,13 +494,13 @@ def table(doc) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        prog="python bench/cache_engines.py",
+        prog="python3 -m bench.cache_engines",
         description=__doc__.split("\n\n")[0] + ".\n\nA chain o -> r1 -> r2 -> r3 plus r1 -> r1b in UML nodes; "
         "all readers start together on cold caches. Writes per engine, per tree edge, bytes sent / working-set "
-        "bytes and the fleet's completion time. Needs root and user-mode Linux (tests/kernel/harness).",
+        "bytes and the fleet's completion time. Needs root and user-mode Linux (lab).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Engines: 'bcache' or 'dm-cache-<N>k' (dm-cache, smq, N KiB cache blocks). Each engine runs in a "
-        "fresh fleet. Example: python bench/cache_engines.py --engines bcache,dm-cache-64k --rate 100mbit")
+        "fresh fleet. Example: python3 -m bench.cache_engines --engines bcache,dm-cache-64k --rate 100mbit")
     ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
                     help="comma-separated engine keys (default: %(default)s)")
     ap.add_argument("--working-set-mib", type=int, default=64, help="synthetic working set (default: %(default)s MiB)")
@@ -597,7 +594,7 @@ def main(argv=None):
                "reads": len(extents), "read_bytes": sum(n for _, n in extents), "rate": args.rate,
                "depth": args.depth, "readers": args.readers, "topology": {c: p for c, p in TREE.items()},
                "goal": {"edge_ratio_max": EDGE_GOAL, "origin_bytes_max": FANOUT * ws_bytes},
-               "command": " ".join(["python", "bench/cache_engines.py"] + (argv if argv is not None else sys.argv[1:])),
+               "command": " ".join(["python3", "-m", "bench.cache_engines"] + (argv if argv is not None else sys.argv[1:])),
                "bytes_note": "edges[].bytes: data the child read from its parent (block-layer counters of its "
                "iSCSI disk); nic_rx_bytes: the child's NIC rx (TCP/iSCSI headers included); origin_bytes: "
                "the origin's NIC tx"}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Boot a fleet of VMs from one image volume: the vmthunder relay tree against plain boot from
 volume ("direct") and a full copy before boot ("full_copy", Nova's image cache), on the same
-shaped links, in user-mode Linux nodes (tests/kernel/harness).
+shaped links, in user-mode Linux nodes (lab).
 
 Topology: one origin node "o" (the storage server: exports a random-data image volume over
 iSCSI) and N compute nodes cn1..cnN on one bridge, the tree's registry (etcd) on the host side
@@ -70,7 +70,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -90,15 +89,11 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from tests.kernel.harness import Fleet, HarnessError, uml_available  # noqa: E402
-from tests.kernel.harness._util import parse_rate, parse_size  # noqa: E402
+from lab import Fleet, HarnessError, uml_available  # noqa: E402
+from lab._util import parse_rate, parse_size  # noqa: E402
 
-import fleet_guest  # noqa: E402  (bench/fleet_guest.py: the replay's command line)
-import host_memory  # noqa: E402  (bench/host_memory.py)
-import record  # noqa: E402  (bench/record.py: result names, provenance, history)
+from bench import fleet_guest, host_memory, record  # noqa: E402  (fleet_guest: the replay's command line)
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
@@ -794,7 +789,6 @@ class FleetRun:
                 base = {vm: att[c]["t_go"] for vm, c in self.vms.items()}
                 joins = {c: round(max(r["t_attached"].values()) - r["t_go"], 3) for c, r in att.items()}
             else:
-                t_go = time.time()
                 for c in self.cns:
                     f[c].write_file(f"{mode}/member/go", b"")
                 att = wait_all("attached.json", 120 + 20 * self.n, "attached")
@@ -1199,17 +1193,17 @@ def write_json(path, doc):
 # ============================================================================= main
 def parse_args(argv):
     ap = argparse.ArgumentParser(
-        prog="python bench/fleet.py",
+        prog="python3 -m bench.fleet",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
-        "  python bench/fleet.py                         # 8 nodes, 8 VMs, 100 Mbit/s: tree, direct, full copy's bound\n"
-        "  python bench/fleet.py --full-copy measure     # the full copy measured too (~30 min more at 2 GiB)\n"
-        "  python bench/fleet.py --nodes 4 --vms 8 --modes tree,direct\n"
-        "  python bench/fleet.py --modes tree,tree-f2,direct --trace synthetic\n"
-        "  python bench/fleet.py --scaling 2,4,8 --modes tree,direct\n"
-        "  python bench/fleet.py --nodes 3 --smoke --out /tmp/fleet   # the test suite's short run\n"
-        "  python bench/plot.py bench/results/fleet-8n-100mbit.json   # its timeline PNG again\n"
-        "Leftovers of a killed run: python -m tests.kernel.harness cleanup")
+        "  python3 -m bench.fleet                         # 8 nodes, 8 VMs, 100 Mbit/s: tree, direct, full copy's bound\n"
+        "  python3 -m bench.fleet --full-copy measure     # the full copy measured too (~30 min more at 2 GiB)\n"
+        "  python3 -m bench.fleet --nodes 4 --vms 8 --modes tree,direct\n"
+        "  python3 -m bench.fleet --modes tree,tree-f2,direct --trace synthetic\n"
+        "  python3 -m bench.fleet --scaling 2,4,8 --modes tree,direct\n"
+        "  python3 -m bench.fleet --nodes 3 --smoke --out /tmp/fleet   # the test suite's short run\n"
+        "  python3 -m bench.plot bench/results/fleet-8n-100mbit.json   # its timeline PNG again\n"
+        "Leftovers of a killed run: python -m lab cleanup")
     ap.add_argument("--nodes", type=int, default=8, help="compute nodes (default: %(default)s)")
     ap.add_argument("--vms", type=int, default=None, help="VMs, round-robin over the nodes (default: one per node)")
     ap.add_argument("--rate", default="100mbit", help="every link, each direction, tc syntax (default: %(default)s)")
@@ -1353,7 +1347,7 @@ def main(argv=None):
         common = {"provenance": prov, "trace": trace["source"], "reads": len(trace["reads"]),
                   "read_bytes": sum(r[2] for r in trace["reads"]), "depth": a.depth, "think": a.think, "replay": a.replay,
                   "start": a.start, "min_tso_segs": a.min_tso_segs,
-                  "rate": a.rate, "command": " ".join(["python", "bench/fleet.py"] + (sys.argv[1:] if argv is None else argv)),
+                  "rate": a.rate, "command": " ".join(["python3", "-m", "bench.fleet"] + (sys.argv[1:] if argv is None else argv)),
                   "bytes_note": "origin_bytes: the origin's link tx (NIC, TCP/iSCSI headers included; etcd runs on the controller); "
                   "origin_data_bytes and edges[].bytes: data the child read over that iSCSI session "
                   "(block-layer counters); ratio = bytes / working_set_bytes"}

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Draw a fleet result's timeline PNG from its JSON (the PNGs are not kept in git).
 
-    python bench/plot.py bench/results/fleet-8n-100mbit.json            # -> /tmp/fleet-8n-100mbit-timeline.png
-    python bench/plot.py bench/results/fleet-8n-100mbit.json -o t.png
+    python3 -m bench.plot bench/results/fleet-8n-100mbit.json            # -> /tmp/fleet-8n-100mbit-timeline.png
+    python3 -m bench.plot bench/results/fleet-8n-100mbit.json -o t.png
 
 Per mode: each VM's boot reads over time, and each node's link upload (bench/fleet.py's plot,
 the one a run draws). Needs matplotlib; scaling results keep no timeline.
@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-import fleet  # noqa: E402  (bench/fleet.py)
+from bench import fleet
 
 
 def main(argv=None) -> int:

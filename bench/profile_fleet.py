@@ -2,8 +2,8 @@
 """Where a fleet's CPU goes: run bench/fleet.py under a host-wide `perf record` and attribute
 the samples of the user-mode Linux processes to guest kernel functions.
 
-    python bench/profile_fleet.py --out DIR [fleet.py options...]     # record + report
-    python bench/profile_fleet.py --report DIR/<mode>.data            # report an earlier record
+    python3 -m bench.profile_fleet --out DIR [fleet.py options...]     # record + report
+    python3 -m bench.profile_fleet --report DIR/<mode>.data            # report an earlier record
 
 While each mode's VMs run (fleet.py's monitor phase) `perf record -a -g` samples the host; before
 that, every node's /proc/kallsyms is saved (DIR/<mode>-<node>.kallsyms) and the UML process ids
@@ -144,8 +144,7 @@ def report(data, kallsyms, pids_file=None, top=40, top_modules=25):
 
 
 def record(out_dir, fleet_argv):
-    sys.path.insert(0, HERE)
-    import fleet as fl                                  # bench/fleet.py
+    from bench import fleet as fl
     orig = fl.FleetRun.monitor
 
     def monitor(self, mode, procs, start_at, copies=None):

@@ -2,15 +2,15 @@
 """Reboot benchmark: how long a compute node takes from boot to every VM disk back, and what
 the first read after reassembly costs with the cache that survived against a cold one.
 
-In UML nodes (tests/kernel/harness): A exports the origin volume, B attaches N VMs (dm
+In UML nodes (lab): A exports the origin volume, B attaches N VMs (dm
 snapshots), warms its cache, loses power (its UML process killed), boots with the same disks,
 and runs `Node.reassemble()`. For N in --vms. Also, on B, the cost of carving a VM's COW through
 vmthunder's on-device layout against LVM2 (lvcreate/lvremove of the same size), where lvm2 is
 installed: the comparison behind the layout's design (README.md).
 
-    python3 bench/reboot.py                      # N = 1, 8, 32; writes bench/results/reboot.json
+    python3 -m bench.reboot                      # N = 1, 8, 32; writes bench/results/reboot.json
                                                  # and appends its summary to history.jsonl beside it
-    python3 bench/reboot.py --vms 1 --out /tmp/r.json
+    python3 -m bench.reboot --vms 1 --out /tmp/r.json
 """
 from __future__ import annotations
 
@@ -27,13 +27,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from tests.kernel.harness import Fleet, uml_available  # noqa: E402
-from tests.kernel.harness.guestpy import py  # noqa: E402
+from lab import Fleet, uml_available  # noqa: E402
+from lab.guestpy import py  # noqa: E402
 
-import record  # noqa: E402  (bench/record.py: provenance, history)
+from bench import record  # noqa: E402  (provenance, history)
 
 log = logging.getLogger("bench.reboot")
 IMAGE_ID = "img-reboot"
@@ -199,7 +197,7 @@ def main(argv=None) -> int:
                 doc["runs"].append(run_n(fleet, n, image))
             doc["carve"] = carve_costs(fleet, args.carve_rounds)
         record.write_result(args.out, doc)
-        record.append_history(args.out, summary(doc, " ".join(["python3", "bench/reboot.py"] + (argv if argv is not None else sys.argv[1:]))))
+        record.append_history(args.out, summary(doc, " ".join(["python3", "-m", "bench.reboot"] + (argv if argv is not None else sys.argv[1:]))))
         print(f"{'VMs':>4} {'reassemble':>11} {'boot->disks':>12} {'cold read':>16} {'read after':>16}")
         for r in doc["runs"]:
             c, w = r["first_read_cold"], r["first_read_after_reassembly"]

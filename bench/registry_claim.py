@@ -3,7 +3,7 @@ image lock, a read of the peers, a publish, the unlock. Writes results/registry-
 its provenance) and appends its summary to history.jsonl beside it; the simulator's
 registry_round_s is its mean claim over its rounds.
 
-    python bench/registry_claim.py [--claims 50]
+    python3 -m bench.registry_claim [--claims 50]
 """
 import argparse
 import json
@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.request
 
-import record  # noqa: E402  (bench/record.py: provenance, history)
+from bench import record  # provenance, history
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         record.write_result(a.out, doc)
         record.append_history(a.out, {**record.run_fields(doc["provenance"]), "bench": "registry_claim",
                                       "scenario": "registry-claim",
-                                      "command": " ".join(["python", "bench/registry_claim.py"] + (argv if argv is not None else sys.argv[1:])),
+                                      "command": " ".join(["python3", "-m", "bench.registry_claim"] + (argv if argv is not None else sys.argv[1:])),
                                       "claims": doc["claims"],
                                       "claim_s_median": round(doc["claim_s_median"], 4),
                                       "claim_s_mean": round(doc["claim_s_mean"], 4), "round_s": round(doc["round_s"], 4)})

@@ -1,9 +1,9 @@
 """The boot-storm simulator (vmthunder.simulate, src/sim) against the lab, and beyond it.
 
-    python bench/simulate.py --validate          # lab runs vs predictions -> results/simulator-validation.json
-    python bench/simulate.py --validate --quick --out /tmp/v.json   # the small cases only (CI)
-    python bench/simulate.py --paper             # 160 nodes at GbE, 1,000 / 10,000 at 10 GbE -> results/simulator-paper.json
-    python bench/simulate.py --shapes            # fastest shape, with and without a relay failing -> results/simulator-shapes.json
+    python3 -m bench.simulate --validate          # lab runs vs predictions -> results/simulator-validation.json
+    python3 -m bench.simulate --validate --quick --out /tmp/v.json   # the small cases only (CI)
+    python3 -m bench.simulate --paper             # 160 nodes at GbE, 1,000 / 10,000 at 10 GbE -> results/simulator-paper.json
+    python3 -m bench.simulate --shapes            # fastest shape, with and without a relay failing -> results/simulator-shapes.json
 
 Every measured value is read from the lab run named in its case: a line of
 bench/results/history.jsonl (scenario, commit, nodes), where every fleet run's summary is kept.
@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import record  # noqa: E402  (bench/record.py: provenance, history)
+from bench import record  # provenance, history
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -279,7 +279,7 @@ def main(argv=None):
         out = a.out or os.path.join(RESULTS, f"simulator-{what}.json")
         record.write_result(out, doc)
         record.append_history(out, {**record.run_fields(prov), "bench": "simulate", "scenario": f"simulator-{what}",
-                                    "command": " ".join(["python", "bench/simulate.py"] + (argv if argv is not None else sys.argv[1:])),
+                                    "command": " ".join(["python3", "-m", "bench.simulate"] + (argv if argv is not None else sys.argv[1:])),
                                     **summary(what, doc)})
         print(f"wrote {out}")
         for row in doc.get("cases", []) + doc.get("scale", []) + doc.get("rows", []):

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from tests.kernel.harness import uml_available
+from lab import uml_available
 
-from tests.kernel.harness.guestpy import GuestError, py  # noqa: F401  (re-exported for the tests)
+from lab.guestpy import GuestError, py  # noqa: F401  (re-exported for the tests)
 
 STATE_DIR = "/var/lib/vmthunder"
 

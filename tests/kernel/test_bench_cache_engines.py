@@ -18,7 +18,7 @@ EDGES = {("o", "r1"), ("r1", "r2"), ("r2", "r3"), ("r1", "r1b")}
 def test_cache_engines_smoke(tmp_path):
     require_uml()
     out = tmp_path / "cache-engines.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "cache_engines.py"), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.cache_engines", "--smoke", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr[-6000:]}"
     assert "| bcache" in proc.stdout, proc.stdout           # the markdown table

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from tests.kernel._vmt import STATE_DIR, GuestError, assert_clean, file_md5, md5_of, node_ctor, py, random_disk, require_uml
-from tests.kernel.harness import Fleet
+from lab import Fleet
 
 IMAGE = 48 << 20
 IMAGE_ID = "img-cache"

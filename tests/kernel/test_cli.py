@@ -14,7 +14,7 @@ import pytest
 import vmthunder
 from tests.kernel._promtext import parse, value
 from tests.kernel._vmt import STATE_DIR, file_md5, md5_of, node_ctor, py, random_disk, require_uml
-from tests.kernel.harness import Fleet
+from lab import Fleet
 
 IMAGE = 32 << 20
 VOLUME = "img1"

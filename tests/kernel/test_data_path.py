@@ -10,7 +10,7 @@ import pytest
 
 from tests.kernel._vmt import (GuestError, assert_clean, file_md5, leftovers, md5_of, node_ctor, py,
                                random_disk, require_uml)
-from tests.kernel.harness import Fleet
+from lab import Fleet
 
 IMAGE_MB = 64
 IMAGE = IMAGE_MB << 20

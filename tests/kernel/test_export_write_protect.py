@@ -12,7 +12,7 @@ import os
 import pytest
 
 from tests.kernel._vmt import assert_clean, file_md5, node_ctor, py, random_disk, require_uml
-from tests.kernel.harness import Fleet
+from lab import Fleet
 
 IMAGE_MB = 32
 IMAGE = IMAGE_MB << 20

@@ -8,14 +8,12 @@ temporary directory, not bench/results).
 """
 import json
 import os
-import sys
 
 from tests.kernel._vmt import require_uml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "bench"))
 
-import fleet  # noqa: E402  (bench/fleet.py)
+from bench import fleet  # noqa: E402
 
 
 def test_fleet_smoke(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Self-test of the UML kernel-test harness (tests/kernel/harness)."""
+"""Self-test of the UML kernel-test harness (lab)."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.kernel.harness import (CommandTimeout, Fleet, HarnessError, NodeDead, IQN_PREFIX,
+from lab import (CommandTimeout, Fleet, HarnessError, NodeDead, IQN_PREFIX,
                                   uml_available)
 
 _OK, _REASON = uml_available()

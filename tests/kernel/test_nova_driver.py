@@ -11,13 +11,12 @@ import hashlib
 import json
 import os
 import subprocess
-import textwrap
 import uuid
 
 import pytest
 
 from tests.kernel._vmt import assert_clean, file_md5, md5_of, py, random_disk, require_uml
-from tests.kernel.harness import Fleet
+from lab import Fleet
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV = os.environ.get("NOVA_TEST_VENV") or os.path.join(

@@ -29,7 +29,7 @@ import time
 import pytest
 
 from tests.kernel._vmt import md5_of, node_ctor, py, random_disk, require_uml
-from tests.kernel.harness import Fleet
+from lab import Fleet
 
 IMAGE_MB = 64
 IMAGE = IMAGE_MB << 20

@@ -20,8 +20,8 @@ import uuid
 import pytest
 
 from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
-from tests.kernel.harness import Fleet
-from tests.kernel.harness.guestpy import PRELUDE
+from lab import Fleet
+from lab.guestpy import PRELUDE
 
 IMAGE_MB = 64
 IMAGE = IMAGE_MB << 20

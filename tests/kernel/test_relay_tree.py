@@ -19,7 +19,7 @@ import pytest
 
 from bench import record
 from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
-from tests.kernel.harness import Fleet
+from lab import Fleet
 
 IMAGE = 32 << 20
 IMAGE_ID = "img-tree"

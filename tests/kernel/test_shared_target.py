@@ -14,7 +14,7 @@ import pytest
 
 from tests.kernel._vmt import (GuestError, file_md5, leftovers, md5_of, node_ctor, py, random_disk,
                                require_uml)
-from tests.kernel.harness import Fleet
+from lab import Fleet
 
 VOLUME = "shared"
 LUN0_MB, IMAGE_MB = 16, 32

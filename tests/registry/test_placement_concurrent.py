@@ -4,12 +4,9 @@ holds, else choose again -> publish the claim; src/placement/protocol.rs), form 
 tree: fan-out never exceeded, depth <= ceil(log_k N) + 1, no cycles, failure domains spread."""
 import math
 import multiprocessing
-import os
-import time
 import traceback
 import uuid
 
-import pytest
 
 import vmthunder
 from vmthunder.registry import Registry

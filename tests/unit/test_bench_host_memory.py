@@ -1,11 +1,8 @@
 """bench/host_memory.py pauses free page reporting for a run and always puts it back."""
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-import host_memory  # noqa: E402  (bench/host_memory.py)
+from bench import host_memory
 
 
 @pytest.fixture

@@ -2,14 +2,11 @@
 written beside the result (a temporary directory in tests, never bench/results)."""
 import json
 import os
-import sys
 
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
-sys.path.insert(0, BENCH)
-import record  # noqa: E402  (bench/record.py)
-import simulate  # noqa: E402  (bench/simulate.py)
+from bench import record, simulate
 
 W = 80 << 20
 
@@ -20,7 +17,7 @@ def fleet_doc(nodes=8):
             "all_finished": True, "data_ok": True, "tree": {"joins_wall_s": 5.766},
             "cpu": {"fleet_cpu_s": 25.7, "host_busy": 0.91}}
     return {"nodes": nodes, "vms": nodes, "rate_bps": 100e6, "working_set_bytes": W, "link_bound_s": 6.71,
-            "start": "attach", "command": "python bench/fleet.py --modes tree-f1,direct",
+            "start": "attach", "command": "python3 -m bench.fleet --modes tree-f1,direct",
             "provenance": {"date": "2026-12-03T10:00:00Z", "commit": "0421ba3", "trace_sha1": "cacecce15295",
                            "host": {"cpu_model": "AMD EPYC", "cores": 2}, "host_speed": {"python_loop_2e6_s": 0.044}},
             "modes": {"tree-f1": mode, "direct": {"error": "RuntimeError: boom"}}}
@@ -86,7 +83,7 @@ def test_every_kept_result_carries_its_provenance():
 
 def test_plot_draws_a_fleet_result_from_its_json(tmp_path):
     pytest.importorskip("matplotlib")
-    import plot  # bench/plot.py
+    from bench import plot
     doc = fleet_doc(2)
     tl = {"t": [0.0, 1.0, 2.0], "tx": {"o": [0, 5 << 20, 9 << 20], "cn1": [0, 0, 1 << 20]}, "vm_bytes": 100,
           "vm_progress": {"vm01": [[0.5, 10], [1.5, 100]], "vm02": [[0.7, 50], [1.9, 100]]}}
@@ -106,7 +103,7 @@ def test_a_fleet_run_names_its_result_and_writes_history_only_into_its_out_dir(t
     """bench/fleet.py's output, with its UML fleet stood in for: the result named by the run's
     parameters, provenance inside, the PNG beside it, one history line per fleet size, all under
     --out; bench/results untouched."""
-    import fleet  # bench/fleet.py
+    from bench import fleet
 
     class Run:
         def __init__(self, a, trace, image_path, W, digest, n, m):

@@ -9,9 +9,7 @@ import sys
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
-sys.path.insert(0, BENCH)
-import fleet  # noqa: E402  (bench/fleet.py)
-import fleet_guest  # noqa: E402  (bench/fleet_guest.py)
+from bench import fleet, fleet_guest
 
 # page-aligned reads, with an overlap (waits for the read in flight) and a re-read
 READS = [[0.0, 0, 65536], [0.0, 1 << 20, 4096], [0.01, 8192, 16384], [0.02, 3 << 20, 131072], [0.02, 0, 4096]]

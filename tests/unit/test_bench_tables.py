@@ -1,9 +1,7 @@
 """bench/fleet.py's scaling table reports whichever tree mode the run used."""
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-import fleet  # noqa: E402  (bench/fleet.py)
+from bench import fleet
 
 
 def row(nodes, modes):

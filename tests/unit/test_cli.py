@@ -13,9 +13,9 @@ import pytest
 
 from vmthunder import cli, doctor
 
+from tests.kernel._promtext import FormatError, parse
+
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
-sys.path.insert(0, REPO)
-from tests.kernel._promtext import FormatError, parse  # noqa: E402
 
 
 def test_the_wheel_installs_the_command_and_the_options_entry_point():

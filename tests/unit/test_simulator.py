@@ -93,8 +93,8 @@ def test_validate_quick_writes_the_documented_fields(tmp_path):
     out = tmp_path / "v.json"
     repo_history = os.path.join(ROOT, "bench", "results", "history.jsonl")
     before = open(repo_history).read()
-    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "simulate.py"), "--validate", "--quick",
-                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "bench.simulate", "--validate", "--quick",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300, cwd=ROOT)
     doc = json.loads(out.read_text())
     keys = {"nodes", "rate_bps", "shape", "measured_s", "predicted_s", "error", "cpu_bound"}
     assert doc["cases"] and all(keys <= set(c) for c in doc["cases"])
@@ -109,8 +109,8 @@ def test_validate_quick_writes_the_documented_fields(tmp_path):
 
 def test_shapes_writes_provenance_a_summary_and_failures_that_hit_a_subtree_still_fetching(tmp_path):
     out = tmp_path / "s.json"
-    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "simulate.py"), "--shapes", "--sizes", "13:1e8",
-                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "bench.simulate", "--shapes", "--sizes", "13:1e8",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300, cwd=ROOT)
     doc = json.loads(out.read_text())
     assert {"commit", "host", "date"} <= set(doc["provenance"]) and doc["host_load"]["load_avg_at_end"]
     assert {(s["working_set"], s["claims"]) for s in doc["summary"]} == {

@@ -45,7 +45,7 @@ class FleetNetwork:
     def create(self) -> None:
         if netns_exists(self.netns):
             raise HarnessError(f"network namespace {self.netns} already exists (another fleet with "
-                               f"the same name?  run: python -m tests.kernel.harness cleanup)")
+                               f"the same name?  run: python -m lab cleanup)")
         log.debug("creating netns %s", self.netns)
         sh(["ip", "netns", "add", self.netns], timeout=30)
         self._ip("link", "set", "lo", "up")

@@ -1,4 +1,4 @@
-"""python -m tests.kernel.harness cleanup [--workdir DIR] [--force] | check"""
+"""python -m lab cleanup [--workdir DIR] [--force] | check"""
 
 import argparse
 import logging
@@ -10,7 +10,7 @@ from ._util import DEFAULT_WORKROOT, STATE_FILE, uml_available
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.kernel.harness")
+    ap = argparse.ArgumentParser(prog="python -m lab")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cleanup", help="remove leftovers recorded in harness workdirs")
     c.add_argument("--workdir", action="append",
