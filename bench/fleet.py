@@ -1030,28 +1030,40 @@ def goals(doc) -> dict:
             if TREE_MODE.fullmatch(mode) and "completion_s" in t}
 
 
+# The goals at a rate where the lab is link-bound (the host below BUSY_LIMIT busy during the
+# tree's run): above it the host's CPU, not vmthunder, sets the times (bench/README.md).
+SPEEDUP_GOAL = 5.0          # tree against direct reads from the origin, same run
+SHAPE_BOUND_GOAL = 1.3      # tree against its shape's bound, k x W / link rate
+ORIGIN_GOAL = 1.05          # origin bytes against k x W
+BUSY_LIMIT = 0.70
+
+
 def _goals_of(doc, t) -> dict:
     m = doc["modes"]
     W, k = doc["working_set_bytes"], t.get("fanout", doc["fanout"])
     g = {}
+    busy = (t.get("cpu") or {}).get("host_busy")
+    if busy is not None:
+        g["host link-bound (busy < 70 %)"] = (f"{busy:.0%} busy -> " + ("yes: timings judged" if busy < BUSY_LIMIT else
+                                               "NO: CPU-bound, timings below say what this host allows"))
     d = m.get("direct")
     if d and "completion_s" in d:
         sp = d["completion_s"] / t["completion_s"]
-        g["tree >= 4x faster than direct"] = f"{sp:.2f}x -> {'met' if sp >= 4 else 'NOT met'}"
+        g[f"tree >= {SPEEDUP_GOAL:g}x faster than direct"] = f"{sp:.2f}x -> {'met' if sp >= SPEEDUP_GOAL else 'NOT met'}"
     fc = m.get("full_copy")
     if fc and "completion_s" in fc:
         g["tree vs full copy"] = f"{fc['completion_s'] / t['completion_s']:.2f}x faster"
     elif "full_copy_bound_s" in doc:     # not measured: against its link bound, which it cannot beat
         g["tree vs full copy"] = (f">= {doc['full_copy_bound_s'] / t['completion_s']:.2f}x faster (against the full "
                                   "copy's link bound; --full-copy measure measures it)")
-    lim = k * W * 1.1
-    g[f"origin sends <= fan-out x W x 1.1 ({lim / MIB:.1f} MiB)"] = (
+    lim = k * W * ORIGIN_GOAL
+    g[f"origin sends <= fan-out x W x {ORIGIN_GOAL:g} ({lim / MIB:.1f} MiB)"] = (
         f"NIC {t['origin_bytes'] / MIB:.1f} MiB, data {t['origin_data_bytes'] / MIB:.1f} MiB -> "
         f"{'met' if t['origin_bytes'] <= lim else ('met on data bytes' if t['origin_data_bytes'] <= lim else 'NOT met')}")
-    x = t["completion_s"] / doc["link_bound_s"]
-    g["fleet within 1.5x link bound"] = (f"{x:.2f}x -> {'met' if x <= 1.5 else 'NOT met'} "
-                                         f"(tree bound with fan-out {k}: {k * W * 8 / doc['rate_bps'] / doc['link_bound_s']:.1f}x; "
-                                         f"measured / tree bound = {t['completion_s'] / (k * W * 8 / doc['rate_bps']):.2f})")
+    bound = k * W * 8 / doc["rate_bps"]
+    x = t["completion_s"] / bound
+    g[f"tree within {SHAPE_BOUND_GOAL:g}x its shape's bound (k x W / rate = {bound:.1f} s)"] = (
+        f"{x:.2f}x -> {'met' if x <= SHAPE_BOUND_GOAL else 'NOT met'}")
     g["every edge <= 1.1 x W"] = f"max {t['max_edge_ratio']:.2f} -> {'met' if t['max_edge_ratio'] <= 1.1 else 'NOT met'}"
     return g
 

@@ -17,16 +17,20 @@ def test_the_scaling_table_takes_the_chain_as_the_tree():
 
 def test_goals_judge_every_tree_mode_against_its_own_fanout():
     W = 80 << 20
-    tree = lambda s, k, origin: {"completion_s": s, "fanout": k, "origin_bytes": origin * W,   # noqa: E731
-                                 "origin_data_bytes": origin * W, "max_edge_ratio": 1.05}
+    tree = lambda s, k, origin, busy=0.4: {"completion_s": s, "fanout": k, "origin_bytes": origin * W,   # noqa: E731
+                                           "origin_data_bytes": origin * W, "max_edge_ratio": 1.05,
+                                           "cpu": {"host_busy": busy}}
     doc = {"working_set_bytes": W, "fanout": 3, "rate_bps": 100e6, "link_bound_s": W * 8 / 100e6,
-           "modes": {"tree-f1": tree(15.0, 1, 1.08), "tree": tree(25.0, 3, 3.17), "direct": {"completion_s": 62.0}}}
+           "modes": {"tree-f1": tree(8.0, 1, 1.04), "tree": tree(25.0, 3, 3.17, busy=0.85), "direct": {"completion_s": 62.0}}}
     g = fleet.goals(doc)
     assert sorted(g) == ["tree", "tree-f1"]
-    assert g["tree-f1"]["tree >= 4x faster than direct"] == "4.13x -> met"
-    assert g["tree"]["tree >= 4x faster than direct"] == "2.48x -> NOT met"
-    assert g["tree-f1"]["origin sends <= fan-out x W x 1.1 (88.0 MiB)"].endswith("-> met")
-    assert "(264.0 MiB)" in " ".join(g["tree"])
+    assert g["tree-f1"]["tree >= 5x faster than direct"] == "7.75x -> met"
+    assert g["tree"]["tree >= 5x faster than direct"] == "2.48x -> NOT met"
+    assert g["tree-f1"]["origin sends <= fan-out x W x 1.05 (84.0 MiB)"].endswith("-> met")
+    assert g["tree"]["origin sends <= fan-out x W x 1.05 (252.0 MiB)"].endswith("-> NOT met")   # 3.17 W > 3.15 W
+    assert g["tree-f1"]["tree within 1.3x its shape's bound (k x W / rate = 6.7 s)"] == "1.19x -> met"
+    assert g["tree-f1"]["host link-bound (busy < 70 %)"].startswith("40% busy -> yes")
+    assert g["tree"]["host link-bound (busy < 70 %)"].startswith("85% busy -> NO")
 
 
 def test_node_load_finds_the_node_that_ran_out_of_its_cpu():
