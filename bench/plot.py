@@ -4,7 +4,7 @@
     python3 -m bench.plot bench/results/fleet-8n-100mbit.json            # -> /tmp/fleet-8n-100mbit-timeline.png
     python3 -m bench.plot bench/results/fleet-8n-100mbit.json -o t.png
 
-Per mode: each VM's boot reads over time, and each node's link upload (bench/fleet.py's plot,
+Per mode: each VM's boot reads over time, and each node's link upload (bench/fleet_report.py plot,
 the one a run draws). Needs matplotlib; scaling results keep no timeline.
 """
 import argparse
@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-from bench import fleet
+from bench import fleet_report
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         return 2
     stem = os.path.splitext(os.path.basename(a.result))[0]
     out = a.out or os.path.join(tempfile.gettempdir(), f"{stem}-timeline.png")
-    if not fleet.plot(doc, out):
+    if not fleet_report.plot(doc, out):
         print("no PNG drawn (matplotlib missing?)", file=sys.stderr)
         return 1
     print(out)

@@ -10,6 +10,7 @@ import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 from bench import fleet, fleet_guest
+from bench.trace import expected_digest, trace_bin
 
 # page-aligned reads, with an overlap (waits for the read in flight) and a re-read
 READS = [[0.0, 0, 65536], [0.0, 1 << 20, 4096], [0.01, 8192, 16384], [0.02, 3 << 20, 131072], [0.02, 0, 4096]]
@@ -38,14 +39,14 @@ def image(tmp_path):
 def run_c(binary, dev, reads, out, depth=2):
     trace = os.path.join(os.path.dirname(out), "trace.json")
     with open(trace[:-5] + ".bin", "wb") as fh:       # the C replay reads the .json's .bin twin
-        fh.write(fleet.trace_bin(reads))
+        fh.write(trace_bin(reads))
     argv = fleet_guest.replay_argv(dev, trace, out, depth, False, binary=binary)     # as the fleet starts it
     rc = subprocess.run(argv, capture_output=True, timeout=60).returncode
     return rc, json.load(open(out))
 
 
 def test_c_and_python_replays_read_the_same_bytes(replay_bin, image, tmp_path):
-    want = fleet.expected_digest(image, READS)
+    want = expected_digest(image, READS)
     rc, c = run_c(replay_bin, image, READS, str(tmp_path / "c.json"))
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"image_bytes": IMAGE, "reads": READS}))

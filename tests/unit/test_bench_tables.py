@@ -1,7 +1,7 @@
-"""bench/fleet.py's scaling table reports whichever tree mode the run used."""
+"""bench/fleet_report.py: the tables and goals of a fleet run; bench/fleet.py: its CPU figures and flags."""
 import os
 
-from bench import fleet
+from bench import fleet, fleet_report
 
 
 def row(nodes, modes):
@@ -10,7 +10,7 @@ def row(nodes, modes):
 
 def test_the_scaling_table_takes_the_chain_as_the_tree():
     tree = {"completion_s": 14.8, "origin_ratio": 1.08, "max_edge_ratio": 1.06, "tree": {"joins_wall_s": 5.4}}
-    table = fleet.scaling_table([row(4, {"tree-f1": tree, "direct": {"completion_s": 32.0, "origin_ratio": 4.38}})])
+    table = fleet_report.scaling_table([row(4, {"tree-f1": tree, "direct": {"completion_s": 32.0, "origin_ratio": 4.38}})])
     last = table.splitlines()[-1]
     assert "| 14.8 (tree-f1) |" in last and "| 2.16x |" in last and "| 1.08 | 4.38 | 1.06 | 5.4 |" in last
 
@@ -22,7 +22,7 @@ def test_goals_judge_every_tree_mode_against_its_own_fanout():
                                            "cpu": {"host_busy": busy}}
     doc = {"working_set_bytes": W, "fanout": 3, "rate_bps": 100e6, "link_bound_s": W * 8 / 100e6,
            "modes": {"tree-f1": tree(8.0, 1, 1.04), "tree": tree(25.0, 3, 3.17, busy=0.85), "direct": {"completion_s": 62.0}}}
-    g = fleet.goals(doc)
+    g = fleet_report.goals(doc)
     assert sorted(g) == ["tree", "tree-f1"]
     assert g["tree-f1"]["tree >= 5x faster than direct"] == "7.75x -> met"
     assert g["tree"]["tree >= 5x faster than direct"] == "2.48x -> NOT met"
@@ -65,7 +65,7 @@ def test_by_default_the_full_copy_is_its_link_bound_and_measure_measures_it():
     doc = {"nodes": 8, "vms": 8, "working_set_bytes": W, "image_bytes": 2 << 30, "fanout": 3, "rate_bps": 100e6,
            "link_bound_s": 6.7, "tree_bound_s": 20.1, "direct_bound_s": 53.5, "full_copy_bound_s": 1374.4,
            "modes": {"tree": tree}}
-    assert fleet.goals(doc)["tree"]["tree vs full copy"].startswith(">= 50.34x faster (against the full copy's link bound")
-    table = fleet.table(doc)
+    assert fleet_report.goals(doc)["tree"]["tree vs full copy"].startswith(">= 50.34x faster (against the full copy's link bound")
+    table = fleet_report.table(doc)
     row = next(line for line in table.splitlines() if line.startswith("| full_copy"))
     assert "LINK BOUND, not measured (--full-copy measure)" in row and ">= 1374.4 (bound)" in row, row
