@@ -28,6 +28,7 @@ Results: bench/results/cache-engines.json (named by the run's parameters: cache-
 cache-engines-readahead0, ...; --out to choose) with its provenance, a summary line in
 history.jsonl beside it, a markdown table on stdout, progress on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,14 +45,14 @@ import threading
 import time
 import zlib
 
+from bench import host_memory, record  # record: result names, provenance, history
+from lab import Fleet, HarnessError, uml_available
+from lab._util import parse_size
+from lab.guestpy import PRELUDE as PY_PRELUDE
+from lab.guestpy import py as guest_py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-from lab import Fleet, HarnessError, uml_available  # noqa: E402
-from lab._util import parse_size  # noqa: E402
-from lab.guestpy import PRELUDE as PY_PRELUDE, py as guest_py  # noqa: E402
-
-from bench import host_memory, record  # noqa: E402  (record: result names, provenance, history)
 
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
 DEFAULT_ENGINES = ["bcache", "bcache-direct", "dm-cache-64k", "dm-cache-256k"]
@@ -75,14 +76,15 @@ def parse_engine(key: str):
     """'bcache' -> ('bcache', None, True); 'dm-cache-64k-direct' -> ('dm-cache', 64, False).
     '-direct': the node does not coalesce misses (Node(coalesce=False): children read through
     iblock, VMs the cache device directly) — the layout before miss coalescing."""
-    base, coalesce = (key[:-len("-direct")], False) if key.endswith("-direct") else (key, True)
+    base, coalesce = (key[: -len("-direct")], False) if key.endswith("-direct") else (key, True)
     if base == "bcache":
         return "bcache", None, coalesce
     m = re.fullmatch(r"dm-cache-(\d+)k", base)
     if m and int(m.group(1)) >= 32 and int(m.group(1)) % 32 == 0:
         return "dm-cache", int(m.group(1)), coalesce
-    raise argparse.ArgumentTypeError(f"bad engine {key!r}: 'bcache' or 'dm-cache-<N>k' (N a multiple of 32), "
-                                     "optionally with '-direct' (no miss coalescing)")
+    raise argparse.ArgumentTypeError(
+        f"bad engine {key!r}: 'bcache' or 'dm-cache-<N>k' (N a multiple of 32), optionally with '-direct' (no miss coalescing)"
+    )
 
 
 def synthetic_working_set(image_bytes: int, ws_bytes: int, seed: int):
@@ -98,9 +100,9 @@ def synthetic_working_set(image_bytes: int, ws_bytes: int, seed: int):
     while have < want:
         n = min(rng.choice([1, 2, 4, 8, 16, 32]), want - have)
         p = rng.randrange(0, pages - n + 1)
-        if any(used[p:p + n]):
+        if any(used[p : p + n]):
             continue
-        used[p:p + n] = b"\1" * n
+        used[p : p + n] = b"\1" * n
         out.append((p * PAGE, n * PAGE))
         have += n
     return out
@@ -165,7 +167,7 @@ def make_origin_image(path: str, image_bytes: int, extents, full_random: bool) -
 
 # ----------------------------------------------------------------------------- guest side
 
-READER = r'''
+READER = r"""
 import json, mmap, os, sys, threading, time, zlib
 dev, ws_path, start_at, depth = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 with open(ws_path) as f:
@@ -209,16 +211,16 @@ for c in crcs:
     acc = zlib.crc32(c.to_bytes(4, "little"), acc)
 print("@@JSON " + json.dumps({"start": t0, "end": t1, "late_s": late, "reads": len(ws),
                                "digest": f"{acc:08x}", "errors": errors}))
-'''
+"""
 
-COUNTERS = r'''
+COUNTERS = r"""
 for d in /sys/block/sd*; do
     # iSCSI disks only (.../sessionN/...): not the node's local tcm_loop disk
     readlink -f "$d" | grep -q '/session[0-9]' && [ -e "$d/stat" ] && echo "disk $(basename $d) $(cat $d/stat)"
 done
 echo "nic $(cat /sys/class/net/vec0/statistics/rx_bytes) $(cat /sys/class/net/vec0/statistics/tx_bytes)"
 python3 -c 'import time; print("clock", time.time())'
-'''
+"""
 
 
 class SetupError(RuntimeError):
@@ -238,6 +240,7 @@ def on_all(fleet, names, fn):
             res[n] = fn(fleet[n])
         except Exception as e:
             errs.append(e)
+
     ts = [threading.Thread(target=one, args=(n,)) for n in names]
     for t in ts:
         t.start()
@@ -262,7 +265,7 @@ def counters(node):
     for line in out.splitlines():
         f = line.split()
         if f and f[0] == "disk":
-            c["disk_read_bytes"] += int(f[4]) * 512       # field 3 of stat: sectors read
+            c["disk_read_bytes"] += int(f[4]) * 512  # field 3 of stat: sectors read
         elif f and f[0] == "nic":
             c["rx"], c["tx"] = int(f[1]), int(f[2])
         elif f and f[0] == "clock":
@@ -272,8 +275,15 @@ def counters(node):
 
 # ----------------------------------------------------------------------------- one engine
 def node_ctor(node, engine, block_kib, cache_mib, export: bool, coalesce: bool, readahead_kib) -> str:
-    args = {"host": node.name, "cache_device": "/dev/ubdb", "state_dir": STATE_DIR,
-            "cow_size_mib": COW_MIB, "engine": engine, "cache_size_mib": cache_mib, "coalesce": coalesce}
+    args = {
+        "host": node.name,
+        "cache_device": "/dev/ubdb",
+        "state_dir": STATE_DIR,
+        "cow_size_mib": COW_MIB,
+        "engine": engine,
+        "cache_size_mib": cache_mib,
+        "coalesce": coalesce,
+    }
     if readahead_kib is not None:
         args["readahead_kib"] = readahead_kib
     if block_kib:
@@ -294,7 +304,7 @@ def run_engine(key, args, image_path, image_bytes, extents, ws_bytes, digest):
     else:
         touched = len({c for off, n in extents for c in range(off // mib, (off + n - 1) // mib + 1)})
         cache_mib = min(-(-image_bytes // mib), max(64, 2 * touched))
-    local_mib = cache_mib + COW_MIB + 64 + 16     # + dm-cache metadata, bcache heads, alignment
+    local_mib = cache_mib + COW_MIB + 64 + 16  # + dm-cache metadata, bcache heads, alignment
     nodes = {"o": {"disks": {"ubdb": image_path}}}
     for n in NODES[1:]:
         nodes[n] = {"disks": {"ubdb": local_mib * mib}}
@@ -303,22 +313,22 @@ def run_engine(key, args, image_path, image_bytes, extents, ws_bytes, digest):
     log.info("[%s] booting 5 nodes (fleet %s, rate %s)", key, name, args.rate)
     state = {"phase": "setup"}
     try:
-        return _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesce, cache_mib, nodes, name,
-                           t_engine, state)
+        return _run_engine(
+            key, args, extents, ws_bytes, digest, engine, block_kib, coalesce, cache_mib, nodes, name, t_engine, state
+        )
     except Exception as e:
         if state["phase"] == "setup":
             raise SetupError(f"{type(e).__name__}: {e}") from e
         raise
 
 
-def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesce, cache_mib, nodes, name, t_engine,
-                state):
+def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesce, cache_mib, nodes, name, t_engine, state):
     mib = 1 << 20
 
     def ctor(node, export: bool) -> str:
         return node_ctor(node, engine, block_kib, cache_mib, export, coalesce, args.readahead_kib)
-    with Fleet(nodes=nodes, name=name, subnet=SUBNET, rate=args.rate, mem=args.mem,
-               halt_timeout=5.0) as fleet:
+
+    with Fleet(nodes=nodes, name=name, subnet=SUBNET, rate=args.rate, mem=args.mem, halt_timeout=5.0) as fleet:
         o = fleet["o"]
         portal = f"{o.ip}:3260"
         py(o, f"out(vmthunder.export_volume({VOLUME!r}, '/dev/ubdb', {portal!r}))")
@@ -350,8 +360,9 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesc
                 attach(n)
                 if n == "r2":
                     attach("r3")
-            except Exception as e:        # reported below, in the main thread
+            except Exception as e:  # reported below, in the main thread
                 errs.append(e)
+
         ts = [threading.Thread(target=attach_safe, args=(n,)) for n in ("r2", "r1b")]
         for t in ts:
             t.start()
@@ -371,23 +382,37 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesc
         skew = {n: round(clock_skew(c), 3) for n, c in before.items()}
         log.info("[%s] guest clock - host clock (s): %s", key, skew)
         if any(abs(v) > 0.5 for v in skew.values()):
-            log.warning("[%s] guest clocks differ from the host's: the common start is off by up to %.1fs", key,
-                        max(abs(v) for v in skew.values()))
+            log.warning(
+                "[%s] guest clocks differ from the host's: the common start is off by up to %.1fs",
+                key,
+                max(abs(v) for v in skew.values()),
+            )
         state["phase"] = "run"
         start_at = time.time() + args.start_delay
-        procs = {n: fleet[n].spawn(f"python3 /vmt-share/reader.py {vm[n]} /vmt-share/ws.json {start_at:.6f} {args.depth}")
-                 for n in vm if n in args.readers}
+        procs = {
+            n: fleet[n].spawn(f"python3 /vmt-share/reader.py {vm[n]} /vmt-share/ws.json {start_at:.6f} {args.depth}")
+            for n in vm
+            if n in args.readers
+        }
         prefetchers = {}
         if args.prefetch:
             # the boot-profile prefetch (as Tree.attach starts it): from the end, beside the VM
             for n in vm:
-                code = (ctor(fleet[n], export=False)
-                        + f"import json, time\ntime.sleep(max(0.0, {start_at:.6f} - time.time()))\n"
-                        + f"out(node.prefetch({IMAGE_ID!r}, json.load(open('/vmt-share/ws.json')), reverse=True))\n")
+                code = (
+                    ctor(fleet[n], export=False)
+                    + f"import json, time\ntime.sleep(max(0.0, {start_at:.6f} - time.time()))\n"
+                    + f"out(node.prefetch({IMAGE_ID!r}, json.load(open('/vmt-share/ws.json')), reverse=True))\n"
+                )
                 fleet[n].write_file("prefetch.py", (PY_PRELUDE + code).encode())
                 prefetchers[n] = fleet[n].spawn("python3 /vmt-share/prefetch.py")
-        log.info("[%s] %d readers start together in %.1fs, each reads %d extents (%.1f MiB)", key, len(procs),
-                 start_at - time.time(), len(extents), sum(n for _, n in extents) / mib)
+        log.info(
+            "[%s] %d readers start together in %.1fs, each reads %d extents (%.1f MiB)",
+            key,
+            len(procs),
+            start_at - time.time(),
+            len(extents),
+            sum(n for _, n in extents) / mib,
+        )
         results, failed = {}, []
         deadline = time.monotonic() + args.start_delay + args.timeout
         for n, p in procs.items():
@@ -420,16 +445,25 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesc
             try:
                 st = py(node, ctor(node, export=False) + "out(node.status())")
                 return (st.get("templates", {}).get(IMAGE_ID) or {}).get("cache_status")
-            except Exception as e:       # informative only
+            except Exception as e:  # informative only
                 return f"status failed: {e}"
+
         status = on_all(fleet, list(vm), cache_status)
 
     d = {n: {k: after[n][k] - before[n][k] for k in ("disk_read_bytes", "rx", "tx")} for n in NODES}
     edges = []
     for child, parent in TREE.items():
         b = d[child]["disk_read_bytes"]
-        edges.append({"parent": parent, "child": child, "bytes": b, "ratio": round(b / ws_bytes, 4),
-                      "nic_rx_bytes": d[child]["rx"], "nic_ratio": round(d[child]["rx"] / ws_bytes, 4)})
+        edges.append(
+            {
+                "parent": parent,
+                "child": child,
+                "bytes": b,
+                "ratio": round(b / ws_bytes, 4),
+                "nic_rx_bytes": d[child]["rx"],
+                "nic_ratio": round(d[child]["rx"] / ws_bytes, 4),
+            }
+        )
     reader_times = {n: round(r["end"] - start_at, 3) for n, r in results.items()}
     data_ok = {n: r["digest"] == digest for n, r in results.items()}
     res = {
@@ -443,20 +477,29 @@ def _run_engine(key, args, extents, ws_bytes, digest, engine, block_kib, coalesc
         "reader_times_s": reader_times,
         "reader_late_s": {n: round(max(0.0, r["late_s"]), 3) for n, r in results.items()},
         "data_ok": data_ok,
-        "nodes": {n: {"nic_rx_bytes": d[n]["rx"], "nic_tx_bytes": d[n]["tx"],
-                      "parent_read_bytes": d[n]["disk_read_bytes"]} for n in NODES},
+        "nodes": {
+            n: {"nic_rx_bytes": d[n]["rx"], "nic_tx_bytes": d[n]["tx"], "parent_read_bytes": d[n]["disk_read_bytes"]}
+            for n in NODES
+        },
         "clock_skew_s": skew,
         "cache_status": status,
         "prefetch": prefetch_reports,
         "wall_s": round(time.monotonic() - t_engine, 1),
     }
-    res["meets_goals"] = bool(all(e["ratio"] <= EDGE_GOAL for e in edges)
-                              and res["origin_bytes"] <= FANOUT * ws_bytes and all(data_ok.values()))
+    res["meets_goals"] = bool(
+        all(e["ratio"] <= EDGE_GOAL for e in edges) and res["origin_bytes"] <= FANOUT * ws_bytes and all(data_ok.values())
+    )
     if not all(data_ok.values()):
         log.error("[%s] DATA MISMATCH on %s", key, [n for n, ok in data_ok.items() if not ok])
-    log.info("[%s] completion %.1fs, origin %.2f x W, max edge %.2f x W, goals %s (%.0fs in all)", key,
-             res["completion_s"], res["origin_ratio"], res["max_edge_ratio"],
-             "MET" if res["meets_goals"] else "not met", res["wall_s"])
+    log.info(
+        "[%s] completion %.1fs, origin %.2f x W, max edge %.2f x W, goals %s (%.0fs in all)",
+        key,
+        res["completion_s"],
+        res["origin_ratio"],
+        res["max_edge_ratio"],
+        "MET" if res["meets_goals"] else "not met",
+        res["wall_s"],
+    )
     return res
 
 
@@ -473,13 +516,15 @@ def choose_default(engines: dict):
 
 def table(doc) -> str:
     w = doc["working_set_bytes"]
-    lines = [f"Working set W = {w / 2**20:.1f} MiB ({doc['working_set']}), image {doc['image_bytes'] / 2**20:.0f} MiB, "
-             f"links {doc['rate'] or 'unshaped'}, reader depth {doc['depth']}"
-             f"{'' if set(doc['readers']) == set(TREE) else ', readers only on ' + ','.join(doc['readers'])}; edge = data bytes the child read from "
-             f"its parent / W (NIC rx / W in brackets); goal: every edge <= {EDGE_GOAL}, origin <= {FANOUT} x W.",
-             "",
-             "| engine | completion (s) | origin tx / W | o→r1 | r1→r2 | r2→r3 | r1→r1b | max edge | goals |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Working set W = {w / 2**20:.1f} MiB ({doc['working_set']}), image {doc['image_bytes'] / 2**20:.0f} MiB, "
+        f"links {doc['rate'] or 'unshaped'}, reader depth {doc['depth']}"
+        f"{'' if set(doc['readers']) == set(TREE) else ', readers only on ' + ','.join(doc['readers'])}; edge = data bytes the child read from "
+        f"its parent / W (NIC rx / W in brackets); goal: every edge <= {EDGE_GOAL}, origin <= {FANOUT} x W.",
+        "",
+        "| engine | completion (s) | origin tx / W | o→r1 | r1→r2 | r2→r3 | r1→r1b | max edge | goals |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for k, r in doc["engines"].items():
         if "error" in r:
             lines.append(f"| {k} | failed: {r['error'].splitlines()[0][:80]} | | | | | | | |")
@@ -487,8 +532,11 @@ def table(doc) -> str:
         e = {(x["parent"], x["child"]): x for x in r["edges"]}
         cell = [f"{e[(p, c)]['ratio']:.2f} ({e[(p, c)]['nic_ratio']:.2f})" for c, p in TREE.items()]
         mark = " **(default)**" if k == doc["default"] else ""
-        lines.append(f"| {k}{mark} | {r['completion_s']:.1f} | {r['origin_ratio']:.2f} | " + " | ".join(cell)
-                     + f" | {r['max_edge_ratio']:.2f} | {'met' if r['meets_goals'] else 'not met'} |")
+        lines.append(
+            f"| {k}{mark} | {r['completion_s']:.1f} | {r['origin_ratio']:.2f} | "
+            + " | ".join(cell)
+            + f" | {r['max_edge_ratio']:.2f} | {'met' if r['meets_goals'] else 'not met'} |"
+        )
     return "\n".join(lines)
 
 
@@ -500,39 +548,74 @@ def main(argv=None):
         "bytes and the fleet's completion time. Needs root and user-mode Linux (lab).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Engines: 'bcache' or 'dm-cache-<N>k' (dm-cache, smq, N KiB cache blocks). Each engine runs in a "
-        "fresh fleet. Example: python3 -m bench.cache_engines --engines bcache,dm-cache-64k --rate 100mbit")
-    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
-                    help="comma-separated engine keys (default: %(default)s)")
+        "fresh fleet. Example: python3 -m bench.cache_engines --engines bcache,dm-cache-64k --rate 100mbit",
+    )
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help="comma-separated engine keys (default: %(default)s)")
     ap.add_argument("--working-set-mib", type=int, default=64, help="synthetic working set (default: %(default)s MiB)")
     ap.add_argument("--image-mib", type=int, default=256, help="synthetic image size (default: %(default)s MiB)")
     ap.add_argument("--seed", type=int, default=3, help="seed of the synthetic working set (default: %(default)s)")
-    ap.add_argument("--trace", nargs="?", const=DEFAULT_TRACE, default=None, metavar="PATH",
-                    help="use a recorded boot read trace as the working set (default path: "
-                    "bench/traces/debian12-boot.json); without this flag the trace is used if that file exists "
-                    "(--no-trace: never)")
+    ap.add_argument(
+        "--trace",
+        nargs="?",
+        const=DEFAULT_TRACE,
+        default=None,
+        metavar="PATH",
+        help="use a recorded boot read trace as the working set (default path: "
+        "bench/traces/debian12-boot.json); without this flag the trace is used if that file exists "
+        "(--no-trace: never)",
+    )
     ap.add_argument("--no-trace", action="store_true", help="use the synthetic working set even if a trace exists")
-    ap.add_argument("--rate", default="200mbit", help="link limit of every node, each direction ('none': unshaped; "
-                    "default: %(default)s)")
-    ap.add_argument("--readers", default=",".join(TREE), help="the relays whose VM reads the working set "
-                    "(default: all: %(default)s); every relay attaches a VM either way (for experiments: "
-                    "e.g. 'r3' alone shows what one stream costs each edge)")
-    ap.add_argument("--prefetch", action="store_true", help="every relay also prefetches the working set (the boot "
-                    "profile) from its end backwards, from the common start, as Tree.attach does")
-    ap.add_argument("--readahead-kib", type=int, default=None, help="readahead of a coalescing template "
-                    "(Node(readahead_kib=...); default: the library's)")
+    ap.add_argument(
+        "--rate", default="200mbit", help="link limit of every node, each direction ('none': unshaped; default: %(default)s)"
+    )
+    ap.add_argument(
+        "--readers",
+        default=",".join(TREE),
+        help="the relays whose VM reads the working set "
+        "(default: all: %(default)s); every relay attaches a VM either way (for experiments: "
+        "e.g. 'r3' alone shows what one stream costs each edge)",
+    )
+    ap.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="every relay also prefetches the working set (the boot "
+        "profile) from its end backwards, from the common start, as Tree.attach does",
+    )
+    ap.add_argument(
+        "--readahead-kib",
+        type=int,
+        default=None,
+        help="readahead of a coalescing template (Node(readahead_kib=...); default: the library's)",
+    )
     ap.add_argument("--depth", type=int, default=1, help="concurrent reads per reader (default: %(default)s)")
     ap.add_argument("--mem", default="384M", help="guest RAM per node (default: %(default)s)")
-    ap.add_argument("--start-delay", type=float, default=8.0, help="seconds from spawning the readers to their "
-                    "common start time (default: %(default)s)")
+    ap.add_argument(
+        "--start-delay",
+        type=float,
+        default=8.0,
+        help="seconds from spawning the readers to their common start time (default: %(default)s)",
+    )
     ap.add_argument("--timeout", type=float, default=600.0, help="per engine, for the readers (default: %(default)s s)")
-    ap.add_argument("--retries", type=int, default=1, help="set-up failures (before any reader starts) are retried "
-                    "this many times in a fresh fleet (default: %(default)s)")
-    ap.add_argument("--out", help="JSON results (default: bench/results/cache-engines[-prefetch][-readaheadN]..."
-                    ".json, named by the options that differ from the defaults)")
-    ap.add_argument("--quick", action="store_true", help="synthetic 32 MiB working set over a 128 MiB image, no "
-                    "trace unless --trace is given (faster; below the 64 MiB the goal is judged on, for trying things out)")
-    ap.add_argument("--smoke", action="store_true", help="tiny run for tests: bcache only, 8 MiB working set over "
-                    "a 32 MiB image, no trace")
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="set-up failures (before any reader starts) are retried this many times in a fresh fleet (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--out",
+        help="JSON results (default: bench/results/cache-engines[-prefetch][-readaheadN]..."
+        ".json, named by the options that differ from the defaults)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="synthetic 32 MiB working set over a 128 MiB image, no "
+        "trace unless --trace is given (faster; below the 64 MiB the goal is judged on, for trying things out)",
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny run for tests: bcache only, 8 MiB working set over a 32 MiB image, no trace"
+    )
     host_memory.add_option(ap)
     args = ap.parse_args(argv)
     args.host_memory = host_memory.choice(args.host_memory, args.smoke)
@@ -566,8 +649,9 @@ def main(argv=None):
     trace = args.trace or (None if args.no_trace or not os.path.exists(DEFAULT_TRACE) else DEFAULT_TRACE)
     if args.no_trace:
         trace = None
-    scenario = record.cache_engines_name(args.prefetch, args.readahead_kib, args.rate, bool(trace), args.smoke,
-                                         args.readers, list(TREE))
+    scenario = record.cache_engines_name(
+        args.prefetch, args.readahead_kib, args.rate, bool(trace), args.smoke, args.readers, list(TREE)
+    )
     args.out = args.out or os.path.join(record.RESULTS, scenario + ".json")
     tmp = tempfile.mkdtemp(prefix="vmt-bench-ce-")
     stack = contextlib.ExitStack()
@@ -584,20 +668,31 @@ def main(argv=None):
         log.info("working set: %s, W = %.1f MiB, image %.0f MiB", source, ws_bytes / 2**20, image_bytes / 2**20)
         make_origin_image(image_path, image_bytes, extents, full_random=image_bytes <= (1 << 30))
         digest = expected_digest(image_path, extents)
-        kept = host_memory.enter(stack, args.host_memory,
-                                 host_memory.want_for(len(TREE) + 1, parse_size(args.mem), image_bytes))
+        kept = host_memory.enter(stack, args.host_memory, host_memory.want_for(len(TREE) + 1, parse_size(args.mem), image_bytes))
         prov = record.provenance()
         if trace:
             prov["trace_sha1"] = record.file_sha1(trace)
-        doc = {"provenance": prov, "host_memory": kept, "default": None, "working_set_bytes": ws_bytes, "engines": {},
-               "goals_met_by_default": False, "working_set": source, "image_bytes": image_bytes,
-               "reads": len(extents), "read_bytes": sum(n for _, n in extents), "rate": args.rate,
-               "depth": args.depth, "readers": args.readers, "topology": {c: p for c, p in TREE.items()},
-               "goal": {"edge_ratio_max": EDGE_GOAL, "origin_bytes_max": FANOUT * ws_bytes},
-               "command": " ".join(["python3", "-m", "bench.cache_engines"] + (argv if argv is not None else sys.argv[1:])),
-               "bytes_note": "edges[].bytes: data the child read from its parent (block-layer counters of its "
-               "iSCSI disk); nic_rx_bytes: the child's NIC rx (TCP/iSCSI headers included); origin_bytes: "
-               "the origin's NIC tx"}
+        doc = {
+            "provenance": prov,
+            "host_memory": kept,
+            "default": None,
+            "working_set_bytes": ws_bytes,
+            "engines": {},
+            "goals_met_by_default": False,
+            "working_set": source,
+            "image_bytes": image_bytes,
+            "reads": len(extents),
+            "read_bytes": sum(n for _, n in extents),
+            "rate": args.rate,
+            "depth": args.depth,
+            "readers": args.readers,
+            "topology": {c: p for c, p in TREE.items()},
+            "goal": {"edge_ratio_max": EDGE_GOAL, "origin_bytes_max": FANOUT * ws_bytes},
+            "command": " ".join(["python3", "-m", "bench.cache_engines"] + (argv if argv is not None else sys.argv[1:])),
+            "bytes_note": "edges[].bytes: data the child read from its parent (block-layer counters of its "
+            "iSCSI disk); nic_rx_bytes: the child's NIC rx (TCP/iSCSI headers included); origin_bytes: "
+            "the origin's NIC tx",
+        }
         t_all = time.monotonic()
         for k in keys:
             setup_errors = []
@@ -608,8 +703,9 @@ def main(argv=None):
                 except SetupError as e:
                     setup_errors.append(str(e).splitlines()[0][:1000])
                     left = args.retries - attempt
-                    log.error("[%s] set-up failed%s: %s", k, f", again in a fresh fleet ({left} left)" if left else "",
-                              str(e)[:3000])
+                    log.error(
+                        "[%s] set-up failed%s: %s", k, f", again in a fresh fleet ({left} left)" if left else "", str(e)[:3000]
+                    )
                     doc["engines"][k] = {"error": f"SetupError: {e}"}
                 except Exception as e:
                     log.exception("[%s] failed", k)
@@ -621,8 +717,13 @@ def main(argv=None):
         doc["total_s"] = round(time.monotonic() - t_all, 1)
         record.write_result(args.out, doc)
         record.append_history(args.out, record.cache_engines_summary(doc, os.path.splitext(os.path.basename(args.out))[0]))
-        log.info("wrote %s (%.0fs); default engine: %s (goals %s)", args.out, doc["total_s"], doc["default"],
-                 "met" if doc["goals_met_by_default"] else "NOT met by any engine")
+        log.info(
+            "wrote %s (%.0fs); default engine: %s (goals %s)",
+            args.out,
+            doc["total_s"],
+            doc["default"],
+            "met" if doc["goals_met_by_default"] else "NOT met by any engine",
+        )
         print(table(doc))
         return 0 if all("error" not in r for r in doc["engines"].values()) else 1
     finally:

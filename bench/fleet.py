@@ -64,6 +64,7 @@ it from the JSON); with --scaling 2,4,8 one fleet per size, <out>/fleet-scaling-
 a markdown table. Each run appends its summary to <out>/history.jsonl. Needs root and
 user-mode Linux.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,13 +85,14 @@ import threading
 import time
 import uuid
 
+from bench import fleet_guest, host_memory, record  # fleet_guest: the replay's command line
+from bench.fleet_report import goals, plot, scaling_table, table
+from bench.trace import expected_digest, load_trace, make_origin_image, synthetic_trace, trace_bin, union_bytes
+from lab import Fleet, HarnessError, uml_available
+from lab._util import parse_rate, parse_size
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-from lab import Fleet, HarnessError, uml_available  # noqa: E402
-from lab._util import parse_rate, parse_size  # noqa: E402
-
-from bench import fleet_guest, host_memory, record  # noqa: E402  (fleet_guest: the replay's command line)
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 DEFAULT_TRACE = os.path.join(HERE, "traces", "debian12-boot.json")
@@ -108,10 +110,6 @@ TREE_MODE = re.compile(r"tree(?:-f(\d+))?(-nopf)?")
 
 log = logging.getLogger("bench.fleet")
 
-
-from bench.trace import (expected_digest, load_trace, make_origin_image, synthetic_trace,  # noqa: E402
-                         trace_bin, union_bytes)
-from bench.fleet_report import goals, plot, scaling_table, table  # noqa: E402
 
 def build_replay():
     """bench/replay.c compiled with the host's cc (the guests run the host's userland), or None
@@ -140,11 +138,16 @@ class BenchError(RuntimeError):
 
 
 def py(node, code: str, timeout: float = 120):
-    body = PRELUDE + "try:\n" + textwrap.indent(textwrap.dedent(code), "    ") + """
+    body = (
+        PRELUDE
+        + "try:\n"
+        + textwrap.indent(textwrap.dedent(code), "    ")
+        + """
 except vmthunder.Error as e:
     print("@@ERR " + json.dumps([type(e).__name__, str(e)]))
     sys.exit(3)
 """
+    )
     path = node.write_file(f"snippet-{uuid.uuid4().hex[:10]}.py", body.encode())
     rc, output = node.run(f"python3 {path}", timeout=timeout)
     result = None
@@ -170,8 +173,9 @@ def parallel(fn, items):
     def run(i):
         try:
             res[i] = fn(i)
-        except BaseException as e:         # re-raised below, in the caller's thread
+        except BaseException as e:  # re-raised below, in the caller's thread
             errs.append((i, e))
+
     ts = [threading.Thread(target=run, args=(i,)) for i in items]
     for t in ts:
         t.start()
@@ -205,7 +209,7 @@ def node_ticks(fleet) -> dict:
                 st = fh.read()
         except OSError:
             continue
-        fields = st[st.rfind(")") + 2:].split()
+        fields = st[st.rfind(")") + 2 :].split()
         if len(fields) > 12 and int(fields[2]) in names:
             ticks[names[int(fields[2])]] += int(fields[11]) + int(fields[12])
     return ticks
@@ -220,9 +224,8 @@ def cpu_snapshot(fleet) -> dict:
     idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)
     with open("/proc/loadavg") as fh:
         load = float(fh.read().split()[0])
-    steal = cpu[7] if len(cpu) > 7 else 0     # this host is a VM: time its hypervisor ran others
-    return {"fleet": fleet_ticks, "busy": sum(cpu) - idle, "steal": steal, "total": sum(cpu), "load": load,
-            "t": time.time()}
+    steal = cpu[7] if len(cpu) > 7 else 0  # this host is a VM: time its hypervisor ran others
+    return {"fleet": fleet_ticks, "busy": sum(cpu) - idle, "steal": steal, "total": sum(cpu), "load": load, "t": time.time()}
 
 
 def cpu_summary(a, b) -> dict:
@@ -230,11 +233,14 @@ def cpu_summary(a, b) -> dict:
     ncpu = os.cpu_count() or 1
     wall = max(1e-3, b["t"] - a["t"])
     total = max(1, b["total"] - a["total"])
-    return {"fleet_cpu_s": round((b["fleet"] - a["fleet"]) / hz, 1),
-            "fleet_cores": round((b["fleet"] - a["fleet"]) / hz / wall, 2),
-            "host_busy": round((b["busy"] - a["busy"]) / total, 3),
-            "host_steal": round((b.get("steal", 0) - a.get("steal", 0)) / total, 3),
-            "host_cores": ncpu, "loadavg_1m": [a["load"], b["load"]]}
+    return {
+        "fleet_cpu_s": round((b["fleet"] - a["fleet"]) / hz, 1),
+        "fleet_cores": round((b["fleet"] - a["fleet"]) / hz / wall, 2),
+        "host_busy": round((b["busy"] - a["busy"]) / total, 3),
+        "host_steal": round((b.get("steal", 0) - a.get("steal", 0)) / total, 3),
+        "host_cores": ncpu,
+        "loadavg_1m": [a["load"], b["load"]],
+    }
 
 
 def node_load(samples, window_s: float = 2.0) -> dict:
@@ -255,9 +261,12 @@ def node_load(samples, window_s: float = 2.0) -> dict:
         t1, b = samples[j]
         for n in peak:
             peak[n] = max(peak[n], (b.get(n, 0) - a.get(n, 0)) / hz / (t1 - t0))
-    return {"node_cpu_s": {n: round((last[n] - first.get(n, 0)) / hz, 1) for n in last},
-            "node_peak_cores": {n: round(v, 2) for n, v in peak.items()}, "node_peak_window_s": window_s,
-            "node_samples": [[t, {n: round((v - first.get(n, 0)) / hz, 2) for n, v in s.items()}] for t, s in samples]}
+    return {
+        "node_cpu_s": {n: round((last[n] - first.get(n, 0)) / hz, 1) for n in last},
+        "node_peak_cores": {n: round(v, 2) for n, v in peak.items()},
+        "node_peak_window_s": window_s,
+        "node_samples": [[t, {n: round((v - first.get(n, 0)) / hz, 2) for n, v in s.items()}] for t, s in samples],
+    }
 
 
 def cpu_until(node_samples, t: float) -> float:
@@ -270,10 +279,16 @@ def cpu_until(node_samples, t: float) -> float:
 def tap_counters(fleet) -> dict:
     """Host view of every node's link: {node: [guest_tx, guest_rx]} in one host command."""
     names = list(fleet.nodes)
-    files = " ".join(f"/sys/class/net/tap{fleet[n].index}/statistics/rx_bytes "
-                     f"/sys/class/net/tap{fleet[n].index}/statistics/tx_bytes" for n in names)
-    p = subprocess.run(["ip", "netns", "exec", fleet.netns, "sh", "-c", f"cat {files}"],
-                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=20)
+    files = " ".join(
+        f"/sys/class/net/tap{fleet[n].index}/statistics/rx_bytes /sys/class/net/tap{fleet[n].index}/statistics/tx_bytes"
+        for n in names
+    )
+    p = subprocess.run(
+        ["ip", "netns", "exec", fleet.netns, "sh", "-c", f"cat {files}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        timeout=20,
+    )
     v = [int(x) for x in p.stdout.split()]
     if len(v) != 2 * len(names):
         raise BenchError(f"tap counters: {p.stdout!r}")
@@ -285,7 +300,7 @@ class FleetRun:
     def __init__(self, args, trace, image_path, ws_bytes, digest, n, m):
         self.a = args
         self.trace = trace
-        self.replay_bin = None          # guest path of the C replay once the fleet is set up
+        self.replay_bin = None  # guest path of the C replay once the fleet is set up
         self.image_path = image_path
         self.image_bytes = trace["image_bytes"]
         self.W = ws_bytes
@@ -333,21 +348,34 @@ class FleetRun:
         session, cache set or page cache left by another mode."""
         a = self.a
         t0 = time.monotonic()
-        doc = {"nodes": self.n, "vms": self.m, "rate_bps": self.rate_bps, "fanout": a.fanout,
-               "working_set_bytes": self.W, "image_bytes": self.image_bytes,
-               "link_bound_s": round(self.W * 8 / self.rate_bps, 3),
-               "tree_bound_s": round(a.fanout * self.W * 8 / self.rate_bps, 3),
-               "direct_bound_s": round(self.m * self.W * 8 / self.rate_bps, 3),
-               "full_copy_bound_s": round(self.n * self.image_bytes * 8 / self.rate_bps, 3),
-               "modes": {}}
+        doc = {
+            "nodes": self.n,
+            "vms": self.m,
+            "rate_bps": self.rate_bps,
+            "fanout": a.fanout,
+            "working_set_bytes": self.W,
+            "image_bytes": self.image_bytes,
+            "link_bound_s": round(self.W * 8 / self.rate_bps, 3),
+            "tree_bound_s": round(a.fanout * self.W * 8 / self.rate_bps, 3),
+            "direct_bound_s": round(self.m * self.W * 8 / self.rate_bps, 3),
+            "full_copy_bound_s": round(self.n * self.image_bytes * 8 / self.rate_bps, 3),
+            "modes": {},
+        }
         for i, mode in enumerate(self.modes):
             t = time.monotonic()
             nodes = {"o": {"disks": {"ubdb": self.image_path}, "mem": a.origin_mem}}
             for c in self.cns:
                 nodes[c] = {"disks": self.local_disks(mode)}
             name = f"fl{os.getpid()}n{self.n}m{i}"[:20]
-            log.info("[%s] booting %d nodes (origin + %d compute, fleet %s, links %s, %s per node)", mode, self.n + 1,
-                     self.n, name, a.rate, a.mem)
+            log.info(
+                "[%s] booting %d nodes (origin + %d compute, fleet %s, links %s, %s per node)",
+                mode,
+                self.n + 1,
+                self.n,
+                name,
+                a.rate,
+                a.mem,
+            )
             try:
                 with Fleet(nodes=nodes, name=name, subnet=SUBNET, rate=a.rate, mem=a.mem, boot_timeout=180) as fleet:
                     self.fleet = fleet
@@ -365,16 +393,29 @@ class FleetRun:
             res["wall_s"] = round(time.monotonic() - t, 1)
             doc["modes"][mode] = res
             if "completion_s" in res:
-                log.info("[%s] fleet completion %.1fs (%.2f x link bound), origin sent %.2f x W, max edge %.2f x W",
-                         mode, res["completion_s"], res["completion_s"] / doc["link_bound_s"],
-                         res["origin_bytes"] / self.W, res["max_edge_ratio"])
-                log.info("[%s] CPU: fleet %.1f core-s, host %.0f %% busy (%.0f %% stolen by the hypervisor)", mode,
-                         res["cpu"]["fleet_cpu_s"], 100 * res["cpu"]["host_busy"], 100 * res["cpu"].get("host_steal", 0))
+                log.info(
+                    "[%s] fleet completion %.1fs (%.2f x link bound), origin sent %.2f x W, max edge %.2f x W",
+                    mode,
+                    res["completion_s"],
+                    res["completion_s"] / doc["link_bound_s"],
+                    res["origin_bytes"] / self.W,
+                    res["max_edge_ratio"],
+                )
+                log.info(
+                    "[%s] CPU: fleet %.1f core-s, host %.0f %% busy (%.0f %% stolen by the hypervisor)",
+                    mode,
+                    res["cpu"]["fleet_cpu_s"],
+                    100 * res["cpu"]["host_busy"],
+                    100 * res["cpu"].get("host_steal", 0),
+                )
                 peak = res["cpu"].get("node_peak_cores") or {}
                 if peak:
-                    log.info("[%s] busiest nodes (cores over %.0f s; a UML node has one CPU): %s", mode,
-                             res["cpu"]["node_peak_window_s"],
-                             ", ".join(f"{n} {v:.2f}" for n, v in sorted(peak.items(), key=lambda kv: -kv[1])[:4]))
+                    log.info(
+                        "[%s] busiest nodes (cores over %.0f s; a UML node has one CPU): %s",
+                        mode,
+                        res["cpu"]["node_peak_window_s"],
+                        ", ".join(f"{n} {v:.2f}" for n, v in sorted(peak.items(), key=lambda kv: -kv[1])[:4]),
+                    )
         doc["total_s"] = round(time.monotonic() - t0, 1)
         return doc
 
@@ -388,10 +429,23 @@ class FleetRun:
             # origin: natively on the host side of the bridge (in a UML node each of its syscalls
             # is a ptrace round trip: it was 7 % of the host's CPU samples, on the origin node).
             url = f"http://{f.host_ip}:2379"
-            f.host_service("etcd", ["etcd", "--name", "ctl", "--data-dir", os.path.join(f.shm_dir, "etcd"),
-                                    "--listen-client-urls", url, "--advertise-client-urls", url,
-                                    "--listen-peer-urls", "http://127.0.0.1:2380"],
-                           log_path=os.path.join(f.workdir, "etcd.log"))
+            f.host_service(
+                "etcd",
+                [
+                    "etcd",
+                    "--name",
+                    "ctl",
+                    "--data-dir",
+                    os.path.join(f.shm_dir, "etcd"),
+                    "--listen-client-urls",
+                    url,
+                    "--advertise-client-urls",
+                    url,
+                    "--listen-peer-urls",
+                    "http://127.0.0.1:2380",
+                ],
+                log_path=os.path.join(f.workdir, "etcd.log"),
+            )
             self.registry = f"etcd3+{url}"
         if self.a.min_tso_segs is not None:
             setting = f"echo {int(self.a.min_tso_segs)} > /proc/sys/net/ipv4/tcp_min_tso_segs"
@@ -431,9 +485,18 @@ class FleetRun:
         return res
 
     def replay_cmd(self, dev, vm, mode, go=True) -> str:
-        return shlex.join(fleet_guest.replay_argv(
-            dev, "/vmt-share/trace.json", f"/vmt-share/{mode}/{vm}.json", self.a.depth, self.a.think,
-            go=f"/vmt-share/{mode}/go" if go else None, binary=self.replay_bin, script="/vmt-share/fleet_guest.py"))
+        return shlex.join(
+            fleet_guest.replay_argv(
+                dev,
+                "/vmt-share/trace.json",
+                f"/vmt-share/{mode}/{vm}.json",
+                self.a.depth,
+                self.a.think,
+                go=f"/vmt-share/{mode}/go" if go else None,
+                binary=self.replay_bin,
+                script="/vmt-share/fleet_guest.py",
+            )
+        )
 
     def go(self, mode, procs, ready_files) -> float:
         """Wait (bounded) until every reader/copier is up and waiting, then start them all at
@@ -486,7 +549,7 @@ class FleetRun:
                 samples.append([round(now - start_at, 3), {k: v for k, v in taps.items()}])
                 if origin_tx0 is None:
                     origin_tx0 = taps["o"][0]
-            except Exception as e:           # sampling is best effort
+            except Exception as e:  # sampling is best effort
                 log.debug("tap sampling failed: %s", e)
             cpu_samples.append([round(now - start_at, 3), node_ticks(f)])
             prog = {}
@@ -522,8 +585,17 @@ class FleetRun:
                     cp = [read_json(f[c].host_path(f"{mode}/copy-{c}.json")) or {} for c in self.cns]
                     cbytes = sum(x.get("bytes", 0) for x in cp)
                     extra = f", copies {cbytes / MIB:.0f}/{self.n * self.image_bytes / MIB:.0f} MiB"
-                log.info("[%s] %5.1fs: VMs done %d/%d, reads %d/%d%s, origin sent %.1f MiB", mode, now - start_at,
-                         done_vms, len(self.vms), done_reads, total * len(self.vms), extra, otx / MIB)
+                log.info(
+                    "[%s] %5.1fs: VMs done %d/%d, reads %d/%d%s, origin sent %.1f MiB",
+                    mode,
+                    now - start_at,
+                    done_vms,
+                    len(self.vms),
+                    done_reads,
+                    total * len(self.vms),
+                    extra,
+                    otx / MIB,
+                )
                 last_show = now
             time.sleep(0.5)
         try:
@@ -546,15 +618,23 @@ class FleetRun:
             b, a = before[c]["sessions"], after[c]["sessions"]
             for sid, s in sorted(a.items(), key=lambda kv: int(kv[0])):
                 prev = b.get(sid, {})
-                same = prev if prev.get("target") == s["target"] else {}     # a session id reused: new counters
+                same = prev if prev.get("target") == s["target"] else {}  # a session id reused: new counters
                 delta = s["read_bytes"] - same.get("read_bytes", 0)
                 ios = s.get("read_ios", 0) - same.get("read_ios", 0)
                 parent = self.ip_to_node.get(s["address"], s["address"])
                 parent = "origin" if parent == "o" else parent
                 # reads = SCSI read commands the child sent (each costs both ends a round of
                 # iSCSI, TCP and block-layer work, whatever its size)
-                edges.append({"parent": parent, "child": c, "bytes": delta, "ratio": round(delta / W, 4),
-                              "reads": ios, "mean_read_kib": round(delta / ios / 1024, 1) if ios else None})
+                edges.append(
+                    {
+                        "parent": parent,
+                        "child": c,
+                        "bytes": delta,
+                        "ratio": round(delta / W, 4),
+                        "reads": ios,
+                        "mean_read_kib": round(delta / ios / 1024, 1) if ios else None,
+                    }
+                )
         if parents is not None:
             # the active path of each child (dm-multipath failover: I/O goes to one path): the
             # session its data came over; the other paths are standby
@@ -621,9 +701,11 @@ class FleetRun:
         replay = ""
         if self.a.start == "attach":
             # as Nova would: each VM boots as soon as its disk is attached
-            replay = (f" --replay-trace /vmt-share/trace.json --replay-dir /vmt-share/{mode} --depth {self.a.depth}"
-                      + (" --think" if self.a.think else "")
-                      + (f" --replay-bin {self.replay_bin}" if self.replay_bin else ""))
+            replay = (
+                f" --replay-trace /vmt-share/trace.json --replay-dir /vmt-share/{mode} --depth {self.a.depth}"
+                + (" --think" if self.a.think else "")
+                + (f" --replay-bin {self.replay_bin}" if self.replay_bin else "")
+            )
         if prefetch:
             # the recorded boot profile of the image: the member prefetches it through its template
             replay += f" --profile /vmt-share/trace.json --prefetch-order {self.a.prefetch_order}"
@@ -634,7 +716,8 @@ class FleetRun:
                 f"--fanout {fanout} --expect-hosts {self.n} --cache-mib {self.cache_mib} --cow-mib {COW_MIB} "
                 f"--cache-device {'/dev/ram0' if self.ram_local_disk(mode) else '/dev/ubdb'} "
                 f"--workdir {wd} --max-seconds {self.read_timeout(mode) + 900:.0f} --log-level {self.a.member_log_level}{replay} "
-                f"> /vmt-share/{mode}/member/out 2>&1")
+                f"> /vmt-share/{mode}/member/out 2>&1"
+            )
 
         def wait_all(fname, timeout, what):
             deadline = time.monotonic() + timeout
@@ -697,12 +780,21 @@ class FleetRun:
             def level(c, seen=()):
                 p = active.get(c, "origin")
                 return 1 if p == "origin" or p in seen else 1 + level(p, seen + (c,))
-            res["tree_shape"] = {"max_children": max(kids.values()), "origin_children": kids.get("origin", 0),
-                                 "levels": max(level(c) for c in active),
-                                 "bound_s": round(max(kids.values()) * self.W * 8 / self.rate_bps, 3)}
-            res["tree"] = {"parents": parents, "active_parent": active, "depth": depth, "join_s": joins,
-                           "joins_wall_s": round(max(joins.values()), 3),
-                           "attach_s": {vm: att[c]["attach_s"][vm] for vm, c in self.vms.items()}}
+
+            res["tree_shape"] = {
+                "max_children": max(kids.values()),
+                "origin_children": kids.get("origin", 0),
+                "levels": max(level(c) for c in active),
+                "bound_s": round(max(kids.values()) * self.W * 8 / self.rate_bps, 3),
+            }
+            res["tree"] = {
+                "parents": parents,
+                "active_parent": active,
+                "depth": depth,
+                "join_s": joins,
+                "joins_wall_s": round(max(joins.values()), 3),
+                "attach_s": {vm: att[c]["attach_s"][vm] for vm, c in self.vms.items()},
+            }
             res["timeline"] = self.timeline(mon, mon["results"], base)
             res["cpu"].update(node_load(mon["cpu_samples"]))
             if "node_samples" in res["cpu"]:
@@ -739,7 +831,7 @@ class FleetRun:
         f = self.fleet
         members = {c: p for c, p in members.items() if f[c].alive()}
         if not members:
-            return                      # (after a teardown: nothing to stop, nothing to write)
+            return  # (after a teardown: nothing to stop, nothing to write)
         for phase, done in (("stop", "final.json"), ("exit", None)):
             for c in members:
                 try:
@@ -749,8 +841,8 @@ class FleetRun:
             deadline = time.monotonic() + 30
             if done:
                 while time.monotonic() < deadline and not all(
-                        os.path.exists(f[c].host_path(f"{mode}/member/{done}")) or members[c].poll() is not None
-                        for c in members):
+                    os.path.exists(f[c].host_path(f"{mode}/member/{done}")) or members[c].poll() is not None for c in members
+                ):
                     time.sleep(0.2)
         for c, p in members.items():
             try:
@@ -763,14 +855,17 @@ class FleetRun:
 
     # ------------------------------------------------------------------ baselines
     def logins(self) -> dict:
-        return parallel(lambda c: guest(self.fleet[c], "login --origin /vmt-share/origin.json").strip().splitlines()[-1],
-                        self.cns)
+        return parallel(
+            lambda c: guest(self.fleet[c], "login --origin /vmt-share/origin.json").strip().splitlines()[-1], self.cns
+        )
 
     def boot_cmd(self, mode, c) -> str:
         think = " --think" if self.a.think else ""
-        args = (f"boot --host {c} --origin /vmt-share/origin.json --vms {','.join(self.vms_of[c])} "
-                f"--trace /vmt-share/trace.json --out-dir /vmt-share/{mode} --go /vmt-share/{mode}/go "
-                f"--depth {self.a.depth}{think}")
+        args = (
+            f"boot --host {c} --origin /vmt-share/origin.json --vms {','.join(self.vms_of[c])} "
+            f"--trace /vmt-share/trace.json --out-dir /vmt-share/{mode} --go /vmt-share/{mode}/go "
+            f"--depth {self.a.depth}{think}"
+        )
         if self.a.start == "sync":
             args += " --login-first"
         if mode == "full_copy":
@@ -826,6 +921,7 @@ def host_speed() -> dict:
     are CPU-bound at 100 Mbit/s, so runs on different hosts compare only with this beside them
     (a slower host stretches tree times, not direct's, which the origin's link bounds)."""
     import timeit
+
     best = min(timeit.repeat("s = 0\nfor i in range(2_000_000): s += i", number=1, repeat=5))
     return {"python_loop_2e6_s": round(best, 4), "cpu_model": _cpu_model(), "cores": os.cpu_count()}
 
@@ -842,14 +938,21 @@ def provenance() -> dict:
     """What ran: the repository commit (and whether the Python layer differs from it) and the
     installed vmthunder package the guests import."""
     import hashlib
+
     out = {}
     try:
-        out["git_commit"] = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
-                                           stderr=subprocess.DEVNULL, timeout=10).stdout.decode().strip()
+        out["git_commit"] = (
+            subprocess.run(
+                ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10
+            )
+            .stdout.decode()
+            .strip()
+        )
     except Exception:
         pass
     try:
         import vmthunder
+
         pkg = os.path.dirname(vmthunder.__file__)
         out["vmthunder"] = vmthunder.__version__
         for mod in ("tree.py", "registry.py"):
@@ -877,7 +980,8 @@ def write_json(path, doc):
 def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="python3 -m bench.fleet",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
         "  python3 -m bench.fleet                         # 8 nodes, 8 VMs, 100 Mbit/s: tree, direct, full copy's bound\n"
         "  python3 -m bench.fleet --full-copy measure     # the full copy measured too (~30 min more at 2 GiB)\n"
@@ -886,70 +990,124 @@ def parse_args(argv):
         "  python3 -m bench.fleet --scaling 2,4,8 --modes tree,direct\n"
         "  python3 -m bench.fleet --nodes 3 --smoke --out /tmp/fleet   # the test suite's short run\n"
         "  python3 -m bench.plot bench/results/fleet-8n-100mbit.json   # its timeline PNG again\n"
-        "Leftovers of a killed run: python -m lab cleanup")
+        "Leftovers of a killed run: python -m lab cleanup",
+    )
     ap.add_argument("--nodes", type=int, default=8, help="compute nodes (default: %(default)s)")
     ap.add_argument("--vms", type=int, default=None, help="VMs, round-robin over the nodes (default: one per node)")
     ap.add_argument("--rate", default="100mbit", help="every link, each direction, tc syntax (default: %(default)s)")
-    ap.add_argument("--fanout", type=int, default=3, help="tree fan-out of mode 'tree' (default: %(default)s, the "
-                    "placement default); add modes tree-f2, tree-f1 ... to compare in the same fleet")
-    ap.add_argument("--full-copy", choices=("bound", "measure"), default="bound",
-                    help="the full-copy baseline: its link bound, image bytes x nodes / rate, printed as a bound "
-                         "(default: the first run takes minutes), or measured (adds mode full_copy: ~30 min for a "
-                         "2 GiB image to 8 nodes at 100 Mbit/s)")
-    ap.add_argument("--modes", default="tree,direct",
-                    help="comma-separated: tree, tree-fK (fan-out K), direct, full_copy (default: %(default)s)")
-    ap.add_argument("--trace", default=None, metavar="PATH|synthetic",
-                    help="boot read trace (default: bench/traces/debian12-boot.json if it exists, else synthetic)")
+    ap.add_argument(
+        "--fanout",
+        type=int,
+        default=3,
+        help="tree fan-out of mode 'tree' (default: %(default)s, the "
+        "placement default); add modes tree-f2, tree-f1 ... to compare in the same fleet",
+    )
+    ap.add_argument(
+        "--full-copy",
+        choices=("bound", "measure"),
+        default="bound",
+        help="the full-copy baseline: its link bound, image bytes x nodes / rate, printed as a bound "
+        "(default: the first run takes minutes), or measured (adds mode full_copy: ~30 min for a "
+        "2 GiB image to 8 nodes at 100 Mbit/s)",
+    )
+    ap.add_argument(
+        "--modes",
+        default="tree,direct",
+        help="comma-separated: tree, tree-fK (fan-out K), direct, full_copy (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--trace",
+        default=None,
+        metavar="PATH|synthetic",
+        help="boot read trace (default: bench/traces/debian12-boot.json if it exists, else synthetic)",
+    )
     ap.add_argument("--synthetic-ws-mib", type=int, default=48, help="synthetic working set (default: %(default)s MiB)")
     ap.add_argument("--synthetic-image-mib", type=int, default=256, help="synthetic image (default: %(default)s MiB)")
     ap.add_argument("--seed", type=int, default=7, help="seed of the synthetic trace (default: %(default)s)")
     ap.add_argument("--depth", type=int, default=8, help="reads in flight per VM (default: %(default)s)")
-    ap.add_argument("--start", choices=("attach", "sync"), default="attach",
-                    help="attach (default): as Nova would, each VM boots as soon as its disk is attached and "
-                    "times run from the fleet's launch (joins and logins included); sync: attach everything "
-                    "first, then all VMs start their reads at the same instant (the data path alone, worst-case "
-                    "lockstep)")
+    ap.add_argument(
+        "--start",
+        choices=("attach", "sync"),
+        default="attach",
+        help="attach (default): as Nova would, each VM boots as soon as its disk is attached and "
+        "times run from the fleet's launch (joins and logins included); sync: attach everything "
+        "first, then all VMs start their reads at the same instant (the data path alone, worst-case "
+        "lockstep)",
+    )
     th = ap.add_mutually_exclusive_group()
     th.add_argument("--think", action="store_true", help="honour the trace's time offsets as a lower bound")
     th.add_argument("--no-think", dest="think", action="store_false", help="ignore think time (default)")
-    ap.add_argument("--replay", choices=("c", "python"), default="c",
-                    help="the VM stand-in: c (default: bench/replay.c, built with cc) or python (fleet_guest.py replay); "
-                    "same reads and digest, the C one costs its node far fewer syscalls and page faults")
-    ap.add_argument("--mem", default="448M", help="RAM per compute node; the default holds the ram local disk "
-                    "(--local-disk) beside the page cache (default: %(default)s)")
+    ap.add_argument(
+        "--replay",
+        choices=("c", "python"),
+        default="c",
+        help="the VM stand-in: c (default: bench/replay.c, built with cc) or python (fleet_guest.py replay); "
+        "same reads and digest, the C one costs its node far fewer syscalls and page faults",
+    )
+    ap.add_argument(
+        "--mem",
+        default="448M",
+        help="RAM per compute node; the default holds the ram local disk "
+        "(--local-disk) beside the page cache (default: %(default)s)",
+    )
     ap.add_argument("--origin-mem", default="320M", help="RAM of the origin node (default: %(default)s)")
     ap.add_argument("--progress-s", type=float, default=5.0, help="progress line interval (default: %(default)s s)")
-    ap.add_argument("--scaling", default=None, metavar="N1,N2,...", help="run one fleet per size (VMs = nodes "
-                    "x --vms-per-node) and write fleet-scaling-<rate>.json")
+    ap.add_argument(
+        "--scaling",
+        default=None,
+        metavar="N1,N2,...",
+        help="run one fleet per size (VMs = nodes x --vms-per-node) and write fleet-scaling-<rate>.json",
+    )
     ap.add_argument("--vms-per-node", type=int, default=1, help="with --scaling (default: %(default)s)")
     host_memory.add_option(ap)
     ap.add_argument("--logs", metavar="DIR", help="keep each tree member's log (vmthunder's own log lines) in DIR")
-    ap.add_argument("--member-log-level", choices=("INFO", "DEBUG"), default="INFO",
-                    help="level of the members' logs (DEBUG: each tool run with its duration, each registry "
-                    "request: where a join's time goes; default: %(default)s)")
-    ap.add_argument("--min-tso-segs", type=int, default=None, metavar="N",
-                    help="set every node's net.ipv4.tcp_min_tso_segs to N (2..64; default: the kernel's 2). TCP "
-                    "sizes a send to ~1 ms at its pacing rate: 64 KiB on the 1 GbE link the fleet models, ~12 KiB "
-                    "on its 100 Mbit/s stand-in, so each byte costs the UML nodes ~5x the packets a 1 GbE host "
-                    "handles; 44 (x 1448 B MSS = 64 KiB) restores the 1 GbE frame count. Every mode gets it. Measured "
-                    "2026-12-03 (bench/README.md): 44 cut direct reads' CPU ~13 %% but made the 8-node chain "
-                    "slower (17.3-17.5 s against 15.6-16.6 s) with more CPU, so the default leaves it alone")
-    ap.add_argument("--prefetch-order", choices=fleet_guest.PREFETCH_ORDERS, default="reverse",
-                    help="the tree modes' prefetch walks the boot profile from its end while the VM boots from "
-                    "its start (reverse, the library default) or ahead of the VM from the start (forward; "
-                    "default: %(default)s)")
-    ap.add_argument("--local-disk", choices=("ram", "ubd"), default="ram",
-                    help="the tree modes' local device (the cache set and the VMs' COW; a compute node's SSD): "
-                    "ram, a brd RAM disk inside the node (--mem holds it), or ubd, a UML disk over a file in the "
-                    "host's tmpfs, where each request is a round trip to UML's I/O thread. Both keep the data in "
-                    "RAM; measured 2026-12-03 (bench/README.md) ubd cost the 8-node chain 10-16 %% more CPU "
-                    "(default: %(default)s)")
+    ap.add_argument(
+        "--member-log-level",
+        choices=("INFO", "DEBUG"),
+        default="INFO",
+        help="level of the members' logs (DEBUG: each tool run with its duration, each registry "
+        "request: where a join's time goes; default: %(default)s)",
+    )
+    ap.add_argument(
+        "--min-tso-segs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="set every node's net.ipv4.tcp_min_tso_segs to N (2..64; default: the kernel's 2). TCP "
+        "sizes a send to ~1 ms at its pacing rate: 64 KiB on the 1 GbE link the fleet models, ~12 KiB "
+        "on its 100 Mbit/s stand-in, so each byte costs the UML nodes ~5x the packets a 1 GbE host "
+        "handles; 44 (x 1448 B MSS = 64 KiB) restores the 1 GbE frame count. Every mode gets it. Measured "
+        "2026-12-03 (bench/README.md): 44 cut direct reads' CPU ~13 %% but made the 8-node chain "
+        "slower (17.3-17.5 s against 15.6-16.6 s) with more CPU, so the default leaves it alone",
+    )
+    ap.add_argument(
+        "--prefetch-order",
+        choices=fleet_guest.PREFETCH_ORDERS,
+        default="reverse",
+        help="the tree modes' prefetch walks the boot profile from its end while the VM boots from "
+        "its start (reverse, the library default) or ahead of the VM from the start (forward; "
+        "default: %(default)s)",
+    )
+    ap.add_argument(
+        "--local-disk",
+        choices=("ram", "ubd"),
+        default="ram",
+        help="the tree modes' local device (the cache set and the VMs' COW; a compute node's SSD): "
+        "ram, a brd RAM disk inside the node (--mem holds it), or ubd, a UML disk over a file in the "
+        "host's tmpfs, where each request is a round trip to UML's I/O thread. Both keep the data in "
+        "RAM; measured 2026-12-03 (bench/README.md) ubd cost the 8-node chain 10-16 %% more CPU "
+        "(default: %(default)s)",
+    )
     ap.add_argument("--verbose", action="store_true", help="log the harness too (node boots, teardown)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: bench/results)")
-    ap.add_argument("--name", help="the result file's name without .json (default: the scenario, e.g. "
-                    "fleet-8n-100mbit, fleet-scaling-100mbit; give one for experiments that should not replace it)")
-    ap.add_argument("--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a "
-                    "32 MiB image, short delays")
+    ap.add_argument(
+        "--name",
+        help="the result file's name without .json (default: the scenario, e.g. "
+        "fleet-8n-100mbit, fleet-scaling-100mbit; give one for experiments that should not replace it)",
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny run for tests: synthetic 8 MiB working set over a 32 MiB image, short delays"
+    )
     a = ap.parse_args(argv)
     a.modes = [x.strip() for x in a.modes.split(",") if x.strip()]
     if a.full_copy == "measure" and "full_copy" not in a.modes:
@@ -1005,17 +1163,24 @@ def main(argv=None):
     else:
         trace = load_trace(a.trace)
     W = union_bytes(trace["reads"])
-    log.info("trace: %s: %d reads, %.1f MiB read, W = %.1f MiB over a %.0f MiB image", trace["source"],
-             len(trace["reads"]), sum(r[2] for r in trace["reads"]) / MIB, W / MIB, trace["image_bytes"] / MIB)
+    log.info(
+        "trace: %s: %d reads, %.1f MiB read, W = %.1f MiB over a %.0f MiB image",
+        trace["source"],
+        len(trace["reads"]),
+        sum(r[2] for r in trace["reads"]) / MIB,
+        W / MIB,
+        trace["image_bytes"] / MIB,
+    )
     os.makedirs(a.out, exist_ok=True)
 
-    def on_sigterm(signum, frame):      # the harness tears its fleets down first, then calls this
+    def on_sigterm(signum, frame):  # the harness tears its fleets down first, then calls this
         raise SystemExit(128 + signum)
+
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
     tmp = tempfile.mkdtemp(prefix="vmt-fleet-")
     stack = contextlib.ExitStack()
-    report = []          # printed last, after the host is restored: the table, then the PNG's path
+    report = []  # printed last, after the host is restored: the table, then the PNG's path
     try:
         image_path = os.path.join(tmp, "origin.img")
         make_origin_image(image_path, trace["image_bytes"], trace["reads"])
@@ -1027,13 +1192,22 @@ def main(argv=None):
         prov["host_memory"] = host_memory.enter(stack, a.host_memory, want)
         if trace.get("sha1"):
             prov["trace_sha1"] = trace["sha1"]
-        common = {"provenance": prov, "trace": trace["source"], "reads": len(trace["reads"]),
-                  "read_bytes": sum(r[2] for r in trace["reads"]), "depth": a.depth, "think": a.think, "replay": a.replay,
-                  "start": a.start, "min_tso_segs": a.min_tso_segs,
-                  "rate": a.rate, "command": " ".join(["python3", "-m", "bench.fleet"] + (sys.argv[1:] if argv is None else argv)),
-                  "bytes_note": "origin_bytes: the origin's link tx (NIC, TCP/iSCSI headers included; etcd runs on the controller); "
-                  "origin_data_bytes and edges[].bytes: data the child read over that iSCSI session "
-                  "(block-layer counters); ratio = bytes / working_set_bytes"}
+        common = {
+            "provenance": prov,
+            "trace": trace["source"],
+            "reads": len(trace["reads"]),
+            "read_bytes": sum(r[2] for r in trace["reads"]),
+            "depth": a.depth,
+            "think": a.think,
+            "replay": a.replay,
+            "start": a.start,
+            "min_tso_segs": a.min_tso_segs,
+            "rate": a.rate,
+            "command": " ".join(["python3", "-m", "bench.fleet"] + (sys.argv[1:] if argv is None else argv)),
+            "bytes_note": "origin_bytes: the origin's link tx (NIC, TCP/iSCSI headers included; etcd runs on the controller); "
+            "origin_data_bytes and edges[].bytes: data the child read over that iSCSI session "
+            "(block-layer counters); ratio = bytes / working_set_bytes",
+        }
         sizes = a.sizes or [a.nodes]
         docs = []
         for n in sizes:
@@ -1053,7 +1227,9 @@ def main(argv=None):
                 log.info("wrote %s", path)
                 report += [table(doc), f"\ntimeline: {png}" if doc["png"] else "\ntimeline: none (matplotlib missing)"]
             else:
-                log.info("size %d done: %s", n, {k: r.get("completion_s", r.get("error", "")[:60]) for k, r in doc["modes"].items()})
+                log.info(
+                    "size %d done: %s", n, {k: r.get("completion_s", r.get("error", "")[:60]) for k, r in doc["modes"].items()}
+                )
         if a.sizes:
             for d in docs:
                 for r in d["modes"].values():
@@ -1061,8 +1237,18 @@ def main(argv=None):
             md = scaling_table(docs)
             name = a.name or record.fleet_scenario(None, docs[0]["rate_bps"], a.start, "sha1" not in trace)
             path = os.path.join(a.out, name + ".json")
-            write_json(path, {"sizes": sizes, "rate_bps": docs[0]["rate_bps"], "fanout": a.fanout,
-                              "working_set_bytes": W, "runs": docs, "table_md": md, **common})
+            write_json(
+                path,
+                {
+                    "sizes": sizes,
+                    "rate_bps": docs[0]["rate_bps"],
+                    "fanout": a.fanout,
+                    "working_set_bytes": W,
+                    "runs": docs,
+                    "table_md": md,
+                    **common,
+                },
+            )
             for d in docs:
                 record.append_history(path, record.fleet_summary(d, name))
             log.info("wrote %s", path)

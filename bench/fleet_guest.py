@@ -31,6 +31,7 @@
         Bytes read per iSCSI session (block-layer counters of its disks), with the session's
         target and portal, and the NIC counters: JSON on stdout.
 """
+
 import argparse
 import ctypes
 import errno
@@ -66,7 +67,7 @@ def read_first_line(path):
 def counters():
     sessions = {}
     for sdir in glob.glob("/sys/class/iscsi_session/session*"):
-        sid = os.path.basename(sdir)[len("session"):]
+        sid = os.path.basename(sdir)[len("session") :]
         conn = glob.glob(f"/sys/class/iscsi_connection/connection{sid}:*")
         addr = read_first_line(os.path.join(conn[0], "persistent_address")) if conn else None
         port = read_first_line(os.path.join(conn[0], "persistent_port")) if conn else None
@@ -77,12 +78,17 @@ def counters():
             stat = read_first_line(f"/sys/block/{name}/stat")
             if stat:
                 fields = stat.split()
-                read_ios += int(fields[0])          # completed read requests (after merging)
+                read_ios += int(fields[0])  # completed read requests (after merging)
                 read_bytes += int(fields[2]) * 512
                 disks.append(name)
-        sessions[sid] = {"target": read_first_line(os.path.join(sdir, "targetname")),
-                         "address": addr, "port": port, "read_bytes": read_bytes,
-                         "read_ios": read_ios, "disks": disks}
+        sessions[sid] = {
+            "target": read_first_line(os.path.join(sdir, "targetname")),
+            "address": addr,
+            "port": port,
+            "read_bytes": read_bytes,
+            "read_ios": read_ios,
+            "disks": disks,
+        }
     nic = {k: int(read_first_line(f"/sys/class/net/vec0/statistics/{k}") or 0) for k in ("rx_bytes", "tx_bytes")}
     return {"sessions": sessions, "nic": nic, "clock": time.time()}
 
@@ -103,12 +109,14 @@ def conn_data(conn):
 def session_of(iqn, portal):
     ip, port = portal.rsplit(":", 1)
     for sdir in glob.glob("/sys/class/iscsi_session/session*"):
-        sid = os.path.basename(sdir)[len("session"):]
+        sid = os.path.basename(sdir)[len("session") :]
         if read_first_line(os.path.join(sdir, "targetname")) != iqn:
             continue
         for c in glob.glob(f"/sys/class/iscsi_connection/connection{sid}:*"):
-            if read_first_line(os.path.join(c, "persistent_address")) == ip and \
-                    read_first_line(os.path.join(c, "persistent_port")) == port:
+            if (
+                read_first_line(os.path.join(c, "persistent_address")) == ip
+                and read_first_line(os.path.join(c, "persistent_port")) == port
+            ):
                 return sid
     return None
 
@@ -121,7 +129,7 @@ def session_disk(sid, lun):
 
 def adm(*args, secret=None):
     p = subprocess.run(["iscsiadm", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    if p.returncode not in (0, 15):          # 15: session exists
+    if p.returncode not in (0, 15):  # 15: session exists
         out = p.stdout.decode(errors="replace")
         if secret:
             out = out.replace(secret, "***")
@@ -138,8 +146,7 @@ def login(conn):
         if d.get("auth_method") == "CHAP" or d.get("auth_username"):
             adm(*node, "-o", "update", "-n", "node.session.auth.authmethod", "-v", "CHAP")
             adm(*node, "-o", "update", "-n", "node.session.auth.username", "-v", d["auth_username"])
-            adm(*node, "-o", "update", "-n", "node.session.auth.password", "-v", d["auth_password"],
-                secret=d["auth_password"])
+            adm(*node, "-o", "update", "-n", "node.session.auth.password", "-v", d["auth_password"], secret=d["auth_password"])
         adm(*node, "--login")
         sid = session_of(iqn, portal)
         if sid is None:
@@ -159,8 +166,9 @@ def login(conn):
                     raise
         if not scanned:
             host = glob.glob(f"/sys/class/iscsi_session/session{sid}/device/../scsi_host/host*")
-            hosts = [os.path.basename(h) for h in host] or \
-                [os.path.basename(os.path.dirname(os.path.realpath(f"/sys/class/iscsi_session/session{sid}/device")))]
+            hosts = [os.path.basename(h) for h in host] or [
+                os.path.basename(os.path.dirname(os.path.realpath(f"/sys/class/iscsi_session/session{sid}/device")))
+            ]
             for h in hosts:
                 if h.startswith("host"):
                     try:
@@ -220,17 +228,27 @@ class Aio:
     preads: one thread keeps DEPTH reads in flight. In a UML guest every syscall of a process is
     two host context switches; the thread-per-slot replay this replaces spent most of its CPU in
     GIL hand-offs (futexes), CPU the nodes' data paths then lacked."""
-    SYS_SETUP, SYS_DESTROY, SYS_GETEVENTS, SYS_SUBMIT = 206, 207, 208, 209     # x86_64
+
+    SYS_SETUP, SYS_DESTROY, SYS_GETEVENTS, SYS_SUBMIT = 206, 207, 208, 209  # x86_64
 
     class Iocb(ctypes.Structure):
-        _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_uint32),
-                    ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
-                    ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
-                    ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
+        _fields_ = [
+            ("data", ctypes.c_uint64),
+            ("key", ctypes.c_uint32),
+            ("rw_flags", ctypes.c_uint32),
+            ("opcode", ctypes.c_uint16),
+            ("reqprio", ctypes.c_int16),
+            ("fildes", ctypes.c_uint32),
+            ("buf", ctypes.c_uint64),
+            ("nbytes", ctypes.c_uint64),
+            ("offset", ctypes.c_int64),
+            ("reserved2", ctypes.c_uint64),
+            ("flags", ctypes.c_uint32),
+            ("resfd", ctypes.c_uint32),
+        ]
 
     class Event(ctypes.Structure):
-        _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64),
-                    ("res2", ctypes.c_int64)]
+        _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
 
     class Timespec(ctypes.Structure):
         _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
@@ -260,8 +278,7 @@ class Aio:
         ts = None
         if timeout_s is not None:
             ts = ctypes.byref(self.Timespec(int(timeout_s), int((timeout_s % 1) * 1e9)))
-        n = self._call(self.SYS_GETEVENTS, self.ctx, ctypes.c_long(1), ctypes.c_long(len(self.events)),
-                       self.events, ts)
+        n = self._call(self.SYS_GETEVENTS, self.ctx, ctypes.c_long(1), ctypes.c_long(len(self.events)), self.events, ts)
         return [(self.events[i].data, self.events[i].res) for i in range(n)]
 
     def close(self):
@@ -271,19 +288,19 @@ class Aio:
 def replay(dev, trace_path, go, out, depth, think):
     with open(trace_path) as f:
         tr = json.load(f)
-    reads = tr["reads"]                     # [[t, off, len]] page aligned already
+    reads = tr["reads"]  # [[t, off, len]] page aligned already
     total = sum(r[2] for r in reads)
     depth = max(1, depth)
     fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
     maxlen = max(r[2] for r in reads)
-    bufs = [mmap.mmap(-1, maxlen) for _ in range(depth)]    # page aligned, as O_DIRECT wants
+    bufs = [mmap.mmap(-1, maxlen) for _ in range(depth)]  # page aligned, as O_DIRECT wants
     addrs = [ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in bufs]
     iocbs = [Aio.Iocb() for _ in range(depth)]
     aio = Aio(depth)
     crcs = [0] * len(reads)
     errors = []
     free = list(range(depth))
-    inflight = {}                           # slot -> read index
+    inflight = {}  # slot -> read index
     samples = []
     done = nbytes = 0
     last = None
@@ -335,7 +352,7 @@ def replay(dev, trace_path, go, out, depth, think):
                 next_show = now + 0.25
         while inflight:
             complete(aio.wait())
-    except OSError as e:                    # reported in the result
+    except OSError as e:  # reported in the result
         errors.append(f"{type(e).__name__}: {e}")
     finally:
         if not inflight:
@@ -346,9 +363,21 @@ def replay(dev, trace_path, go, out, depth, think):
     acc = 0
     for c in crcs:
         acc = zlib.crc32(c.to_bytes(4, "little"), acc)
-    write_json(out, {"start": t0, "end": t1, "reads": len(reads), "done": done,
-                     "bytes": nbytes, "total": total, "digest": f"{acc:08x}", "errors": errors,
-                     "samples": samples, "finished": not errors and done == len(reads)})
+    write_json(
+        out,
+        {
+            "start": t0,
+            "end": t1,
+            "reads": len(reads),
+            "done": done,
+            "bytes": nbytes,
+            "total": total,
+            "digest": f"{acc:08x}",
+            "errors": errors,
+            "samples": samples,
+            "finished": not errors and done == len(reads),
+        },
+    )
 
 
 def replay_argv(dev, trace, out, depth, think, go=None, binary=None, python="python3", script=None):
@@ -392,8 +421,10 @@ def boot(a):
         res["t_copied"] = time.time()
         dev = a.copy_to
     write_json(state, res)
-    procs = [start_replay(dev, a.trace, os.path.join(a.out_dir, f"{vm}.json"), a.depth, a.think, a.replay_bin)
-             for vm in a.vms.split(",")]
+    procs = [
+        start_replay(dev, a.trace, os.path.join(a.out_dir, f"{vm}.json"), a.depth, a.think, a.replay_bin)
+        for vm in a.vms.split(",")
+    ]
     rcs = [p.wait() for p in procs]
     res["replay_rcs"] = rcs
     write_json(state, res)
@@ -401,7 +432,7 @@ def boot(a):
 
 
 # ----------------------------------------------------------------------------- member
-PREFETCH_ORDERS = ("reverse", "forward")     # Tree(prefetch_reverse=True / False)
+PREFETCH_ORDERS = ("reverse", "forward")  # Tree(prefetch_reverse=True / False)
 
 
 def member(a):
@@ -410,23 +441,34 @@ def member(a):
     from vmthunder.tree import Tree, load_profile
 
     os.makedirs(a.workdir, exist_ok=True)
-    logging.basicConfig(level=getattr(logging, a.log_level), filename=os.path.join(a.workdir, "log"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, a.log_level),
+        filename=os.path.join(a.workdir, "log"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     deadline = time.monotonic() + a.max_seconds
     stop_file = os.path.join(a.workdir, "stop")
     initiator = open("/etc/iscsi/initiatorname.iscsi").read().split("=", 1)[1].strip()
-    node = vmthunder.Node(host=a.host, cache_device=a.cache_device, state_dir=a.state_dir,
-                          export_ip=a.export_ip, engine="bcache", cache_size_mib=a.cache_mib,
-                          cow_size_mib=a.cow_mib, path_timeout_s=4)
+    node = vmthunder.Node(
+        host=a.host,
+        cache_device=a.cache_device,
+        state_dir=a.state_dir,
+        export_ip=a.export_ip,
+        engine="bcache",
+        cache_size_mib=a.cache_mib,
+        cow_size_mib=a.cow_mib,
+        path_timeout_s=4,
+    )
     # A long-running nova-compute has its cache set from earlier images (vmthunder.nova makes
     # it at start): the fleet's first join should not pay for make-bcache -C.
     node.prepare_cache()
-    reg = Registry(a.registry, a.host)          # the library default lease (10 s)
+    reg = Registry(a.registry, a.host)  # the library default lease (10 s)
     reg.start()
     result = {"host": a.host, "t_registered": None, "paths": {}, "attach_s": {}}
     try:
-        tree = Tree(node, reg, initiator=initiator, export_ip=a.export_ip, fanout=a.fanout,
-                    prefetch_reverse=a.prefetch_order == "reverse")
+        tree = Tree(
+            node, reg, initiator=initiator, export_ip=a.export_ip, fanout=a.fanout, prefetch_reverse=a.prefetch_order == "reverse"
+        )
         reg.publish_host({"host": a.host, "initiator": initiator, "export_ip": a.export_ip, "failure_domain": None})
         while len(reg.hosts()) < a.expect_hosts:
             if time.monotonic() > deadline - 60:
@@ -450,9 +492,17 @@ def member(a):
             result["paths"][vm] = tree.attach(a.image, origin, f"{vm}-{a.image}", profile=profile)
             result["attach_s"][vm] = round(time.time() - t, 3)
             result.setdefault("t_attached", {})[vm] = time.time()
-            if a.replay_trace:           # the VM boots as soon as its disk is attached
-                vms.append(start_replay(result["paths"][vm], a.replay_trace, os.path.join(a.replay_dir, f"{vm}.json"),
-                                        a.depth, a.think, a.replay_bin))
+            if a.replay_trace:  # the VM boots as soon as its disk is attached
+                vms.append(
+                    start_replay(
+                        result["paths"][vm],
+                        a.replay_trace,
+                        os.path.join(a.replay_dir, f"{vm}.json"),
+                        a.depth,
+                        a.think,
+                        a.replay_bin,
+                    )
+                )
         me = next((r for r in reg.peers(a.image) if r.get("host") == a.host), {})
         result["parents"] = me.get("parents")
         result["depth"] = me.get("depth")
@@ -462,7 +512,7 @@ def member(a):
         write_json(os.path.join(a.workdir, "attached.json"), result)
         reg.stop()
         raise
-    tree.start_watch()               # the library default interval, as nova-compute would run it
+    tree.start_watch()  # the library default interval, as nova-compute would run it
     while not os.path.exists(stop_file) and time.monotonic() < deadline:
         time.sleep(0.3)
     tree.stop_watch()
@@ -474,9 +524,11 @@ def member(a):
     # tree events worth reporting (re-parenting in a healthy fleet, origin as last resort)
     try:
         with open(os.path.join(a.workdir, "log"), errors="replace") as fh:
-            result["events"] = [ln.strip()[:300] for ln in fh
-                                if "re-parenting" in ln or "last resort" in ln or "origin alone" in ln
-                                or "WARNING" in ln or "ERROR" in ln][:20]
+            result["events"] = [
+                ln.strip()[:300]
+                for ln in fh
+                if "re-parenting" in ln or "last resort" in ln or "origin alone" in ln or "WARNING" in ln or "ERROR" in ln
+            ][:20]
     except OSError:
         pass
     write_json(os.path.join(a.workdir, "final.json"), result)
@@ -514,8 +566,12 @@ def main():
     m.add_argument("--depth", type=int, default=1)
     m.add_argument("--think", action="store_true")
     m.add_argument("--profile", help="boot profile (trace file) the tree prefetches when it builds the template")
-    m.add_argument("--prefetch-order", choices=PREFETCH_ORDERS, default="reverse",
-                   help="walk the profile from its end (the library default) or from its start")
+    m.add_argument(
+        "--prefetch-order",
+        choices=PREFETCH_ORDERS,
+        default="reverse",
+        help="walk the profile from its end (the library default) or from its start",
+    )
     b = sub.add_parser("boot")
     b.add_argument("--host", required=True)
     b.add_argument("--origin", required=True)

@@ -15,6 +15,7 @@ fleet will use once beforehand, so that the first run on a fresh host is not the
 A run killed with SIGKILL cannot restore it: `cat` the parameter, and write back the kernel's
 default (9, pageblock order on x86-64) if it still says 11.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,7 @@ import time
 log = logging.getLogger("bench.host_memory")
 
 ORDER_PARAM = "/sys/module/page_reporting/parameters/page_reporting_order"
-NO_REPORTING_ORDER = 11      # above MAX_PAGE_ORDER (10 on x86-64): no free block is reported
+NO_REPORTING_ORDER = 11  # above MAX_PAGE_ORDER (10 on x86-64): no free block is reported
 PREFAULT_DIR = "/dev/shm"
 CHUNK = 64 << 20
 GIB = 1 << 30
@@ -49,7 +50,7 @@ def prefault(nbytes: int) -> float:
         with open(path, "wb", buffering=0) as fh:
             done = 0
             while done < nbytes:
-                done += fh.write(zeros[:min(CHUNK, nbytes - done)])
+                done += fh.write(zeros[: min(CHUNK, nbytes - done)])
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -74,8 +75,7 @@ def kept_memory(want_bytes: int, reserve_bytes: int = 3 * GIB):
             old = None
         else:
             info["page_reporting"] = f"paused for the run (page_reporting_order {old} -> {NO_REPORTING_ORDER})"
-            log.info("host: free page reporting paused for the run (page_reporting_order %s -> %s)",
-                     old, NO_REPORTING_ORDER)
+            log.info("host: free page reporting paused for the run (page_reporting_order %s -> %s)", old, NO_REPORTING_ORDER)
     try:
         if old is not None:
             n = max(0, min(want_bytes, _mem_available() - reserve_bytes))
@@ -96,10 +96,12 @@ def kept_memory(want_bytes: int, reserve_bytes: int = 3 * GIB):
                 log.error("host: could not restore page_reporting_order %s: %s (write it to %s)", old, e, ORDER_PARAM)
 
 
-HELP = ("keep: on a host that is a VM returning free memory to its hypervisor (virtio-balloon free page "
-        "reporting), pause that for the run and fault the nodes' memory in first (first touches cost ~4 s/GiB "
-        "there, and unequally per mode; see bench/host_memory.py); the old setting is restored at exit. "
-        "as-is: leave the host alone (default: keep; as-is with --smoke)")
+HELP = (
+    "keep: on a host that is a VM returning free memory to its hypervisor (virtio-balloon free page "
+    "reporting), pause that for the run and fault the nodes' memory in first (first touches cost ~4 s/GiB "
+    "there, and unequally per mode; see bench/host_memory.py); the old setting is restored at exit. "
+    "as-is: leave the host alone (default: keep; as-is with --smoke)"
+)
 
 
 def add_option(ap) -> None:

@@ -7,6 +7,7 @@
 Per mode: each VM's boot reads over time, and each node's link upload (bench/fleet_report.py plot,
 the one a run draws). Needs matplotlib; scaling results keep no timeline.
 """
+
 import argparse
 import json
 import os

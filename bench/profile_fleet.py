@@ -21,6 +21,7 @@ every guest syscall and page fault is a ptrace round trip), `U:vector_poll` /
 (bench/README.md): guest processes cost far more than their own work, which is
 why the fleet's members and replays are written to make few syscalls.
 """
+
 import argparse
 import bisect
 import collections
@@ -31,11 +32,13 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-UML_BASE = 0x60000000          # where /usr/bin/linux.uml is linked (readelf -l)
-FOCUS = re.compile(r"^U:(userspace|handle_syscall|handle_page_fault|put_fp_registers|get_fp_registers|"
-                   r"vector_poll|vector_net_start_xmit|io_thread|ubd_queue_rq|filemap_read|memcpy_orig|"
-                   r"tcp_sendmsg|tcp_recvmsg|timer_handler)$|^H:(__x64_sys_ptrace|__do_sys_wait4|"
-                   r"__x64_sys_pwrite64|__x64_sys_pread64|finish_task_switch.*)$|^[GM]:")
+UML_BASE = 0x60000000  # where /usr/bin/linux.uml is linked (readelf -l)
+FOCUS = re.compile(
+    r"^U:(userspace|handle_syscall|handle_page_fault|put_fp_registers|get_fp_registers|"
+    r"vector_poll|vector_net_start_xmit|io_thread|ubd_queue_rq|filemap_read|memcpy_orig|"
+    r"tcp_sendmsg|tcp_recvmsg|timer_handler)$|^H:(__x64_sys_ptrace|__do_sys_wait4|"
+    r"__x64_sys_pwrite64|__x64_sys_pread64|finish_task_switch.*)$|^[GM]:"
+)
 
 
 def load_kallsyms(path):
@@ -66,8 +69,9 @@ def report(data, kallsyms, pids_file=None, top=40, top_modules=25):
     if pids_file and os.path.exists(pids_file):
         with open(pids_file) as fh:
             main = {int(p): n for n, p in (ln.split() for ln in fh if ln.strip())}
-    proc = subprocess.Popen(["perf", "script", "-i", data, "-F", "comm,pid,ip,sym,dso"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        ["perf", "script", "-i", data, "-F", "comm,pid,ip,sym,dso"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     incl, per_pid, shm_of = collections.Counter(), collections.Counter(), {}
     total = uml_total = 0
     frames, pid = [], None
@@ -80,7 +84,7 @@ def report(data, kallsyms, pids_file=None, top=40, top_modules=25):
     for line in proc.stdout:
         if not line.strip():
             continue
-        if not line[0].isspace():                    # a sample's header: comm pid
+        if not line[0].isspace():  # a sample's header: comm pid
             flush()
             frames = []
             p = line.split()
@@ -99,7 +103,7 @@ def report(data, kallsyms, pids_file=None, top=40, top_modules=25):
             continue
         rest = p[1].strip() if len(p) > 1 else ""
         m = re.search(r"shm/#(\d+)", rest)
-        if m:   # code mapped from the node's RAM file: modules in its kernel thread, else user code
+        if m:  # code mapped from the node's RAM file: modules in its kernel thread, else user code
             shm_of.setdefault(pid, m.group(1))
             if pid in main:
                 frames.append("M:guest kernel modules")
@@ -108,25 +112,32 @@ def report(data, kallsyms, pids_file=None, top=40, top_modules=25):
         elif "(/usr/bin/linux.uml)" in rest:
             ip += UML_BASE if ip < UML_BASE else 0
             frames.append("U:" + (symbol(core, ip) or hex(ip)))
-        elif ip >= 0xffff800000000000:
+        elif ip >= 0xFFFF800000000000:
             frames.append("H:" + rest.split("+")[0].split(" (")[0])
     flush()
     proc.wait()
-    out = [f"samples: {total} host-wide, {uml_total} in UML processes ({100 * uml_total / max(1, total):.0f} %)", "",
-           "per UML process (share of all samples; 'guest proc' = a guest process, node by its RAM file):"]
+    out = [
+        f"samples: {total} host-wide, {uml_total} in UML processes ({100 * uml_total / max(1, total):.0f} %)",
+        "",
+        "per UML process (share of all samples; 'guest proc' = a guest process, node by its RAM file):",
+    ]
     for p, v in per_pid.most_common(top):
         who = main.get(p, f"guest proc (RAM file #{shm_of.get(p, '?')})")
         out.append(f"  {100 * v / max(1, total):5.1f} %  pid {p}  {who}")
-    out += ["", "inclusive share of UML-process samples (U: guest kernel, M: guest kernel modules,",
-            "H: host kernel, G: guest user code):"]
+    out += [
+        "",
+        "inclusive share of UML-process samples (U: guest kernel, M: guest kernel modules,",
+        "H: host kernel, G: guest user code):",
+    ]
     for k, v in incl.most_common():
         if FOCUS.search(k):
             out.append(f"  {100 * v / max(1, uml_total):5.1f} %  {k}")
     # Module code: perf prints a callchain's addresses in the RAM file relative to the file, but
     # a sample's own ip as the guest's virtual address, which the node's kallsyms resolves.
     selfs = collections.Counter()
-    proc = subprocess.Popen(["perf", "script", "-i", data, "-G", "-F", "pid,ip,dso"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        ["perf", "script", "-i", data, "-G", "-F", "pid,ip,dso"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     for line in proc.stdout:
         p = line.split(None, 2)
         if len(p) < 3 or "shm/#" not in p[2] or not p[0].isdigit() or int(p[0]) not in main:
@@ -138,13 +149,13 @@ def report(data, kallsyms, pids_file=None, top=40, top_modules=25):
     proc.wait()
     out += ["", "self share of UML-process samples in guest kernel modules (per module, then functions):"]
     out += [f"  {100 * v / max(1, uml_total):5.1f} %  {k}" for k, v in selfs.most_common() if k.startswith("[")]
-    out += [f"  {100 * v / max(1, uml_total):5.1f} %  {k}" for k, v in selfs.most_common()
-            if not k.startswith("[")][:top_modules]
+    out += [f"  {100 * v / max(1, uml_total):5.1f} %  {k}" for k, v in selfs.most_common() if not k.startswith("[")][:top_modules]
     return "\n".join(out)
 
 
 def record(out_dir, fleet_argv):
     from bench import fleet as fl
+
     orig = fl.FleetRun.monitor
 
     def monitor(self, mode, procs, start_at, copies=None):
@@ -157,8 +168,9 @@ def record(out_dir, fleet_argv):
                     k.write(ks if isinstance(ks, bytes) else ks.encode())
                 fh.write(f"{n} {node.pid}\n")
         data = os.path.join(out_dir, f"{mode}.data")
-        perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499", "-o", data],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        perf = subprocess.Popen(
+            ["perf", "record", "-a", "-g", "-F", "499", "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             return orig(self, mode, procs, start_at, copies)
         finally:
@@ -183,10 +195,13 @@ def main():
         print("perf is not installed (Debian: linux-perf)", file=sys.stderr)
         return 2
     if a.report:
-        base = a.report[:-len(".data")] if a.report.endswith(".data") else a.report
+        base = a.report[: -len(".data")] if a.report.endswith(".data") else a.report
         prefix = os.path.basename(base) + "-"
-        ks = {f[len(prefix):-len(".kallsyms")]: os.path.join(os.path.dirname(base) or ".", f)
-              for f in os.listdir(os.path.dirname(base) or ".") if f.startswith(prefix) and f.endswith(".kallsyms")}
+        ks = {
+            f[len(prefix) : -len(".kallsyms")]: os.path.join(os.path.dirname(base) or ".", f)
+            for f in os.listdir(os.path.dirname(base) or ".")
+            if f.startswith(prefix) and f.endswith(".kallsyms")
+        }
         if not ks:
             print(f"no {base}-<node>.kallsyms next to {a.report}", file=sys.stderr)
             return 2

@@ -12,6 +12,7 @@ installed: the comparison behind the layout's design (README.md).
                                                  # and appends its summary to history.jsonl beside it
     python3 -m bench.reboot --vms 1 --out /tmp/r.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,12 @@ import sys
 import tempfile
 import time
 
+from bench import record  # provenance, history
+from lab import Fleet, uml_available
+from lab.guestpy import py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-from lab import Fleet, uml_available  # noqa: E402
-from lab.guestpy import py  # noqa: E402
-
-from bench import record  # noqa: E402  (provenance, history)
 
 log = logging.getLogger("bench.reboot")
 IMAGE_ID = "img-reboot"
@@ -66,7 +66,9 @@ def run_n(fleet, n: int, image_bytes: int) -> dict:
     a, b = fleet["a"], fleet["b"]
     conn = py(a, f"out(vmthunder.allow_initiator({VOLUME!r}, {b.initiator_iqn!r}, '{a.ip}:3260'))")
     t0 = time.monotonic()
-    paths = py(b, node_ctor(b.name) + f"out([node.attach({IMAGE_ID!r}, [{conn!r}], f'vm{{i}}') for i in range({n})])", timeout=900)
+    paths = py(
+        b, node_ctor(b.name) + f"out([node.attach({IMAGE_ID!r}, [{conn!r}], f'vm{{i}}') for i in range({n})])", timeout=900
+    )
     attach_s = time.monotonic() - t0
     origin = py(b, node_ctor(b.name) + "out(node.status())")["templates"][IMAGE_ID]["devices"]["origin"]
     cold = reread(a, b, origin)
@@ -81,8 +83,12 @@ def run_n(fleet, n: int, image_bytes: int) -> dict:
     b.restart(timeout=180)
     boot_s = time.monotonic() - t_boot
     b.check(f"mkdir -p {STATE_DIR} && mount /dev/ubdc {STATE_DIR}")
-    r = py(b, node_ctor(b.name) + "import time\nt = time.monotonic()\nrep = node.reassemble()\n"
-              "out({'seconds': time.monotonic() - t, 'report': rep})", timeout=900)
+    r = py(
+        b,
+        node_ctor(b.name) + "import time\nt = time.monotonic()\nrep = node.reassemble()\n"
+        "out({'seconds': time.monotonic() - t, 'report': rep})",
+        timeout=900,
+    )
     to_disks_s = time.monotonic() - t_boot
     back = sorted(r["report"]["disks"].values())
     assert back == sorted(paths), (back, paths, r["report"])
@@ -99,8 +105,15 @@ def run_n(fleet, n: int, image_bytes: int) -> dict:
         "idle_before_power_loss_s": IDLE_BEFORE_POWER_LOSS_S,
         "first_read_after_reassembly": warm,
     }
-    log.info("%d VM(s): reassembled in %.2f s (boot %.1f s, power-on to disks %.1f s); first read cold %s, "
-             "after reassembly %s", n, r["seconds"], boot_s, to_disks_s, cold, warm)
+    log.info(
+        "%d VM(s): reassembled in %.2f s (boot %.1f s, power-on to disks %.1f s); first read cold %s, after reassembly %s",
+        n,
+        r["seconds"],
+        boot_s,
+        to_disks_s,
+        cold,
+        warm,
+    )
     return res
 
 
@@ -109,7 +122,10 @@ def carve_costs(fleet, rounds: int) -> dict:
     template, all in one process) against LVM2 (lvcreate + lvremove of the same size)."""
     a, b = fleet["a"], fleet["b"]
     conn = py(a, f"out(vmthunder.allow_initiator({VOLUME!r}, {b.initiator_iqn!r}, '{a.ip}:3260'))")
-    times = py(b, node_ctor(b.name) + f"""
+    times = py(
+        b,
+        node_ctor(b.name)
+        + f"""
 import time
 node.attach({IMAGE_ID!r}, [{conn!r}], 'base')
 att, det = [], []
@@ -118,9 +134,13 @@ for i in range({rounds}):
     t = time.monotonic(); node.detach(f'c{{i}}'); det.append(time.monotonic() - t)
 node.detach('base')
 out({{'attach': att, 'detach': det}})
-""", timeout=900)
-    res = {"vmthunder_attach_s": round(statistics.median(times["attach"]), 4),
-           "vmthunder_detach_s": round(statistics.median(times["detach"]), 4)}
+""",
+        timeout=900,
+    )
+    res = {
+        "vmthunder_attach_s": round(statistics.median(times["attach"]), 4),
+        "vmthunder_detach_s": round(statistics.median(times["detach"]), 4),
+    }
     if shutil.which("lvcreate") is None:
         res["lvm2"] = "not installed on this host: not measured"
         return res
@@ -152,14 +172,24 @@ done
 
 def summary(doc: dict, command: str) -> dict:
     """The history line: per VM count the reassembly and the first reads, and the carve costs."""
-    return {**record.run_fields(doc["provenance"]), "bench": "reboot", "scenario": "reboot", "command": command,
-            "image_bytes": doc["image_bytes"],
-            "runs": {str(r["vms"]): {"reassemble_s": r["reassemble_s"], "power_on_to_disks_s": r["power_on_to_disks_s"],
-                                     "first_read_cold_s": r["first_read_cold"]["seconds"],
-                                     "first_read_after_s": r["first_read_after_reassembly"]["seconds"],
-                                     "first_read_after_origin_bytes": r["first_read_after_reassembly"]["origin_bytes"]}
-                     for r in doc["runs"]},
-            "carve": {k: v for k, v in (doc.get("carve") or {}).items() if isinstance(v, (int, float))}}
+    return {
+        **record.run_fields(doc["provenance"]),
+        "bench": "reboot",
+        "scenario": "reboot",
+        "command": command,
+        "image_bytes": doc["image_bytes"],
+        "runs": {
+            str(r["vms"]): {
+                "reassemble_s": r["reassemble_s"],
+                "power_on_to_disks_s": r["power_on_to_disks_s"],
+                "first_read_cold_s": r["first_read_cold"]["seconds"],
+                "first_read_after_s": r["first_read_after_reassembly"]["seconds"],
+                "first_read_after_origin_bytes": r["first_read_after_reassembly"]["origin_bytes"],
+            }
+            for r in doc["runs"]
+        },
+        "carve": {k: v for k, v in (doc.get("carve") or {}).items() if isinstance(v, (int, float))},
+    }
 
 
 def main(argv=None) -> int:
@@ -184,11 +214,19 @@ def main(argv=None) -> int:
         with open(origin, "wb") as f:
             for _ in range(args.image_mib):
                 f.write(os.urandom(1 << 20))
-        nodes = {"a": {"disks": {"ubdb": origin}},
-                 "b": {"disks": {"ubdb": local, "ubdc": 256 << 20, "ubdd": 1 << 30}, "mem": "512M"}}
-        doc = {"benchmark": "reboot", "provenance": record.provenance(), "date": time.strftime("%Y-%m-%d"),
-               "host_cpu": host_cpu(),
-               "image_bytes": image, "cow_mib": COW_MIB, "runs": []}
+        nodes = {
+            "a": {"disks": {"ubdb": origin}},
+            "b": {"disks": {"ubdb": local, "ubdc": 256 << 20, "ubdd": 1 << 30}, "mem": "512M"},
+        }
+        doc = {
+            "benchmark": "reboot",
+            "provenance": record.provenance(),
+            "date": time.strftime("%Y-%m-%d"),
+            "host_cpu": host_cpu(),
+            "image_bytes": image,
+            "cow_mib": COW_MIB,
+            "runs": [],
+        }
         with Fleet(nodes=nodes, name=f"rbb{os.getpid()}", subnet=SUBNET) as fleet:
             a, b = fleet["a"], fleet["b"]
             py(a, f"out(vmthunder.export_volume({VOLUME!r}, '/dev/ubdb', '{a.ip}:3260'))")
@@ -197,12 +235,16 @@ def main(argv=None) -> int:
                 doc["runs"].append(run_n(fleet, n, image))
             doc["carve"] = carve_costs(fleet, args.carve_rounds)
         record.write_result(args.out, doc)
-        record.append_history(args.out, summary(doc, " ".join(["python3", "-m", "bench.reboot"] + (argv if argv is not None else sys.argv[1:]))))
+        record.append_history(
+            args.out, summary(doc, " ".join(["python3", "-m", "bench.reboot"] + (argv if argv is not None else sys.argv[1:])))
+        )
         print(f"{'VMs':>4} {'reassemble':>11} {'boot->disks':>12} {'cold read':>16} {'read after':>16}")
         for r in doc["runs"]:
             c, w = r["first_read_cold"], r["first_read_after_reassembly"]
-            print(f"{r['vms']:>4} {r['reassemble_s']:>10.2f}s {r['power_on_to_disks_s']:>11.1f}s "
-                  f"{c['seconds']:>6.2f}s {c['origin_bytes'] >> 20:>5} MiB {w['seconds']:>6.2f}s {w['origin_bytes'] >> 20:>5} MiB")
+            print(
+                f"{r['vms']:>4} {r['reassemble_s']:>10.2f}s {r['power_on_to_disks_s']:>11.1f}s "
+                f"{c['seconds']:>6.2f}s {c['origin_bytes'] >> 20:>5} MiB {w['seconds']:>6.2f}s {w['origin_bytes'] >> 20:>5} MiB"
+            )
         print("carve:", json.dumps(doc["carve"]))
         print(f"host: {doc['host_cpu']}; wrote {args.out}")
         return 0

@@ -8,6 +8,7 @@ bench/results/history.jsonl, a test that passes a temporary --out writes only th
 
 Only the standard library: the bench scripts import this as `record`, tests as `bench.record`.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,20 +36,23 @@ def host() -> dict:
 def commit(repo: str = REPO) -> str | None:
     """The repository's short commit, with "+changes" when tracked files differ from it."""
     try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
         return head.stdout.strip() + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def provenance() -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "commit": commit(), "host": host()}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": commit(),
+        "host": host(),
+    }
 
 
 def write_result(path: str, doc: dict) -> None:
@@ -83,6 +87,7 @@ def run_fields(prov: dict) -> dict:
 def file_sha1(path: str) -> str:
     """The first 12 hex digits of a file's SHA-1 (how results name the trace they replayed)."""
     import hashlib
+
     with open(path, "rb") as fh:
         return hashlib.sha1(fh.read()).hexdigest()[:12]
 
@@ -112,11 +117,17 @@ def fleet_mode_summary(r: dict, w: int) -> dict:
     if "completion_s" not in r:
         return {"error": str(r.get("error", "no completion"))[:200]}
     cpu, tree = r.get("cpu") or {}, r.get("tree") or {}
-    out = {"completion_s": _r(r["completion_s"]), "vm_min_s": _r(r.get("vm_min_s"), 1),
-           "vm_median_s": _r(r.get("vm_median_s"), 1), "origin_w": _r(r.get("origin_ratio")),
-           "origin_data_w": _r(r["origin_data_bytes"] / w) if "origin_data_bytes" in r else None,
-           "max_edge_w": _r(r.get("max_edge_ratio")), "slowest_join_s": _r(tree.get("joins_wall_s"), 1),
-           "fleet_cpu_s": cpu.get("fleet_cpu_s"), "host_busy": cpu.get("host_busy")}
+    out = {
+        "completion_s": _r(r["completion_s"]),
+        "vm_min_s": _r(r.get("vm_min_s"), 1),
+        "vm_median_s": _r(r.get("vm_median_s"), 1),
+        "origin_w": _r(r.get("origin_ratio")),
+        "origin_data_w": _r(r["origin_data_bytes"] / w) if "origin_data_bytes" in r else None,
+        "max_edge_w": _r(r.get("max_edge_ratio")),
+        "slowest_join_s": _r(tree.get("joins_wall_s"), 1),
+        "fleet_cpu_s": cpu.get("fleet_cpu_s"),
+        "host_busy": cpu.get("host_busy"),
+    }
     if not (r.get("all_finished", True) and r.get("data_ok", True)):
         out["failed"] = True
     return {k: v for k, v in out.items() if v is not None}
@@ -132,12 +143,22 @@ def fleet_summary(doc: dict, scenario: str) -> dict:
     if "python_loop_2e6_s" in speed:
         h["python_loop_2e6_s"] = speed["python_loop_2e6_s"]
     w = doc["working_set_bytes"]
-    return {"date": (prov.get("date") or "")[:10], "commit": prov.get("commit") or prov.get("git_commit"),
-            "host": h or None, "bench": "fleet", "scenario": scenario, "command": doc.get("command"),
-            "nodes": doc["nodes"], "vms": doc.get("vms"), "rate_bps": doc["rate_bps"], "start": doc.get("start"),
-            "working_set_bytes": w, "link_bound_s": _r(doc.get("link_bound_s"), 2),
-            "trace_sha1": prov.get("trace_sha1"),
-            "modes": {m: fleet_mode_summary(r, w) for m, r in doc["modes"].items()}}
+    return {
+        "date": (prov.get("date") or "")[:10],
+        "commit": prov.get("commit") or prov.get("git_commit"),
+        "host": h or None,
+        "bench": "fleet",
+        "scenario": scenario,
+        "command": doc.get("command"),
+        "nodes": doc["nodes"],
+        "vms": doc.get("vms"),
+        "rate_bps": doc["rate_bps"],
+        "start": doc.get("start"),
+        "working_set_bytes": w,
+        "link_bound_s": _r(doc.get("link_bound_s"), 2),
+        "trace_sha1": prov.get("trace_sha1"),
+        "modes": {m: fleet_mode_summary(r, w) for m, r in doc["modes"].items()},
+    }
 
 
 # ----------------------------------------------------------------------------- cache engines
@@ -167,9 +188,21 @@ def cache_engines_summary(doc: dict, scenario: str) -> dict:
         if "completion_s" not in r:
             engines[k] = {"error": str(r.get("error", ""))[:200]}
             continue
-        engines[k] = {"completion_s": _r(r["completion_s"], 2), "origin_w": _r(r.get("origin_ratio")),
-                      "max_edge_w": _r(r.get("max_edge_ratio")),
-                      "edges_w": {f"{e['parent']}>{e['child']}": _r(e.get("ratio")) for e in r.get("edges", [])}}
-    return {**run_fields(prov), "bench": "cache_engines", "scenario": scenario, "command": doc.get("command"),
-            "rate": doc.get("rate"), "readers": doc.get("readers"), "working_set_bytes": doc.get("working_set_bytes"),
-            "trace_sha1": prov.get("trace_sha1"), "default": doc.get("default"), "engines": engines}
+        engines[k] = {
+            "completion_s": _r(r["completion_s"], 2),
+            "origin_w": _r(r.get("origin_ratio")),
+            "max_edge_w": _r(r.get("max_edge_ratio")),
+            "edges_w": {f"{e['parent']}>{e['child']}": _r(e.get("ratio")) for e in r.get("edges", [])},
+        }
+    return {
+        **run_fields(prov),
+        "bench": "cache_engines",
+        "scenario": scenario,
+        "command": doc.get("command"),
+        "rate": doc.get("rate"),
+        "readers": doc.get("readers"),
+        "working_set_bytes": doc.get("working_set_bytes"),
+        "trace_sha1": prov.get("trace_sha1"),
+        "default": doc.get("default"),
+        "engines": engines,
+    }

@@ -5,6 +5,7 @@ registry_round_s is its mean claim over its rounds.
 
     python3 -m bench.registry_claim [--claims 50]
 """
+
 import argparse
 import json
 import os
@@ -38,10 +39,29 @@ def main(argv=None) -> int:
     d = tempfile.mkdtemp(prefix="vmt-etcd-")
     cport, pport = free_port(), free_port()
     curl, purl = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
-    proc = subprocess.Popen([shutil.which("etcd"), "--name", "t", "--data-dir", d, "--listen-client-urls", curl,
-                             "--advertise-client-urls", curl, "--listen-peer-urls", purl,
-                             "--initial-advertise-peer-urls", purl, "--initial-cluster", f"t={purl}",
-                             "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            shutil.which("etcd"),
+            "--name",
+            "t",
+            "--data-dir",
+            d,
+            "--listen-client-urls",
+            curl,
+            "--advertise-client-urls",
+            curl,
+            "--listen-peer-urls",
+            purl,
+            "--initial-advertise-peer-urls",
+            purl,
+            "--initial-cluster",
+            f"t={purl}",
+            "--log-level",
+            "warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -61,16 +81,30 @@ def main(argv=None) -> int:
                     reg.publish("img", {"state": "joining", "depth": 1, "parents": ["origin"], "n": i})
                 times.append(time.monotonic() - t0)
         times.sort()
-        doc = {"provenance": record.provenance(), "claims": len(times), "rounds_per_claim": 4, "claim_s_median": times[len(times) // 2],
-               "claim_s_mean": sum(times) / len(times), "claim_s_max": times[-1],
-               "round_s": sum(times) / len(times) / 4, "host_cores": os.cpu_count()}
+        doc = {
+            "provenance": record.provenance(),
+            "claims": len(times),
+            "rounds_per_claim": 4,
+            "claim_s_median": times[len(times) // 2],
+            "claim_s_mean": sum(times) / len(times),
+            "claim_s_max": times[-1],
+            "round_s": sum(times) / len(times) / 4,
+            "host_cores": os.cpu_count(),
+        }
         record.write_result(a.out, doc)
-        record.append_history(a.out, {**record.run_fields(doc["provenance"]), "bench": "registry_claim",
-                                      "scenario": "registry-claim",
-                                      "command": " ".join(["python3", "-m", "bench.registry_claim"] + (argv if argv is not None else sys.argv[1:])),
-                                      "claims": doc["claims"],
-                                      "claim_s_median": round(doc["claim_s_median"], 4),
-                                      "claim_s_mean": round(doc["claim_s_mean"], 4), "round_s": round(doc["round_s"], 4)})
+        record.append_history(
+            a.out,
+            {
+                **record.run_fields(doc["provenance"]),
+                "bench": "registry_claim",
+                "scenario": "registry-claim",
+                "command": " ".join(["python3", "-m", "bench.registry_claim"] + (argv if argv is not None else sys.argv[1:])),
+                "claims": doc["claims"],
+                "claim_s_median": round(doc["claim_s_median"], 4),
+                "claim_s_mean": round(doc["claim_s_mean"], 4),
+                "round_s": round(doc["round_s"], 4),
+            },
+        )
         print(json.dumps(doc))
     finally:
         os.kill(proc.pid, signal.SIGKILL)

@@ -1,5 +1,6 @@
 """The fleet's boot traces: the recorded one or a synthetic one, the reads a VM replays, and
 the origin image that makes every read checkable (its digest known before the run)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,12 @@ def load_trace(path: str) -> dict:
     t0 = min((r[0] for r in reads), default=0.0)
     for r in reads:
         r[0] = round(r[0] - t0, 6)
-    return {"image_bytes": image, "reads": reads, "sha1": hashlib.sha1(raw).hexdigest()[:12],
-            "source": os.path.relpath(path, REPO) if path.startswith(REPO) else path}
+    return {
+        "image_bytes": image,
+        "reads": reads,
+        "sha1": hashlib.sha1(raw).hexdigest()[:12],
+        "source": os.path.relpath(path, REPO) if path.startswith(REPO) else path,
+    }
 
 
 def synthetic_trace(image_bytes: int, ws_bytes: int, seed: int, span_s: float = 20.0) -> dict:
@@ -52,11 +57,11 @@ def synthetic_trace(image_bytes: int, ws_bytes: int, seed: int, span_s: float = 
     files = []
     have = 0
     while have < want:
-        n = min(int(2 ** rng.uniform(2, 11)), want - have)          # 4 KiB .. 8 MiB files
+        n = min(int(2 ** rng.uniform(2, 11)), want - have)  # 4 KiB .. 8 MiB files
         p = rng.randrange(0, pages - n + 1)
-        if any(used[max(0, p - 1):p + n + 1]):
+        if any(used[max(0, p - 1) : p + n + 1]):
             continue
-        used[p:p + n] = b"\1" * n
+        used[p : p + n] = b"\1" * n
         files.append([p, n])
         have += n
     reads, active, done = [], [], []
@@ -82,8 +87,11 @@ def synthetic_trace(image_bytes: int, ws_bytes: int, seed: int, span_s: float = 
             reads.append(list(done[rng.randrange(len(done))]))
     step = span_s / max(1, len(reads))
     out = [[round(i * step, 6), off, ln] for i, (off, ln) in enumerate(reads)]
-    return {"image_bytes": image_bytes, "reads": out,
-            "source": f"synthetic (seed {seed}: {ws_bytes // MIB} MiB working set over {image_bytes // MIB} MiB)"}
+    return {
+        "image_bytes": image_bytes,
+        "reads": out,
+        "source": f"synthetic (seed {seed}: {ws_bytes // MIB} MiB working set over {image_bytes // MIB} MiB)",
+    }
 
 
 def union_bytes(reads) -> int:

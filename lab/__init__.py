@@ -11,10 +11,21 @@ Leftovers of a crashed run:  python -m lab cleanup [--workdir DIR]
 """
 
 from ._fleet import IQN_PREFIX, Fleet, cleanup_workdir
-from ._node import GUEST_NIC, GUEST_SHARE, GuestProcess, UmlNode
 from ._net import ALLOWED_NET
+from ._node import GUEST_NIC, GUEST_SHARE, GuestProcess, UmlNode
 from ._util import CommandTimeout, HarnessError, NodeDead, uml_available
 
-__all__ = ["Fleet", "UmlNode", "GuestProcess", "HarnessError", "NodeDead", "CommandTimeout",
-           "uml_available", "cleanup_workdir", "GUEST_SHARE", "GUEST_NIC", "IQN_PREFIX",
-           "ALLOWED_NET"]
+__all__ = [
+    "Fleet",
+    "UmlNode",
+    "GuestProcess",
+    "HarnessError",
+    "NodeDead",
+    "CommandTimeout",
+    "uml_available",
+    "cleanup_workdir",
+    "GUEST_SHARE",
+    "GUEST_NIC",
+    "IQN_PREFIX",
+    "ALLOWED_NET",
+]

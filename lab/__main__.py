@@ -13,10 +13,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cleanup", help="remove leftovers recorded in harness workdirs")
-    c.add_argument("--workdir", action="append",
-                   help=f"a fleet workdir (default: every fleet under {DEFAULT_WORKROOT})")
-    c.add_argument("--force", action="store_true",
-                   help="also clean fleets whose owning process is still running")
+    c.add_argument("--workdir", action="append", help=f"a fleet workdir (default: every fleet under {DEFAULT_WORKROOT})")
+    c.add_argument("--force", action="store_true", help="also clean fleets whose owning process is still running")
     sub.add_parser("check", help="can UML nodes run on this host?")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -32,8 +30,7 @@ def main(argv=None) -> int:
             dirs = [os.path.join(DEFAULT_WORKROOT, d) for d in sorted(os.listdir(DEFAULT_WORKROOT))]
         except FileNotFoundError:
             dirs = []
-        dirs = [d for d in dirs if os.path.exists(os.path.join(d, STATE_FILE))
-                or os.path.isdir(os.path.join(d, "nodes"))]
+        dirs = [d for d in dirs if os.path.exists(os.path.join(d, STATE_FILE)) or os.path.isdir(os.path.join(d, "nodes"))]
     rc = 0
     for d in dirs:
         if cleanup_workdir(os.path.abspath(d), force=args.force):

@@ -17,15 +17,29 @@ from typing import Dict, Iterator, Optional
 
 from ._net import FleetNetwork, validate_subnet
 from ._node import UmlNode
-from ._util import (DEFAULT_WORKROOT, STATE_FILE, HarnessError, is_mountpoint, kill_uml_group,
-                    is_our_uml, log, netns_exists, parse_size, pid_alive, pid_cmdline, sh,
-                    uml_available, uml_group_pids, umount)
+from ._util import (
+    DEFAULT_WORKROOT,
+    STATE_FILE,
+    HarnessError,
+    is_mountpoint,
+    is_our_uml,
+    kill_uml_group,
+    log,
+    netns_exists,
+    parse_size,
+    pid_alive,
+    pid_cmdline,
+    sh,
+    uml_available,
+    uml_group_pids,
+    umount,
+)
 
 IQN_PREFIX = "iqn.2026-11.org.vmthunder.test"
 INIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest_init.sh")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,19}")
 _NODE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,15}")
-_PATH_RE = re.compile(r"/[A-Za-z0-9._/+-]*")      # must survive the UML/kernel command line
+_PATH_RE = re.compile(r"/[A-Za-z0-9._/+-]*")  # must survive the UML/kernel command line
 _NODE_KEYS = {"disks", "mem", "rate"}
 
 _live_fleets: "weakref.WeakSet[Fleet]" = weakref.WeakSet()
@@ -38,7 +52,7 @@ def _close_all_live(*_):
     for fleet in list(_live_fleets):
         try:
             fleet.close()
-        except Exception:                      # pragma: no cover - best effort at exit
+        except Exception:  # pragma: no cover - best effort at exit
             log.exception("teardown of fleet %s failed", fleet.name)
 
 
@@ -80,11 +94,19 @@ class Fleet:
     keep_workdir: keep console logs etc. after teardown (also: env VMT_KEEP_WORKDIR=1)
     """
 
-    def __init__(self, nodes, name: str = "vmt", mem: str = "384M",
-                 subnet: str = "198.18.7.0/24", workdir: Optional[str] = None,
-                 rate=None, env: Optional[Dict[str, str]] = None,
-                 boot_timeout: float = 60.0, halt_timeout: float = 10.0,
-                 keep_workdir: Optional[bool] = None):
+    def __init__(
+        self,
+        nodes,
+        name: str = "vmt",
+        mem: str = "384M",
+        subnet: str = "198.18.7.0/24",
+        workdir: Optional[str] = None,
+        rate=None,
+        env: Optional[Dict[str, str]] = None,
+        boot_timeout: float = 60.0,
+        halt_timeout: float = 10.0,
+        keep_workdir: Optional[bool] = None,
+    ):
         if not _NAME_RE.fullmatch(name):
             raise HarnessError(f"bad fleet name {name!r} (letters, digits, _ and -; max 20)")
         if isinstance(nodes, (list, tuple)):
@@ -123,13 +145,20 @@ class Fleet:
             if unknown:
                 raise HarnessError(f"node {nname}: unknown keys {sorted(unknown)}")
             parse_size(spec.get("mem", mem))
-            self.nodes[nname] = UmlNode(self, nname, index, str(next(hosts)),
-                                        self.subnet.prefixlen, spec.get("mem", mem),
-                                        dict(spec.get("disks") or {}), spec.get("rate", rate))
+            self.nodes[nname] = UmlNode(
+                self,
+                nname,
+                index,
+                str(next(hosts)),
+                self.subnet.prefixlen,
+                spec.get("mem", mem),
+                dict(spec.get("disks") or {}),
+                spec.get("rate", rate),
+            )
         self.guest_env = self._guest_env(env)
         self._started = False
         self._closed = False
-        self._close_lock = threading.RLock()   # RLock: close() may run in a signal handler
+        self._close_lock = threading.RLock()  # RLock: close() may run in a signal handler
         self.boot_seconds: Optional[float] = None
 
     # ------------------------------------------------------------------ access
@@ -148,10 +177,15 @@ class Fleet:
     @staticmethod
     def _guest_env(extra) -> Dict[str, str]:
         pybin = os.path.dirname(sys.executable) if sys.executable else ""
-        path = ":".join(p for p in [pybin, "/usr/local/sbin", "/usr/local/bin", "/usr/sbin",
-                                    "/usr/bin", "/sbin", "/bin"] if p)
-        env = {"PATH": path, "HOME": "/root", "PYTHONDONTWRITEBYTECODE": "1",
-               "PYTHONUNBUFFERED": "1", "DM_DISABLE_UDEV": "1", "LC_ALL": "C.UTF-8"}
+        path = ":".join(p for p in [pybin, "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] if p)
+        env = {
+            "PATH": path,
+            "HOME": "/root",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "DM_DISABLE_UDEV": "1",
+            "LC_ALL": "C.UTF-8",
+        }
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         for k, v in (extra or {}).items():
@@ -170,10 +204,14 @@ class Fleet:
         return False
 
     def _write_state(self) -> None:
-        state = {"name": self.name, "netns": self.netns, "shm": self.shm_dir,
-                 "owner_pid": os.getpid(),
-                 "nodes": {n.name: {"pid": n.pid, "ip": n.ip} for n in self},
-                 "services": {name: {"pid": p.pid, "argv0": p.args[4]} for name, p in self._services.items()}}
+        state = {
+            "name": self.name,
+            "netns": self.netns,
+            "shm": self.shm_dir,
+            "owner_pid": os.getpid(),
+            "nodes": {n.name: {"pid": n.pid, "ip": n.ip} for n in self},
+            "services": {name: {"pid": p.pid, "argv0": p.args[4]} for name, p in self._services.items()},
+        }
         tmp = os.path.join(self.workdir, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(state, f, indent=1)
@@ -191,18 +229,18 @@ class Fleet:
             log.warning("fleet %s: removing leftovers in %s", self.name, self.workdir)
             if not cleanup_workdir(self.workdir) or os.path.exists(self.workdir):
                 self._started = False
-                raise HarnessError(f"cannot clean up workdir {self.workdir} (in use by another "
-                                   f"process, or not a harness workdir)")
+                raise HarnessError(
+                    f"cannot clean up workdir {self.workdir} (in use by another process, or not a harness workdir)"
+                )
         _live_fleets.add(self)
         _install_exit_hooks()
         try:
             os.makedirs(self.workdir)
-            self._write_state()          # from here on, "cleanup" can undo what follows
+            self._write_state()  # from here on, "cleanup" can undo what follows
             os.makedirs(self.shm_dir)
             os.makedirs(self.uml_dir)
             shm_size = sum(parse_size(n.mem) for n in self) + 256 * 2**20
-            sh(["mount", "-t", "tmpfs", "-o", f"size={shm_size},mode=1777",
-                f"vmt-shm-{self.name}", self.shm_dir])
+            sh(["mount", "-t", "tmpfs", "-o", f"size={shm_size},mode=1777", f"vmt-shm-{self.name}", self.shm_dir])
             shutil.copyfile(INIT_SCRIPT, self.init_path)
             os.chmod(self.init_path, 0o755)
             self.network.create()
@@ -229,16 +267,20 @@ class Fleet:
                     pending.remove(node)
                     log.info("node %s: ready after %.1fs", node.name, node.boot_seconds)
                 elif st is not None:
-                    raise HarnessError(f"node {node.name} failed to boot: {st}\n"
-                                       f"--- console tail ({node.console_path}) ---\n"
-                                       f"{node.console_tail()}")
+                    raise HarnessError(
+                        f"node {node.name} failed to boot: {st}\n"
+                        f"--- console tail ({node.console_path}) ---\n"
+                        f"{node.console_tail()}"
+                    )
             if not pending:
                 break
             if time.monotonic() >= deadline:
                 node = pending[0]
-                raise HarnessError(f"node {node.name} not ready within {self.boot_timeout}s\n"
-                                   f"--- console tail ({node.console_path}) ---\n"
-                                   f"{node.console_tail()}")
+                raise HarnessError(
+                    f"node {node.name} not ready within {self.boot_timeout}s\n"
+                    f"--- console tail ({node.console_path}) ---\n"
+                    f"{node.console_tail()}"
+                )
             time.sleep(0.05)
         self.boot_seconds = time.monotonic() - t0
         log.info("fleet %s: %d node(s) up in %.1fs", self.name, len(self), self.boot_seconds)
@@ -256,8 +298,13 @@ class Fleet:
             self.network.add_address(f"{self.host_ip}/{self.subnet.prefixlen}")
         out = open(log_path or os.path.join(self.workdir, f"{name}.log"), "ab")
         try:
-            proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             out.close()
         self._services[name] = proc
@@ -309,8 +356,7 @@ class Fleet:
 
 def _owner_alive(state: dict) -> Optional[int]:
     pid = state.get("owner_pid")
-    if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid) \
-            and "python" in pid_cmdline(pid):
+    if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid) and "python" in pid_cmdline(pid):
         return pid
     return None
 
@@ -351,8 +397,7 @@ def cleanup_workdir(workdir: str, force: bool = False) -> bool:
             kill_uml_group(pid, grace=1.0)
     for name, info in (state.get("services") or {}).items():
         pid, argv0 = (info or {}).get("pid"), (info or {}).get("argv0")
-        if isinstance(pid, int) and isinstance(argv0, str) and pid_alive(pid) \
-                and os.path.basename(argv0) in pid_cmdline(pid):
+        if isinstance(pid, int) and isinstance(argv0, str) and pid_alive(pid) and os.path.basename(argv0) in pid_cmdline(pid):
             log.info("cleanup: killing recorded host service %s (pid %d)", name, pid)
             os.kill(pid, signal.SIGKILL)
     netns = state.get("netns")

@@ -44,8 +44,9 @@ class FleetNetwork:
 
     def create(self) -> None:
         if netns_exists(self.netns):
-            raise HarnessError(f"network namespace {self.netns} already exists (another fleet with "
-                               f"the same name?  run: python -m lab cleanup)")
+            raise HarnessError(
+                f"network namespace {self.netns} already exists (another fleet with the same name?  run: python -m lab cleanup)"
+            )
         log.debug("creating netns %s", self.netns)
         sh(["ip", "netns", "add", self.netns], timeout=30)
         self._ip("link", "set", "lo", "up")
@@ -59,8 +60,9 @@ class FleetNetwork:
         storage switch: no firewall, and on a 2-core host that walk is CPU the nodes need."""
         for family in ("iptables", "ip6tables", "arptables"):
             key = f"/proc/sys/net/bridge/bridge-nf-call-{family}"
-            rc, out = sh(["ip", "netns", "exec", self.netns, "sh", "-c", f"[ ! -e {key} ] || echo 0 > {key}"],
-                         timeout=15, check=False)
+            rc, out = sh(
+                ["ip", "netns", "exec", self.netns, "sh", "-c", f"[ ! -e {key} ] || echo 0 > {key}"], timeout=15, check=False
+            )
             if rc != 0:
                 log.warning("%s: could not turn off %s: %s", self.netns, key, out.strip())
 
@@ -90,16 +92,43 @@ class FleetNetwork:
         self._ip("link", "set", ifb, "up")
         self._tc("qdisc", "add", "dev", ifb, "root", *tbf)
         self._tc("qdisc", "add", "dev", tap, "handle", "ffff:", "ingress")
-        self._tc("filter", "add", "dev", tap, "parent", "ffff:", "protocol", "all",
-                 "u32", "match", "u32", "0", "0",
-                 "action", "mirred", "egress", "redirect", "dev", ifb)
+        self._tc(
+            "filter",
+            "add",
+            "dev",
+            tap,
+            "parent",
+            "ffff:",
+            "protocol",
+            "all",
+            "u32",
+            "match",
+            "u32",
+            "0",
+            "0",
+            "action",
+            "mirred",
+            "egress",
+            "redirect",
+            "dev",
+            ifb,
+        )
         log.debug("%s: %s shaped to %s bit/s both ways (burst %d)", self.netns, tap, bits, burst)
 
     def tap_stats(self, index: int) -> dict:
         """Host view of tap<index> counters (tap rx = guest tx)."""
-        _, out = sh(["ip", "netns", "exec", self.netns, "cat",
-                     f"/sys/class/net/tap{index}/statistics/rx_bytes",
-                     f"/sys/class/net/tap{index}/statistics/tx_bytes"], timeout=15)
+        _, out = sh(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.netns,
+                "cat",
+                f"/sys/class/net/tap{index}/statistics/rx_bytes",
+                f"/sys/class/net/tap{index}/statistics/tx_bytes",
+            ],
+            timeout=15,
+        )
         rx, tx = (int(x) for x in out.split())
         return {"guest_tx_bytes": rx, "guest_rx_bytes": tx}
 

@@ -12,8 +12,7 @@ import time
 import zlib
 from typing import Dict, Optional, Tuple
 
-from ._util import (CommandTimeout, HarnessError, NodeDead, kill_uml_group, killpg_uml, log,
-                    parse_size, uml_binary, uml_group_pids)
+from ._util import CommandTimeout, HarnessError, NodeDead, kill_uml_group, killpg_uml, log, parse_size, uml_binary, uml_group_pids
 
 GUEST_SHARE = "/vmt-share"
 GUEST_NIC = "vec0"
@@ -71,15 +70,19 @@ class GuestProcess:
             if rc is not None:
                 return rc, self.output()
             if not self.node.alive():
-                raise NodeDead(f"node {self.node.name} died while running command #{self.id}"
-                               f"\n--- output so far ---\n{self.output()}"
-                               f"\n--- console tail ---\n{self.node.console_tail(15)}")
+                raise NodeDead(
+                    f"node {self.node.name} died while running command #{self.id}"
+                    f"\n--- output so far ---\n{self.output()}"
+                    f"\n--- console tail ---\n{self.node.console_tail(15)}"
+                )
             if time.monotonic() >= deadline:
                 self.kill()
                 out = self.output()
                 raise CommandTimeout(
                     f"node {self.node.name}: command #{self.id} still running after {timeout}s "
-                    f"(killed)\n--- script ---\n{self.script}\n--- output so far ---\n{out}", out)
+                    f"(killed)\n--- script ---\n{self.script}\n--- output so far ---\n{out}",
+                    out,
+                )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.05)
 
@@ -92,8 +95,7 @@ class GuestProcess:
 class UmlNode:
     """A UML guest.  Created and booted by Fleet; use fleet["name"]."""
 
-    def __init__(self, fleet, name: str, index: int, ip: str, prefixlen: int, mem: str,
-                 disks: Dict[str, object], rate=None):
+    def __init__(self, fleet, name: str, index: int, ip: str, prefixlen: int, mem: str, disks: Dict[str, object], rate=None):
         self.fleet = fleet
         self.name = name
         self.index = index
@@ -119,7 +121,7 @@ class UmlNode:
         self._disks: Dict[str, str] = {}
         self._proc: Optional[subprocess.Popen] = None
         self._fifo_w: Optional[int] = None
-        self._lock = threading.RLock()   # RLock: halt may be sent from a signal handler
+        self._lock = threading.RLock()  # RLock: halt may be sent from a signal handler
         self._seq = 0
         self.boot_seconds: Optional[float] = None
         self._t_launch = 0.0
@@ -140,8 +142,9 @@ class UmlNode:
         try:
             return self._disks[name]
         except KeyError:
-            raise HarnessError(f"node {self.name} has no disk {name!r} "
-                               f"(has: {', '.join(sorted(self._disks)) or 'none'})") from None
+            raise HarnessError(
+                f"node {self.name} has no disk {name!r} (has: {', '.join(sorted(self._disks)) or 'none'})"
+            ) from None
 
     @property
     def disks(self) -> Dict[str, str]:
@@ -178,7 +181,7 @@ class UmlNode:
             else:
                 path = os.path.join(self.dir, "disks", f"{dname}.img")
                 with open(path, "wb") as f:
-                    f.truncate(parse_size(spec))           # sparse
+                    f.truncate(parse_size(spec))  # sparse
             self._disks[dname] = path
         with open(os.path.join(self.share_dir, "env.sh"), "w") as f:
             for k, v in guest_env.items():
@@ -186,18 +189,33 @@ class UmlNode:
 
     def _cmdline(self) -> list:
         f = self.fleet
-        args = [f"mem={self.mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro",
-                f"init={f.init_path}", "con=null", "con0=fd:0,fd:1", "ssl=null",
-                f"uml_dir={f.uml_dir}", f"umid={f.name}-{self.name}"]
+        args = [
+            f"mem={self.mem}",
+            "root=/dev/root",
+            "rootfstype=hostfs",
+            "rootflags=/",
+            "ro",
+            f"init={f.init_path}",
+            "con=null",
+            "con0=fd:0,fd:1",
+            "ssl=null",
+            f"uml_dir={f.uml_dir}",
+            f"umid={f.name}-{self.name}",
+        ]
         for dname, path in sorted(self._disks.items()):
             args.append(f"ubd{_ubd_index(dname)}={path}")
         # gro=1 is REQUIRED with the vector tap transport (see notes: without it the tap's GSO
         # super-frames are dropped by MTU-sized guest buffers and bulk TCP transfers hang).
         args.append(f"{GUEST_NIC}:transport=tap,ifname={self.tap},gro=1")
-        args += [f"vmt_node={self.name}", f"vmt_host={self.hostname}",
-                 f"vmt_ip={self.ip}/{self.prefixlen}", f"vmt_if={GUEST_NIC}",
-                 f"vmt_share={self.share_dir}", f"vmt_iqn={self.initiator_iqn}",
-                 f"vmt_mac={self.mac}"]
+        args += [
+            f"vmt_node={self.name}",
+            f"vmt_host={self.hostname}",
+            f"vmt_ip={self.ip}/{self.prefixlen}",
+            f"vmt_if={GUEST_NIC}",
+            f"vmt_share={self.share_dir}",
+            f"vmt_iqn={self.initiator_iqn}",
+            f"vmt_mac={self.mac}",
+        ]
         return args
 
     def _launch(self) -> None:
@@ -220,21 +238,34 @@ class UmlNode:
         finally:
             os.close(rw)
         os.set_blocking(rd, True)
-        env = dict(os.environ, TMPDIR=self.fleet.shm_dir)   # guest RAM file goes to our tmpfs
+        env = dict(os.environ, TMPDIR=self.fleet.shm_dir)  # guest RAM file goes to our tmpfs
         argv = ["ip", "netns", "exec", self.fleet.netns, uml_binary(), *self._cmdline()]
         log.debug("node %s: %s", self.name, " ".join(argv))
         try:
             with open(self.console_path, "ab") as console:
                 self._t_launch = time.monotonic()
-                self._proc = subprocess.Popen(argv, stdin=rd, stdout=console,
-                                              stderr=subprocess.STDOUT, env=env, cwd=self.dir,
-                                              start_new_session=True, close_fds=True)
+                self._proc = subprocess.Popen(
+                    argv,
+                    stdin=rd,
+                    stdout=console,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=self.dir,
+                    start_new_session=True,
+                    close_fds=True,
+                )
         finally:
             os.close(rd)
         with open(self.pid_path, "w") as f:
             f.write(f"{self._proc.pid}\n")
-        log.info("node %s: launched UML pid %d (ip %s, mem %s, disks %s)", self.name,
-                 self._proc.pid, self.ip, self.mem, ",".join(sorted(self._disks)) or "-")
+        log.info(
+            "node %s: launched UML pid %d (ip %s, mem %s, disks %s)",
+            self.name,
+            self._proc.pid,
+            self.ip,
+            self.mem,
+            ",".join(sorted(self._disks)) or "-",
+        )
 
     def _boot_status(self) -> Optional[str]:
         """None while booting, 'ready', or an error text."""
@@ -260,8 +291,9 @@ class UmlNode:
                 return
             if st is not None or time.monotonic() >= deadline:
                 self.kill()
-                raise HarnessError(f"node {self.name} did not boot: {st or 'timeout'}\n"
-                                   f"--- console tail ---\n{self.console_tail()}")
+                raise HarnessError(
+                    f"node {self.name} did not boot: {st or 'timeout'}\n--- console tail ---\n{self.console_tail()}"
+                )
             time.sleep(0.05)
 
     # ------------------------------------------------------------------ commands
@@ -273,7 +305,7 @@ class UmlNode:
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    os.write(self._fifo_w, data)       # < PIPE_BUF: atomic
+                    os.write(self._fifo_w, data)  # < PIPE_BUF: atomic
                     return
                 except OSError as e:
                     if e.errno != errno.EAGAIN:
@@ -318,8 +350,9 @@ class UmlNode:
         """Like run(), but raises HarnessError (with the output) if the exit status is not 0."""
         rc, out = self.run(script, timeout=timeout, shell=shell)
         if rc != 0:
-            raise HarnessError(f"node {self.name}: command failed with rc={rc}\n--- script ---\n"
-                               f"{script.strip()}\n--- output ---\n{out}")
+            raise HarnessError(
+                f"node {self.name}: command failed with rc={rc}\n--- script ---\n{script.strip()}\n--- output ---\n{out}"
+            )
         return out
 
     # ------------------------------------------------------------------ files in the share
@@ -404,8 +437,7 @@ class UmlNode:
                 proc.wait(max(0.0, deadline - time.monotonic()))
                 log.debug("node %s: powered off (status %s)", self.name, proc.returncode)
             except subprocess.TimeoutExpired:
-                log.warning("node %s: no power-off after halt; killing process group %d",
-                            self.name, proc.pid)
+                log.warning("node %s: no power-off after halt; killing process group %d", self.name, proc.pid)
                 kill_uml_group(proc.pid, grace=1.0)
                 try:
                     proc.wait(5)

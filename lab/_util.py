@@ -17,7 +17,7 @@ log = logging.getLogger("vmthunder.harness")
 UML_BINARY = "linux.uml"
 UML_MODULES_ROOT = "/usr/lib/uml/modules"
 DEFAULT_WORKROOT = "/tmp/vmt-uml"
-STATE_FILE = "fleet.json"       # marks a directory as a harness workdir (cleanup relies on it)
+STATE_FILE = "fleet.json"  # marks a directory as a harness workdir (cleanup relies on it)
 
 
 class HarnessError(RuntimeError):
@@ -36,12 +36,12 @@ class CommandTimeout(HarnessError):
         self.output = output
 
 
-def sh(argv: Sequence[str], timeout: float = 30.0, check: bool = True,
-       input: Optional[bytes] = None) -> Tuple[int, str]:
+def sh(argv: Sequence[str], timeout: float = 30.0, check: bool = True, input: Optional[bytes] = None) -> Tuple[int, str]:
     """Run a host command; returns (rc, stdout+stderr).  Raises HarnessError if check and rc!=0."""
     try:
-        p = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           timeout=timeout, input=input, close_fds=True)
+        p = subprocess.run(
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, input=input, close_fds=True
+        )
     except subprocess.TimeoutExpired as e:
         raise HarnessError(f"host command timed out after {timeout}s: {' '.join(argv)}") from e
     except OSError as e:
@@ -53,8 +53,7 @@ def sh(argv: Sequence[str], timeout: float = 30.0, check: bool = True,
 
 
 def uml_binary() -> Optional[str]:
-    return shutil.which(UML_BINARY) or (
-        f"/usr/bin/{UML_BINARY}" if os.access(f"/usr/bin/{UML_BINARY}", os.X_OK) else None)
+    return shutil.which(UML_BINARY) or (f"/usr/bin/{UML_BINARY}" if os.access(f"/usr/bin/{UML_BINARY}", os.X_OK) else None)
 
 
 def uml_modules_dir() -> Optional[str]:
@@ -93,8 +92,7 @@ def uml_available() -> Tuple[bool, str]:
         rc, out = sh(["ip", "netns", "add", probe], timeout=15, check=False)
         if rc != 0:
             return False, f"'ip netns add' does not work: {out.strip()}"
-        rc, out = sh(["ip", "-n", probe, "link", "add", "vmtprobebr", "type", "bridge"],
-                     timeout=15, check=False)
+        rc, out = sh(["ip", "-n", probe, "link", "add", "vmtprobebr", "type", "bridge"], timeout=15, check=False)
         if rc != 0:
             return False, f"cannot create a bridge in a netns: {out.strip()}"
     except HarnessError as e:
@@ -105,6 +103,7 @@ def uml_available() -> Tuple[bool, str]:
 
 
 # ---------------------------------------------------------------- process control (by PID only)
+
 
 def pid_cmdline(pid: int) -> str:
     try:
@@ -164,8 +163,7 @@ def uml_group_pids(pgid: int) -> list:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if len(fields) > 3 and int(fields[3]) == pgid and fields[0] != b"Z" \
-                and UML_BINARY in pid_cmdline(int(entry)):
+        if len(fields) > 3 and int(fields[3]) == pgid and fields[0] != b"Z" and UML_BINARY in pid_cmdline(int(entry)):
             pids.append(int(entry))
     return pids
 
@@ -218,8 +216,7 @@ def parse_size(value) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 
-_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9,
-               "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
 
 
 def parse_rate(value) -> int:

@@ -4,6 +4,7 @@ Each call is a new Python process on the node: state must come back from the ker
 what a restarted nova-compute does. The snippet calls `out(value)` to return JSON; a
 `vmthunder.Error` it raises comes back as `GuestError` with the exception's class name.
 """
+
 import json
 import textwrap
 import uuid
@@ -27,11 +28,16 @@ class GuestError(AssertionError):
 
 
 def py(node, code, timeout=180):
-    body = PRELUDE + "try:\n" + textwrap.indent(textwrap.dedent(code), "    ") + """
+    body = (
+        PRELUDE
+        + "try:\n"
+        + textwrap.indent(textwrap.dedent(code), "    ")
+        + """
 except vmthunder.Error as e:
     print("@@ERR " + json.dumps([type(e).__name__, str(e)]))
     sys.exit(3)
 """
+    )
     path = node.write_file(f"snippet-{uuid.uuid4().hex[:10]}.py", body.encode())
     rc, output = node.run(f"python3 {path}", timeout=timeout)
     result = None

@@ -23,10 +23,16 @@ fi
 PY=${PYTHON:-python3}
 need_py=()
 for m in maturin pytest tooz etcd3gw matplotlib; do $PY -c "import $m" 2>/dev/null || need_py+=("$m"); done
+# ruff pinned: its formatter's output is the style CI checks.
+RUFF=0.17.6
+[ "$($PY -m ruff --version 2>/dev/null)" = "ruff $RUFF" ] || need_py+=("ruff==$RUFF")
 if ((${#need_py[@]})); then
     log "pip install ${need_py[*]}"
     $PY -m pip install -q "${need_py[@]}"
 fi
+
+# rustfmt: the style check of scripts/test-all.sh (rustup's default profile has it).
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt || log "no rustfmt: the style check will fail"
 
 log "building the vmthunder wheel (release)"
 rm -rf target/wheels

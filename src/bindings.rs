@@ -3,7 +3,12 @@
 //! under the logger name `vmthunder` (pyo3-log).
 use std::{collections::BTreeMap, time::Duration};
 
-use pyo3::{create_exception, exceptions::PyException, prelude::*, types::{PyList, PyTuple}};
+use pyo3::{
+    create_exception,
+    exceptions::PyException,
+    prelude::*,
+    types::{PyList, PyTuple},
+};
 use serde_json::Value;
 
 use crate::{
@@ -25,7 +30,12 @@ create_exception!(vmthunder, LioError, Error, "The LIO target (configfs) refused
 create_exception!(vmthunder, DeviceMapperError, Error, "A device-mapper operation failed.");
 create_exception!(vmthunder, SnapshotError, Error, "Creating or removing a VM snapshot failed.");
 create_exception!(vmthunder, StateDirError, Error, "The state directory (locks, saved origins, overlays) cannot be used.");
-create_exception!(vmthunder, RollbackError, Error, "An operation failed and undoing it failed too: `left_behind` lists what stayed, the message says why it failed.");
+create_exception!(
+    vmthunder,
+    RollbackError,
+    Error,
+    "An operation failed and undoing it failed too: `left_behind` lists what stayed, the message says why it failed."
+);
 
 fn to_py(e: RsError) -> PyErr {
     let m = e.message;
@@ -187,8 +197,16 @@ impl Node {
     /// allocator frees buckets: a second pass refetched 7 % at 64 KiB x 1, 23 % at x 2).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (image_id, ranges, depth=None, chunk_kib=64, reverse=false, stop=None))]
-    fn prefetch(&self, py: Python<'_>, image_id: &str, ranges: &Bound<'_, PyAny>, depth: Option<usize>, chunk_kib: u64, reverse: bool,
-                stop: Option<PyObject>) -> PyResult<PyObject> {
+    fn prefetch(
+        &self,
+        py: Python<'_>,
+        image_id: &str,
+        ranges: &Bound<'_, PyAny>,
+        depth: Option<usize>,
+        chunk_kib: u64,
+        reverse: bool,
+        stop: Option<PyObject>,
+    ) -> PyResult<PyObject> {
         let ranges = ranges_of(py_to_json(py, "ranges", ranges)?)?;
         // A stop whose is_set() raises counts as set: better end early than read on.
         let asked = || {
@@ -403,7 +421,12 @@ fn allow_initiator(py: Python<'_>, name: &str, initiator: &str, portal: &str) ->
 fn unexport_volume(py: Python<'_>, name: &str) -> PyResult<()> {
     py.allow_threads(|| {
         names::validate_id("volume name", name)?;
-        let exp = crate::lio::Export { iqn: names::volume_iqn(name), backstore: format!("volume_{name}"), portal: String::new(), kind: crate::lio::Backstore::Block };
+        let exp = crate::lio::Export {
+            iqn: names::volume_iqn(name),
+            backstore: format!("volume_{name}"),
+            portal: String::new(),
+            kind: crate::lio::Backstore::Block,
+        };
         Lio::new()?.unexport(&exp).map_err(|left| RsError::new(Kind::Rollback, format!("unexport {}: left {left}", exp.iqn)))
     })
     .map_err(to_py)
@@ -446,8 +469,14 @@ fn validate_id(what: &str, value: &str) -> PyResult<String> {
 /// Raises InvalidArgument saying what is wrong (never the grant's CHAP secret).
 #[pyfunction]
 #[pyo3(signature = (grant, parent, image_id, export_ip, state_dir=None))]
-fn check_grant(py: Python<'_>, grant: &Bound<'_, PyAny>, parent: &str, image_id: &str, export_ip: Option<&str>,
-               state_dir: Option<&str>) -> PyResult<PyObject> {
+fn check_grant(
+    py: Python<'_>,
+    grant: &Bound<'_, PyAny>,
+    parent: &str,
+    image_id: &str,
+    export_ip: Option<&str>,
+    state_dir: Option<&str>,
+) -> PyResult<PyObject> {
     let g = py_to_json(py, "grant", grant)
         .map_err(|_| InvalidArgument::new_err(format!("grant of host {parent:?} for image {image_id:?}: not JSON-like data")))?;
     let v = py
@@ -491,8 +520,15 @@ fn seal_grant(py: Python<'_>, grant: &Bound<'_, PyAny>, recipient_key: &str) -> 
 /// the state dir. `blocking`: a failure makes attaches fail. Reads only; changes nothing.
 #[pyfunction]
 #[pyo3(signature = (cache_device=None, state_dir=None, engine="bcache", coalesce=true, relay=true, snapshot_mode="dm"))]
-fn node_checks(py: Python<'_>, cache_device: Option<String>, state_dir: Option<String>, engine: &str, coalesce: bool, relay: bool,
-          snapshot_mode: &str) -> PyResult<PyObject> {
+fn node_checks(
+    py: Python<'_>,
+    cache_device: Option<String>,
+    state_dir: Option<String>,
+    engine: &str,
+    coalesce: bool,
+    relay: bool,
+    snapshot_mode: &str,
+) -> PyResult<PyObject> {
     let o = crate::doctor::Options {
         cache_device: cache_device.map(Into::into),
         state_dir: state_dir.map(Into::into),

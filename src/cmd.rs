@@ -25,10 +25,7 @@ pub fn mask(text: &str, secrets: &[&str]) -> String {
 /// Run `program args...`; `secret` words are shown as `***`. Fails with `kind` when the tool
 /// cannot start or outlives `timeout`; a non-zero exit is returned, not an error.
 pub fn run(kind: Kind, program: &str, args: &[&str], secrets: &[&str], timeout: Duration) -> Result<Output> {
-    let shown = std::iter::once(program)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let shown = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
     let shown = mask(&shown, secrets);
     debug!("run: {shown}");
     let mut child = Command::new(program)
@@ -88,10 +85,15 @@ mod tests {
         let cap = crate::testlog::capture();
         // The tool echoes its argument to stderr and fails: the secret is in the argv (as a
         // word and inside one) and in the tool's output.
-        let e = check(Kind::Iscsi, "sh", &["-c", "echo \"bad $0 $1\" >&2; exit 3", secret, &format!("--password={secret}")],
-                      &[secret], Duration::from_secs(10))
-            .err()
-            .expect("exit 3 is an error");
+        let e = check(
+            Kind::Iscsi,
+            "sh",
+            &["-c", "echo \"bad $0 $1\" >&2; exit 3", secret, &format!("--password={secret}")],
+            &[secret],
+            Duration::from_secs(10),
+        )
+        .err()
+        .expect("exit 3 is an error");
         assert!(e.message.contains("exit 3") && e.message.contains("***"), "{}", e.message);
         assert!(!e.message.contains(secret), "{}", e.message);
         assert!(cap.lines().iter().any(|l| l.contains("run: sh")), "the command was logged: {:?}", cap.lines());

@@ -60,7 +60,12 @@ pub fn run(o: &Options) -> Vec<Check> {
     out.push(iscsid(o));
     out.push(initiator(o));
     if o.engine == Engine::Bcache {
-        out.push(binary(o, "make-bcache", "bcache-tools' make-bcache (formats the cache set and each image's backing device)", "apt-get install bcache-tools"));
+        out.push(binary(
+            o,
+            "make-bcache",
+            "bcache-tools' make-bcache (formats the cache set and each image's backing device)",
+            "apt-get install bcache-tools",
+        ));
         out.push(bcache_udev_rule(o));
     }
     if o.vmm {
@@ -149,7 +154,12 @@ fn release(o: &Options) -> String {
 fn module_check(o: &Options, m: &Module) -> Check {
     let rel = release(o);
     let lib = format!("/lib/modules/{rel}");
-    let state = module_state(m.name, &read(o, "/proc/modules"), &read(o, &format!("{lib}/modules.builtin")), &read(o, &format!("{lib}/modules.dep")));
+    let state = module_state(
+        m.name,
+        &read(o, "/proc/modules"),
+        &read(o, &format!("{lib}/modules.builtin")),
+        &read(o, &format!("{lib}/modules.dep")),
+    );
     // A dm target or LIO fabric may also be loaded on first use, but nova-compute may run where
     // modprobe is not (a container): loaded before the first attach is what is checked.
     let boot = format!("modprobe {0} and load it at boot: echo {0} >> /etc/modules-load.d/vmthunder.conf", m.name);
@@ -180,7 +190,13 @@ fn configfs(o: &Options) -> Check {
         (true, false) => (false, "mounted at /sys/kernel/config, but no target/ in it (target_core_mod not loaded)"),
         (false, _) => (false, "not mounted at /sys/kernel/config (LIO is driven through it)"),
     };
-    Check::new("configfs", ok, true, detail, "mount -t configfs configfs /sys/kernel/config (systemd: systemctl start sys-kernel-config.mount); modprobe target_core_mod")
+    Check::new(
+        "configfs",
+        ok,
+        true,
+        detail,
+        "mount -t configfs configfs /sys/kernel/config (systemd: systemctl start sys-kernel-config.mount); modprobe target_core_mod",
+    )
 }
 
 fn find_in_path(o: &Options, bin: &str) -> Option<PathBuf> {
@@ -297,25 +313,57 @@ fn in_use_by_others(o: &Options, rdev: u64) -> Vec<String> {
 fn cache_device(o: &Options) -> Check {
     const NAME: &str = "cache device";
     let Some(path) = &o.cache_device else {
-        return Check::new(NAME, false, true, "not configured", "set [vmthunder] cache_device in nova.conf (or --cache-device): a local block device for caches and VM snapshots");
+        return Check::new(
+            NAME,
+            false,
+            true,
+            "not configured",
+            "set [vmthunder] cache_device in nova.conf (or --cache-device): a local block device for caches and VM snapshots",
+        );
     };
     let shown = path.display();
     let meta = match fs::metadata(o.root.join(path.strip_prefix("/").unwrap_or(path))) {
         Ok(m) => m,
-        Err(e) => return Check::new(NAME, false, true, format!("{shown}: {e}"), "point cache_device at an existing local block device (a partition or disk set aside for vmthunder)"),
+        Err(e) => {
+            return Check::new(
+                NAME,
+                false,
+                true,
+                format!("{shown}: {e}"),
+                "point cache_device at an existing local block device (a partition or disk set aside for vmthunder)",
+            )
+        }
     };
     if !meta.file_type().is_block_device() {
-        return Check::new(NAME, false, true, format!("{shown} is not a block device"), "point cache_device at a block device (a partition, a disk or an LV), not a file");
+        return Check::new(
+            NAME,
+            false,
+            true,
+            format!("{shown} is not a block device"),
+            "point cache_device at a block device (a partition, a disk or an LV), not a file",
+        );
     }
     let rdev = meta.rdev();
     let sectors = fs::read_to_string(sysfs_block(o, rdev).join("size")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
     let mib = sectors / 2048;
     if sectors < 16 * 2048 {
-        return Check::new(NAME, false, true, format!("{shown} has {mib} MiB: at least 16 MiB are needed (plus the cache and each VM's COW)"), "use a larger device");
+        return Check::new(
+            NAME,
+            false,
+            true,
+            format!("{shown} has {mib} MiB: at least 16 MiB are needed (plus the cache and each VM's COW)"),
+            "use a larger device",
+        );
     }
     let others = in_use_by_others(o, rdev);
     if !others.is_empty() {
-        return Check::new(NAME, false, true, format!("{shown} ({mib} MiB) is in use: {}", others.join(", ")), "give vmthunder a device nothing else uses (unmount it, swapoff, or choose another)");
+        return Check::new(
+            NAME,
+            false,
+            true,
+            format!("{shown} ({mib} MiB) is in use: {}", others.join(", ")),
+            "give vmthunder a device nothing else uses (unmount it, swapoff, or choose another)",
+        );
     }
     match layout::Store::new(&o.root.join(path.strip_prefix("/").unwrap_or(path)), sectors).read() {
         Ok(label) => {
@@ -334,20 +382,36 @@ fn cache_device(o: &Options) -> Check {
             };
             Check::new(NAME, true, true, format!("{shown}: block device, {mib} MiB, not used by anything else; {what}"), "")
         }
-        Err(e) => Check::new(NAME, false, true, format!("{shown}: {}", e.message), "see the message: a damaged layout is never reset by vmthunder"),
+        Err(e) => Check::new(
+            NAME,
+            false,
+            true,
+            format!("{shown}: {}", e.message),
+            "see the message: a damaged layout is never reset by vmthunder",
+        ),
     }
 }
 
 fn state_dir(o: &Options) -> Check {
     const NAME: &str = "state dir";
-    let Some(dir) = &o.state_dir else { return Check::new(NAME, false, true, "not configured", "set [vmthunder] state_dir (or --state-dir)") };
+    let Some(dir) = &o.state_dir else {
+        return Check::new(NAME, false, true, "not configured", "set [vmthunder] state_dir (or --state-dir)");
+    };
     let real = o.root.join(dir.strip_prefix("/").unwrap_or(dir));
     // The nearest existing ancestor must be a writable directory (vmthunder makes the rest).
     let mut p = real.as_path();
     loop {
         match fs::symlink_metadata(p) {
             Ok(m) if m.is_dir() => break,
-            Ok(_) => return Check::new(NAME, false, true, format!("{} is not a directory", p.display()), "remove it or choose another state_dir"),
+            Ok(_) => {
+                return Check::new(
+                    NAME,
+                    false,
+                    true,
+                    format!("{} is not a directory", p.display()),
+                    "remove it or choose another state_dir",
+                )
+            }
             Err(_) => match p.parent() {
                 Some(up) => p = up,
                 None => break,
@@ -380,8 +444,14 @@ mod tests {
         assert_eq!(module_state("dm-snapshot", procs, builtin, dep), ModuleState::Loaded);
         assert_eq!(module_state("bcache", procs, builtin, dep), ModuleState::Loaded);
         assert_eq!(module_state("dm-mod", procs, builtin, dep), ModuleState::BuiltIn);
-        assert_eq!(module_state("tcm_loop", procs, builtin, dep), ModuleState::Available("kernel/drivers/target/loopback/tcm_loop.ko".into()));
-        assert_eq!(module_state("dm_multipath", procs, builtin, dep), ModuleState::Available("kernel/drivers/md/dm-multipath.ko.xz".into()));
+        assert_eq!(
+            module_state("tcm_loop", procs, builtin, dep),
+            ModuleState::Available("kernel/drivers/target/loopback/tcm_loop.ko".into())
+        );
+        assert_eq!(
+            module_state("dm_multipath", procs, builtin, dep),
+            ModuleState::Available("kernel/drivers/md/dm-multipath.ko.xz".into())
+        );
         assert_eq!(module_state("iscsi_tcp", procs, builtin, dep), ModuleState::Missing);
         // a prefix is not the module
         assert_eq!(module_state("dm-snap", procs, builtin, dep), ModuleState::Missing);
@@ -413,9 +483,12 @@ mod tests {
             fs::write(f, s).unwrap();
         };
         w("proc/sys/kernel/osrelease", "6.1.0-test\n");
-        w("proc/modules", "dm_snapshot 1 0 - Live 0x0\ndm_multipath 1 0 - Live 0x0\niscsi_tcp 1 0 - Live 0x0\n\
+        w(
+            "proc/modules",
+            "dm_snapshot 1 0 - Live 0x0\ndm_multipath 1 0 - Live 0x0\niscsi_tcp 1 0 - Live 0x0\n\
                            target_core_mod 1 0 - Live 0x0\nbcache 1 0 - Live 0x0\ntarget_core_file 1 0 - Live 0x0\n\
-                           iscsi_target_mod 1 0 - Live 0x0\n");
+                           iscsi_target_mod 1 0 - Live 0x0\n",
+        );
         w("lib/modules/6.1.0-test/modules.dep", "kernel/drivers/target/loopback/tcm_loop.ko:\n");
         w("lib/modules/6.1.0-test/modules.builtin", "");
         w("proc/mounts", "configfs /sys/kernel/config configfs rw 0 0\n");
@@ -431,7 +504,10 @@ mod tests {
         let checks = run(&o);
         let tcm = checks.iter().find(|c| c.name == "module tcm_loop").unwrap();
         assert!(!tcm.ok && tcm.blocking, "{tcm:?}");
-        assert!(tcm.detail.starts_with("not loaded (installed: /lib/modules/6.1.0-test/kernel/drivers/target/loopback/tcm_loop.ko)"), "{tcm:?}");
+        assert!(
+            tcm.detail.starts_with("not loaded (installed: /lib/modules/6.1.0-test/kernel/drivers/target/loopback/tcm_loop.ko)"),
+            "{tcm:?}"
+        );
         assert!(tcm.fix.starts_with("modprobe tcm_loop"), "{tcm:?}");
         let snap = checks.iter().find(|c| c.name == "module dm-snapshot").unwrap();
         assert!(snap.ok && snap.fix.is_empty(), "{snap:?}");

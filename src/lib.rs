@@ -15,21 +15,21 @@
 //! - [`bindings`]: the Python module
 pub mod cmd;
 pub mod dm;
+pub mod doctor;
+pub mod error;
 pub mod iscsi;
 pub mod lio;
-pub mod error;
 pub mod names;
 pub mod node;
 pub mod placement;
-pub mod sim;
-pub mod usage;
 pub mod records;
 pub mod rollback;
 pub mod seal;
-pub mod doctor;
+pub mod sim;
 pub mod stats;
 #[cfg(test)]
 mod testlog;
+pub mod usage;
 
 mod bindings;
 

@@ -291,8 +291,17 @@ mod tests {
     fn iqns() {
         assert!(validate_iqn("iqn.2010-10.org.openstack:volume-00000001").is_ok());
         assert!(validate_iqn("iqn.2026-11.org.vmthunder:cn1.img").is_ok());
-        for bad in ["", "iqn", "iqn.20x0-10.org", "iqn.2010-10org", "iqn.2010-10.org:Upper", "iqn.2010-10.a b",
-                    "iqn.2010-10.a/b", "iqn.2010-10.a\n", "foo.2010-10.a"] {
+        for bad in [
+            "",
+            "iqn",
+            "iqn.20x0-10.org",
+            "iqn.2010-10org",
+            "iqn.2010-10.org:Upper",
+            "iqn.2010-10.a b",
+            "iqn.2010-10.a/b",
+            "iqn.2010-10.a\n",
+            "foo.2010-10.a",
+        ] {
             assert!(validate_iqn(bad).is_err(), "{bad:?}");
         }
     }
@@ -352,9 +361,16 @@ mod tests {
         for (h, i) in [("cn1", "img"), ("cn-1.example.org", "3F1C2A6E-8f7b.A"), ("a", "Z")] {
             assert_eq!(parse_template_iqn(&template_iqn(h, i)), Some((h.to_string(), i.to_string())));
         }
-        for other in ["iqn.2026-11.org.vmthunder:cn1.img", "iqn.2026-11.org.vmthunder:cn1:img:", "iqn.2026-11.org.vmthunder:cn1:i::mg",
-                      "iqn.2026-11.org.vmthunder:cn1:i:9", "iqn.2026-11.org.vmthunder.volume:x", "iqn.2010-10.org.openstack:volume-1",
-                      "iqn.2026-11.org.vmthunder:CN1:img", "iqn.2026-11.org.vmthunder:cn1:a..b"] {
+        for other in [
+            "iqn.2026-11.org.vmthunder:cn1.img",
+            "iqn.2026-11.org.vmthunder:cn1:img:",
+            "iqn.2026-11.org.vmthunder:cn1:i::mg",
+            "iqn.2026-11.org.vmthunder:cn1:i:9",
+            "iqn.2026-11.org.vmthunder.volume:x",
+            "iqn.2010-10.org.openstack:volume-1",
+            "iqn.2026-11.org.vmthunder:CN1:img",
+            "iqn.2026-11.org.vmthunder:cn1:a..b",
+        ] {
             assert_eq!(parse_template_iqn(other), None, "{other}");
         }
     }

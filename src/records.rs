@@ -145,7 +145,9 @@ pub fn parse_host_record(v: &Value) -> Result<HostRecord> {
     };
     let failure_domain = opt_text(m, &host, "failure_domain")?;
     let grant_key = match opt_text(m, &host, "grant_key")? {
-        Some(k) => Some(crate::seal::public_key(&k).map(|_| k.to_ascii_lowercase()).map_err(|e| record_err(&host, "grant_key", e.message))?),
+        Some(k) => {
+            Some(crate::seal::public_key(&k).map(|_| k.to_ascii_lowercase()).map_err(|e| record_err(&host, "grant_key", e.message))?)
+        }
         None => None,
     };
     Ok(HostRecord { host, initiator, export_ip, failure_domain, grant_key })
@@ -162,17 +164,18 @@ pub fn parse_image_record(v: &Value) -> Result<ImageRecord> {
         Some(v) => return Err(record_err(&host, "built", format!("expected a boolean, got {}", shown(v)))),
     };
     let state = match m.get("state") {
-        Some(Value::String(s)) => JoinState::from_wire(s, built).ok_or_else(|| {
-            record_err(&host, "state", format!("{} is not joining, ready, leaving or failed", shown(&m["state"])))
-        })?,
+        Some(Value::String(s)) => JoinState::from_wire(s, built)
+            .ok_or_else(|| record_err(&host, "state", format!("{} is not joining, ready, leaving or failed", shown(&m["state"]))))?,
         Some(v) => return Err(record_err(&host, "state", format!("expected a string, got {}", shown(v)))),
         None => return Err(record_err(&host, "state", "missing")),
     };
     let depth = match m.get("depth") {
         // An integer: 2.0 or "2" is a bug or a forgery, not a depth.
-        Some(Value::Number(n)) => n.as_u64().filter(|d| (1..=MAX_DEPTH).contains(d)).map(|d| d as u32).ok_or_else(|| {
-            record_err(&host, "depth", format!("{n} is not an integer in 1..{MAX_DEPTH}"))
-        })?,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|d| (1..=MAX_DEPTH).contains(d))
+            .map(|d| d as u32)
+            .ok_or_else(|| record_err(&host, "depth", format!("{n} is not an integer in 1..{MAX_DEPTH}")))?,
         Some(v) => return Err(record_err(&host, "depth", format!("expected an integer, got {}", shown(v)))),
         None => return Err(record_err(&host, "depth", "missing")),
     };
@@ -270,10 +273,10 @@ mod tests {
         let two = json!({"data": {"target_portals": ["198.18.0.2:3260", "198.18.0.2:3261"], "target_iqns": [iqn, iqn],
                                   "target_luns": [0, 0], "target_iqn": iqn, "target_lun": 0}});
         let cases = [
-            (grant("198.18.0.2:3260", &names::template_iqn("cn2", "other"), 0), "target"),  // another image's export
-            (grant("198.18.0.2:3260", &names::template_iqn("cn3", "img"), 0), "target"),    // another host's
-            (grant("198.18.0.2:3260", "iqn.2010-10.org.openstack:volume-1", 0), "target"),  // any target
-            (grant("198.18.0.9:3260", &iqn, 0), "portal"),                                  // elsewhere
+            (grant("198.18.0.2:3260", &names::template_iqn("cn2", "other"), 0), "target"), // another image's export
+            (grant("198.18.0.2:3260", &names::template_iqn("cn3", "img"), 0), "target"),   // another host's
+            (grant("198.18.0.2:3260", "iqn.2010-10.org.openstack:volume-1", 0), "target"), // any target
+            (grant("198.18.0.9:3260", &iqn, 0), "portal"),                                 // elsewhere
             (grant("198.18.0.2:3260", &iqn, 3), "LUN 3"),
             (two, "2 targets"),
             (json!({"target_portal": "198.18.0.2"}), "missing target_iqn"),
@@ -292,14 +295,19 @@ mod tests {
     #[test]
     fn records_parse_and_bad_fields_are_named() {
         let r = parse_image_record(&json!({"host": "cn2", "state": "ready", "depth": 2, "parents": ["cn1", "origin"],
-                                           "failure_domain": "r1", "grants": {"cn3": {"target_iqn": "x"}}, "extra": 1})).unwrap();
+                                           "failure_domain": "r1", "grants": {"cn3": {"target_iqn": "x"}}, "extra": 1}))
+        .unwrap();
         assert_eq!((r.state, r.depth, r.parents.len()), (JoinState::Ready, 2, 2));
         let built = |state: &str, built: bool| {
             parse_image_record(&json!({"host": "cn2", "state": state, "depth": 1, "parents": ["origin"], "built": built})).unwrap().state
         };
-        assert_eq!((built("joining", true), built("joining", false), built("ready", true)), (JoinState::Built, JoinState::Joining, JoinState::Ready));
+        assert_eq!(
+            (built("joining", true), built("joining", false), built("ready", true)),
+            (JoinState::Built, JoinState::Joining, JoinState::Ready)
+        );
         let h = parse_host_record(&json!({"host": "cn2", "initiator": "iqn.1993-08.org.debian:01:cn2", "export_ip": "198.18.0.2",
-                                          "failure_domain": null})).unwrap();
+                                          "failure_domain": null}))
+        .unwrap();
         assert_eq!(h.export_ip, Some(Ipv4Addr::new(198, 18, 0, 2)));
         let base = json!({"host": "cn2", "state": "ready", "depth": 2, "parents": ["origin"]});
         let with = |k: &str, v: Value| {
@@ -351,17 +359,34 @@ mod tests {
                 any::<i64>().prop_map(Value::from),
                 any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
                 "\\PC{0,12}".prop_map(Value::from),
-                prop_oneof![Just("origin"), Just("ready"), Just("joining"), Just("cn1"), Just("198.18.0.2"),
-                            Just("iqn.1993-08.org.debian:01:cn2")].prop_map(Value::from),
+                prop_oneof![
+                    Just("origin"),
+                    Just("ready"),
+                    Just("joining"),
+                    Just("cn1"),
+                    Just("198.18.0.2"),
+                    Just("iqn.1993-08.org.debian:01:cn2")
+                ]
+                .prop_map(Value::from),
             ];
             leaf.prop_recursive(3, 24, 6, |inner| {
                 prop_oneof![
                     prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
                     prop::collection::btree_map(
-                        prop_oneof![Just("host".to_string()), Just("state".to_string()), Just("depth".to_string()),
-                                    Just("parents".to_string()), Just("grants".to_string()), Just("built".to_string()),
-                                    Just("initiator".to_string()), Just("export_ip".to_string()), "[a-z0-9]{1,4}"],
-                        inner, 0..6)
+                        prop_oneof![
+                            Just("host".to_string()),
+                            Just("state".to_string()),
+                            Just("depth".to_string()),
+                            Just("parents".to_string()),
+                            Just("grants".to_string()),
+                            Just("built".to_string()),
+                            Just("initiator".to_string()),
+                            Just("export_ip".to_string()),
+                            "[a-z0-9]{1,4}"
+                        ],
+                        inner,
+                        0..6
+                    )
                     .prop_map(|m| Value::Object(m.into_iter().collect())),
                 ]
             })

@@ -49,9 +49,18 @@ mod tests {
     fn undoes_in_reverse_and_reports_leftovers() {
         let order = RefCell::new(vec![]);
         let mut u = Undo::default();
-        u.push("a", || { order.borrow_mut().push("a"); Ok(()) });
-        u.push("b", || { order.borrow_mut().push("b"); Err("busy".into()) });
-        u.push("c", || { order.borrow_mut().push("c"); Ok(()) });
+        u.push("a", || {
+            order.borrow_mut().push("a");
+            Ok(())
+        });
+        u.push("b", || {
+            order.borrow_mut().push("b");
+            Err("busy".into())
+        });
+        u.push("c", || {
+            order.borrow_mut().push("c");
+            Ok(())
+        });
         let e = u.rollback(Error::invalid("boom"));
         assert_eq!(*order.borrow(), ["c", "b", "a"]);
         assert_eq!(e.kind, Kind::Rollback);

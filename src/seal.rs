@@ -32,9 +32,8 @@ fn unhex(what: &str, s: &str) -> Result<Vec<u8>> {
 
 /// A published public key: 64 hex digits.
 pub fn public_key(hex_key: &str) -> Result<PublicKey> {
-    let b: [u8; KEY_SIZE] = unhex("grant key", hex_key)?
-        .try_into()
-        .map_err(|_| Error::invalid(format!("grant key: expected {} hex digits", 2 * KEY_SIZE)))?;
+    let b: [u8; KEY_SIZE] =
+        unhex("grant key", hex_key)?.try_into().map_err(|_| Error::invalid(format!("grant key: expected {} hex digits", 2 * KEY_SIZE)))?;
     Ok(PublicKey::from_bytes(b))
 }
 
@@ -43,7 +42,11 @@ pub fn public_key(hex_key: &str) -> Result<PublicKey> {
 /// on one key and neither reads a half-written file.
 pub fn node_key(state_dir: &Path) -> Result<SecretKey> {
     let err = |what: String| Error::new(Kind::InvalidArgument, what);
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir).map_err(|e| err(format!("state dir {}: {e}", state_dir.display())))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(|e| err(format!("state dir {}: {e}", state_dir.display())))?;
     let path = state_dir.join(KEY_FILE);
     let nofollow = libc::O_NOFOLLOW | libc::O_CLOEXEC;
     if std::fs::symlink_metadata(&path).is_err() {
@@ -75,9 +78,7 @@ pub fn node_key(state_dir: &Path) -> Result<SecretKey> {
     }
     let mut b = [0u8; KEY_SIZE];
     let mut rest = Vec::new();
-    f.read_exact(&mut b)
-        .and_then(|_| f.read_to_end(&mut rest))
-        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    f.read_exact(&mut b).and_then(|_| f.read_to_end(&mut rest)).map_err(|e| err(format!("{}: {e}", path.display())))?;
     if !rest.is_empty() {
         return Err(err(format!("{}: longer than a key ({KEY_SIZE} bytes)", path.display())));
     }
@@ -92,9 +93,8 @@ pub fn node_public_key(state_dir: &Path) -> Result<String> {
 /// `grant` sealed for the holder of `recipient_key`: `{"sealed": "<hex>"}`.
 pub fn seal(grant: &Value, recipient_key: &str) -> Result<Value> {
     let pk = public_key(recipient_key)?;
-    let sealed = pk
-        .seal(&mut OsRng, grant.to_string().as_bytes())
-        .map_err(|_| Error::new(Kind::InvalidArgument, "sealing a grant failed"))?;
+    let sealed =
+        pk.seal(&mut OsRng, grant.to_string().as_bytes()).map_err(|_| Error::new(Kind::InvalidArgument, "sealing a grant failed"))?;
     Ok(serde_json::json!({ "sealed": hex(&sealed) }))
 }
 
@@ -112,7 +112,9 @@ pub fn open(sealed: &Value, key: &SecretKey) -> Result<Value> {
     if text.len() > 16384 {
         return Err(bad("longer than any grant"));
     }
-    let plain = key.unseal(&unhex("sealed grant", text)?).map_err(|_| bad("cannot be opened with this host's key (sealed for another host, or altered)"))?;
+    let plain = key
+        .unseal(&unhex("sealed grant", text)?)
+        .map_err(|_| bad("cannot be opened with this host's key (sealed for another host, or altered)"))?;
     let v: Value = serde_json::from_slice(&plain).map_err(|_| bad("not JSON inside"))?;
     if !v.is_object() {
         return Err(bad("not a connection dict inside"));
@@ -168,8 +170,14 @@ mod tests {
     fn malformed_sealed_grants_are_typed_errors() {
         let d = dir("bad");
         let k = node_key(&d).unwrap();
-        for v in [json!({"sealed": "zz"}), json!({"sealed": "00"}), json!({"sealed": 3}), json!({"sealed": "00", "x": 1}), json!([]),
-                  json!({"sealed": "a".repeat(20000)})] {
+        for v in [
+            json!({"sealed": "zz"}),
+            json!({"sealed": "00"}),
+            json!({"sealed": 3}),
+            json!({"sealed": "00", "x": 1}),
+            json!([]),
+            json!({"sealed": "a".repeat(20000)}),
+        ] {
             assert_eq!(open(&v, &k).unwrap_err().kind, Kind::InvalidArgument, "{v}");
         }
         assert!(seal(&json!({}), "00").is_err());

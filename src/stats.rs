@@ -86,7 +86,11 @@ pub fn add_counters(status: &mut Value) {
         if let Some(iqn) = t.get("export_iqn").and_then(Value::as_str) {
             let live: Vec<&str> = t["children"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
             for acl in t["child_acls"].as_array().cloned().unwrap_or_default().iter().filter_map(Value::as_str) {
-                let f = PathBuf::from(CONFIGFS_ISCSI).join(iqn).join("tpgt_1/acls").join(acl).join("fabric_statistics/iscsi_sess_stats/txdata_octs");
+                let f = PathBuf::from(CONFIGFS_ISCSI)
+                    .join(iqn)
+                    .join("tpgt_1/acls")
+                    .join(acl)
+                    .join("fabric_statistics/iscsi_sess_stats/txdata_octs");
                 let session = live.contains(&acl);
                 let bytes = if session { read_trim(f).and_then(|s| s.parse::<u64>().ok()) } else { None };
                 served.insert(acl.to_string(), json!({"session": session, "bytes": bytes}));
@@ -174,20 +178,36 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ("vmthunder_template_vms", "gauge", "VMs on this node using each image's template."),
     ("vmthunder_template_children", "gauge", "Child nodes with a live iSCSI session to this node's export of each image."),
     ("vmthunder_path_up", "gauge", "Each path of a template to a parent (position 0 first; the origin volume last): 1 active, 0 failed."),
-    ("vmthunder_parent_read_bytes_total", "counter", "Bytes this node read from each parent path (block-layer counter of the path's iSCSI disk)."),
+    (
+        "vmthunder_parent_read_bytes_total",
+        "counter",
+        "Bytes this node read from each parent path (block-layer counter of the path's iSCSI disk).",
+    ),
     ("vmthunder_child_connected", "gauge", "Each child initiator granted this node's export of an image: 1 while its session is live."),
-    ("vmthunder_child_served_bytes_total", "counter", "Bytes this node sent to each child in its current iSCSI session (LIO; restarts with the session)."),
+    (
+        "vmthunder_child_served_bytes_total",
+        "counter",
+        "Bytes this node sent to each child in its current iSCSI session (LIO; restarts with the session).",
+    ),
     ("vmthunder_local_read_bytes_total", "counter", "Bytes this node's own VMs read from each template (its local disk)."),
     ("vmthunder_cache_hits_total", "counter", "Reads of each template served from the local cache."),
     ("vmthunder_cache_misses_total", "counter", "Reads of each template fetched from the parents (cache misses)."),
     ("vmthunder_cache_hit_ratio", "gauge", "cache hits / (hits + misses) of each template since its cache was set up."),
     ("vmthunder_vm_cow_used_bytes", "gauge", "Bytes of each VM's copy-on-write space holding its writes (dm snapshots)."),
     ("vmthunder_vm_cow_size_bytes", "gauge", "Size of each VM's copy-on-write space; the VM's disk fails when it is full."),
-    ("vmthunder_vm_cow_valid", "gauge", "1 while a VM's snapshot is usable, 0 once its copy-on-write space overflowed (its disk returns errors)."),
+    (
+        "vmthunder_vm_cow_valid",
+        "gauge",
+        "1 while a VM's snapshot is usable, 0 once its copy-on-write space overflowed (its disk returns errors).",
+    ),
     ("vmthunder_attach_duration_seconds", "summary", "Time of each VM attach on this node (Node.attach: template and snapshot)."),
     ("vmthunder_attach_last_duration_seconds", "gauge", "Time of the latest VM attach."),
     ("vmthunder_attach_max_duration_seconds", "gauge", "Longest VM attach recorded."),
-    ("vmthunder_join_duration_seconds", "summary", "Time of each join of an image's relay tree (Tree.attach building the template: placement, logins, build)."),
+    (
+        "vmthunder_join_duration_seconds",
+        "summary",
+        "Time of each join of an image's relay tree (Tree.attach building the template: placement, logins, build).",
+    ),
     ("vmthunder_join_last_duration_seconds", "gauge", "Time of the latest join."),
     ("vmthunder_join_max_duration_seconds", "gauge", "Longest join recorded."),
 ];
@@ -319,13 +339,19 @@ mod tests {
 
     #[test]
     fn counters_parse_from_the_kernels_text() {
-        assert_eq!(sectors_read("      26        0    23808      167        0        0        0        0        0      130      167"), Some(23808));
+        assert_eq!(
+            sectors_read("      26        0    23808      167        0        0        0        0        0      130      167"),
+            Some(23808)
+        );
         assert_eq!(sectors_read("1 2"), None);
         assert_eq!(session_of(Path::new("/sys/devices/platform/host0/session12/target0:0:0/0:0:0:0/block/sda")), Some(12));
         assert_eq!(session_of(Path::new("/sys/devices/tcm_loop_0/tcm_loop_adapter_0/host1/target1:0:1/1:0:1:0/block/sdb")), None);
         assert_eq!(cache_counters("bcache state=clean hits=12 misses=3 bypassed=0.0k"), Some((12, 3)));
         assert_eq!(cache_counters("bcache state=clean hits= misses= bypassed="), None);
-        assert_eq!(cache_counters("cache 8 24/4096 128 10/512 77 5 0 0 0 10 0 1 writethrough 2 migration_threshold 2048 smq 0 rw -"), Some((77, 5)));
+        assert_eq!(
+            cache_counters("cache 8 24/4096 128 10/512 77 5 0 0 0 10 0 1 writethrough 2 migration_threshold 2048 smq 0 rw -"),
+            Some((77, 5))
+        );
         assert_eq!(cache_counters("linear"), None);
     }
 

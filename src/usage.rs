@@ -85,7 +85,7 @@ fn locked(path: &Path) -> bool {
     fl.l_whence = libc::SEEK_SET as _;
     fl.l_start = 0;
     fl.l_len = 0; // to the end of the file and beyond
-    // Asking for a write lock over everything reports any lock held by another description.
+                  // Asking for a write lock over everything reports any lock held by another description.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
     r == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
 }

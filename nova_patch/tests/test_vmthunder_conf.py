@@ -3,6 +3,7 @@ the config generator lists them, and as the `vmthunder` command reads nova.conf 
 oslo.config: both readings of one file agree. Needs oslo.config (the patched Nova's venv:
 nova_patch/run-nova-tests.sh runs this); skipped without it.
 """
+
 import importlib.util
 import io
 import os
@@ -15,7 +16,7 @@ from importlib import metadata
 
 try:
     from oslo_config import cfg
-except ImportError:         # pragma: no cover - the system Python of the kernel tests
+except ImportError:  # pragma: no cover - the system Python of the kernel tests
     cfg = None
 
 CONF_PY = os.path.join(os.path.dirname(__file__), "..", "..", "python", "vmthunder", "conf.py")
@@ -49,8 +50,14 @@ class OsloTest(unittest.TestCase):
     def setUp(self):
         self.vconf = load_conf_module()
         self.conf = cfg.ConfigOpts()
-        self.conf.register_opts([cfg.StrOpt("state_path", default="/var/lib/nova"), cfg.StrOpt("host"),
-                                 cfg.StrOpt("my_ip"), cfg.StrOpt("my_block_storage_ip", default="$my_ip")])
+        self.conf.register_opts(
+            [
+                cfg.StrOpt("state_path", default="/var/lib/nova"),
+                cfg.StrOpt("host"),
+                cfg.StrOpt("my_ip"),
+                cfg.StrOpt("my_block_storage_ip", default="$my_ip"),
+            ]
+        )
         self.vconf.register_opts(self.conf)
 
     def parse(self, text):
@@ -92,8 +99,13 @@ class OsloTest(unittest.TestCase):
         if not points:
             self.skipTest("vmthunder is not installed in this Python (no oslo.config.opts entry point)")
         self.assertEqual("vmthunder.conf:list_opts", points[0].value)
-        out = subprocess.run([sys.executable, "-m", "oslo_config.generator", "--namespace", "vmthunder"],
-                             capture_output=True, text=True, timeout=120, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "oslo_config.generator", "--namespace", "vmthunder"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
         self.assertIn("[vmthunder]", out)
         self.assertIn("#cache_device = <None>", out)
 

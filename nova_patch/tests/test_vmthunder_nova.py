@@ -4,9 +4,9 @@ The native vmthunder package (and its tree and registry modules) is replaced by 
 sys.modules, so these tests run without the extension being built:
 ``python -m unittest discover -s nova_patch/tests``.
 """
+
 import importlib.util
 import os
-import re
 import sys
 import tempfile
 import types
@@ -30,7 +30,7 @@ def load_helpers():
     fake.Node = mock.Mock(name="Node")
     fake.Node.return_value.reassemble.return_value = {"disks": {}, "failed": {}, "failed_images": {}, "removed": []}
     fake.Error, fake.NotFound = Error, NotFound
-    fake.host_name = lambda host: host.lower()          # the rule itself: tests/unit (Rust)
+    fake.host_name = lambda host: host.lower()  # the rule itself: tests/unit (Rust)
     fake.initiator_name = mock.Mock(name="initiator_name", return_value="iqn.1993-08.org.debian:01:abc")
     tree = types.ModuleType("vmthunder.tree")
     tree.Tree = mock.Mock(name="Tree")
@@ -41,7 +41,7 @@ def load_helpers():
     registry = types.ModuleType("vmthunder.registry")
     registry.Registry = mock.Mock(name="Registry")
     registry.Registry.return_value.started = False
-    tree.Tree.return_value.rejoin.return_value = []      # nothing a reboot rebuilt relays again
+    tree.Tree.return_value.rejoin.return_value = []  # nothing a reboot rebuilt relays again
     fake.tree, fake.registry = tree, registry
     modules = {"vmthunder": fake, "vmthunder.tree": tree, "vmthunder.registry": registry}
     patcher = mock.patch.dict(sys.modules, modules)
@@ -78,20 +78,25 @@ class GetNodeTest(HelperTestCase):
     def test_one_tree_per_configuration_without_registry(self):
         tree = self.helpers.get_node(Conf(), "cn1", "198.18.0.2")
         self.assertIs(tree, self.helpers.get_node(Conf(), "cn1", "198.18.0.2"))
-        self.Node.assert_called_once_with(host="cn1", cache_device="/dev/vdb",
-                                          state_dir="/var/lib/nova/vmthunder", export_ip="198.18.0.2")
-        self.Tree.assert_called_once_with(self.Node.return_value, None,
-                                          initiator="iqn.2004-10.com.ubuntu:01:cn1",
-                                          export_ip="198.18.0.2", state_dir="/var/lib/nova/vmthunder")
+        self.Node.assert_called_once_with(
+            host="cn1", cache_device="/dev/vdb", state_dir="/var/lib/nova/vmthunder", export_ip="198.18.0.2"
+        )
+        self.Tree.assert_called_once_with(
+            self.Node.return_value,
+            None,
+            initiator="iqn.2004-10.com.ubuntu:01:cn1",
+            export_ip="198.18.0.2",
+            state_dir="/var/lib/nova/vmthunder",
+        )
         self.Registry.assert_not_called()
-        tree.start_watch.assert_called_once_with()      # upkeep heals parent paths without a registry too
+        tree.start_watch.assert_called_once_with()  # upkeep heals parent paths without a registry too
         self.helpers.get_node(Conf(cache_device="/dev/vdc"), "cn1", "198.18.0.2")
         self.assertEqual(2, self.Node.call_count)
 
     def test_a_new_tree_recovers_before_its_first_attach(self):
         tree = self.helpers.get_node(Conf(), "cn1")
         tree.recover.assert_called_once_with()
-        self.helpers.get_node(Conf(), "cn1")            # the same tree again: nothing to recover
+        self.helpers.get_node(Conf(), "cn1")  # the same tree again: nothing to recover
         tree.recover.assert_called_once_with()
         tree.recover.return_value = {"img": ["prepared export of image img"]}
         with self.assertLogs("vmthunder.nova", "WARNING") as logs:
@@ -100,19 +105,27 @@ class GetNodeTest(HelperTestCase):
 
     def test_cow_size_passed_only_when_configured(self):
         self.helpers.get_node(Conf(cow_size_mib=4096), "cn1")
-        self.Node.assert_called_once_with(host="cn1", cache_device="/dev/vdb", state_dir="/var/lib/nova/vmthunder",
-                                          export_ip=None, cow_size_mib=4096)
-        self.helpers.get_node(Conf(cow_size_mib=None), "cn1")      # unset: the library's default
-        self.assertEqual(mock.call(host="cn1", cache_device="/dev/vdb", state_dir="/var/lib/nova/vmthunder",
-                                   export_ip=None), self.Node.call_args)
+        self.Node.assert_called_once_with(
+            host="cn1", cache_device="/dev/vdb", state_dir="/var/lib/nova/vmthunder", export_ip=None, cow_size_mib=4096
+        )
+        self.helpers.get_node(Conf(cow_size_mib=None), "cn1")  # unset: the library's default
+        self.assertEqual(
+            mock.call(host="cn1", cache_device="/dev/vdb", state_dir="/var/lib/nova/vmthunder", export_ip=None),
+            self.Node.call_args,
+        )
 
     def test_registry_joined_when_configured(self):
         self.Tree.return_value.registry = self.Registry.return_value
         tree = self.helpers.get_node(Conf(coordination_url="etcd3+http://ctl:2379", fanout=3), "CN1")
         self.Registry.assert_called_once_with("etcd3+http://ctl:2379", "cn1")
-        self.Tree.assert_called_once_with(self.Node.return_value, self.Registry.return_value,
-                                          initiator=mock.ANY, export_ip=None,
-                                          state_dir="/var/lib/nova/vmthunder", fanout=3)
+        self.Tree.assert_called_once_with(
+            self.Node.return_value,
+            self.Registry.return_value,
+            initiator=mock.ANY,
+            export_ip=None,
+            state_dir="/var/lib/nova/vmthunder",
+            fanout=3,
+        )
         tree.start_watch.assert_called_once_with()
         self.Registry.return_value.start.assert_called_once_with()
 
@@ -146,9 +159,15 @@ class GetNodeTest(HelperTestCase):
     def test_the_disks_are_rebuilt_first_and_a_vm_that_cannot_be_is_logged(self):
         calls = []
         node = self.Node.return_value
-        node.reassemble.side_effect = lambda: calls.append("reassemble") or {
-            "disks": {"vm1": "/dev/mapper/x"}, "failed": {"vm2": 'VM "vm2" of image "img": unreachable'},
-            "failed_images": {}, "removed": []}
+        node.reassemble.side_effect = lambda: (
+            calls.append("reassemble")
+            or {
+                "disks": {"vm1": "/dev/mapper/x"},
+                "failed": {"vm2": 'VM "vm2" of image "img": unreachable'},
+                "failed_images": {},
+                "removed": [],
+            }
+        )
         node.prepare_cache.side_effect = lambda: calls.append("prepare_cache")
         self.Tree.return_value.recover.side_effect = lambda: calls.append("recover") or {}
         with self.assertLogs("vmthunder.nova", "INFO") as logs:
@@ -210,10 +229,16 @@ class AttachDetachTest(HelperTestCase):
         info = self.helpers.attach(self.tree, self.cinder, "vm1", "vol1")
         self.tree.attach.assert_called_once_with("vol1", self.cinder, "vm1", "dm", profile=None)
         self.assertEqual(
-            {"driver_volume_type": "local", "serial": "vol1",
-             "data": {"device_path": "/dev/vmthunder-test-nonexistent",
-                      "vmthunder": {"image_id": "vol1", "vm_id": "vm1", "snapshot": "dm"}}},
-            info)
+            {
+                "driver_volume_type": "local",
+                "serial": "vol1",
+                "data": {
+                    "device_path": "/dev/vmthunder-test-nonexistent",
+                    "vmthunder": {"image_id": "vol1", "vm_id": "vm1", "snapshot": "dm"},
+                },
+            },
+            info,
+        )
 
     def test_vmm_snapshot_is_a_qcow2_file(self):
         self.tree.attach.return_value = "/var/lib/nova/vmthunder/vm1.qcow2"
@@ -243,15 +268,15 @@ class NovaCallsTest(HelperTestCase):
 
     def setUp(self):
         super().setUp()
-        self.conf = types.SimpleNamespace(vmthunder=Conf(snapshot_mode="vmm"), host="CN1",
-                                          my_block_storage_ip="198.18.0.2")
+        self.conf = types.SimpleNamespace(vmthunder=Conf(snapshot_mode="vmm"), host="CN1", my_block_storage_ip="198.18.0.2")
         self.tree = self.Tree.return_value
         self.tree.state_dir = "/nonexistent"
 
     def test_start_up_builds_the_tree_once(self):
         self.assertIs(self.tree, self.helpers.start_up(self.conf))
-        self.Node.assert_called_once_with(host="cn1", cache_device="/dev/vdb",
-                                          state_dir="/var/lib/nova/vmthunder", export_ip="198.18.0.2")
+        self.Node.assert_called_once_with(
+            host="cn1", cache_device="/dev/vdb", state_dir="/var/lib/nova/vmthunder", export_ip="198.18.0.2"
+        )
         self.Node.return_value.reassemble.assert_called_once_with()
         self.tree.recover.assert_called_once_with()
 
@@ -273,7 +298,7 @@ class NovaCallsTest(HelperTestCase):
         with self.assertLogs("vmthunder.nova", "ERROR") as logs:
             self.assertFalse(self.helpers.instance_left(self.conf, "vm1"))
         self.assertIn("vm1 behind: busy", logs.output[0])
-        self.tree.detach.side_effect = NotFound("vm2")     # not one of ours: nothing to say
+        self.tree.detach.side_effect = NotFound("vm2")  # not one of ours: nothing to say
         self.assertFalse(self.helpers.instance_left(self.conf, "vm2"))
         self.tree.detach.side_effect = None
         self.assertTrue(self.helpers.instance_left(self.conf, "vm3"))
@@ -301,9 +326,22 @@ class WithTheRealTreeTest(unittest.TestCase):
         ext.InvalidArgument = type("InvalidArgument", (Error,), {})
         ext.Node = mock.MagicMock(name="Node")
         ext.StateDirError = type("StateDirError", (Error,), {})
-        for name in ("choose_parents", "check_grant", "grant_key", "parse_host_record",
-                     "parse_image_record", "seal_grant", "validate_id", "own_record", "parents_progress",
-                     "HostRecord", "ImageRecord", "JoinState", "Placement", "Policy"):
+        for name in (
+            "choose_parents",
+            "check_grant",
+            "grant_key",
+            "parse_host_record",
+            "parse_image_record",
+            "seal_grant",
+            "validate_id",
+            "own_record",
+            "parents_progress",
+            "HostRecord",
+            "ImageRecord",
+            "JoinState",
+            "Placement",
+            "Policy",
+        ):
             setattr(ext, name, mock.Mock(name=name))
         ext.validate_id.side_effect = lambda what, value: value
         fake = types.ModuleType("vmthunder")
@@ -315,7 +353,8 @@ class WithTheRealTreeTest(unittest.TestCase):
         self.addCleanup(patcher.stop)
         for name in ("tree", "nova"):
             spec = importlib.util.spec_from_file_location(
-                "vmthunder." + name, os.path.join(os.path.dirname(HELPERS), name + ".py"))
+                "vmthunder." + name, os.path.join(os.path.dirname(HELPERS), name + ".py")
+            )
             module = importlib.util.module_from_spec(spec)
             sys.modules["vmthunder." + name] = module
             setattr(fake, name, module)
@@ -324,20 +363,21 @@ class WithTheRealTreeTest(unittest.TestCase):
         self.node = ext.Node.return_value
         self.node.reassemble.return_value = {"disks": {}, "failed": {}, "failed_images": {}, "removed": []}
         self.node.host = "cn1"
-        self.templates = {}     # image -> what Node.template returns, as far as the tree reads it
+        self.templates = {}  # image -> what Node.template returns, as far as the tree reads it
         self.node.templates.side_effect = lambda: dict(self.templates)
         self.node.template.side_effect = self.templates.get
         self.node.image_of.side_effect = lambda vm: next((i for i, t in self.templates.items() if vm in t.vms), None)
 
     def test_attach_and_detach_without_registry(self):
         import tempfile
+
         with tempfile.TemporaryDirectory() as state_dir:
             tree = self.helpers.get_node(Conf(state_dir=state_dir), "cn1", "198.18.0.2")
             self.node.attach.return_value = "/dev/vmthunder-nonexistent"
             cinder = {"driver_volume_type": "iscsi", "data": {"target_lun": 1}}
             info = self.helpers.attach(tree, cinder, "vm1", "vol1", "dm")
             self.node.attach.assert_called_once_with("vol1", [cinder], "vm1", "dm")
-            self.node.joining.assert_called_once_with("vol1")     # marked in flight (recover skips it)
+            self.node.joining.assert_called_once_with("vol1")  # marked in flight (recover skips it)
             self.node.joining.return_value.__exit__.assert_called_once()
             self.assertEqual("/dev/vmthunder-nonexistent", info["data"]["device_path"])
             self.templates["vol1"] = types.SimpleNamespace(vms=["vm1"], children=[])

@@ -1,4 +1,5 @@
 """`python -m vmthunder ...`: the `vmthunder` command (vmthunder.cli)."""
+
 import sys
 
 from .cli import main

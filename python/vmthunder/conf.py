@@ -4,6 +4,7 @@
 and read by the ``vmthunder`` command (``load``), which must work where oslo.config is not
 installed: the table below is plain data, the oslo.config objects are made from it on demand.
 """
+
 import configparser
 import os
 import re
@@ -23,7 +24,7 @@ DEFAULT_STATE_PATH = "/var/lib/nova"
 
 class Option(NamedTuple):
     name: str
-    kind: type                      # bool, str or int
+    kind: type  # bool, str or int
     default: Any
     help: str
     choices: Tuple[Tuple[str, str], ...] = ()
@@ -31,35 +32,64 @@ class Option(NamedTuple):
 
 
 OPTIONS: Tuple[Option, ...] = (
-    Option("enabled", bool, False, """
+    Option(
+        "enabled",
+        bool,
+        False,
+        """
 Serve multiattach root volumes of boot-from-volume instances through
 vmthunder: each instance's writes then stay in its snapshot on this host.
 Other volumes, and all volumes when off, attach as usual.
-"""),
-    Option("snapshot_mode", str, "dm", "How each instance gets its copy-on-write snapshot.",
-           choices=(("dm", "device-mapper snapshot, a local block device"),
-                    ("vmm", "qcow2 overlay file opened by the hypervisor"))),
-    Option("cache_device", str, None, "Local block device that caches the image volumes and holds "
-           "the instances' snapshots (set aside for vmthunder)."),
-    Option("state_dir", str, "$state_path/vmthunder", "Directory for vmthunder's locks, state and "
-           "qcow2 overlays."),
-    Option("coordination_url", str, None, "URL (tooz) of the registry of relay nodes, e.g. "
-           "etcd3+https://ctl:2379?ca_cert=...&cert_cert=...&cert_key=... Unset: every node reads "
-           "the volume itself."),
-    Option("fanout", int, None, "Nodes one node relays an image to at most. Unset: vmthunder's "
-           "default (3).", min=1),
-    Option("cow_size_mib", int, None, "MiB of cache_device each instance gets for the blocks it "
-           "writes (its snapshot); its disk fails once they are used up. Unset: vmthunder's "
-           "default (1024).", min=16),
-    Option("queue_timeout_s", int, None, "Seconds an image's reads wait while none of its parents "
-           "nor the volume answers (a network outage) before they fail; 0 fails them at once. "
-           "Sets dm_multipath's queue_if_no_path_timeout_secs, which bounds every multipath "
-           "device of the host. Unset: vmthunder's default (60).", min=0),
+""",
+    ),
+    Option(
+        "snapshot_mode",
+        str,
+        "dm",
+        "How each instance gets its copy-on-write snapshot.",
+        choices=(("dm", "device-mapper snapshot, a local block device"), ("vmm", "qcow2 overlay file opened by the hypervisor")),
+    ),
+    Option(
+        "cache_device",
+        str,
+        None,
+        "Local block device that caches the image volumes and holds the instances' snapshots (set aside for vmthunder).",
+    ),
+    Option("state_dir", str, "$state_path/vmthunder", "Directory for vmthunder's locks, state and qcow2 overlays."),
+    Option(
+        "coordination_url",
+        str,
+        None,
+        "URL (tooz) of the registry of relay nodes, e.g. "
+        "etcd3+https://ctl:2379?ca_cert=...&cert_cert=...&cert_key=... Unset: every node reads "
+        "the volume itself.",
+    ),
+    Option("fanout", int, None, "Nodes one node relays an image to at most. Unset: vmthunder's default (3).", min=1),
+    Option(
+        "cow_size_mib",
+        int,
+        None,
+        "MiB of cache_device each instance gets for the blocks it "
+        "writes (its snapshot); its disk fails once they are used up. Unset: vmthunder's "
+        "default (1024).",
+        min=16,
+    ),
+    Option(
+        "queue_timeout_s",
+        int,
+        None,
+        "Seconds an image's reads wait while none of its parents "
+        "nor the volume answers (a network outage) before they fail; 0 fails them at once. "
+        "Sets dm_multipath's queue_if_no_path_timeout_secs, which bounds every multipath "
+        "device of the host. Unset: vmthunder's default (60).",
+        min=0,
+    ),
 )
 
 
 def _oslo_opts() -> List[Any]:
-    from oslo_config import cfg   # only where Nova (or the generator) runs
+    from oslo_config import cfg  # only where Nova (or the generator) runs
+
     out = []
     for o in OPTIONS:
         kw: Dict[str, Any] = {"default": o.default, "help": " ".join(o.help.split())}
@@ -74,6 +104,7 @@ def _oslo_opts() -> List[Any]:
 
 def _group() -> Any:
     from oslo_config import cfg
+
     return cfg.OptGroup(GROUP, help=" ".join(GROUP_HELP.split()))
 
 
@@ -100,10 +131,11 @@ _VAR = re.compile(r"\$(\$|\{(\w+)\}|(\w+))")
 
 class Settings(NamedTuple):
     """What the command needs of nova.conf: ``[vmthunder]`` plus Nova's host and addresses."""
+
     vmthunder: Dict[str, Any]
     host: str
     export_ip: Optional[str]
-    files: Tuple[str, ...]           # the files read, in order
+    files: Tuple[str, ...]  # the files read, in order
 
 
 def _value(opt: Option, raw: str, where: str) -> Any:
@@ -132,9 +164,10 @@ def load(files: Optional[Sequence[str]] = None, overrides: Optional[Dict[str, An
     None: not overridden; also ``host`` and ``export_ip``). Raises ``ConfigError``."""
     if files is None:
         files = [f for f in DEFAULT_CONFIG_FILES if os.path.exists(f)]
-    parser = configparser.RawConfigParser(strict=False, interpolation=None, inline_comment_prefixes=None,
-                                          default_section="\x00none")
-    parser.optionxform = str         # option names are case-sensitive in oslo.config
+    parser = configparser.RawConfigParser(
+        strict=False, interpolation=None, inline_comment_prefixes=None, default_section="\x00none"
+    )
+    parser.optionxform = str  # option names are case-sensitive in oslo.config
     for f in files:
         try:
             with open(f, encoding="utf-8") as fh:
@@ -159,6 +192,7 @@ def load(files: Optional[Sequence[str]] = None, overrides: Optional[Dict[str, An
             if v is None or depth > 8:
                 raise ConfigError(f"[{section}] refers to ${name}, which is not set")
             return subst(v, "DEFAULT" if raw(section, name) is None else section, depth + 1)
+
         return _VAR.sub(one, text)
 
     vm: Dict[str, Any] = {}

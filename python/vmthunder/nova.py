@@ -15,6 +15,7 @@ They block in the kernel (iSCSI login, device-mapper; the extension releases the
 eventlet Nova runs them in a native thread (``nova.utils.tpool_wrap``). The ``[vmthunder]``
 options themselves are defined in ``vmthunder.conf``.
 """
+
 import logging
 import os
 import threading
@@ -64,19 +65,20 @@ def get_node(conf, host, export_ip=None):
             sizes = {"cow_size_mib": cow_size_mib} if cow_size_mib else {}
             if queue_timeout_s is not None:
                 sizes["queue_timeout_s"] = queue_timeout_s
-            node = vmthunder.Node(host=host, cache_device=conf.cache_device,
-                                  state_dir=conf.state_dir, export_ip=export_ip, **sizes)
+            node = vmthunder.Node(
+                host=host, cache_device=conf.cache_device, state_dir=conf.state_dir, export_ip=export_ip, **sizes
+            )
             _reassemble(node)
             _prepare_cache(node, conf.cache_device)
             registry = None
             if url:
                 from vmthunder.registry import Registry
+
                 registry = Registry(url, host)
             extra = {"fanout": fanout} if fanout else {}
-            tree = Tree(node, registry, initiator=_initiator(), export_ip=export_ip,
-                        state_dir=conf.state_dir, **extra)
+            tree = Tree(node, registry, initiator=_initiator(), export_ip=export_ip, state_dir=conf.state_dir, **extra)
             _recover(tree)
-            tree.start_watch()      # upkeep heals parent paths, with or without a registry
+            tree.start_watch()  # upkeep heals parent paths, with or without a registry
             _nodes[key] = tree
         if tree.registry is not None and not tree.registry.started:
             try:
@@ -84,7 +86,7 @@ def get_node(conf, host, export_ip=None):
             except vmthunder.Error as e:
                 LOG.warning("%s; relaying from the origin volume until it answers", e)
             else:
-                rejoined = tree.rejoin()     # templates a reboot rebuilt relay again
+                rejoined = tree.rejoin()  # templates a reboot rebuilt relay again
                 if rejoined:
                     LOG.info("vmthunder: relaying again for images %s", ", ".join(rejoined))
     return tree
@@ -99,8 +101,7 @@ def _reassemble(node):
     for vm_id, why in sorted(report["failed"].items()):
         LOG.error("vmthunder: disk of instance %s not rebuilt: %s", vm_id, why)
     if report["disks"]:
-        LOG.info("vmthunder: rebuilt the disks of %d instance(s): %s", len(report["disks"]),
-                 ", ".join(sorted(report["disks"])))
+        LOG.info("vmthunder: rebuilt the disks of %d instance(s): %s", len(report["disks"]), ", ".join(sorted(report["disks"])))
     if report["removed"]:
         LOG.warning("vmthunder: removed what interrupted attaches and detaches left: %s", report["removed"])
     return report
@@ -151,8 +152,10 @@ def attach(node, connection_info, vm_id, image_id, snapshot="dm"):
     ``data["vmthunder"]`` marks the connection as vmthunder's.
     """
     path = node.attach(image_id, connection_info, vm_id, snapshot, profile=_profile(node, image_id))
-    data = {"device_path": path,     # /dev/mapper/<deterministic name>, or the overlay file
-            "vmthunder": {"image_id": image_id, "vm_id": vm_id, "snapshot": snapshot}}
+    data = {
+        "device_path": path,  # /dev/mapper/<deterministic name>, or the overlay file
+        "vmthunder": {"image_id": image_id, "vm_id": vm_id, "snapshot": snapshot},
+    }
     if snapshot == "vmm":
         data["format"] = "qcow2"
     return {"driver_volume_type": "local", "serial": image_id, "data": data}
@@ -214,6 +217,6 @@ PATCH_MARKERS = {
     "nova/conf/__init__.py": "register_vmthunder_opts(CONF)",
     "nova/compute/manager.py": "driver_block_device.vmthunder().start_up(CONF)",
     "nova/virt/block_device.py": "class DriverVMThunderVolumeBlockDevice(DriverVolumeBlockDevice):",
-    "nova/virt/libvirt/volume/volume.py": "conf.driver_format = \"qcow2\"",
+    "nova/virt/libvirt/volume/volume.py": 'conf.driver_format = "qcow2"',
 }
 NOVA_VERSION = "34.0.0"

@@ -6,6 +6,7 @@ the result.
     python -m vmthunder.plan --nodes 1000 --rate 10gbit --trace T --shape chain --fail auto@5 --json
     python -m vmthunder.plan --nodes 160 --trace T --fail auto@50%   # dies with its children half fed
 """
+
 import argparse
 import json
 import re
@@ -36,8 +37,9 @@ def parse_fail(text: str) -> Dict[str, Any]:
             return {"node": node, "children_have": float(at[:-1]) / 100}
         return {"node": node, "at_s": float(at)}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--fail {text!r}: expected RELAY@SECONDS or RELAY@PERCENT "
-                                         "(cn3@10, auto@10, auto@50%)") from None
+        raise argparse.ArgumentTypeError(
+            f"--fail {text!r}: expected RELAY@SECONDS or RELAY@PERCENT (cn3@10, auto@10, auto@50%)"
+        ) from None
 
 
 def params_from_args(a: argparse.Namespace) -> Dict[str, Any]:
@@ -66,7 +68,8 @@ def summary(out: Dict[str, Any]) -> str:
     lines = [
         f"{out['nodes']} nodes, {out['vms']} VMs, {out['rate_bps'] / 1e6:g} Mbit/s, shape {out['shape']}"
         f" (fan-out {out['fanout']}, depth {out['depth']}), W = {w / 2**20:.1f} MiB",
-        f"completion: {done:.2f} s ({done / out['link_bound_s']:.2f} x W / rate)" if done is not None
+        f"completion: {done:.2f} s ({done / out['link_bound_s']:.2f} x W / rate)"
+        if done is not None
         else f"completion: not finished ({out['unfinished_vms']} VMs)",
     ]
     if times:
@@ -76,15 +79,18 @@ def summary(out: Dict[str, Any]) -> str:
     if f:
         when = f"at {f['at_s']:.2f} s" if f["at_s"] is not None else "never (the storm ended first)"
         done = f["subtree_completion_s"]
-        lines.append(f"relay {f['node']} failed {when}: {out['failed_vms']} VM(s) lost with it; its "
-                     f"{f['children']} children owed {f['children_owed_bytes'] / w:.2f} x W; its "
-                     f"{f['descendants']} descendants done " + (f"at {done:.2f} s" if done is not None else "never"))
+        lines.append(
+            f"relay {f['node']} failed {when}: {out['failed_vms']} VM(s) lost with it; its "
+            f"{f['children']} children owed {f['children_owed_bytes'] / w:.2f} x W; its "
+            f"{f['descendants']} descendants done " + (f"at {done:.2f} s" if done is not None else "never")
+        )
     lines.append(f"simulated in {out['sim_wall_s']:.2f} s ({out['events']} events)")
     return "\n".join(lines)
 
 
 def plot(out: Dict[str, Any], path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -108,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trace", help="boot trace JSON (bench/traces/debian12-boot.json)")
     ap.add_argument("--shape", choices=["tree", "chain", "direct", "striped", "full_copy"], default="tree")
     ap.add_argument("--fanout", type=int, help="children per relay (tree), stripes (striped)")
-    ap.add_argument("--fail", type=parse_fail, metavar="RELAY@WHEN",
-                    help="a relay dies at SECONDS, or at PERCENT%% of its children's data (auto: the busiest)")
+    ap.add_argument(
+        "--fail",
+        type=parse_fail,
+        metavar="RELAY@WHEN",
+        help="a relay dies at SECONDS, or at PERCENT%% of its children's data (auto: the busiest)",
+    )
     ap.add_argument("--working-set-bytes", dest="working_set_bytes", type=int, help="scale the trace to this W")
     ap.add_argument("--image-bytes", dest="image_bytes", type=int, help="image size for full_copy")
     ap.add_argument("--origin-rate", dest="origin_rate_bps", type=parse_rate, help="the origin's uplink")

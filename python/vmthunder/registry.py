@@ -39,6 +39,7 @@ certificate and key, passed to tooz/etcd3gw.
 Every call is bounded by `timeout_s` (lock acquisition by its own timeout); failures are
 `RegistryError` (a `vmthunder.Error`). `stop()` is best-effort and never raises.
 """
+
 import contextlib
 import json
 import logging
@@ -178,8 +179,7 @@ def _describe(e: BaseException) -> str:
     return type(seen[0]).__name__
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.2,
-             what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.2, what: str = "condition") -> Any:
     """Poll `predicate` until it returns something truthy (returned), at most `timeout_s`;
     RegistryError naming `what` after that. Errors of the predicate propagate."""
     deadline = time.monotonic() + timeout_s
@@ -203,12 +203,12 @@ class Registry:
         self.member_id = _validate_id("member id", member_id, host=True)
         self.lease_s = _positive("lease_s", lease_s)
         self.timeout_s = _positive("timeout_s", timeout_s)
-        self._ttl = max(1, math.ceil(self.lease_s))        # tooz options are whole seconds
+        self._ttl = max(1, math.ceil(self.lease_s))  # tooz options are whole seconds
         self._http_timeout = max(1, math.ceil(self.timeout_s))
         self._coord: Any = None
         self._mu = threading.RLock()
-        self._records: Dict[str, Dict[str, Any]] = {}        # group -> record we published
-        self._pending: set = set()           # groups whose last publish/leave may not have happened
+        self._records: Dict[str, Dict[str, Any]] = {}  # group -> record we published
+        self._pending: set = set()  # groups whose last publish/leave may not have happened
         self._stop_ev = threading.Event()
         self._heart: Optional[threading.Thread] = None
 
@@ -234,13 +234,19 @@ class Registry:
         if isinstance(e, RegistryError):
             return e
         names = {c.__name__ for c in type(e).__mro__}
-        if connecting or names & {"ToozConnectionError", "OperationTimedOut", "ConnectionFailedError",
-                                  "ConnectionTimeoutError", "ConnectionError", "Timeout", "TimeoutError"}:
+        if connecting or names & {
+            "ToozConnectionError",
+            "OperationTimedOut",
+            "ConnectionFailedError",
+            "ConnectionTimeoutError",
+            "ConnectionError",
+            "Timeout",
+            "TimeoutError",
+        }:
             return self._unreachable(f"{what}: {_describe(e)}")
         return RegistryError(f"registry {self.url}: {what} failed: {_describe(e)}")
 
-    def _bounded(self, what: str, fn: Callable[[], Any], timeout_s: Optional[float] = None,
-                 connecting: bool = False) -> Any:
+    def _bounded(self, what: str, fn: Callable[[], Any], timeout_s: Optional[float] = None, connecting: bool = False) -> Any:
         """Run fn on a daemon thread, wait at most timeout_s. A call that overruns keeps running
         in the background (an HTTP request is itself bounded by the client timeout)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
@@ -249,7 +255,7 @@ class Registry:
         def run() -> None:
             try:
                 box["r"] = fn()
-            except BaseException as e:    # noqa: B902 - handed to the caller
+            except BaseException as e:  # noqa: B902 - handed to the caller
                 box["e"] = e
 
         t = threading.Thread(target=run, name=f"vmthunder-registry-{what.split()[0]}", daemon=True)
@@ -284,10 +290,9 @@ class Registry:
                 # file driver: 'timeout' is how long a member file counts as alive untouched
                 options["timeout"] = str(self._ttl)
             else:
-                options.update(timeout=str(self._http_timeout), membership_timeout=str(self._ttl),
-                               lock_timeout=str(self._ttl))
+                options.update(timeout=str(self._http_timeout), membership_timeout=str(self._ttl), lock_timeout=str(self._ttl))
 
-            try:    # loads the driver (imports, ~0.5 s the first time); no I/O yet
+            try:  # loads the driver (imports, ~0.5 s the first time); no I/O yet
                 c = coordination.get_coordinator(self._tooz_url, self.member_id.encode(), **options)
             except Exception as e:
                 raise RegistryError(f"registry {self.url}: no tooz driver: {_describe(e)}") from e
@@ -323,8 +328,8 @@ class Registry:
                 self._bounded(f"leave {group}", lambda g=group: self._leave_group(c, g))
             except RegistryError as e:
                 LOG.warning("registry: stop: %s", e)
-                break                        # backend gone: the lease does the rest
-        lease = getattr(c, "_membership_lease", None)     # etcd: drop anything left at once
+                break  # backend gone: the lease does the rest
+        lease = getattr(c, "_membership_lease", None)  # etcd: drop anything left at once
         if lease is not None:
             try:
                 self._bounded("revoke lease", lease.revoke)
@@ -358,8 +363,11 @@ class Registry:
             new_lease = self._lease_id()
             if failing or new_lease != lease or self._pending:
                 if failing or new_lease != lease:
-                    LOG.warning("registry %s: heartbeat %s; re-publishing records", self.url,
-                                "recovered" if failing else "lease was renewed (the old one expired)")
+                    LOG.warning(
+                        "registry %s: heartbeat %s; re-publishing records",
+                        self.url,
+                        "recovered" if failing else "lease was renewed (the old one expired)",
+                    )
                 try:
                     self._heal(rejoin_all=new_lease != lease)
                 except RegistryError as e:
@@ -375,7 +383,7 @@ class Registry:
         with self._mu:
             pending = set(self._pending)
         for group in pending:
-            with self._mu:      # held across the call: a publish()/leave() meanwhile acts after it
+            with self._mu:  # held across the call: a publish()/leave() meanwhile acts after it
                 if group in self._pending:
                     rec = self._records.get(group)
                     if rec is None:
@@ -394,15 +402,16 @@ class Registry:
 
     # -- tooz operations (run inside _bounded) -------------------------------------------------
     def _join(self, c: Any, group: str, rec: Dict[str, Any]) -> None:
-        from tooz import coordination as co
         import tooz
+        from tooz import coordination as co
+
         g = group.encode()
         t = self.timeout_s
 
         def update() -> None:
             try:
                 c.update_capabilities(g, rec).get(t)
-            except tooz.NotImplemented:          # the file driver: leave and join again
+            except tooz.NotImplemented:  # the file driver: leave and join again
                 try:
                     c.leave_group(g).get(t)
                 except (co.MemberNotJoined, co.GroupNotCreated):
@@ -425,6 +434,7 @@ class Registry:
 
     def _leave_group(self, c: Any, group: str) -> None:
         from tooz import coordination as co
+
         try:
             c.leave_group(group.encode()).get(self.timeout_s)
         except (co.MemberNotJoined, co.GroupNotCreated):
@@ -432,6 +442,7 @@ class Registry:
 
     def _members(self, c: Any, group: str) -> Dict[str, Dict[str, Any]]:
         from tooz import coordination as co
+
         try:
             raw = c.get_members_with_capabilities(group.encode()).get(self.timeout_s)
         except co.GroupNotCreated:
@@ -453,7 +464,7 @@ class Registry:
                 # Already there: the heartbeat and peers() re-publish it if the lease lapses.
                 # Upkeep republishes every round; each write would cost the backend a commit.
                 return
-            self._records[group] = rec      # kept even if this attempt fails: the heart retries
+            self._records[group] = rec  # kept even if this attempt fails: the heart retries
             self._pending.add(group)
         self._bounded(f"publish {group}", lambda: self._join(c, group, rec))
         with self._mu:
@@ -529,7 +540,7 @@ class Registry:
         except RegistryError:
             with mu:
                 state["abandoned"] = True
-                if state["got"]:            # it did succeed, just too late for _bounded
+                if state["got"]:  # it did succeed, just too late for _bounded
                     return True
             raise
 

@@ -28,6 +28,7 @@ tree uses only records the Rust parser accepts, and a grant is used only if
 0, the IQN vmthunder derives, on the export address the parent published in the hosts group);
 a peer whose grant fails counts as not having granted us, with one warning.
 """
+
 import json
 import logging
 import os
@@ -35,9 +36,27 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from vmthunder._vmthunder import (Busy, Error, HostRecord, ImageRecord, InvalidArgument, JoinState, Node, Placement,
-                                  Policy, StateDirError, check_grant, choose_parents, grant_key, own_record,
-                                  parents_progress, parse_host_record, parse_image_record, seal_grant, validate_id)
+from vmthunder._vmthunder import (
+    Busy,
+    Error,
+    HostRecord,
+    ImageRecord,
+    InvalidArgument,
+    JoinState,
+    Node,
+    Placement,
+    Policy,
+    StateDirError,
+    check_grant,
+    choose_parents,
+    grant_key,
+    own_record,
+    parents_progress,
+    parse_host_record,
+    parse_image_record,
+    seal_grant,
+    validate_id,
+)
 
 LOG = logging.getLogger("vmthunder.tree")
 
@@ -50,21 +69,20 @@ class _EarlyLogins:
     out of the sessions the join did not take over; after it no new login starts, so a claim
     thread that outlives its join cannot leave a session nobody logs out of."""
 
-    LOGIN_WAIT_S = 120.0        # iscsiadm's own timeouts bound a login
+    LOGIN_WAIT_S = 120.0  # iscsiadm's own timeouts bound a login
 
     def __init__(self, node: Node, image_id: str):
         self._node = node
         self._image = image_id
         self._lock = threading.Lock()
-        self._logins: Dict[str, Any] = {}       # name -> (connection dict, login thread)
+        self._logins: Dict[str, Any] = {}  # name -> (connection dict, login thread)
         self._closed = False
 
     def start(self, name: str, source: Dict[str, Any]) -> None:
         with self._lock:
             if self._closed or name in self._logins:
                 return
-            t = threading.Thread(target=self._login, args=(name, source), name=f"vmthunder-prelogin-{name}",
-                                 daemon=True)
+            t = threading.Thread(target=self._login, args=(name, source), name=f"vmthunder-prelogin-{name}", daemon=True)
             self._logins[name] = (source, t)
             t.start()
 
@@ -103,15 +121,28 @@ class _EarlyLogins:
                     self._node.logout_unused(source)
                 except Error as e:
                     LOG.warning("image %s: could not log out of an unused early session: %s", self._image, e)
+
         threading.Thread(target=run, name=f"vmthunder-logout-{self._image}", daemon=True).start()
 
 
 class Tree:
-    def __init__(self, node: Node, registry=None, *, initiator: str, export_ip: Optional[str] = None,
-                 failure_domain: Optional[str] = None, fanout: int = 3, max_parents: int = 2,
-                 state_dir: str = "/var/lib/vmthunder", leave_timeout_s: float = 60.0,
-                 lock_timeout_s: float = 120.0, join_wait_s: float = 60.0, prefetch_depth: Optional[int] = None,
-                 prefetch_reverse: bool = True):
+    def __init__(
+        self,
+        node: Node,
+        registry=None,
+        *,
+        initiator: str,
+        export_ip: Optional[str] = None,
+        failure_domain: Optional[str] = None,
+        fanout: int = 3,
+        max_parents: int = 2,
+        state_dir: str = "/var/lib/vmthunder",
+        leave_timeout_s: float = 60.0,
+        lock_timeout_s: float = 120.0,
+        join_wait_s: float = 60.0,
+        prefetch_depth: Optional[int] = None,
+        prefetch_reverse: bool = True,
+    ):
         self.node = node
         self.registry = registry
         self.host = node.host
@@ -126,21 +157,21 @@ class Tree:
         self._dir = os.path.join(state_dir, "tree")
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._lock = threading.Lock()   # one upkeep round at a time in this process
+        self._lock = threading.Lock()  # one upkeep round at a time in this process
         self.prefetch_depth = prefetch_depth
         # From the profile's end (default): forwards, the 8-node chain measured the same time but
         # 1.25 x W from the origin instead of 1.08 (bench/README.md, 2026-12-03).
         self.prefetch_reverse = prefetch_reverse
-        self._prefetches: Dict[str, Any] = {}   # image -> (thread, stop event, report dict)
+        self._prefetches: Dict[str, Any] = {}  # image -> (thread, stop event, report dict)
         self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, its key, sealed grant)
-        self._kept: set = set()     # images whose last VM left here while children still read them
-        self._export_ips: Dict[str, Optional[str]] = {}     # host -> export_ip it published
+        self._kept: set = set()  # images whose last VM left here while children still read them
+        self._export_ips: Dict[str, Optional[str]] = {}  # host -> export_ip it published
         self._export_ips_at = -1e9
-        self._bad_grants: Dict[tuple, str] = {}             # (image, host) -> why its grant is refused
-        self._bad_records: Dict[tuple, str] = {}            # (group, host) -> why its record is skipped
-        self._key: Optional[str] = None                     # our public key for sealed grants
-        self._keyless: set = set()                          # (image, host) told it gets no grant
-        self._states: Dict[str, JoinState] = {}             # image -> state of the record we last published
+        self._bad_grants: Dict[tuple, str] = {}  # (image, host) -> why its grant is refused
+        self._bad_records: Dict[tuple, str] = {}  # (group, host) -> why its record is skipped
+        self._key: Optional[str] = None  # our public key for sealed grants
+        self._keyless: set = set()  # (image, host) told it gets no grant
+        self._states: Dict[str, JoinState] = {}  # image -> state of the record we last published
 
     # -- registry access that degrades to "origin only" ------------------------------------
     def _registry_ok(self, what: str) -> bool:
@@ -149,8 +180,15 @@ class Tree:
         try:
             if self._key is None:
                 self._key = grant_key(self.state_dir)
-            self.registry.publish_host({"host": self.host, "initiator": self.initiator, "export_ip": self.export_ip,
-                                        "failure_domain": self.failure_domain, "grant_key": self._key})
+            self.registry.publish_host(
+                {
+                    "host": self.host,
+                    "initiator": self.initiator,
+                    "export_ip": self.export_ip,
+                    "failure_domain": self.failure_domain,
+                    "grant_key": self._key,
+                }
+            )
             return True
         except Error as e:
             LOG.warning("registry unavailable (%s): %s from the origin alone", e, what)
@@ -169,7 +207,7 @@ class Tree:
             raise StateDirError(f"{self._dir} is not a directory (a symbolic link?)")
         tmp = path + ".tmp"
         try:
-            os.unlink(tmp)          # a leftover of a crash (or a planted link: unlink does not follow)
+            os.unlink(tmp)  # a leftover of a crash (or a planted link: unlink does not follow)
         except FileNotFoundError:
             pass
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -194,7 +232,7 @@ class Tree:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        except OSError as e:        # ELOOP: a symbolic link, not followed
+        except OSError as e:  # ELOOP: a symbolic link, not followed
             raise StateDirError(f"{path}: {e.strerror} (links are not followed)") from e
         with open(fd) as f:
             return json.load(f)
@@ -212,7 +250,8 @@ class Tree:
             except InvalidArgument as e:
                 why = str(e)
                 (LOG.warning if self._bad_records.get((what, host)) != why else LOG.debug)(
-                    "%s: skipping the record of %s: %s", what, host, why)
+                    "%s: skipping the record of %s: %s", what, host, why
+                )
                 self._bad_records[(what, host)] = why
                 continue
             self._bad_records.pop((what, host), None)
@@ -261,25 +300,40 @@ class Tree:
         return out
 
     # -- placement: the join protocol's steps are Rust's (src/placement/protocol.rs) -------------
-    def _choose(self, image_id: str, records: List[ImageRecord], exclude=(), last_resort=False, early=False,
-                previous: Optional[Placement] = None):
+    def _choose(
+        self,
+        image_id: str,
+        records: List[ImageRecord],
+        exclude=(),
+        last_resort=False,
+        early=False,
+        previous: Optional[Placement] = None,
+    ):
         """Placement over the registry records, counting as ready only the peers whose grant for
         us passes `check_grant`. Raises Busy while every free slot belongs to a peer that is not
         ready for us yet, unless `last_resort`: then the origin alone. `previous`: a choice made
         on an older read, kept if it still holds. Returns (placement, the connection dict of each
         parent, None for the origin), in failover order."""
         grants = self._grants_for_us(image_id, records)
-        placement = choose_parents(image_id, self.host, records, self.policy, failure_domain=self.failure_domain,
-                                   granted=grants, exclude=exclude, early=early, last_resort=last_resort,
-                                   previous=previous)
+        placement = choose_parents(
+            image_id,
+            self.host,
+            records,
+            self.policy,
+            failure_domain=self.failure_domain,
+            granted=grants,
+            exclude=exclude,
+            early=early,
+            last_resort=last_resort,
+            previous=previous,
+        )
         return placement, [None if p == "origin" else grants[p] for p in placement.parents]
 
     @staticmethod
     def _with_origin(sources, origin):
         return [origin if s is None else s for s in sources]
 
-    def _publish(self, image_id: str, placement: Placement, state: JoinState = JoinState.READY,
-                 fresh: bool = False) -> None:
+    def _publish(self, image_id: str, placement: Placement, state: JoinState = JoinState.READY, fresh: bool = False) -> None:
         """Publish our record with a grant for every known host. Grants are remembered per
         template (host -> initiator, grant): upkeep calls this every round and only a new host
         or initiator costs an export_info. `fresh`: the template was just built (new ACLs)."""
@@ -321,9 +375,14 @@ class Tree:
         """Our registry record in `state` (InvalidArgument if the protocol does not let it follow
         the one we published last); grants as last computed."""
         made = self._grants.get(image_id) if grants else None
-        return own_record(self.host, placement, state, was=self._states.get(image_id),
-                          failure_domain=self.failure_domain,
-                          grants=None if made is None else {host: g[-1] for host, g in made.items()})
+        return own_record(
+            self.host,
+            placement,
+            state,
+            was=self._states.get(image_id),
+            failure_domain=self.failure_domain,
+            grants=None if made is None else {host: g[-1] for host, g in made.items()},
+        )
 
     def _put(self, image_id: str, rec: ImageRecord) -> None:
         """Publish our record (the registry keeps it, and retries, even if this raises)."""
@@ -335,8 +394,9 @@ class Tree:
         self.registry.leave(image_id)
 
     # -- the API Nova calls ------------------------------------------------------------------
-    def attach(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str = "dm",
-               profile: Optional[List[List[int]]] = None) -> str:
+    def attach(
+        self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str = "dm", profile: Optional[List[List[int]]] = None
+    ) -> str:
         """Attach a VM, joining the image's relay tree: parents chosen by placement, the origin
         volume always kept as the last path. `profile` ([[offset, length], ...], first-read
         order): prefetch those blocks in the background when this call builds the template."""
@@ -349,7 +409,7 @@ class Tree:
             started = time.monotonic()
             with self.node.joining(image_id):
                 path = self._join(image_id, origin, vm_id, snapshot, profile)
-            try:    # for `vmthunder metrics`
+            try:  # for `vmthunder metrics`
                 self.node.record_duration("join", time.monotonic() - started)
             except Error as e:
                 LOG.warning("join duration not recorded: %s", e)
@@ -358,8 +418,7 @@ class Tree:
         self._save_origin(image_id, origin)
         return path
 
-    def _join(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str,
-              profile: Optional[List[List[int]]]) -> str:
+    def _join(self, image_id: str, origin: Dict[str, Any], vm_id: str, snapshot: str, profile: Optional[List[List[int]]]) -> str:
         if not self._registry_ok(f"attaching image {image_id}"):
             path = self.node.attach(image_id, [origin], vm_id, snapshot)
             self._start_prefetch(image_id, profile)
@@ -382,8 +441,12 @@ class Tree:
                     # under us and log in while we build.
                     self.node.prepare_export(image_id)
                     self._update_grants(image_id, fresh=True)
-                claimer = threading.Thread(target=self._claim_for_join, args=(image_id, deadline, claim, logins),
-                                           name=f"vmthunder-claim-{image_id}", daemon=True)
+                claimer = threading.Thread(
+                    target=self._claim_for_join,
+                    args=(image_id, deadline, claim, logins),
+                    name=f"vmthunder-claim-{image_id}",
+                    daemon=True,
+                )
                 claimer.start()
                 try:
                     logins.wait("origin")
@@ -399,16 +462,19 @@ class Tree:
                 if "placement" not in claim:
                     if "error" in claim:
                         raise claim["error"]
-                    from vmthunder.registry import RegistryError    # only here: tree.py needs no registry
+                    from vmthunder.registry import RegistryError  # only here: tree.py needs no registry
+
                     raise RegistryError(f"image {image_id}: the claim did not finish")
-                placement = self._follow_parents(image_id, origin, claim["placement"], claim["sources"],
-                                                 deadline, logins)
-                self._publish(image_id, placement)      # ready: our children's reads may come
+                placement = self._follow_parents(image_id, origin, claim["placement"], claim["sources"], deadline, logins)
+                self._publish(image_id, placement)  # ready: our children's reads may come
             except Error as e:
                 # The VM has its disk; it reads through whatever paths the template has now. Out
                 # of the group, so that no child waits for us to become ready.
-                LOG.warning("image %s: could not finish joining the tree (%s); the VM reads through "
-                            "the template's current paths", image_id, e)
+                LOG.warning(
+                    "image %s: could not finish joining the tree (%s); the VM reads through the template's current paths",
+                    image_id,
+                    e,
+                )
                 try:
                     self._leave(image_id)
                 except Error as e2:
@@ -427,26 +493,27 @@ class Tree:
         except Error as e:
             out["error"] = e
 
-    def _follow_parents(self, image_id: str, origin, placement: Placement, sources, deadline: float,
-                        logins: _EarlyLogins) -> Placement:
+    def _follow_parents(
+        self, image_id: str, origin, placement: Placement, sources, deadline: float, logins: _EarlyLogins
+    ) -> Placement:
         """After our build: switch the template's paths to the parents once their LUNs exist,
         and return once they are ready. A parent that leaves, fails, or is not there by the
         deadline is excluded and we choose again (after the deadline: ready parents only,
         else the origin alone). Returns the placement we ended with."""
         exclude: set = set()
-        current = [None]        # the template's sources: the origin alone, as built
+        current = [None]  # the template's sources: the origin alone, as built
         while True:
             if self.export_ip:
-                self._publish(image_id, placement, state=JoinState.BUILT)     # children may switch to us
+                self._publish(image_id, placement, state=JoinState.BUILT)  # children may switch to us
             gone = self._wait_for_parents(image_id, placement, deadline, JoinState.BUILT)
             if not gone:
-                for p in placement.parents:     # reparent must not log in beside a running early login
+                for p in placement.parents:  # reparent must not log in beside a running early login
                     logins.wait(p)
                 if sources != current:
                     try:
                         self.node.reparent(image_id, self._with_origin(sources, origin))
                         current = sources
-                    except Error as e:      # e.g. the parent's LUN would not scan: another parent
+                    except Error as e:  # e.g. the parent's LUN would not scan: another parent
                         LOG.warning("image %s: could not switch to parents %s: %s", image_id, placement.parents, e)
                         gone = {p for p in placement.parents if p != "origin"}
                 if not gone:
@@ -476,8 +543,9 @@ class Tree:
                     continue
             with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
                 try:
-                    placement, sources = self._choose(image_id, self._records(image_id), exclude,
-                                                      last_resort=late, early=not late, previous=choice)
+                    placement, sources = self._choose(
+                        image_id, self._records(image_id), exclude, last_resort=late, early=not late, previous=choice
+                    )
                 except Busy:
                     placement = None
                 else:
@@ -488,7 +556,7 @@ class Tree:
             if placement is not None:
                 LOG.info("image %s: parents %s (depth %s)", image_id, placement.parents, placement.depth)
                 return placement, sources
-            time.sleep(0.25)    # someone took the slot: choose again
+            time.sleep(0.25)  # someone took the slot: choose again
 
     def _wait_for_parents(self, image_id: str, placement: Placement, deadline: float, until: JoinState) -> set:
         """Wait until every parent we claimed under is `until` (BUILT: its LUN exists; READY).
@@ -526,14 +594,14 @@ class Tree:
         left without a template here is forgotten (its saved origin goes), so later calls do not
         walk it again. Returns {image_id: [what went]} for the images where something went."""
         try:
-            images = sorted(f[:-len(".json")] for f in os.listdir(self._dir) if f.endswith(".json"))
+            images = sorted(f[: -len(".json")] for f in os.listdir(self._dir) if f.endswith(".json"))
         except FileNotFoundError:
             return {}
         out: Dict[str, List[str]] = {}
         for image_id in images:
             try:
                 origin = self._load_origin(image_id)
-            except (Error, ValueError) as e:     # not an image id, a link, not JSON
+            except (Error, ValueError) as e:  # not an image id, a link, not JSON
                 LOG.warning("%s: skipping %s.json: %s", self._dir, image_id, e)
                 continue
             try:
@@ -557,9 +625,10 @@ class Tree:
 
         def run():
             try:
-                report.update(self.node.prefetch(image_id, profile, depth=self.prefetch_depth,
-                                                 reverse=self.prefetch_reverse, stop=stop))
-            except Error as e:   # the VM still boots, reading on demand
+                report.update(
+                    self.node.prefetch(image_id, profile, depth=self.prefetch_depth, reverse=self.prefetch_reverse, stop=stop)
+                )
+            except Error as e:  # the VM still boots, reading on demand
                 report["error"] = str(e)
                 LOG.warning("image %s: prefetch failed: %s", image_id, e)
 
@@ -580,7 +649,7 @@ class Tree:
         entry = self._prefetches.pop(image_id, None)
         if entry is not None:
             entry[1].set()
-            entry[0].join(timeout=30)   # ends after the reads in flight
+            entry[0].join(timeout=30)  # ends after the reads in flight
 
     def detach(self, vm_id: str) -> None:
         """Detach a VM; when it was the image's last VM here and children still read from this
@@ -589,7 +658,7 @@ class Tree:
         t = self.node.template(image_id) if image_id is not None else None
         last = t is not None and t.vms == [vm_id]
         if last:
-            self._stop_prefetch(image_id)   # it holds the template's device open
+            self._stop_prefetch(image_id)  # it holds the template's device open
         if last and t.children and self._registry_ok(f"leaving image {image_id}"):
             me = next((r for r in self._records(image_id) if r.host == self.host), None)
             if me and JoinState.may_follow(me.state, JoinState.LEAVING):
@@ -602,8 +671,12 @@ class Tree:
         if kept is not None:
             self._kept.add(image_id)
             # Children still reading, or a layer still open (the node logged which).
-            LOG.warning("image %s: the template stays until nothing uses it (children %s after %.0fs); "
-                        "upkeep removes it", image_id, kept.children, self.leave_timeout_s)
+            LOG.warning(
+                "image %s: the template stays until nothing uses it (children %s after %.0fs); upkeep removes it",
+                image_id,
+                kept.children,
+                self.leave_timeout_s,
+            )
         elif last:
             self._forget(image_id)
 
@@ -626,7 +699,7 @@ class Tree:
         moved = []
         with self._lock:
             try:
-                self.node.heal_paths()      # logs what it reinstated
+                self.node.heal_paths()  # logs what it reinstated
             except Error as e:
                 LOG.warning("upkeep could not heal the parent paths: %s", e)
             self._sweep_unused()
@@ -650,7 +723,7 @@ class Tree:
         templates = self.node.templates()
         for image_id in sorted(self._kept):
             t = templates.get(image_id)
-            if t is None or t.vms:          # gone, or in use again
+            if t is None or t.vms:  # gone, or in use again
                 self._kept.discard(image_id)
             elif not t.children:
                 try:
@@ -669,13 +742,13 @@ class Tree:
             return False
         records = self._records(image_id)
         me = next((r for r in records if r.host == self.host), None)
-        if me is None or me.state.is_placing:      # attach is still placing it
+        if me is None or me.state.is_placing:  # attach is still placing it
             return False
-        self._states[image_id] = me.state           # ours as the registry holds it: what follows it
+        self._states[image_id] = me.state  # ours as the registry holds it: what follows it
         bad, _ = parents_progress(me.parents, records, JoinState.READY)
         if not bad:
             if me.state == JoinState.READY:
-                self._publish(image_id, me.placement)     # grants for hosts that joined since
+                self._publish(image_id, me.placement)  # grants for hosts that joined since
             return False
         with self.registry.lock(image_id, timeout_s=self.lock_timeout_s):
             records = self._records(image_id)
@@ -703,10 +776,10 @@ class Tree:
                 continue
             try:
                 if any(r.host == self.host for r in self._records(image_id)):
-                    continue        # still a member (a restart within the lease): upkeep keeps it
+                    continue  # still a member (a restart within the lease): upkeep keeps it
                 if len(t.paths) > 1:
                     self.node.reparent(image_id, [origin])
-                self._states.pop(image_id, None)       # no record of ours any more
+                self._states.pop(image_id, None)  # no record of ours any more
                 self._publish(image_id, Placement.origin_only(), fresh=True)
                 rejoined.append(image_id)
                 LOG.info("image %s: rebuilt template offered to the tree again (from the origin)", image_id)
@@ -716,12 +789,14 @@ class Tree:
 
     def start_watch(self, interval_s: float = 2.0) -> None:
         """Run maintain() every interval on a thread of this process."""
+
         def loop():
             while not self._stop.wait(interval_s):
                 try:
                     self.maintain()
-                except Exception:   # keep the watcher alive; the next round retries
+                except Exception:  # keep the watcher alive; the next round retries
                     LOG.exception("tree upkeep failed")
+
         self._thread = threading.Thread(target=loop, name="vmthunder-tree", daemon=True)
         self._thread.start()
 
@@ -739,5 +814,5 @@ def load_profile(path: str) -> List[List[int]]:
         data = json.load(f)
     reads = data.get("reads") if isinstance(data, dict) else data
     if not isinstance(reads, list) or not all(isinstance(r, list) and len(r) in (2, 3) for r in reads):
-        raise ValueError(f"{path}: expected {{\"reads\": [[t, offset, length], ...]}} or [[offset, length], ...]")
+        raise ValueError(f'{path}: expected {{"reads": [[t, offset, length], ...]}} or [[offset, length], ...]')
     return [r[-2:] for r in reads]

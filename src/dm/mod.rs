@@ -167,9 +167,7 @@ impl Dm {
         // A multipath device is suspended without flushing (as multipathd does): I/O queued
         // while every path is down stays queued through the swap instead of failing.
         let flags = if is_multipath(table) { DmFlags::DM_SUSPEND | DmFlags::DM_NOFLUSH } else { DmFlags::DM_SUSPEND };
-        self.dm
-            .device_suspend(&id, DmOptions::default().set_flags(flags))
-            .map_err(|e| Error::from(e).context(ctx("suspend")))?;
+        self.dm.device_suspend(&id, DmOptions::default().set_flags(flags)).map_err(|e| Error::from(e).context(ctx("suspend")))?;
         self.dm.device_suspend(&id, DmOptions::default()).map_err(|e| Error::from(e).context(ctx("resume")))?;
         info!("reloaded {name}: {table}");
         Ok(())
@@ -247,9 +245,7 @@ pub fn size_sectors(dev: Device) -> Result<u64> {
 /// Devices that hold `dev` open through the block layer (dm devices stacked on it).
 pub fn holders(dev: Device) -> Vec<String> {
     let p = format!("/sys/dev/block/{}:{}/holders", dev.major, dev.minor);
-    fs::read_dir(p)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
+    fs::read_dir(p).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -126,7 +126,8 @@ impl FromStr for MultipathParams {
         let features = w.counted("features")?;
         let hw_handler = w.counted("hardware handler")?;
         let ngroups = w.num("number of path groups")?;
-        let first_group = u32::try_from(w.num("first path group")?).map_err(|_| parse_err("multipath", s, "first path group out of range"))?;
+        let first_group =
+            u32::try_from(w.num("first path group")?).map_err(|_| parse_err("multipath", s, "first path group out of range"))?;
         // Counts come from the input: never sized by them beyond the words there are.
         let mut groups = Vec::with_capacity(ngroups.min(v.len()));
         for _ in 0..ngroups {

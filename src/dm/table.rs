@@ -5,7 +5,11 @@ use std::{fmt, str::FromStr};
 
 use devicemapper::{CacheTargetParams, LinearTargetParams, TargetParams};
 
-use super::{multipath::MultipathParams, parse_err, snapshot::{SnapshotOriginParams, SnapshotParams}};
+use super::{
+    multipath::MultipathParams,
+    parse_err,
+    snapshot::{SnapshotOriginParams, SnapshotParams},
+};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,8 +228,11 @@ mod tests {
 
         #[test]
         fn a_huge_count_in_a_multipath_table_is_an_error_not_an_allocation() {
-            for s in ["0 0 18446744073709551615 1", "0 0 1 1 round-robin 0 18446744073709551615 1 8:0 1",
-                      "0 0 1 4294967296 round-robin 0 1 1 8:0 1"] {
+            for s in [
+                "0 0 18446744073709551615 1",
+                "0 0 1 1 round-robin 0 18446744073709551615 1 8:0 1",
+                "0 0 1 4294967296 round-robin 0 1 1 8:0 1",
+            ] {
                 let e = s.parse::<MultipathParams>().unwrap_err();
                 assert_eq!(e.kind, crate::error::Kind::DeviceMapper, "{s}");
             }

@@ -211,9 +211,15 @@ mod tests {
             (json!({"target_portal": "198.18.0.1:99999", "target_iqn": "iqn.2010-10.a:x", "target_lun": 0}), "bad port"),
             (json!({"target_portal": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x y", "target_lun": 0}), "\"iqn.2010-10.a:x y\""),
             (json!({"target_portal": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x", "target_lun": -1}), "-1"),
-            (json!({"target_portal": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x", "target_lun": 0, "auth_method": "CHAP",
-                    "auth_username": "u", "auth_password": "a b"}), "auth_password"),
-            (json!({"target_portal": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x", "target_lun": 0, "auth_method": "kerberos"}), "kerberos"),
+            (
+                json!({"target_portal": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x", "target_lun": 0, "auth_method": "CHAP",
+                    "auth_username": "u", "auth_password": "a b"}),
+                "auth_password",
+            ),
+            (
+                json!({"target_portal": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x", "target_lun": 0, "auth_method": "kerberos"}),
+                "kerberos",
+            ),
             (json!({"target_portals": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x", "target_lun": 0}), "must be a list"),
         ];
         for (v, needle) in cases {
@@ -229,8 +235,13 @@ mod tests {
         let base = json!({"target_portal": "198.18.0.1", "target_iqn": "iqn.2010-10.a:x", "target_lun": 0, "auth_method": "CHAP",
                           "auth_username": "u1", "auth_password": pw});
         let mut cases = vec![json!([base.clone()]), json!({"data": [base.clone()]}), json!({"target_portals": base.clone()})];
-        for (key, v) in [("auth_password", json!([pw])), ("auth_password", json!({"p": pw})), ("auth_password", json!(format!("{pw} x"))),
-                         ("target_lun", json!({"p": pw})), ("auth_username", json!([pw]))] {
+        for (key, v) in [
+            ("auth_password", json!([pw])),
+            ("auth_password", json!({"p": pw})),
+            ("auth_password", json!(format!("{pw} x"))),
+            ("target_lun", json!({"p": pw})),
+            ("auth_username", json!([pw])),
+        ] {
             let mut c = base.clone();
             c[key] = v;
             cases.push(c);
@@ -268,9 +279,18 @@ mod tests {
         }
 
         fn conninfo() -> impl Strategy<Value = Value> {
-            let keys = prop_oneof![Just("target_portal"), Just("target_iqn"), Just("target_lun"), Just("target_portals"),
-                                   Just("target_iqns"), Just("target_luns"), Just("auth_method"), Just("auth_username"),
-                                   Just("auth_password"), Just("driver_volume_type")];
+            let keys = prop_oneof![
+                Just("target_portal"),
+                Just("target_iqn"),
+                Just("target_lun"),
+                Just("target_portals"),
+                Just("target_iqns"),
+                Just("target_luns"),
+                Just("auth_method"),
+                Just("auth_username"),
+                Just("auth_password"),
+                Just("driver_volume_type")
+            ];
             let data = prop::collection::btree_map(keys, field(), 0..10)
                 .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
                 .boxed();

@@ -17,8 +17,7 @@ use log::{info, warn};
 pub use conninfo::{Chap, Source, Target};
 
 use crate::{
-    cmd,
-    dm,
+    cmd, dm,
     error::{Error, Kind, Result},
     usage,
 };
@@ -84,8 +83,7 @@ pub fn sessions() -> Vec<Session> {
         let Some(sid) = name.strip_prefix("session").and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Some(iqn) = read_trim(e.path().join("targetname")) else { continue };
         let conn = format!("/sys/class/iscsi_connection/connection{sid}:0");
-        let (Some(addr), Some(port)) =
-            (read_trim(format!("{conn}/persistent_address")), read_trim(format!("{conn}/persistent_port")))
+        let (Some(addr), Some(port)) = (read_trim(format!("{conn}/persistent_address")), read_trim(format!("{conn}/persistent_port")))
         else {
             continue;
         };
@@ -93,11 +91,7 @@ pub fn sessions() -> Vec<Session> {
         // /sys/devices/platform/host<H>/session<N>/iscsi_session/session<N>
         let host_no = fs::canonicalize(e.path())
             .ok()
-            .and_then(|p| {
-                p.components()
-                    .filter_map(|c| c.as_os_str().to_str()?.strip_prefix("host")?.parse::<u32>().ok())
-                    .next_back()
-            });
+            .and_then(|p| p.components().filter_map(|c| c.as_os_str().to_str()?.strip_prefix("host")?.parse::<u32>().ok()).next_back());
         let Some(host_no) = host_no else { continue };
         out.push(Session { sid, iqn, portal: format!("{addr}:{port}"), host_no });
     }
@@ -191,8 +185,11 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
         let mut secrets = vec![];
         match chap {
             Some(c) => {
-                pairs.extend([("node.session.auth.authmethod", "CHAP"), ("node.session.auth.username", c.username.as_str()),
-                              ("node.session.auth.password", c.password.as_str())]);
+                pairs.extend([
+                    ("node.session.auth.authmethod", "CHAP"),
+                    ("node.session.auth.username", c.username.as_str()),
+                    ("node.session.auth.password", c.password.as_str()),
+                ]);
                 secrets.push(c.password.as_str());
             }
             None => pairs.push(("node.session.auth.authmethod", "None")),
@@ -204,7 +201,10 @@ pub fn login(t: &Target, chap: Option<&Chap>, path_timeout_s: u32) -> Result<(Se
         if out.status == SESSION_EXISTS {
             // A concurrent login, or iscsid finishing an earlier one: use that session.
             return wait_for_session(t, SESSION_APPEAR_TIMEOUT).map(|s| (s, false)).ok_or_else(|| {
-                Error::new(Kind::Iscsi, format!("iscsiadm reports a session to {} at {} but none appeared in {:?}", t.iqn, t.portal, SESSION_APPEAR_TIMEOUT))
+                Error::new(
+                    Kind::Iscsi,
+                    format!("iscsiadm reports a session to {} at {} but none appeared in {:?}", t.iqn, t.portal, SESSION_APPEAR_TIMEOUT),
+                )
             });
         }
         if out.status != 0 {
@@ -260,8 +260,9 @@ fn our_records(root: &Path) -> Vec<(Target, std::time::SystemTime)> {
             let (record, addr_port) = if meta.is_dir() {
                 (p.path().join(IFACE), name.rsplit_once(',').map(|(ap, _tpgt)| ap.to_string()))
             } else {
-                let ours = fs::read_to_string(p.path())
-                    .is_ok_and(|t| t.lines().any(|l| l.split_once('=').is_some_and(|(k, v)| k.trim() == "iface.iscsi_ifacename" && v.trim() == IFACE)));
+                let ours = fs::read_to_string(p.path()).is_ok_and(|t| {
+                    t.lines().any(|l| l.split_once('=').is_some_and(|(k, v)| k.trim() == "iface.iscsi_ifacename" && v.trim() == IFACE))
+                });
                 (if ours { p.path() } else { continue }, Some(name))
             };
             let Ok(meta) = fs::symlink_metadata(&record) else { continue };
@@ -352,8 +353,7 @@ pub fn scan_lun(s: &Session, lun: u32, timeout: Duration) -> Result<PathBuf> {
     let found = |s: &Session| session_disks(s).into_iter().find(|(l, _)| *l == lun).map(|(_, d)| d);
     if found(s).is_none() {
         let scan = format!("/sys/class/scsi_host/host{}/scan", s.host_no);
-        fs::write(&scan, format!("- - {lun}"))
-            .map_err(|e| Error::new(Kind::Iscsi, format!("scan LUN {lun} through {scan}: {e}")))?;
+        fs::write(&scan, format!("- - {lun}")).map_err(|e| Error::new(Kind::Iscsi, format!("scan LUN {lun} through {scan}: {e}")))?;
     }
     let start = Instant::now();
     loop {
@@ -468,17 +468,20 @@ mod tests {
             fs::write(root.join(iqn).join(portal), format!("node.name = {iqn}\niface.iscsi_ifacename = {iface}\n")).unwrap();
         };
         mk("iqn.2026-11.org.vmthunder:a:img", "198.18.0.1,3260,1", IFACE);
-        mk("iqn.2026-11.org.vmthunder:a:img", "198.18.0.2,3260,1", "default");     // os-brick's: not ours
+        mk("iqn.2026-11.org.vmthunder:a:img", "198.18.0.2,3260,1", "default"); // os-brick's: not ours
         mk("iqn.2026-11.org.vmthunder:b:img", "fd00::1,3260,1", IFACE);
         file("iqn.2026-11.org.vmthunder:c:img", "198.18.0.3,3260", IFACE);
         file("iqn.2026-11.org.vmthunder:d:img", "198.18.0.4,3260", "default");
         let mut got: Vec<(String, String)> = our_records(&root).into_iter().map(|(t, _)| (t.iqn, t.portal)).collect();
         got.sort();
-        assert_eq!(got, [
-            ("iqn.2026-11.org.vmthunder:a:img".to_string(), "198.18.0.1:3260".to_string()),
-            ("iqn.2026-11.org.vmthunder:b:img".to_string(), "[fd00::1]:3260".to_string()),
-            ("iqn.2026-11.org.vmthunder:c:img".to_string(), "198.18.0.3:3260".to_string()),
-        ]);
+        assert_eq!(
+            got,
+            [
+                ("iqn.2026-11.org.vmthunder:a:img".to_string(), "198.18.0.1:3260".to_string()),
+                ("iqn.2026-11.org.vmthunder:b:img".to_string(), "[fd00::1]:3260".to_string()),
+                ("iqn.2026-11.org.vmthunder:c:img".to_string(), "198.18.0.3:3260".to_string()),
+            ]
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 }

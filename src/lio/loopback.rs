@@ -80,7 +80,10 @@ impl Lio {
                 return Ok(d);
             }
             if start.elapsed() > timeout {
-                return Err(Error::new(Kind::Lio, format!("local disk SCSI {scsi} of image {image:?} did not appear within {}s", timeout.as_secs())));
+                return Err(Error::new(
+                    Kind::Lio,
+                    format!("local disk SCSI {scsi} of image {image:?} did not appear within {}s", timeout.as_secs()),
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -117,9 +120,10 @@ impl Lio {
 
     /// Whether a local disk's LUN still links to backstore directory `so`.
     pub(super) fn backstore_linked(&self, so: &Path) -> bool {
-        subdirs(&self.root.join("loopback")).into_iter().flat_map(|t| subdirs(&t)).any(|tpg| {
-            subdirs(&tpg.join("lun")).iter().any(|lun| lun_link(lun).is_some_and(|l| same_backstore(&l, so)))
-        })
+        subdirs(&self.root.join("loopback"))
+            .into_iter()
+            .flat_map(|t| subdirs(&t))
+            .any(|tpg| subdirs(&tpg.join("lun")).iter().any(|lun| lun_link(lun).is_some_and(|l| same_backstore(&l, so))))
     }
 }
 

@@ -93,9 +93,7 @@ fn unlink(path: &Path, errs: &mut Vec<String>) {
 }
 
 fn subdirs(path: &Path) -> Vec<PathBuf> {
-    fs::read_dir(path)
-        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
-        .unwrap_or_default()
+    fs::read_dir(path).map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.path()).collect()).unwrap_or_default()
 }
 
 /// A CHAP secret: 16 characters from the kernel's random pool.
@@ -342,7 +340,11 @@ impl Lio {
                 revoked.push(name);
             }
         }
-        if errs.is_empty() { Ok(revoked) } else { Err(Error::new(Kind::Lio, format!("revoking ACLs of {iqn} left: {}", errs.join("; ")))) }
+        if errs.is_empty() {
+            Ok(revoked)
+        } else {
+            Err(Error::new(Kind::Lio, format!("revoking ACLs of {iqn} left: {}", errs.join("; "))))
+        }
     }
 
     pub fn acls(&self, iqn: &str) -> Vec<String> {

@@ -101,7 +101,11 @@ impl Space {
     }
 
     pub fn free(&mut self, names: &[String]) -> Result<()> {
-        self.update(|l| names.iter().for_each(|n| { l.slices.remove(n); }))
+        self.update(|l| {
+            names.iter().for_each(|n| {
+                l.slices.remove(n);
+            })
+        })
     }
 }
 

@@ -138,7 +138,9 @@ impl Layout {
                 return Err(format!("slice {name:?} is not a vmthunder device name"));
             }
             if len == 0 || start < end || start.checked_add(len).is_none_or(|e| e > total_sectors) {
-                return Err(format!("slice {name} ({start}+{len} sectors) overlaps another or lies outside the device ({total_sectors} sectors)"));
+                return Err(format!(
+                    "slice {name} ({start}+{len} sectors) overlaps another or lies outside the device ({total_sectors} sectors)"
+                ));
             }
             end = start + len;
         }

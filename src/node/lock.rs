@@ -1,7 +1,10 @@
 //! Cross-process locks: one per image (never one for the whole node), plus a short one for
 //! carving the local device, and a *join mark* per image. `flock` locks go away with the
 //! process, so a crash never leaves a stale lock.
-use std::{path::Path, time::{Duration, Instant}};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -45,7 +48,9 @@ fn open_lock_file(dir: &Path, name: &str) -> Result<std::fs::File> {
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(_) => std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io(format!("state dir {}", dir.display()), e))?,
+        Err(_) => {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io(format!("state dir {}", dir.display()), e))?
+        }
     }
     if !std::fs::symlink_metadata(dir).map_err(|e| io(format!("state dir {}", dir.display()), e))?.is_dir() {
         return Err(bad(format!("lock dir {} is not a directory (a symbolic link?)", dir.display())));
@@ -83,12 +88,8 @@ fn take(dir: &Path, name: &str, how: FlockArg, timeout: Duration) -> Result<Lock
         let f = open_lock_file(dir, name)?;
         match Flock::lock(f, how) {
             Ok(l) => return Ok(Lock { _flock: l }),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) if start.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err((_, e)) => {
-                return Err(Error::new(Kind::Busy, format!("lock {} held by another process ({e})", path.display())))
-            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(50)),
+            Err((_, e)) => return Err(Error::new(Kind::Busy, format!("lock {} held by another process ({e})", path.display()))),
         }
     }
 }

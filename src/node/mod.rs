@@ -25,12 +25,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    rollback::Undo,
     dm::{self, Dm},
     error::{Error, Kind, Result},
     iscsi::{self, Source, Target},
     lio::Lio,
     names::{self, Parsed, Role},
+    rollback::Undo,
 };
 
 /// How a VM's writable disk is made.
@@ -280,8 +280,14 @@ impl Node {
     /// `image` and where the image's template is rebuilt from after a reboot (`source`, the
     /// last of the attach's sources). Returns whether the VM was attached already: its disk
     /// then holds the guest's writes and is found again, never made anew.
-    fn record_attaching<'a>(&'a self, image: &str, source: Option<&Value>, vm: &str, mode: SnapshotMode,
-                            undo: &mut Undo<'a>) -> Result<bool> {
+    fn record_attaching<'a>(
+        &'a self,
+        image: &str,
+        source: Option<&Value>,
+        vm: &str,
+        mode: SnapshotMode,
+        undo: &mut Undo<'a>,
+    ) -> Result<bool> {
         use layout::{TemplateRecord, VmRecord, VmState};
         let mut space = self.space()?;
         let (new_template, new_vm, attached) = {
@@ -291,13 +297,20 @@ impl Node {
                     return Err(Error::new(Kind::Busy, format!("VM {vm:?} is already attached to image {:?}", r.image)));
                 }
                 if r.mode != mode {
-                    return Err(Error::invalid(format!("VM {vm:?} is attached to image {image:?} as a {:?} snapshot, not {mode:?}", r.mode)));
+                    return Err(Error::invalid(format!(
+                        "VM {vm:?} is attached to image {image:?} as a {:?} snapshot, not {mode:?}",
+                        r.mode
+                    )));
                 }
                 if r.state == VmState::Detaching {
                     return Err(Error::new(Kind::Busy, format!("VM {vm:?}: its detach did not finish; detach it again or recover")));
                 }
             }
-            (!l.templates.contains_key(image) && source.is_some(), !l.vms.contains_key(vm), l.vms.get(vm).is_some_and(|r| r.state == VmState::Attached))
+            (
+                !l.templates.contains_key(image) && source.is_some(),
+                !l.vms.contains_key(vm),
+                l.vms.get(vm).is_some_and(|r| r.state == VmState::Attached),
+            )
         };
         space.update(|l| {
             if new_template {
@@ -311,14 +324,26 @@ impl Node {
             let image = image.to_string();
             undo.push(format!("record of image {image}'s template"), move || {
                 self.space()
-                    .and_then(|mut s| s.update(|l| if !l.vms.values().any(|r| r.image == image) { l.templates.remove(&image); }))
+                    .and_then(|mut s| {
+                        s.update(|l| {
+                            if !l.vms.values().any(|r| r.image == image) {
+                                l.templates.remove(&image);
+                            }
+                        })
+                    })
                     .map_err(|e| e.to_string())
             });
         }
         if new_vm {
             let vm = vm.to_string();
             undo.push(format!("record of VM {vm}"), move || {
-                self.space().and_then(|mut s| s.update(|l| { l.vms.remove(&vm); })).map_err(|e| e.to_string())
+                self.space()
+                    .and_then(|mut s| {
+                        s.update(|l| {
+                            l.vms.remove(&vm);
+                        })
+                    })
+                    .map_err(|e| e.to_string())
             });
         }
         Ok(attached)
@@ -372,8 +397,15 @@ impl Node {
     /// lock: it only reads, and `stop()` lets a detach end it early.
     /// `depth`: reads in flight; `None` takes the default measured for the template's access
     /// (see `prefetch::Access::default_depth`).
-    pub fn prefetch(&self, image: &str, ranges: &[(u64, u64)], depth: Option<usize>, chunk_bytes: u64, reverse: bool,
-                    stop: &(dyn Fn() -> bool + Sync)) -> Result<prefetch::Report> {
+    pub fn prefetch(
+        &self,
+        image: &str,
+        ranges: &[(u64, u64)],
+        depth: Option<usize>,
+        chunk_bytes: u64,
+        reverse: bool,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<prefetch::Report> {
         names::validate_id("image id", image)?;
         let dm = Dm::open()?;
         let origin = dm
@@ -387,8 +419,12 @@ impl Node {
         let report = prefetch::run(&origin.path(), &plan, depth.unwrap_or(access.default_depth()), access, stop)?;
         log::info!(
             "image {image}: prefetched {} of {} bytes in {:.1}s ({} reads{}{})",
-            report.bytes, report.planned_bytes, report.seconds, report.reads,
-            if reverse { ", from the end" } else { "" }, if report.complete { "" } else { ", stopped early" }
+            report.bytes,
+            report.planned_bytes,
+            report.seconds,
+            report.reads,
+            if reverse { ", from the end" } else { "" },
+            if report.complete { "" } else { ", stopped early" }
         );
         Ok(report)
     }
@@ -397,7 +433,8 @@ impl Node {
     pub fn detach(&self, vm: &str) -> Result<()> {
         names::validate_id("VM id", vm)?;
         let dm = Dm::open()?;
-        let (image, mode) = self.find_vm(&dm, vm)?.ok_or_else(|| Error::new(Kind::NotFound, format!("VM {vm:?} is not attached on this node")))?;
+        let (image, mode) =
+            self.find_vm(&dm, vm)?.ok_or_else(|| Error::new(Kind::NotFound, format!("VM {vm:?} is not attached on this node")))?;
         let _lock = self.lock_image(&image)?;
         self.remove_vm(&dm, &image, vm, mode)?;
         log::info!("detached VM {vm} from image {image}");
@@ -525,7 +562,8 @@ impl Node {
             self.layout()?.vms.into_iter().filter(|(_, r)| r.image == image && r.state != layout::VmState::Attached).collect();
         for (vm, r) in unfinished {
             self.remove_vm(dm, image, &vm, r.mode).map_err(|e| e.context(format!("recover VM {vm:?} of image {image:?}")))?;
-            removed.push(format!("VM {vm} (its {} did not finish)", if r.state == layout::VmState::Attaching { "attach" } else { "detach" }));
+            removed
+                .push(format!("VM {vm} (its {} did not finish)", if r.state == layout::VmState::Attaching { "attach" } else { "detach" }));
         }
         Ok(removed)
     }
@@ -575,8 +613,7 @@ impl Node {
     fn reassemble_image(&self, dm: &Dm, image: &str, report: &mut Reassembly) -> Result<()> {
         report.removed.extend(self.finish_unfinished_vms(dm, image)?);
         let l = self.layout()?;
-        let vms: Vec<(String, SnapshotMode)> =
-            l.vms.iter().filter(|(_, r)| r.image == image).map(|(vm, r)| (vm.clone(), r.mode)).collect();
+        let vms: Vec<(String, SnapshotMode)> = l.vms.iter().filter(|(_, r)| r.image == image).map(|(vm, r)| (vm.clone(), r.mode)).collect();
         if vms.is_empty() {
             if template::release_if_unused(self, dm, image)? {
                 report.removed.push(format!("template of image {image} (no VM uses it)"));
@@ -631,9 +668,11 @@ impl Node {
 
     /// Where children log in to this node's exports.
     fn relay_portal(&self) -> Result<String> {
-        let ip = self.cfg.export_ip.as_ref().ok_or_else(|| {
-            Error::new(Kind::Lio, format!("host {} has no export_ip: it does not relay", self.cfg.host))
-        })?;
+        let ip = self
+            .cfg
+            .export_ip
+            .as_ref()
+            .ok_or_else(|| Error::new(Kind::Lio, format!("host {} has no export_ip: it does not relay", self.cfg.host)))?;
         Ok(format!("{ip}:{}", self.cfg.export_port))
     }
 
@@ -647,7 +686,11 @@ impl Node {
         let iqn = names::template_iqn(&self.cfg.host, image);
         let lio = Lio::new()?;
         let chap = lio.allow(&iqn, initiator).map_err(|e| {
-            if e.kind == Kind::NotFound { Error::new(Kind::NotFound, format!("image {image:?} is not exported by {}", self.cfg.host)) } else { e }
+            if e.kind == Kind::NotFound {
+                Error::new(Kind::NotFound, format!("image {image:?} is not exported by {}", self.cfg.host))
+            } else {
+                e
+            }
         })?;
         Ok(lio.source_for(&iqn, &portal, chap).to_json())
     }
@@ -831,8 +874,12 @@ impl Node {
                     let use_ = vm::cow_use(&st.join(" "));
                     if let Some((used, size)) = use_.sectors() {
                         if used * 100 >= size * u64::from(self.cfg.cow_warn_percent) {
-                            log::warn!("VM {vm}: its copy-on-write space is {}% full ({} of {} MiB); when full its disk fails",
-                                       used * 100 / size.max(1), used / 2048, size / 2048);
+                            log::warn!(
+                                "VM {vm}: its copy-on-write space is {}% full ({} of {} MiB); when full its disk fails",
+                                used * 100 / size.max(1),
+                                used / 2048,
+                                size / 2048
+                            );
                         }
                     }
                     v["cow"] = serde_json::to_value(use_).expect("serialises");

@@ -47,9 +47,15 @@ pub(super) fn bound_queueing(secs: u32) -> Result<()> {
     if !Path::new(QUEUE_PARAM).exists() {
         let _ = cmd::run(Kind::DeviceMapper, "modprobe", &["dm-multipath"], &[], Duration::from_secs(10));
     }
-    let now = fs::read_to_string(QUEUE_PARAM).map_err(|e| Error::new(Kind::DeviceMapper, format!(
-        "{QUEUE_PARAM}: {e}: this kernel cannot bound dm-multipath's queueing (Linux 5.11 or later can); \
-         use queue_timeout_s=0 to fail I/O at once when every path is down")))?;
+    let now = fs::read_to_string(QUEUE_PARAM).map_err(|e| {
+        Error::new(
+            Kind::DeviceMapper,
+            format!(
+                "{QUEUE_PARAM}: {e}: this kernel cannot bound dm-multipath's queueing (Linux 5.11 or later can); \
+         use queue_timeout_s=0 to fail I/O at once when every path is down"
+            ),
+        )
+    })?;
     let want = secs.to_string();
     if now.trim() != want {
         fs::write(QUEUE_PARAM, &want).map_err(|e| Error::new(Kind::DeviceMapper, format!("write {want} to {QUEUE_PARAM}: {e}")))?;

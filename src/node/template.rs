@@ -16,12 +16,12 @@ use log::{info, warn};
 
 use super::{cache, paths, Node};
 use crate::{
-    rollback::Undo,
     dm::{self, multipath::MultipathParams, snapshot::SnapshotOriginParams, Dm, DmDev, Table, Target},
     error::{Error, Kind, Result},
     iscsi::{self, Source},
-    lio::{Backstore, Export, LocalDisk, Lio},
+    lio::{Backstore, Export, Lio, LocalDisk},
     names::{self, Role},
+    rollback::Undo,
     usage,
 };
 
@@ -46,7 +46,11 @@ pub fn devices(dm: &Dm, image: &str) -> Result<BTreeMap<Role, DmDev>> {
 }
 
 fn backstore_kind(node: &Node) -> Backstore {
-    if node.cfg.coalesce { Backstore::File } else { Backstore::Block }
+    if node.cfg.coalesce {
+        Backstore::File
+    } else {
+        Backstore::Block
+    }
 }
 
 fn export_of(node: &Node, image: &str) -> Option<Export> {
@@ -111,7 +115,11 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
                 let mut left = vec![];
                 lio.remove_local_disk(&image, &mut left);
                 lio.remove_backstore(&backstore, &mut left);
-                if left.is_empty() { Ok(()) } else { Err(left.join("; ")) }
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(left.join("; "))
+                }
             });
         }
         let disk = disk?;
@@ -159,9 +167,13 @@ fn paths_table<'a>(node: &Node, image: &str, sources: &[Source], undo: &mut Undo
 /// Swap the parents of a live template (see `Node::reparent`).
 pub fn reparent(node: &Node, dm: &Dm, image: &str, sources: &[Source]) -> Result<String> {
     let name = names::template_dm_name(image, Role::Paths);
-    let old = dm.table(&name).map_err(|e| if dm.info(&name).ok().flatten().is_none() {
-        Error::new(Kind::NotFound, format!("image {image:?} has no template on this node"))
-    } else { e })?;
+    let old = dm.table(&name).map_err(|e| {
+        if dm.info(&name).ok().flatten().is_none() {
+            Error::new(Kind::NotFound, format!("image {image:?} has no template on this node"))
+        } else {
+            e
+        }
+    })?;
     let mut undo = Undo::default();
     let new = match paths_table(node, image, sources, &mut undo) {
         Ok(t) => t,
@@ -169,7 +181,10 @@ pub fn reparent(node: &Node, dm: &Dm, image: &str, sources: &[Source]) -> Result
     };
     if new.length() != old.length() {
         return Err(undo.rollback(Error::invalid(format!(
-            "reparent image {image:?}: new sources have {} sectors, the template {}", new.length(), old.length()))));
+            "reparent image {image:?}: new sources have {} sectors, the template {}",
+            new.length(),
+            old.length()
+        ))));
     }
     if new != old {
         if let Err(e) = dm.reload(&name, &new) {
@@ -255,10 +270,7 @@ pub fn queueing(dm: &Dm, image: &str) -> Option<bool> {
 fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result<Vec<Device>> {
     let paths: Vec<_> = sources.iter().flat_map(|src| src.targets.iter().map(move |t| (t, src.chap.as_ref()))).collect();
     let logins: Vec<Result<(iscsi::Session, bool)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = paths
-            .iter()
-            .map(|(t, chap)| s.spawn(move || iscsi::login(t, *chap, node.cfg.path_timeout_s)))
-            .collect();
+        let handles: Vec<_> = paths.iter().map(|(t, chap)| s.spawn(move || iscsi::login(t, *chap, node.cfg.path_timeout_s))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::new(Kind::Iscsi, "iSCSI login thread panicked")))).collect()
     });
     // Every session this call created is undone on failure, also when another login failed.
@@ -298,8 +310,12 @@ pub fn unexport_image(node: &Node, lio: &Lio, image: &str) -> std::result::Resul
     if !lio.exports().contains(&iqn) {
         return Ok(false);
     }
-    let exp = export_of(node, image)
-        .unwrap_or(Export { iqn, backstore: names::backstore_name(image), portal: String::new(), kind: backstore_kind(node) });
+    let exp = export_of(node, image).unwrap_or(Export {
+        iqn,
+        backstore: names::backstore_name(image),
+        portal: String::new(),
+        kind: backstore_kind(node),
+    });
     lio.unexport(&exp).map(|()| true)
 }
 
@@ -343,7 +359,8 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
     node.space()?.update(|l| {
         l.templates.remove(image);
         l.slices.retain(|n, _| !matches!(names::parse_dm_name(n), Some(names::Parsed::Template { image: i, .. }) if i == image));
-        let bcache_used = l.slices.keys().any(|n| matches!(names::parse_dm_name(n), Some(names::Parsed::Template { role: Role::Bdev, .. })));
+        let bcache_used =
+            l.slices.keys().any(|n| matches!(names::parse_dm_name(n), Some(names::Parsed::Template { role: Role::Bdev, .. })));
         if !bcache_used && !cset_live {
             l.slices.remove(names::CACHE_SET_DM_NAME);
         }
@@ -356,7 +373,11 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
 /// cannot go ends the teardown (`Busy` when it is in use).
 fn teardown(node: &Node, dm: &Dm, lio: Option<&Lio>, image: &str) -> Result<()> {
     let lio_err = |what: &str, left: Vec<String>| {
-        if left.is_empty() { Ok(()) } else { Err(Error::new(Kind::Lio, format!("{what} of image {image:?}: {}", left.join("; ")))) }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::new(Kind::Lio, format!("{what} of image {image:?}: {}", left.join("; "))))
+        }
     };
     if let Some(l) = lio {
         // The node's own readers: a process with the local disk open (a VM's snapshot on it
@@ -385,5 +406,9 @@ fn teardown(node: &Node, dm: &Dm, lio: Option<&Lio>, image: &str) -> Result<()> 
     if let Some(t) = paths_table {
         release_devices(multipath_devices(&t).into_iter(), &mut left);
     }
-    if left.is_empty() { Ok(()) } else { Err(Error::new(Kind::Rollback, left.join("; "))) }
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::new(Kind::Rollback, left.join("; ")))
+    }
 }

@@ -8,7 +8,11 @@ use super::{layout::SliceState, template::Template, zero_head, Node, SnapshotMod
 use crate::rollback::Undo;
 use crate::{
     cmd,
-    dm::{self, snapshot::{Persistence, SnapshotParams}, Dm, Table, Target},
+    dm::{
+        self,
+        snapshot::{Persistence, SnapshotParams},
+        Dm, Table, Target,
+    },
     error::{Error, Kind, Result},
     names::{self, VmRole},
 };
@@ -22,17 +26,21 @@ pub fn overlay_path(node: &Node, image: &str, vm: &str) -> PathBuf {
 
 pub fn overlays(node: &Node, image: &str) -> Vec<String> {
     std::fs::read_dir(node.vmm_dir(image))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".qcow2").map(str::to_string))
-                .collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.strip_suffix(".qcow2").map(str::to_string)).collect())
         .unwrap_or_default()
 }
 
 /// The VM's disk over template `t`. `attached`: the layout records the VM as attached, so its
 /// disk holds the guest's writes and must be found again, never made anew.
-pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, mode: SnapshotMode, attached: bool, undo: &mut Undo<'a>) -> Result<String> {
+pub fn ensure<'a>(
+    node: &'a Node,
+    dm: &'a Dm,
+    t: &Template,
+    vm: &str,
+    mode: SnapshotMode,
+    attached: bool,
+    undo: &mut Undo<'a>,
+) -> Result<String> {
     match mode {
         SnapshotMode::Dm => ensure_dm(node, dm, t, vm, undo),
         SnapshotMode::Vmm => ensure_overlay(node, t, vm, attached, undo),
@@ -69,7 +77,12 @@ fn ensure_dm<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, undo: &mut 
     };
     let table = Table::single(
         t.sectors,
-        Target::Snapshot(SnapshotParams { origin: t.read_dev, cow: cow.device, persistence: Persistence::Persistent, chunk_sectors: CHUNK_SECTORS }),
+        Target::Snapshot(SnapshotParams {
+            origin: t.read_dev,
+            cow: cow.device,
+            persistence: Persistence::Persistent,
+            chunk_sectors: CHUNK_SECTORS,
+        }),
     );
     let (snap, created) = dm.ensure(&snap_name, &table).map_err(|e| Error::new(Kind::Snapshot, e.message))?;
     if created {
@@ -88,7 +101,10 @@ fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, attached: bool, un
     if attached {
         return Err(Error::new(
             Kind::Snapshot,
-            format!("VM {vm:?} of image {:?}: its qcow2 overlay {shown} is gone (was the state dir lost?); not replaced by an empty one", t.image),
+            format!(
+                "VM {vm:?} of image {:?}: its qcow2 overlay {shown} is gone (was the state dir lost?); not replaced by an empty one",
+                t.image
+            ),
         ));
     }
     std::fs::create_dir_all(node.vmm_dir(&t.image)).map_err(|e| Error::new(Kind::Snapshot, format!("mkdir for {shown}: {e}")))?;
@@ -100,14 +116,29 @@ fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, attached: bool, un
     let _ = std::fs::remove_file(&tmp);
     let r = {
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
             .map(drop)
             .map_err(|e| Error::new(Kind::Snapshot, format!("create {tmp}: {e}")))
     };
-    let r = r.and_then(|_| cmd::check(Kind::Snapshot, "qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing, &tmp], &[], Duration::from_secs(60)))
+    let r = r
+        .and_then(|_| {
+            cmd::check(
+                Kind::Snapshot,
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing, &tmp],
+                &[],
+                Duration::from_secs(60),
+            )
+        })
         .and_then(|_| {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::new(Kind::Snapshot, format!("chmod {tmp}: {e}")))
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::new(Kind::Snapshot, format!("chmod {tmp}: {e}")))
         })
         .and_then(|_| std::fs::rename(&tmp, &path).map_err(|e| Error::new(Kind::Snapshot, format!("rename {tmp}: {e}"))));
     if let Err(e) = r {
@@ -124,7 +155,13 @@ pub fn remove(node: &Node, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -
     match mode {
         SnapshotMode::Dm => {
             let snap = names::vm_dm_name(image, vm, VmRole::Snap);
-            dm.remove(&snap).map_err(|e| if e.kind == Kind::Busy { Error::new(Kind::Busy, format!("VM {vm:?}: snapshot still open ({})", e.message)) } else { e })?;
+            dm.remove(&snap).map_err(|e| {
+                if e.kind == Kind::Busy {
+                    Error::new(Kind::Busy, format!("VM {vm:?}: snapshot still open ({})", e.message))
+                } else {
+                    e
+                }
+            })?;
             let cow = names::vm_dm_name(image, vm, VmRole::Cow);
             // Discarded: the guest's data does not outlive its VM on the device.
             if dm.info(&cow)?.is_some() {
@@ -155,7 +192,11 @@ pub fn remove(node: &Node, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum CowUse {
     /// `used` of `size` sectors hold the VM's chunks (`metadata` of them the exception store).
-    Valid { used_sectors: u64, size_sectors: u64, metadata_sectors: u64 },
+    Valid {
+        used_sectors: u64,
+        size_sectors: u64,
+        metadata_sectors: u64,
+    },
     /// The COW filled up: the kernel invalidated the snapshot, the VM's disk returns errors.
     Invalid,
     /// A write did not fit (kernels with overflow reporting); the disk returns errors.

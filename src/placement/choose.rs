@@ -14,11 +14,7 @@ use super::{JoinState, Newcomer, ParentRef, Peer, Placement, PlacementError, Pol
 /// [`PlacementError::DuplicateHost`], [`PlacementError::InvalidDepth`]), or
 /// [`PlacementError::NoFreeParent`] when every free slot belongs to a peer
 /// that is not Ready (retry later).
-pub fn choose_parents(
-    newcomer: &Newcomer,
-    peers: &[Peer],
-    policy: &Policy,
-) -> Result<Placement, PlacementError> {
+pub fn choose_parents(newcomer: &Newcomer, peers: &[Peer], policy: &Policy) -> Result<Placement, PlacementError> {
     policy.validate()?;
     validate_newcomer(newcomer)?;
     let ix = Index::build(peers)?;
@@ -33,42 +29,32 @@ pub fn choose_parents(
     let primary: Option<usize> = if ix.origin_kids < policy.origin_fanout {
         None
     } else {
-        let best = (0..peers.len())
-            .filter(|&i| eligible(i) && ix.primary_kids[i] < policy.fanout)
-            .min_by_key(|&i| {
-                let p = &peers[i];
-                (
-                    p.depth,
-                    domain_relation(domain_of(p), nc_domain),
-                    ix.kids_in_domain(i, nc_domain),
-                    Reverse(policy.fanout - ix.primary_kids[i]),
-                    Reverse(p.link_bps),
-                    p.host.as_str(),
-                )
-            });
+        let best = (0..peers.len()).filter(|&i| eligible(i) && ix.primary_kids[i] < policy.fanout).min_by_key(|&i| {
+            let p = &peers[i];
+            (
+                p.depth,
+                domain_relation(domain_of(p), nc_domain),
+                ix.kids_in_domain(i, nc_domain),
+                Reverse(policy.fanout - ix.primary_kids[i]),
+                Reverse(p.link_bps),
+                p.host.as_str(),
+            )
+        });
         match best {
             Some(i) => Some(i),
             None => {
-                let joining = peers
-                    .iter()
-                    .filter(|p| p.state.is_placing() && p.host != newcomer.host)
-                    .count();
+                let joining = peers.iter().filter(|p| p.state.is_placing() && p.host != newcomer.host).count();
                 // No eligible peer has a free primary slot, so all are full.
                 let ready_full = (0..peers.len()).filter(|&i| eligible(i)).count();
-                return Err(PlacementError::NoFreeParent {
-                    ready_full,
-                    joining,
-                });
+                return Err(PlacementError::NoFreeParent { ready_full, joining });
             }
         }
     };
     let primary_depth = primary.map_or(0, |i| peers[i].depth);
-    let depth = primary_depth
-        .checked_add(1)
-        .ok_or_else(|| PlacementError::InvalidDepth {
-            host: primary.map_or_else(String::new, |i| peers[i].host.clone()),
-            depth: primary_depth,
-        })?;
+    let depth = primary_depth.checked_add(1).ok_or_else(|| PlacementError::InvalidDepth {
+        host: primary.map_or_else(String::new, |i| peers[i].host.clone()),
+        depth: primary_depth,
+    })?;
 
     // Secondaries.
     let mut chosen: Vec<usize> = primary.into_iter().collect();
@@ -79,19 +65,10 @@ pub fn choose_parents(
     let max_secondaries = policy.max_parents.saturating_sub(1) as usize;
     for _ in 0..max_secondaries {
         let best = (0..peers.len())
-            .filter(|&i| {
-                eligible(i)
-                    && !chosen.contains(&i)
-                    && ix.secondary_kids[i] < policy.secondary_fanout
-                    && peers[i].depth <= depth
-            })
+            .filter(|&i| eligible(i) && !chosen.contains(&i) && ix.secondary_kids[i] < policy.secondary_fanout && peers[i].depth <= depth)
             .min_by_key(|&i| {
                 let p = &peers[i];
-                let vs_chosen = chosen
-                    .iter()
-                    .map(|&c| domain_relation(domain_of(p), domain_of(&peers[c])))
-                    .max()
-                    .unwrap_or(0);
+                let vs_chosen = chosen.iter().map(|&c| domain_relation(domain_of(p), domain_of(&peers[c]))).max().unwrap_or(0);
                 (
                     vs_chosen,
                     below_chosen.contains(&i),
@@ -112,11 +89,7 @@ pub fn choose_parents(
     if primary.is_none() {
         parents.push(ParentRef::Origin);
     }
-    parents.extend(
-        chosen
-            .iter()
-            .map(|&i| ParentRef::Peer(peers[i].host.clone())),
-    );
+    parents.extend(chosen.iter().map(|&i| ParentRef::Peer(peers[i].host.clone())));
     if primary.is_some() {
         parents.push(ParentRef::Origin);
     }

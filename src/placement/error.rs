@@ -32,11 +32,7 @@ pub enum StaleReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlacementError {
     /// A policy knob is out of range.
-    InvalidPolicy {
-        field: &'static str,
-        value: u32,
-        reason: &'static str,
-    },
+    InvalidPolicy { field: &'static str, value: u32, reason: &'static str },
     /// A host name is empty; `what` says which one (`newcomer.host`,
     /// `peers[3].host`).
     EmptyHost { what: String },
@@ -55,31 +51,21 @@ pub enum PlacementError {
     MalformedPlacement { reason: String },
     /// A host's own record may not go from `from` (`None`: no record) to `to`
     /// (see [`JoinState::may_follow`]).
-    Transition {
-        from: Option<JoinState>,
-        to: JoinState,
-    },
+    Transition { from: Option<JoinState>, to: JoinState },
 }
 
 impl PlacementError {
     /// True for outcomes that a later retry may resolve (the tree changes),
     /// false for bad input.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            PlacementError::NoFreeParent { .. } | PlacementError::Stale { .. }
-        )
+        matches!(self, PlacementError::NoFreeParent { .. } | PlacementError::Stale { .. })
     }
 }
 
 impl fmt::Display for PlacementError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PlacementError::InvalidPolicy {
-                field,
-                value,
-                reason,
-            } => write!(f, "invalid policy: {field} = {value}: {reason}"),
+            PlacementError::InvalidPolicy { field, value, reason } => write!(f, "invalid policy: {field} = {value}: {reason}"),
             PlacementError::EmptyHost { what } => write!(f, "{what} is empty"),
             PlacementError::ReservedHost { host } => {
                 write!(f, "host name {host:?} is reserved for the origin")
@@ -87,14 +73,10 @@ impl fmt::Display for PlacementError {
             PlacementError::DuplicateHost { host } => {
                 write!(f, "host {host:?} appears more than once among the peers")
             }
-            PlacementError::InvalidDepth { host, depth } => write!(
-                f,
-                "peer {host:?} has invalid depth {depth} (the origin's children have depth 1)"
-            ),
-            PlacementError::NoFreeParent {
-                ready_full,
-                joining,
-            } => write!(
+            PlacementError::InvalidDepth { host, depth } => {
+                write!(f, "peer {host:?} has invalid depth {depth} (the origin's children have depth 1)")
+            }
+            PlacementError::NoFreeParent { ready_full, joining } => write!(
                 f,
                 "no Ready parent has a free slot (origin full, {ready_full} Ready peers full, \
                  {joining} peers still joining); retry later"
@@ -104,17 +86,12 @@ impl fmt::Display for PlacementError {
                 match reason {
                     StaleReason::Missing => write!(f, "it is no longer a peer"),
                     StaleReason::NotReady { state } => write!(f, "it is {state}, not ready"),
-                    StaleReason::Full {
-                        role,
-                        children,
-                        cap,
-                    } => write!(f, "its {role:?} slots are full ({children}/{cap})"),
+                    StaleReason::Full { role, children, cap } => write!(f, "its {role:?} slots are full ({children}/{cap})"),
                     StaleReason::Descendant => write!(f, "it descends from the newcomer"),
                     StaleReason::IsNewcomer => write!(f, "it is the newcomer itself"),
-                    StaleReason::DepthChanged { placed, expected } => write!(
-                        f,
-                        "the placement says depth {placed} but the primary now gives {expected}"
-                    ),
+                    StaleReason::DepthChanged { placed, expected } => {
+                        write!(f, "the placement says depth {placed} but the primary now gives {expected}")
+                    }
                 }
             }
             PlacementError::MalformedPlacement { reason } => {
@@ -122,10 +99,7 @@ impl fmt::Display for PlacementError {
             }
             PlacementError::Transition { from, to } => match from {
                 Some(from) => write!(f, "a record that is {from} may not become {to}"),
-                None => write!(
-                    f,
-                    "a host that has no record may not publish one that is {to}"
-                ),
+                None => write!(f, "a host that has no record may not publish one that is {to}"),
             },
         }
     }

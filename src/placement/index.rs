@@ -7,14 +7,10 @@ use super::{JoinState, Newcomer, Peer, PlacementError, ORIGIN};
 
 pub(super) fn validate_newcomer(newcomer: &Newcomer) -> Result<(), PlacementError> {
     if newcomer.host.is_empty() {
-        return Err(PlacementError::EmptyHost {
-            what: "newcomer.host".into(),
-        });
+        return Err(PlacementError::EmptyHost { what: "newcomer.host".into() });
     }
     if newcomer.host == ORIGIN {
-        return Err(PlacementError::ReservedHost {
-            host: newcomer.host.clone(),
-        });
+        return Err(PlacementError::ReservedHost { host: newcomer.host.clone() });
     }
     Ok(())
 }
@@ -49,25 +45,16 @@ impl<'a> Index<'a> {
         let mut by_host = HashMap::with_capacity(peers.len());
         for (i, p) in peers.iter().enumerate() {
             if p.host.is_empty() {
-                return Err(PlacementError::EmptyHost {
-                    what: format!("peers[{i}].host"),
-                });
+                return Err(PlacementError::EmptyHost { what: format!("peers[{i}].host") });
             }
             if p.host == ORIGIN {
-                return Err(PlacementError::ReservedHost {
-                    host: p.host.clone(),
-                });
+                return Err(PlacementError::ReservedHost { host: p.host.clone() });
             }
             if p.depth == 0 {
-                return Err(PlacementError::InvalidDepth {
-                    host: p.host.clone(),
-                    depth: p.depth,
-                });
+                return Err(PlacementError::InvalidDepth { host: p.host.clone(), depth: p.depth });
             }
             if by_host.insert(p.host.as_str(), i).is_some() {
-                return Err(PlacementError::DuplicateHost {
-                    host: p.host.clone(),
-                });
+                return Err(PlacementError::DuplicateHost { host: p.host.clone() });
             }
         }
 
@@ -107,24 +94,9 @@ impl<'a> Index<'a> {
                 }
             }
         }
-        let primary_kids = peers
-            .iter()
-            .zip(&derived_primary)
-            .map(|(p, &d)| p.children.max(d))
-            .collect();
-        let secondary_kids = peers
-            .iter()
-            .zip(&derived_secondary)
-            .map(|(p, &d)| p.secondary_children.max(d))
-            .collect();
-        Ok(Index {
-            peers,
-            by_host,
-            kids_of,
-            primary_kids,
-            secondary_kids,
-            origin_kids,
-        })
+        let primary_kids = peers.iter().zip(&derived_primary).map(|(p, &d)| p.children.max(d)).collect();
+        let secondary_kids = peers.iter().zip(&derived_secondary).map(|(p, &d)| p.secondary_children.max(d)).collect();
+        Ok(Index { peers, by_host, kids_of, primary_kids, secondary_kids, origin_kids })
     }
 
     /// Indices of the peers that descend from `host` through any parent link.
@@ -144,16 +116,13 @@ impl<'a> Index<'a> {
     /// Live children (any role) of peer `i` in failure domain `domain`.
     pub fn kids_in_domain(&self, i: usize, domain: Option<&str>) -> usize {
         let Some(domain) = domain else { return 0 };
-        self.kids_of
-            .get(self.peers[i].host.as_str())
-            .map_or(0, |kids| {
-                kids.iter()
-                    .filter(|&&k| {
-                        let kid = &self.peers[k];
-                        kid.state != JoinState::Failed
-                            && kid.failure_domain.as_deref() == Some(domain)
-                    })
-                    .count()
-            })
+        self.kids_of.get(self.peers[i].host.as_str()).map_or(0, |kids| {
+            kids.iter()
+                .filter(|&&k| {
+                    let kid = &self.peers[k];
+                    kid.state != JoinState::Failed && kid.failure_domain.as_deref() == Some(domain)
+                })
+                .count()
+        })
     }
 }

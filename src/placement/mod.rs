@@ -91,9 +91,7 @@ mod validate;
 pub use choose::{choose_parents, tree_depth_bound};
 pub use error::{PlacementError, Role, StaleReason};
 pub use protocol::{commit_choice, mark_ready, remove_peer, JoinState};
-pub use types::{
-    Newcomer, ParentRef, Peer, Placement, Policy, DEFAULT_FANOUT, DEFAULT_MAX_PARENTS, ORIGIN,
-};
+pub use types::{Newcomer, ParentRef, Peer, Placement, Policy, DEFAULT_FANOUT, DEFAULT_MAX_PARENTS, ORIGIN};
 pub use validate::validate_choice;
 
 #[cfg(test)]

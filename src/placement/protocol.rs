@@ -68,10 +68,7 @@ use std::fmt;
 use pyo3::pyclass;
 use serde_json::Value;
 
-use super::{
-    choose_parents, validate_choice, Newcomer, ParentRef, Peer, Placement, PlacementError, Policy,
-    ORIGIN,
-};
+use super::{choose_parents, validate_choice, Newcomer, ParentRef, Peer, Placement, PlacementError, Policy, ORIGIN};
 use crate::records::ImageRecord;
 
 /// Where a node stands in an image's tree, as its registry record says.
@@ -96,13 +93,7 @@ pub enum JoinState {
 }
 
 impl JoinState {
-    pub const ALL: [JoinState; 5] = [
-        JoinState::Joining,
-        JoinState::Built,
-        JoinState::Ready,
-        JoinState::Leaving,
-        JoinState::Failed,
-    ];
+    pub const ALL: [JoinState; 5] = [JoinState::Joining, JoinState::Built, JoinState::Ready, JoinState::Leaving, JoinState::Failed];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -230,12 +221,7 @@ impl View<'_> {
             .map(|r| Peer {
                 failure_domain: r.failure_domain.clone(),
                 parents: r.parents.clone(),
-                ..Peer::new(
-                    r.host.clone(),
-                    r.state
-                        .as_candidate(self.granted.contains(&r.host), self.early),
-                    r.depth,
-                )
+                ..Peer::new(r.host.clone(), r.state.as_candidate(self.granted.contains(&r.host), self.early), r.depth)
             })
             .collect()
     }
@@ -257,10 +243,7 @@ pub fn choose(
         Some(p) if validate_choice(&newcomer, p, &peers, policy).is_ok() => p.clone(),
         _ => match choose_parents(&newcomer, &peers, policy) {
             Err(PlacementError::NoFreeParent { .. }) if last_resort => {
-                log::warn!(
-                    "image {}: no parent ready in time; using the origin alone",
-                    view.image
-                );
+                log::warn!("image {}: no parent ready in time; using the origin alone", view.image);
                 Placement::origin_only()
             }
             other => other?,
@@ -269,11 +252,7 @@ pub fn choose(
     if !view.early {
         return Ok(placement);
     }
-    let ready: HashSet<&str> = records
-        .iter()
-        .filter(|r| r.state == JoinState::Ready)
-        .map(|r| r.host.as_str())
-        .collect();
+    let ready: HashSet<&str> = records.iter().filter(|r| r.state == JoinState::Ready).map(|r| r.host.as_str()).collect();
     let parents = placement
         .parents
         .into_iter()
@@ -281,21 +260,13 @@ pub fn choose(
         .filter(|(i, p)| *i == 0 || p.is_origin() || ready.contains(p.as_str()))
         .map(|(_, p)| p)
         .collect();
-    Ok(Placement {
-        parents,
-        depth: placement.depth,
-    })
+    Ok(Placement { parents, depth: placement.depth })
 }
 
 /// Of `parents` (the origin is skipped): those given up on (no record any more, or `Leaving`
 /// or `Failed`), and those still short of `want` (see [`JoinState::reached`]).
-pub fn parents_progress(
-    parents: &[String],
-    records: &[ImageRecord],
-    want: JoinState,
-) -> (Vec<String>, Vec<String>) {
-    let by_host: HashMap<&str, &ImageRecord> =
-        records.iter().map(|r| (r.host.as_str(), r)).collect();
+pub fn parents_progress(parents: &[String], records: &[ImageRecord], want: JoinState) -> (Vec<String>, Vec<String>) {
+    let by_host: HashMap<&str, &ImageRecord> = records.iter().map(|r| (r.host.as_str(), r)).collect();
     let (mut gone, mut waiting) = (Vec::new(), Vec::new());
     for p in parents.iter().filter(|p| p.as_str() != ORIGIN) {
         match by_host.get(p.as_str()) {
@@ -358,12 +329,7 @@ pub fn remove_peer(peers: &mut Vec<Peer>, host: &str) -> Option<Peer> {
 /// parents' counters are incremented. A re-joining newcomer's old record is
 /// replaced (its old slots released, its child counters kept, since its
 /// children still point at it).
-pub fn commit_choice(
-    peers: &mut Vec<Peer>,
-    newcomer: &Newcomer,
-    placement: &Placement,
-    policy: &Policy,
-) -> Result<(), PlacementError> {
+pub fn commit_choice(peers: &mut Vec<Peer>, newcomer: &Newcomer, placement: &Placement, policy: &Policy) -> Result<(), PlacementError> {
     validate_choice(newcomer, placement, peers, policy)?;
     let old = remove_peer(peers, &newcomer.host);
     let active = placement.active_parents()?;
@@ -378,9 +344,7 @@ pub fn commit_choice(
             }
         }
     }
-    let (children, secondary_children, old_link) = old
-        .map(|o| (o.children, o.secondary_children, o.link_bps))
-        .unwrap_or((0, 0, None));
+    let (children, secondary_children, old_link) = old.map(|o| (o.children, o.secondary_children, o.link_bps)).unwrap_or((0, 0, None));
     peers.push(Peer {
         host: newcomer.host.clone(),
         state: JoinState::Joining,
@@ -414,8 +378,7 @@ mod tests {
     use serde_json::json;
 
     fn rec(host: &str, state: &str, built: bool, depth: u32, parents: &[&str]) -> ImageRecord {
-        parse_image_record(&json!({"host": host, "state": state, "built": built, "depth": depth, "parents": parents}))
-            .unwrap()
+        parse_image_record(&json!({"host": host, "state": state, "built": built, "depth": depth, "parents": parents})).unwrap()
     }
 
     fn set(hosts: &[&str]) -> HashSet<String> {
@@ -447,10 +410,7 @@ mod tests {
         ];
         assert_eq!(allowed, want);
         let e = JoinState::transition(Some(Ready), Joining).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "a record that is ready may not become joining"
-        );
+        assert_eq!(e.to_string(), "a record that is ready may not become joining");
         assert!(!e.is_retryable());
     }
 
@@ -477,138 +437,49 @@ mod tests {
             rec("f", "ready", false, 2, &["b", "origin"]),
         ];
         let (granted, exclude) = (set(&["a", "c", "d"]), set(&["f"]));
-        let view = |early| View {
-            image: "img",
-            host: "me",
-            failure_domain: None,
-            granted: &granted,
-            exclude: &exclude,
-            early,
-        };
-        let states = |early| {
-            view(early)
-                .peers(&records)
-                .into_iter()
-                .map(|p| (p.host, p.state))
-                .collect::<Vec<_>>()
-        };
+        let view = |early| View { image: "img", host: "me", failure_domain: None, granted: &granted, exclude: &exclude, early };
+        let states = |early| view(early).peers(&records).into_iter().map(|p| (p.host, p.state)).collect::<Vec<_>>();
         use JoinState::*;
         let s = |h: &str, st| (h.to_string(), st);
         // Not granted: it only holds its slots. Early: granted builders are candidates.
-        assert_eq!(
-            states(false),
-            [
-                s("a", Ready),
-                s("b", Joining),
-                s("c", Built),
-                s("d", Joining),
-                s("e", Leaving)
-            ]
-        );
-        assert_eq!(
-            states(true),
-            [
-                s("a", Ready),
-                s("b", Joining),
-                s("c", Ready),
-                s("d", Ready),
-                s("e", Leaving)
-            ]
-        );
+        assert_eq!(states(false), [s("a", Ready), s("b", Joining), s("c", Built), s("d", Joining), s("e", Leaving)]);
+        assert_eq!(states(true), [s("a", Ready), s("b", Joining), s("c", Ready), s("d", Ready), s("e", Leaving)]);
         let peers = view(false).peers(&records);
         assert_eq!(peers[2].parents, ["a", "origin"]);
     }
 
     #[test]
     fn an_early_choice_keeps_only_ready_secondaries_and_a_late_one_falls_back_to_the_origin() {
-        let records = [
-            rec("a", "ready", false, 1, &["origin"]),
-            rec("b", "joining", false, 1, &["origin"]),
-        ];
+        let records = [rec("a", "ready", false, 1, &["origin"]), rec("b", "joining", false, 1, &["origin"])];
         let (only_b, none) = (set(&["b"]), HashSet::new());
-        let view = View {
-            image: "img",
-            host: "me",
-            failure_domain: None,
-            granted: &only_b,
-            exclude: &none,
-            early: true,
-        };
+        let view = View { image: "img", host: "me", failure_domain: None, granted: &only_b, exclude: &none, early: true };
         // The origin has room: placement alone would add b, still building, as a secondary.
         let roomy = Policy::with_fanout(3);
-        assert_eq!(
-            choose_parents(&view.newcomer(), &view.peers(&records), &roomy)
-                .unwrap()
-                .parent_hosts(),
-            ["origin", "b"]
-        );
-        assert_eq!(
-            choose(&view, &records, &roomy, None, false).unwrap(),
-            Placement::origin_only()
-        );
+        assert_eq!(choose_parents(&view.newcomer(), &view.peers(&records), &roomy).unwrap().parent_hosts(), ["origin", "b"]);
+        assert_eq!(choose(&view, &records, &roomy, None, false).unwrap(), Placement::origin_only());
         // As the primary, a parent that still builds is kept.
         let full = Policy::new(1, 2, Some(1), None);
-        assert_eq!(
-            choose(&view, &records, &full, None, false)
-                .unwrap()
-                .parent_hosts(),
-            ["b", "origin"]
-        );
+        assert_eq!(choose(&view, &records, &full, None, false).unwrap().parent_hosts(), ["b", "origin"]);
         // Not early, b only holds its slot, as a (which has not granted us) does.
-        let late = View {
-            early: false,
-            ..view.clone()
-        };
-        assert!(matches!(
-            choose(&late, &records, &full, None, false),
-            Err(PlacementError::NoFreeParent { .. })
-        ));
-        assert_eq!(
-            choose(&late, &records, &full, None, true).unwrap(),
-            Placement::origin_only()
-        );
+        let late = View { early: false, ..view.clone() };
+        assert!(matches!(choose(&late, &records, &full, None, false), Err(PlacementError::NoFreeParent { .. })));
+        assert_eq!(choose(&late, &records, &full, None, true).unwrap(), Placement::origin_only());
     }
 
     #[test]
     fn a_previous_choice_is_kept_while_it_holds_and_replaced_once_stale() {
-        let mut records = vec![
-            rec("a", "ready", false, 1, &["origin"]),
-            rec("b", "ready", false, 1, &["origin"]),
-        ];
+        let mut records = vec![rec("a", "ready", false, 1, &["origin"]), rec("b", "ready", false, 1, &["origin"])];
         let granted = set(&["a", "b"]);
         let none = HashSet::new();
-        let view = View {
-            image: "img",
-            host: "me",
-            failure_domain: None,
-            granted: &granted,
-            exclude: &none,
-            early: false,
-        };
+        let view = View { image: "img", host: "me", failure_domain: None, granted: &granted, exclude: &none, early: false };
         let policy = Policy::new(1, 1, Some(2), None);
-        let under_b = Placement {
-            parents: vec![ParentRef::Peer("b".into()), ParentRef::Origin],
-            depth: 2,
-        };
+        let under_b = Placement { parents: vec![ParentRef::Peer("b".into()), ParentRef::Origin], depth: 2 };
         // Both a and b have a slot: the earlier choice (b) is kept, not re-chosen (a).
-        assert_eq!(
-            choose(&view, &records, &policy, None, false)
-                .unwrap()
-                .parent_hosts(),
-            ["a", "origin"]
-        );
-        assert_eq!(
-            choose(&view, &records, &policy, Some(&under_b), false).unwrap(),
-            under_b
-        );
+        assert_eq!(choose(&view, &records, &policy, None, false).unwrap().parent_hosts(), ["a", "origin"]);
+        assert_eq!(choose(&view, &records, &policy, Some(&under_b), false).unwrap(), under_b);
         // Someone took b's slot meanwhile: chosen afresh.
         records.push(rec("x", "joining", false, 2, &["b", "origin"]));
-        assert_eq!(
-            choose(&view, &records, &policy, Some(&under_b), false)
-                .unwrap()
-                .parent_hosts(),
-            ["a", "origin"]
-        );
+        assert_eq!(choose(&view, &records, &policy, Some(&under_b), false).unwrap().parent_hosts(), ["a", "origin"]);
     }
 
     #[test]
@@ -621,68 +492,28 @@ mod tests {
         ];
         let parents = |hs: &[&str]| hs.iter().map(|h| h.to_string()).collect::<Vec<_>>();
         let all = parents(&["a", "b", "c", "origin"]);
-        assert_eq!(
-            parents_progress(&all, &records, JoinState::Built),
-            (vec![], parents(&["a"]))
-        );
-        assert_eq!(
-            parents_progress(&all, &records, JoinState::Ready),
-            (vec![], parents(&["a", "b"]))
-        );
-        assert_eq!(
-            parents_progress(&parents(&["d", "e", "c"]), &records, JoinState::Ready),
-            (parents(&["d", "e"]), vec![])
-        );
+        assert_eq!(parents_progress(&all, &records, JoinState::Built), (vec![], parents(&["a"])));
+        assert_eq!(parents_progress(&all, &records, JoinState::Ready), (vec![], parents(&["a", "b"])));
+        assert_eq!(parents_progress(&parents(&["d", "e", "c"]), &records, JoinState::Ready), (parents(&["d", "e"]), vec![]));
     }
 
     #[test]
     fn own_records_follow_the_protocol_and_read_back_as_published() {
-        let pl = Placement {
-            parents: vec![ParentRef::Peer("a".into()), ParentRef::Origin],
-            depth: 2,
-        };
+        let pl = Placement { parents: vec![ParentRef::Peer("a".into()), ParentRef::Origin], depth: 2 };
         let mut grants = BTreeMap::new();
         grants.insert("cn3".to_string(), json!({"sealed": "00"}));
-        let r = own_record(
-            "cn1",
-            Some(JoinState::Joining),
-            JoinState::Built,
-            &pl,
-            Some("r1".into()),
-            grants,
-        )
-        .unwrap();
+        let r = own_record("cn1", Some(JoinState::Joining), JoinState::Built, &pl, Some("r1".into()), grants).unwrap();
         let wire = r.to_wire();
-        assert_eq!(
-            (wire["state"].as_str(), wire["built"].as_bool()),
-            (Some("joining"), Some(true))
-        );
+        assert_eq!((wire["state"].as_str(), wire["built"].as_bool()), (Some("joining"), Some(true)));
         assert_eq!(parse_image_record(&wire).unwrap(), r);
         assert_eq!(r.placement(), pl);
         assert!(r.with_state(JoinState::Joining).is_err());
-        assert_eq!(
-            r.with_state(JoinState::Leaving).unwrap().state,
-            JoinState::Leaving
-        );
+        assert_eq!(r.with_state(JoinState::Leaving).unwrap().state, JoinState::Leaving);
         assert!(matches!(
             own_record("cn1", None, JoinState::Leaving, &pl, None, BTreeMap::new()),
-            Err(PlacementError::Transition {
-                from: None,
-                to: JoinState::Leaving
-            })
+            Err(PlacementError::Transition { from: None, to: JoinState::Leaving })
         ));
-        let no_origin = Placement {
-            parents: vec![ParentRef::Peer("a".into())],
-            depth: 2,
-        };
-        assert!(own_record(
-            "cn1",
-            None,
-            JoinState::Joining,
-            &no_origin,
-            None,
-            BTreeMap::new()
-        )
-        .is_err());
+        let no_origin = Placement { parents: vec![ParentRef::Peer("a".into())], depth: 2 };
+        assert!(own_record("cn1", None, JoinState::Joining, &no_origin, None, BTreeMap::new()).is_err());
     }
 }

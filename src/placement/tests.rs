@@ -53,11 +53,7 @@ fn build(n: usize, domains: usize, policy: &Policy) -> Vec<Peer> {
     let mut peers = Vec::new();
     for i in 0..n {
         let d = format!("rack{}", i % domains.max(1));
-        join(
-            &mut peers,
-            &Newcomer::new(format!("h{i:03}"), Some(&d)),
-            policy,
-        );
+        join(&mut peers, &Newcomer::new(format!("h{i:03}"), Some(&d)), policy);
     }
     peers
 }
@@ -91,11 +87,7 @@ struct Counts {
 }
 
 fn counts(peers: &[Peer]) -> Counts {
-    let mut c = Counts {
-        primary: HashMap::new(),
-        secondary: HashMap::new(),
-        origin: 0,
-    };
+    let mut c = Counts { primary: HashMap::new(), secondary: HashMap::new(), origin: 0 };
     for p in peers {
         if p.state == JoinState::Failed {
             continue;
@@ -133,25 +125,13 @@ fn active(pl: &Placement) -> Vec<ParentRef> {
 /// Checks one answer of `choose_parents` against the rules, on the peers it
 /// was chosen from. `domains_known`: every peer and the newcomer have a
 /// failure domain (the spread property is stated for known domains).
-fn check_choice(
-    nc: &Newcomer,
-    peers: &[Peer],
-    policy: &Policy,
-    pl: &Placement,
-    domains_known: bool,
-) -> Result<(), TestCaseError> {
-    let act = pl
-        .active_parents()
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert!(
-        pl.parents.contains(&ParentRef::Origin),
-        "origin missing: {pl:?}"
-    );
+fn check_choice(nc: &Newcomer, peers: &[Peer], policy: &Policy, pl: &Placement, domains_known: bool) -> Result<(), TestCaseError> {
+    let act = pl.active_parents().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(pl.parents.contains(&ParentRef::Origin), "origin missing: {pl:?}");
     prop_assert!(!act.is_empty() && act.len() <= policy.max_parents as usize);
     let c = counts(peers);
     let below = brute_descendants(peers, &nc.host);
-    let eligible =
-        |p: &Peer| p.state == JoinState::Ready && p.host != nc.host && !below.contains(&p.host);
+    let eligible = |p: &Peer| p.state == JoinState::Ready && p.host != nc.host && !below.contains(&p.host);
     let primary_free = |p: &Peer| c.primary[&p.host] < policy.fanout;
     let secondary_free = |p: &Peer| c.secondary[&p.host] < policy.secondary_fanout;
 
@@ -178,11 +158,7 @@ fn check_choice(
         ParentRef::Peer(h) => find(peers, h).depth,
     };
     prop_assert_eq!(pl.depth, primary_depth + 1);
-    let d_star = peers
-        .iter()
-        .filter(|p| eligible(p) && primary_free(p))
-        .map(|p| p.depth)
-        .min();
+    let d_star = peers.iter().filter(|p| eligible(p) && primary_free(p)).map(|p| p.depth).min();
     if !origin_free {
         prop_assert_eq!(Some(primary_depth), d_star);
     }
@@ -190,22 +166,14 @@ fn check_choice(
     // Two parents where the tree allows.
     let secondary_candidates: Vec<&Peer> = peers
         .iter()
-        .filter(|p| {
-            eligible(p)
-                && secondary_free(p)
-                && p.depth <= primary_depth + 1
-                && !act.contains(&ParentRef::Peer(p.host.clone()))
-        })
+        .filter(|p| eligible(p) && secondary_free(p) && p.depth <= primary_depth + 1 && !act.contains(&ParentRef::Peer(p.host.clone())))
         .collect();
     if act.len() < policy.max_parents as usize {
         prop_assert!(
             secondary_candidates.is_empty(),
             "only {} parents but {:?} were free",
             act.len(),
-            secondary_candidates
-                .iter()
-                .map(|p| &p.host)
-                .collect::<Vec<_>>()
+            secondary_candidates.iter().map(|p| &p.host).collect::<Vec<_>>()
         );
     }
 
@@ -213,27 +181,17 @@ fn check_choice(
         return Ok(());
     }
     let d_star = primary_depth;
-    let at_min: Vec<&Peer> = peers
-        .iter()
-        .filter(|p| eligible(p) && primary_free(p) && p.depth == d_star)
-        .collect();
+    let at_min: Vec<&Peer> = peers.iter().filter(|p| eligible(p) && primary_free(p) && p.depth == d_star).collect();
 
     // Failure domains: if the free parents at the minimal depth (free in both
     // roles) span two domains, the first two parents are in different ones.
     if domains_known && policy.max_parents >= 2 {
-        let domains: HashSet<&str> = at_min
-            .iter()
-            .filter(|p| secondary_free(p))
-            .filter_map(|p| p.failure_domain.as_deref())
-            .collect();
+        let domains: HashSet<&str> = at_min.iter().filter(|p| secondary_free(p)).filter_map(|p| p.failure_domain.as_deref()).collect();
         if domains.len() >= 2 {
             prop_assert!(act.len() >= 2);
             let d0 = find(peers, act[0].as_str()).failure_domain.clone();
             let d1 = find(peers, act[1].as_str()).failure_domain.clone();
-            prop_assert!(
-                d0.is_some() && d1.is_some() && d0 != d1,
-                "same domain {d0:?}"
-            );
+            prop_assert!(d0.is_some() && d1.is_some() && d0 != d1, "same domain {d0:?}");
         }
     }
 
@@ -243,10 +201,7 @@ fn check_choice(
     let nd = nc.failure_domain.as_deref();
     if nd.is_some() {
         let mut in_nd: HashMap<&str, usize> = HashMap::new();
-        for p in peers
-            .iter()
-            .filter(|p| p.state != JoinState::Failed && p.failure_domain.as_deref() == nd)
-        {
+        for p in peers.iter().filter(|p| p.state != JoinState::Failed && p.failure_domain.as_deref() == nd) {
             let mut seen = HashSet::new();
             for q in p.parents.iter().filter(|q| seen.insert(q.as_str())) {
                 *in_nd.entry(q.as_str()).or_default() += 1;
@@ -255,9 +210,7 @@ fn check_choice(
         let kids_in = |h: &str| in_nd.get(h).copied().unwrap_or(0);
         let rel = |p: &Peer| domain_relation(p.failure_domain.as_deref(), nd);
         let best_rel = at_min.iter().map(|p| rel(p)).min().expect("primary exists");
-        let spread_possible = at_min
-            .iter()
-            .any(|p| rel(p) == best_rel && kids_in(&p.host) == 0);
+        let spread_possible = at_min.iter().any(|p| rel(p) == best_rel && kids_in(&p.host) == 0);
         let chosen = find(peers, act[0].as_str());
         prop_assert_eq!(rel(chosen), best_rel);
         if spread_possible {
@@ -272,19 +225,9 @@ fn check_tree(peers: &[Peer], policy: &Policy) -> Result<(), TestCaseError> {
     let by_host: HashMap<&str, &Peer> = peers.iter().map(|p| (p.host.as_str(), p)).collect();
     prop_assert_eq!(by_host.len(), peers.len(), "duplicate hosts");
     let c = counts(peers);
-    prop_assert!(
-        c.origin <= policy.origin_fanout,
-        "origin fan-out {} > {}",
-        c.origin,
-        policy.origin_fanout
-    );
+    prop_assert!(c.origin <= policy.origin_fanout, "origin fan-out {} > {}", c.origin, policy.origin_fanout);
     for p in peers {
-        prop_assert!(
-            c.primary[&p.host] <= policy.fanout,
-            "{} has {} primary children",
-            p.host,
-            c.primary[&p.host]
-        );
+        prop_assert!(c.primary[&p.host] <= policy.fanout, "{} has {} primary children", p.host, c.primary[&p.host]);
         prop_assert!(c.secondary[&p.host] <= policy.secondary_fanout);
         // Counters are kept in sync by commit_choice.
         prop_assert_eq!(p.children, c.primary[&p.host]);
@@ -310,20 +253,9 @@ fn check_tree(peers: &[Peer], policy: &Policy) -> Result<(), TestCaseError> {
 
 /// No cycle through any parent link: Kahn's algorithm consumes every node.
 fn check_acyclic(peers: &[Peer]) -> Result<(), TestCaseError> {
-    let mut pending: HashMap<&str, usize> = peers
-        .iter()
-        .map(|p| {
-            (
-                p.host.as_str(),
-                p.parents.iter().filter(|q| *q != ORIGIN).count(),
-            )
-        })
-        .collect();
-    let mut ready: Vec<&str> = pending
-        .iter()
-        .filter(|(_, &n)| n == 0)
-        .map(|(h, _)| *h)
-        .collect();
+    let mut pending: HashMap<&str, usize> =
+        peers.iter().map(|p| (p.host.as_str(), p.parents.iter().filter(|q| *q != ORIGIN).count())).collect();
+    let mut ready: Vec<&str> = pending.iter().filter(|(_, &n)| n == 0).map(|(h, _)| *h).collect();
     let mut kids: HashMap<&str, Vec<&str>> = HashMap::new();
     for p in peers {
         for q in p.parents.iter().filter(|q| *q != ORIGIN) {
@@ -346,14 +278,12 @@ fn check_acyclic(peers: &[Peer]) -> Result<(), TestCaseError> {
 }
 
 fn policy_strategy() -> impl Strategy<Value = Policy> {
-    (1u32..=5, 1u32..=3, 1u32..=6, 0u32..=5).prop_map(
-        |(fanout, max_parents, origin_fanout, secondary_fanout)| Policy {
-            fanout,
-            max_parents,
-            origin_fanout,
-            secondary_fanout,
-        },
-    )
+    (1u32..=5, 1u32..=3, 1u32..=6, 0u32..=5).prop_map(|(fanout, max_parents, origin_fanout, secondary_fanout)| Policy {
+        fanout,
+        max_parents,
+        origin_fanout,
+        secondary_fanout,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -643,16 +573,8 @@ fn single_domain_still_gets_two_parents() {
 fn unknown_domains_still_get_two_parents() {
     let policy = Policy::with_fanout(2);
     let peers = vec![
-        Peer {
-            children: 2,
-            parents: vec![ORIGIN.into()],
-            ..peer("a", 1, None, &[])
-        },
-        Peer {
-            children: 2,
-            parents: vec![ORIGIN.into()],
-            ..peer("b", 1, None, &[])
-        },
+        Peer { children: 2, parents: vec![ORIGIN.into()], ..peer("a", 1, None, &[]) },
+        Peer { children: 2, parents: vec![ORIGIN.into()], ..peer("b", 1, None, &[]) },
         peer("c", 2, None, &["a", "origin"]),
         peer("d", 2, None, &["a", "origin"]),
     ];
@@ -668,15 +590,8 @@ fn only_ready_peers_are_chosen() {
     let policy = Policy::with_fanout(1);
     let mut peers = vec![peer("full", 1, None, &["origin"])];
     peers[0].children = 1;
-    for (h, st) in [
-        ("j", JoinState::Joining),
-        ("l", JoinState::Leaving),
-        ("f", JoinState::Failed),
-    ] {
-        peers.push(Peer {
-            state: st,
-            ..peer(h, 1, None, &[])
-        });
+    for (h, st) in [("j", JoinState::Joining), ("l", JoinState::Leaving), ("f", JoinState::Failed)] {
+        peers.push(Peer { state: st, ..peer(h, 1, None, &[]) });
     }
     peers.push(peer("ok", 5, None, &[]));
     let pl = choose_parents(&Newcomer::new("x", None), &peers, &policy).unwrap();
@@ -688,21 +603,9 @@ fn only_ready_peers_are_chosen() {
 #[test]
 fn only_joining_peers_free_gives_no_free_parent() {
     let policy = Policy::with_fanout(1);
-    let peers = vec![
-        peer("a", 1, None, &["origin"]),
-        Peer {
-            state: JoinState::Joining,
-            ..peer("b", 2, None, &["a", "origin"])
-        },
-    ];
+    let peers = vec![peer("a", 1, None, &["origin"]), Peer { state: JoinState::Joining, ..peer("b", 2, None, &["a", "origin"]) }];
     let err = choose_parents(&Newcomer::new("x", None), &peers, &policy).unwrap_err();
-    assert_eq!(
-        err,
-        PlacementError::NoFreeParent {
-            ready_full: 1,
-            joining: 1
-        }
-    );
+    assert_eq!(err, PlacementError::NoFreeParent { ready_full: 1, joining: 1 });
     assert!(err.is_retryable());
     assert!(err.to_string().contains("retry later"), "{err}");
 }
@@ -711,13 +614,7 @@ fn only_joining_peers_free_gives_no_free_parent() {
 fn failed_children_free_their_slot_but_declared_counters_win() {
     let policy = Policy::with_fanout(1);
     // a's only child failed: its slot is free again (declared counter 0).
-    let peers = vec![
-        peer("a", 1, None, &["origin"]),
-        Peer {
-            state: JoinState::Failed,
-            ..peer("b", 2, None, &["a", "origin"])
-        },
-    ];
+    let peers = vec![peer("a", 1, None, &["origin"]), Peer { state: JoinState::Failed, ..peer("b", 2, None, &["a", "origin"]) }];
     let pl = choose_parents(&Newcomer::new("x", None), &peers, &policy).unwrap();
     assert_eq!(pl.parents[0], pref("a"));
     // A stale declared counter makes it look full.
@@ -731,14 +628,8 @@ fn newcomer_and_its_descendants_are_never_chosen() {
     let policy = Policy::with_fanout(2);
     // x re-joins; y and z still hang below it, w is elsewhere.
     let peers = vec![
-        Peer {
-            children: 2,
-            ..peer("w", 1, None, &["origin"])
-        },
-        Peer {
-            state: JoinState::Failed,
-            ..peer("x", 1, None, &["origin"])
-        },
+        Peer { children: 2, ..peer("w", 1, None, &["origin"]) },
+        Peer { state: JoinState::Failed, ..peer("x", 1, None, &["origin"]) },
         peer("y", 2, None, &["x", "origin"]),
         peer("z", 3, None, &["y", "origin"]),
         peer("v", 2, None, &["w", "origin"]),
@@ -750,10 +641,7 @@ fn newcomer_and_its_descendants_are_never_chosen() {
     assert_eq!(pl.parents, prefs(&[ORIGIN, "w"]));
     // Fill the origin: now the primary must come from outside x's subtree.
     let mut peers = peers;
-    peers.push(Peer {
-        children: 2,
-        ..peer("t", 1, None, &["origin"])
-    });
+    peers.push(Peer { children: 2, ..peer("t", 1, None, &["origin"]) });
     // t (depth 1, secondary slots free) is the secondary; u is below x.
     let pl = choose_parents(&Newcomer::new("x", None), &peers, &policy).unwrap();
     assert_eq!(pl.parents, prefs(&["v", "t", ORIGIN]));
@@ -763,12 +651,7 @@ fn newcomer_and_its_descendants_are_never_chosen() {
 fn primary_tie_breaks() {
     let policy = Policy::with_fanout(4);
     let full_origin = |extra: Vec<Peer>| {
-        let mut v: Vec<Peer> = (0..4)
-            .map(|i| Peer {
-                children: 4,
-                ..peer(&format!("o{i}"), 1, Some("zz"), &["origin"])
-            })
-            .collect();
+        let mut v: Vec<Peer> = (0..4).map(|i| Peer { children: 4, ..peer(&format!("o{i}"), 1, Some("zz"), &["origin"]) }).collect();
         v.extend(extra);
         v
     };
@@ -777,106 +660,35 @@ fn primary_tie_breaks() {
         link_bps: link,
         ..peer(h, 2, d, &["o0", "origin"])
     };
-    let one = Policy {
-        max_parents: 1,
-        ..policy
-    };
+    let one = Policy { max_parents: 1, ..policy };
     let nc = Newcomer::new("x", Some("r1"));
-    let pick = |peers: Vec<Peer>| {
-        choose_parents(&nc, &full_origin(peers), &one)
-            .unwrap()
-            .parents[0]
-            .clone()
-    };
+    let pick = |peers: Vec<Peer>| choose_parents(&nc, &full_origin(peers), &one).unwrap().parents[0].clone();
     // Shallower beats everything.
-    assert_eq!(
-        pick(vec![
-            p1("a", Some("r1"), 3, None),
-            Peer {
-                depth: 3,
-                ..p1("b", Some("r2"), 0, Some(9))
-            }
-        ]),
-        pref("a")
-    );
+    assert_eq!(pick(vec![p1("a", Some("r1"), 3, None), Peer { depth: 3, ..p1("b", Some("r2"), 0, Some(9)) }]), pref("a"));
     // Different domain beats more free slots.
-    assert_eq!(
-        pick(vec![
-            p1("a", Some("r1"), 0, None),
-            p1("b", Some("r2"), 3, None)
-        ]),
-        pref("b")
-    );
+    assert_eq!(pick(vec![p1("a", Some("r1"), 0, None), p1("b", Some("r2"), 3, None)]), pref("b"));
     // Unknown domain ranks between different and same.
-    assert_eq!(
-        pick(vec![p1("a", Some("r1"), 0, None), p1("b", None, 3, None)]),
-        pref("b")
-    );
-    assert_eq!(
-        pick(vec![p1("a", None, 0, None), p1("b", Some("r2"), 3, None)]),
-        pref("b")
-    );
+    assert_eq!(pick(vec![p1("a", Some("r1"), 0, None), p1("b", None, 3, None)]), pref("b"));
+    assert_eq!(pick(vec![p1("a", None, 0, None), p1("b", Some("r2"), 3, None)]), pref("b"));
     // More free slots.
-    assert_eq!(
-        pick(vec![
-            p1("a", Some("r2"), 2, None),
-            p1("b", Some("r3"), 1, None)
-        ]),
-        pref("b")
-    );
+    assert_eq!(pick(vec![p1("a", Some("r2"), 2, None), p1("b", Some("r3"), 1, None)]), pref("b"));
     // Higher link speed; known beats unknown.
-    assert_eq!(
-        pick(vec![
-            p1("a", Some("r2"), 1, Some(1)),
-            p1("b", Some("r3"), 1, Some(2))
-        ]),
-        pref("b")
-    );
-    assert_eq!(
-        pick(vec![
-            p1("a", Some("r2"), 1, None),
-            p1("b", Some("r3"), 1, Some(0))
-        ]),
-        pref("b")
-    );
+    assert_eq!(pick(vec![p1("a", Some("r2"), 1, Some(1)), p1("b", Some("r3"), 1, Some(2))]), pref("b"));
+    assert_eq!(pick(vec![p1("a", Some("r2"), 1, None), p1("b", Some("r3"), 1, Some(0))]), pref("b"));
     // Host name last.
-    assert_eq!(
-        pick(vec![
-            p1("b", Some("r2"), 1, None),
-            p1("a", Some("r3"), 1, None)
-        ]),
-        pref("a")
-    );
+    assert_eq!(pick(vec![p1("b", Some("r2"), 1, None), p1("a", Some("r3"), 1, None)]), pref("a"));
 }
 
 #[test]
 fn primary_spreads_one_parents_children_over_domains() {
-    let policy = Policy {
-        max_parents: 1,
-        ..Policy::with_fanout(3)
-    };
+    let policy = Policy { max_parents: 1, ..Policy::with_fanout(3) };
     let peers = vec![
-        Peer {
-            children: 3,
-            ..peer("o", 1, Some("r9"), &["origin"])
-        },
-        Peer {
-            children: 3,
-            ..peer("o2", 1, Some("r9"), &["origin"])
-        },
-        Peer {
-            children: 3,
-            ..peer("o3", 1, Some("r9"), &["origin"])
-        },
+        Peer { children: 3, ..peer("o", 1, Some("r9"), &["origin"]) },
+        Peer { children: 3, ..peer("o2", 1, Some("r9"), &["origin"]) },
+        Peer { children: 3, ..peer("o3", 1, Some("r9"), &["origin"]) },
         // a has more free slots but already a child in r1.
-        Peer {
-            children: 1,
-            ..peer("a", 2, Some("r2"), &["o", "origin"])
-        },
-        Peer {
-            children: 2,
-            ..peer("b", 2, Some("r3"), &["o", "origin"])
-        },
+        Peer { children: 1, ..peer("a", 2, Some("r2"), &["o", "origin"]) },
+        Peer { children: 2, ..peer("b", 2, Some("r3"), &["o", "origin"]) },
         peer("c1", 3, Some("r1"), &["a", "origin"]),
         peer("c2", 3, Some("r2"), &["b", "origin"]),
         peer("c3", 3, Some("r2"), &["b", "origin"]),
@@ -890,14 +702,8 @@ fn secondary_prefers_other_domain_at_next_depth_and_independent_paths() {
     let policy = Policy::with_fanout(2);
     let base = || {
         vec![
-            Peer {
-                children: 2,
-                ..peer("a", 1, Some("r1"), &["origin"])
-            },
-            Peer {
-                children: 1,
-                ..peer("b", 1, Some("r1"), &["origin"])
-            },
+            Peer { children: 2, ..peer("a", 1, Some("r1"), &["origin"]) },
+            Peer { children: 1, ..peer("b", 1, Some("r1"), &["origin"]) },
             peer("c", 2, Some("r2"), &["a", "origin"]),
             peer("d", 2, Some("r1"), &["a", "origin"]),
             peer("e", 2, Some("r1"), &["b", "origin"]),
@@ -919,14 +725,8 @@ fn secondary_prefers_other_domain_at_next_depth_and_independent_paths() {
     // (depth 3) is too deep.
     let peers = vec![
         peer("a", 1, Some("r1"), &["origin"]),
-        Peer {
-            secondary_children: 2,
-            ..peer("b", 1, Some("r1"), &["origin"])
-        },
-        Peer {
-            secondary_children: 2,
-            ..peer("c", 2, Some("r1"), &["b", "origin"])
-        },
+        Peer { secondary_children: 2, ..peer("b", 1, Some("r1"), &["origin"]) },
+        Peer { secondary_children: 2, ..peer("c", 2, Some("r1"), &["b", "origin"]) },
         peer("g", 3, Some("r2"), &["c", "origin"]),
     ];
     let pl = choose_parents(&Newcomer::new("x", Some("r3")), &peers, &policy).unwrap();
@@ -937,45 +737,27 @@ fn secondary_prefers_other_domain_at_next_depth_and_independent_paths() {
 #[test]
 fn max_parents_one_and_three() {
     let peers = build(10, 3, &Policy::with_fanout(3));
-    let one = Policy {
-        max_parents: 1,
-        ..Policy::with_fanout(3)
-    };
+    let one = Policy { max_parents: 1, ..Policy::with_fanout(3) };
     let pl = choose_parents(&Newcomer::new("x", Some("rack0")), &peers, &one).unwrap();
     assert_eq!(pl.parents.len(), 2);
     assert_eq!(pl.parents[1], ParentRef::Origin);
-    let three = Policy {
-        max_parents: 3,
-        ..Policy::with_fanout(3)
-    };
+    let three = Policy { max_parents: 3, ..Policy::with_fanout(3) };
     let pl = choose_parents(&Newcomer::new("x", Some("rack0")), &peers, &three).unwrap();
     assert_eq!(active(&pl).len(), 3);
-    let domains: HashSet<_> = active(&pl)
-        .iter()
-        .map(|r| find(&peers, r.as_str()).failure_domain.clone())
-        .collect();
+    let domains: HashSet<_> = active(&pl).iter().map(|r| find(&peers, r.as_str()).failure_domain.clone()).collect();
     assert_eq!(domains.len(), 3, "{pl:?}");
     // secondary_fanout 0 disables secondaries.
-    let none = Policy {
-        secondary_fanout: 0,
-        ..Policy::with_fanout(3)
-    };
+    let none = Policy { secondary_fanout: 0, ..Policy::with_fanout(3) };
     let pl = choose_parents(&Newcomer::new("x", Some("rack0")), &peers, &none).unwrap();
     assert_eq!(active(&pl).len(), 1);
 }
 
 #[test]
 fn origin_fanout_is_independent() {
-    let policy = Policy {
-        origin_fanout: 1,
-        ..Policy::with_fanout(2)
-    };
+    let policy = Policy { origin_fanout: 1, ..Policy::with_fanout(2) };
     let peers = build(3, 2, &policy);
     assert_eq!(peers.iter().filter(|p| p.depth == 1).count(), 1);
-    let wide = Policy {
-        origin_fanout: 5,
-        ..Policy::with_fanout(2)
-    };
+    let wide = Policy { origin_fanout: 5, ..Policy::with_fanout(2) };
     let peers = build(5, 2, &wide);
     assert!(peers.iter().all(|p| p.depth == 1));
 }
@@ -983,128 +765,40 @@ fn origin_fanout_is_independent() {
 #[test]
 fn input_errors_name_the_bad_value() {
     let nc = Newcomer::new("x", None);
-    let e = choose_parents(
-        &nc,
-        &[],
-        &Policy {
-            fanout: 0,
-            ..Policy::default()
-        },
-    )
-    .unwrap_err();
-    assert_eq!(
-        e,
-        PlacementError::InvalidPolicy {
-            field: "fanout",
-            value: 0,
-            reason: "must be at least 1"
-        }
-    );
-    assert_eq!(
-        e.to_string(),
-        "invalid policy: fanout = 0: must be at least 1"
-    );
+    let e = choose_parents(&nc, &[], &Policy { fanout: 0, ..Policy::default() }).unwrap_err();
+    assert_eq!(e, PlacementError::InvalidPolicy { field: "fanout", value: 0, reason: "must be at least 1" });
+    assert_eq!(e.to_string(), "invalid policy: fanout = 0: must be at least 1");
     assert!(!e.is_retryable());
-    let e = choose_parents(
-        &nc,
-        &[],
-        &Policy {
-            max_parents: 0,
-            ..Policy::default()
-        },
-    )
-    .unwrap_err();
-    assert!(matches!(
-        e,
-        PlacementError::InvalidPolicy {
-            field: "max_parents",
-            ..
-        }
-    ));
-    let e = choose_parents(
-        &nc,
-        &[],
-        &Policy {
-            origin_fanout: 0,
-            ..Policy::default()
-        },
-    )
-    .unwrap_err();
-    assert!(matches!(
-        e,
-        PlacementError::InvalidPolicy {
-            field: "origin_fanout",
-            ..
-        }
-    ));
+    let e = choose_parents(&nc, &[], &Policy { max_parents: 0, ..Policy::default() }).unwrap_err();
+    assert!(matches!(e, PlacementError::InvalidPolicy { field: "max_parents", .. }));
+    let e = choose_parents(&nc, &[], &Policy { origin_fanout: 0, ..Policy::default() }).unwrap_err();
+    assert!(matches!(e, PlacementError::InvalidPolicy { field: "origin_fanout", .. }));
 
     let e = choose_parents(&Newcomer::new("", None), &[], &Policy::default()).unwrap_err();
-    assert_eq!(
-        e,
-        PlacementError::EmptyHost {
-            what: "newcomer.host".into()
-        }
-    );
+    assert_eq!(e, PlacementError::EmptyHost { what: "newcomer.host".into() });
     let e = choose_parents(&Newcomer::new("origin", None), &[], &Policy::default()).unwrap_err();
-    assert_eq!(
-        e,
-        PlacementError::ReservedHost {
-            host: "origin".into()
-        }
-    );
+    assert_eq!(e, PlacementError::ReservedHost { host: "origin".into() });
 
-    let peers = vec![
-        peer("a", 1, None, &["origin"]),
-        peer("", 1, None, &["origin"]),
-    ];
+    let peers = vec![peer("a", 1, None, &["origin"]), peer("", 1, None, &["origin"])];
     let e = choose_parents(&nc, &peers, &Policy::default()).unwrap_err();
-    assert_eq!(
-        e,
-        PlacementError::EmptyHost {
-            what: "peers[1].host".into()
-        }
-    );
+    assert_eq!(e, PlacementError::EmptyHost { what: "peers[1].host".into() });
     assert_eq!(e.to_string(), "peers[1].host is empty");
-    let peers = vec![
-        peer("a", 1, None, &["origin"]),
-        peer("a", 2, None, &["origin"]),
-    ];
+    let peers = vec![peer("a", 1, None, &["origin"]), peer("a", 2, None, &["origin"])];
     let e = choose_parents(&nc, &peers, &Policy::default()).unwrap_err();
     assert_eq!(e, PlacementError::DuplicateHost { host: "a".into() });
     assert!(e.to_string().contains("\"a\""));
     let peers = vec![peer("origin", 1, None, &["origin"])];
-    assert!(matches!(
-        choose_parents(&nc, &peers, &Policy::default()),
-        Err(PlacementError::ReservedHost { .. })
-    ));
+    assert!(matches!(choose_parents(&nc, &peers, &Policy::default()), Err(PlacementError::ReservedHost { .. })));
     let peers = vec![peer("a", 0, None, &["origin"])];
-    assert_eq!(
-        choose_parents(&nc, &peers, &Policy::default()).unwrap_err(),
-        PlacementError::InvalidDepth {
-            host: "a".into(),
-            depth: 0
-        }
-    );
+    assert_eq!(choose_parents(&nc, &peers, &Policy::default()).unwrap_err(), PlacementError::InvalidDepth { host: "a".into(), depth: 0 });
     // Depth overflow of the primary is reported, not wrapped.
     let peers = vec![
-        Peer {
-            children: 3,
-            ..peer("a", 1, None, &["origin"])
-        },
-        Peer {
-            children: 3,
-            ..peer("b", 1, None, &["origin"])
-        },
-        Peer {
-            children: 3,
-            ..peer("c", 1, None, &["origin"])
-        },
+        Peer { children: 3, ..peer("a", 1, None, &["origin"]) },
+        Peer { children: 3, ..peer("b", 1, None, &["origin"]) },
+        Peer { children: 3, ..peer("c", 1, None, &["origin"]) },
         peer("deep", u32::MAX, None, &["a", "origin"]),
     ];
-    assert!(matches!(
-        choose_parents(&nc, &peers, &Policy::default()),
-        Err(PlacementError::InvalidDepth { .. })
-    ));
+    assert!(matches!(choose_parents(&nc, &peers, &Policy::default()), Err(PlacementError::InvalidDepth { .. })));
 }
 
 #[test]
@@ -1120,10 +814,7 @@ fn validate_choice_detects_races_and_changes() {
     let mut raced = peers.clone();
     for h in ["y1", "y2"] {
         let other = Newcomer::new(h, Some("rack1"));
-        let p = Placement {
-            parents: prefs(&[&primary, ORIGIN]),
-            depth: pl.depth,
-        };
+        let p = Placement { parents: prefs(&[&primary, ORIGIN]), depth: pl.depth };
         if commit_choice(&mut raced, &other, &p, &policy).is_err() {
             break;
         }
@@ -1137,82 +828,39 @@ fn validate_choice_detects_races_and_changes() {
     // The primary failed / left / vanished.
     for st in [JoinState::Failed, JoinState::Leaving, JoinState::Joining] {
         let mut changed = peers.clone();
-        changed
-            .iter_mut()
-            .find(|p| p.host == primary)
-            .unwrap()
-            .state = st;
+        changed.iter_mut().find(|p| p.host == primary).unwrap().state = st;
         let e = validate_choice(&nc, &pl, &changed, &policy).unwrap_err();
-        assert_eq!(
-            e,
-            PlacementError::Stale {
-                parent: primary.clone(),
-                reason: StaleReason::NotReady { state: st }
-            }
-        );
+        assert_eq!(e, PlacementError::Stale { parent: primary.clone(), reason: StaleReason::NotReady { state: st } });
     }
     let mut gone = peers.clone();
     gone.retain(|p| p.host != primary);
     assert_eq!(
         validate_choice(&nc, &pl, &gone, &policy).unwrap_err(),
-        PlacementError::Stale {
-            parent: primary.clone(),
-            reason: StaleReason::Missing
-        }
+        PlacementError::Stale { parent: primary.clone(), reason: StaleReason::Missing }
     );
     // The primary moved.
     let mut moved = peers.clone();
     moved.iter_mut().find(|p| p.host == primary).unwrap().depth += 1;
     assert!(matches!(
         validate_choice(&nc, &pl, &moved, &policy),
-        Err(PlacementError::Stale {
-            reason: StaleReason::DepthChanged { .. },
-            ..
-        })
+        Err(PlacementError::Stale { reason: StaleReason::DepthChanged { .. }, .. })
     ));
     // The secondary is full.
     let sec = pl.parents[1].as_str().to_owned();
     let mut full = peers.clone();
-    full.iter_mut()
-        .find(|p| p.host == sec)
-        .unwrap()
-        .secondary_children = 2;
+    full.iter_mut().find(|p| p.host == sec).unwrap().secondary_children = 2;
     assert!(matches!(
         validate_choice(&nc, &pl, &full, &policy),
-        Err(PlacementError::Stale {
-            reason: StaleReason::Full {
-                role: Role::Secondary,
-                ..
-            },
-            ..
-        })
+        Err(PlacementError::Stale { reason: StaleReason::Full { role: Role::Secondary, .. }, .. })
     ));
     // The newcomer itself or a descendant of it.
-    let me = Placement {
-        parents: prefs(&["x", ORIGIN]),
-        depth: 2,
-    };
+    let me = Placement { parents: prefs(&["x", ORIGIN]), depth: 2 };
     let mut with_me = peers.clone();
     with_me.push(peer("x", 1, None, &["origin"]));
-    assert!(matches!(
-        validate_choice(&nc, &me, &with_me, &policy),
-        Err(PlacementError::Stale {
-            reason: StaleReason::IsNewcomer,
-            ..
-        })
-    ));
+    assert!(matches!(validate_choice(&nc, &me, &with_me, &policy), Err(PlacementError::Stale { reason: StaleReason::IsNewcomer, .. })));
     with_me.push(peer("kid", 2, None, &["x", "origin"]));
-    let below = Placement {
-        parents: prefs(&["kid", ORIGIN]),
-        depth: 3,
-    };
-    assert!(matches!(
-        validate_choice(&nc, &below, &with_me, &policy),
-        Err(PlacementError::Stale {
-            reason: StaleReason::Descendant,
-            ..
-        })
-    ));
+    let below = Placement { parents: prefs(&["kid", ORIGIN]), depth: 3 };
+    assert!(matches!(validate_choice(&nc, &below, &with_me, &policy), Err(PlacementError::Stale { reason: StaleReason::Descendant, .. })));
 }
 
 #[test]
@@ -1221,14 +869,8 @@ fn validate_choice_rejects_malformed_placements() {
     let peers = build(4, 2, &policy);
     let nc = Newcomer::new("x", None);
     let bad = |parents: &[&str], depth| {
-        let pl = Placement {
-            parents: prefs(parents),
-            depth,
-        };
-        matches!(
-            validate_choice(&nc, &pl, &peers, &policy),
-            Err(PlacementError::MalformedPlacement { .. })
-        )
+        let pl = Placement { parents: prefs(parents), depth };
+        matches!(validate_choice(&nc, &pl, &peers, &policy), Err(PlacementError::MalformedPlacement { .. }))
     };
     assert!(bad(&[], 1));
     assert!(bad(&["h002"], 2)); // no origin
@@ -1236,10 +878,7 @@ fn validate_choice_rejects_malformed_placements() {
     assert!(bad(&[ORIGIN, ORIGIN], 1));
     assert!(bad(&["h002", "h002", ORIGIN], 2));
     assert!(bad(&["h002", "h003", "h000", ORIGIN], 2)); // 3 > max_parents
-    let reserved = Placement {
-        parents: vec![ParentRef::Peer("origin".into()), ParentRef::Origin],
-        depth: 1,
-    };
+    let reserved = Placement { parents: vec![ParentRef::Peer("origin".into()), ParentRef::Origin], depth: 1 };
     assert!(validate_choice(&nc, &reserved, &peers, &policy).is_err());
 }
 
@@ -1250,20 +889,11 @@ fn racing_without_the_lock_would_overflow() {
     join(&mut peers, &Newcomer::new("a", None), &policy);
     // Three newcomers see one free origin slot in the same snapshot.
     let snapshot = peers.clone();
-    let ncs: Vec<_> = ["x", "y", "z"]
-        .iter()
-        .map(|h| Newcomer::new(*h, None))
-        .collect();
-    let choices: Vec<_> = ncs
-        .iter()
-        .map(|nc| choose_parents(nc, &snapshot, &policy).unwrap())
-        .collect();
+    let ncs: Vec<_> = ["x", "y", "z"].iter().map(|h| Newcomer::new(*h, None)).collect();
+    let choices: Vec<_> = ncs.iter().map(|nc| choose_parents(nc, &snapshot, &policy).unwrap()).collect();
     assert!(choices.iter().all(|pl| pl.parents[0] == ParentRef::Origin));
     // Under the lock only the first one passes.
-    assert_eq!(
-        commit_choice(&mut peers, &ncs[0], &choices[0], &policy),
-        Ok(())
-    );
+    assert_eq!(commit_choice(&mut peers, &ncs[0], &choices[0], &policy), Ok(()));
     let e = commit_choice(&mut peers, &ncs[1], &choices[1], &policy).unwrap_err();
     assert!(matches!(e, PlacementError::Stale { ref parent, .. } if parent == ORIGIN));
     // Re-choosing under the lock: a is Ready, x is still Joining.
@@ -1282,10 +912,7 @@ fn commit_and_remove_keep_counters() {
     let x = find(&peers, "x").clone();
     assert_eq!(x.state, JoinState::Joining);
     assert_eq!(x.parents, pl.parent_hosts());
-    assert_eq!(
-        find(&peers, pl.parents[0].as_str()).children,
-        counts(&peers).primary[pl.parents[0].as_str()]
-    );
+    assert_eq!(find(&peers, pl.parents[0].as_str()).children, counts(&peers).primary[pl.parents[0].as_str()]);
     let removed = remove_peer(&mut peers, "x").unwrap();
     assert_eq!(removed.host, "x");
     for p in &peers {
@@ -1338,27 +965,10 @@ fn policy_defaults_and_messages() {
     assert_eq!(Policy::default().fanout, DEFAULT_FANOUT);
     assert_eq!(Policy::new(5, 2, None, None), Policy::with_fanout(5));
     let p = Policy::new(5, 2, Some(2), None);
-    assert_eq!(
-        (p.fanout, p.origin_fanout, p.secondary_fanout, p.max_parents),
-        (5, 2, 5, 2)
-    );
-    assert_eq!(
-        Policy::new(0, 2, None, None)
-            .validate()
-            .unwrap_err()
-            .to_string(),
-        "invalid policy: fanout = 0: must be at least 1"
-    );
-    let stale = PlacementError::Stale {
-        parent: "a".into(),
-        reason: StaleReason::NotReady {
-            state: JoinState::Built,
-        },
-    };
-    assert_eq!(
-        stale.to_string(),
-        r#"choice of parent "a" is stale: it is built, not ready"#
-    );
+    assert_eq!((p.fanout, p.origin_fanout, p.secondary_fanout, p.max_parents), (5, 2, 5, 2));
+    assert_eq!(Policy::new(0, 2, None, None).validate().unwrap_err().to_string(), "invalid policy: fanout = 0: must be at least 1");
+    let stale = PlacementError::Stale { parent: "a".into(), reason: StaleReason::NotReady { state: JoinState::Built } };
+    assert_eq!(stale.to_string(), r#"choice of parent "a" is stale: it is built, not ready"#);
     assert!(stale.is_retryable());
 }
 
@@ -1371,8 +981,5 @@ fn deterministic() {
     let mut shuffled = a.clone();
     shuffled.reverse();
     let nc = Newcomer::new("x", Some("rack2"));
-    assert_eq!(
-        choose_parents(&nc, &a, &policy),
-        choose_parents(&nc, &shuffled, &policy)
-    );
+    assert_eq!(choose_parents(&nc, &a, &policy), choose_parents(&nc, &shuffled, &policy));
 }

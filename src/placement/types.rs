@@ -92,29 +92,15 @@ impl Policy {
 
     /// `origin_fanout` and `secondary_fanout` default to `fanout`. Not checked:
     /// see [`Policy::validate`].
-    pub fn new(
-        fanout: u32,
-        max_parents: u32,
-        origin_fanout: Option<u32>,
-        secondary_fanout: Option<u32>,
-    ) -> Self {
-        Policy {
-            fanout,
-            max_parents,
-            origin_fanout: origin_fanout.unwrap_or(fanout),
-            secondary_fanout: secondary_fanout.unwrap_or(fanout),
-        }
+    pub fn new(fanout: u32, max_parents: u32, origin_fanout: Option<u32>, secondary_fanout: Option<u32>) -> Self {
+        Policy { fanout, max_parents, origin_fanout: origin_fanout.unwrap_or(fanout), secondary_fanout: secondary_fanout.unwrap_or(fanout) }
     }
 
     /// Checks the knobs, naming the first bad one.
     pub fn validate(&self) -> Result<(), PlacementError> {
         let check = |field: &'static str, value: u32| {
             if value == 0 {
-                Err(PlacementError::InvalidPolicy {
-                    field,
-                    value,
-                    reason: "must be at least 1",
-                })
+                Err(PlacementError::InvalidPolicy { field, value, reason: "must be at least 1" })
             } else {
                 Ok(())
             }
@@ -143,11 +129,7 @@ pub struct Newcomer {
 
 impl Newcomer {
     pub fn new(host: impl Into<String>, failure_domain: Option<&str>) -> Self {
-        Newcomer {
-            host: host.into(),
-            failure_domain: failure_domain.map(str::to_owned),
-            link_bps: None,
-        }
+        Newcomer { host: host.into(), failure_domain: failure_domain.map(str::to_owned), link_bps: None }
     }
 }
 
@@ -211,10 +193,7 @@ impl Placement {
     /// The origin alone, as the primary: what a newcomer reads from when no
     /// peer will do.
     pub fn origin_only() -> Self {
-        Placement {
-            parents: vec![ParentRef::Origin],
-            depth: 1,
-        }
+        Placement { parents: vec![ParentRef::Origin], depth: 1 }
     }
 
     /// The primary parent.

@@ -376,8 +376,7 @@ impl<'a> Engine<'a> {
             if self.nodes[c].failed {
                 continue;
             }
-            let through: Vec<bool> =
-                (0..self.topo.stripes).map(|s| self.topo.paths[c][s][self.nodes[c].path_pos[s]] == node).collect();
+            let through: Vec<bool> = (0..self.topo.stripes).map(|s| self.topo.paths[c][s][self.nodes[c].path_pos[s]] == node).collect();
             if through.iter().any(|&t| t) {
                 let have = &self.nodes[c].have;
                 self.owed_bytes += (0..self.sizes.len())

@@ -41,10 +41,7 @@ pub fn max_min(capacity: &[f64], flows: &[Vec<usize>]) -> Vec<f64> {
             }
         }
         // The tightest resource sets the next increment of every unfrozen flow.
-        let inc = (0..capacity.len())
-            .filter(|&r| users[r] > 0)
-            .map(|r| left[r] / users[r] as f64)
-            .fold(f64::INFINITY, f64::min);
+        let inc = (0..capacity.len()).filter(|&r| users[r] > 0).map(|r| left[r] / users[r] as f64).fold(f64::INFINITY, f64::min);
         if !inc.is_finite() {
             return rate;
         }

@@ -143,9 +143,8 @@ impl Network {
 
     /// A dead node's edges, both ways, stop; what they carried is lost.
     pub fn kill(&mut self, node: usize, now: f64, q: &mut Queue) {
-        let ids: Vec<usize> = (0..self.edges.len())
-            .filter(|&e| self.edges[e].alive && (self.edges[e].from == node || self.edges[e].to == node))
-            .collect();
+        let ids: Vec<usize> =
+            (0..self.edges.len()).filter(|&e| self.edges[e].alive && (self.edges[e].from == node || self.edges[e].to == node)).collect();
         for e in ids {
             self.advance(e, now);
             if self.edges[e].active {

@@ -170,7 +170,11 @@ impl Params {
     }
 
     pub fn vm_count(&self) -> usize {
-        if self.vms == 0 { self.nodes } else { self.vms }
+        if self.vms == 0 {
+            self.nodes
+        } else {
+            self.vms
+        }
     }
 
     pub fn origin_rate(&self) -> f64 {
@@ -185,11 +189,8 @@ impl Params {
         if self.vms > 1_000_000 {
             return Err(bad("vms", self.vms, "must be at most 1000000"));
         }
-        let positive: [(&'static str, f64); 3] = [
-            ("rate_bps", self.rate_bps),
-            ("origin_rate_bps", self.origin_rate()),
-            ("local_read_bps", self.local_read_bps),
-        ];
+        let positive: [(&'static str, f64); 3] =
+            [("rate_bps", self.rate_bps), ("origin_rate_bps", self.origin_rate()), ("local_read_bps", self.local_read_bps)];
         for (field, v) in positive {
             if !(v.is_finite() && v > 0.0) {
                 return Err(bad(field, v, "must be a positive number"));

@@ -167,7 +167,12 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
     let vm_hosts: Vec<usize> = (0..vm_count).map(|v| v % p.nodes + 1).collect();
     // Direct boot: each VM is its own reader (no cache shared by a node's VMs).
     let topo = if p.shape == Shape::Direct {
-        Arc::new(Topology { paths: vec![vec![vec![ORIGIN]]; vm_count + 1], depth: (0..=vm_count).map(|i| (i > 0) as u32).collect(), order: (1..=vm_count).collect(), stripes: 1 })
+        Arc::new(Topology {
+            paths: vec![vec![vec![ORIGIN]]; vm_count + 1],
+            depth: (0..=vm_count).map(|i| (i > 0) as u32).collect(),
+            order: (1..=vm_count).collect(),
+            stripes: 1,
+        })
     } else {
         topology::build_cached(p)?
     };
@@ -183,7 +188,8 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
     let failure = resolve_failure(p, &topo)?;
 
     let full = p.shape == Shape::FullCopy;
-    let sizes: Vec<f64> = if full { chunks.image_chunks(p.chunk_bytes) } else { chunks.sizes.clone() }.into_iter().map(|b| b as f64).collect();
+    let sizes: Vec<f64> =
+        if full { chunks.image_chunks(p.chunk_bytes) } else { chunks.sizes.clone() }.into_iter().map(|b| b as f64).collect();
     let hop_s = p.rtt_s + p.service_s;
     let amp = match p.shape {
         Shape::Direct => chunks.direct_amplification,
@@ -224,8 +230,17 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
     }
     eng.run(p.max_time_s);
 
-    let name = |i: usize| if i == ORIGIN { "origin".to_string() } else if p.shape == Shape::Direct { format!("vm{i}") } else { host(i) };
-    let mut edges: Vec<EdgeBytes> = eng.net.edges.iter().map(|e| EdgeBytes { from: name(e.from), to: name(e.to), bytes: e.sent.round() as u64 }).collect();
+    let name = |i: usize| {
+        if i == ORIGIN {
+            "origin".to_string()
+        } else if p.shape == Shape::Direct {
+            format!("vm{i}")
+        } else {
+            host(i)
+        }
+    };
+    let mut edges: Vec<EdgeBytes> =
+        eng.net.edges.iter().map(|e| EdgeBytes { from: name(e.from), to: name(e.to), bytes: e.sent.round() as u64 }).collect();
     edges.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.to.cmp(&b.to)));
     let origin_bytes = eng.net.edges.iter().filter(|e| e.from == ORIGIN).map(|e| e.sent).sum::<f64>().round() as u64;
     let vm_times: Vec<Option<f64>> = eng.vms.iter().map(|v| v.done_s).collect();

@@ -67,14 +67,7 @@ fn events_pop_in_time_order_and_same_time_events_in_push_order() {
 }
 
 fn base(nodes: usize, shape: Shape) -> Params {
-    Params {
-        nodes,
-        shape,
-        working_set_bytes: Some(64 << 20),
-        image_bytes: Some(256 << 20),
-        rate_bps: 100e6,
-        ..Params::default()
-    }
+    Params { nodes, shape, working_set_bytes: Some(64 << 20), image_bytes: Some(256 << 20), rate_bps: 100e6, ..Params::default() }
 }
 
 #[test]

@@ -39,13 +39,7 @@ fn to_index(p: &ParentRef) -> usize {
 
 /// Joins `hosts` one after another into `peers`; those in `ready` become parents for later
 /// joiners, the others stay `Joining` (they hold their slots but are never chosen).
-fn join_all(
-    peers: &mut Vec<Peer>,
-    hosts: &[usize],
-    policy: &Policy,
-    ready: bool,
-    paths: &mut [Vec<usize>],
-) -> Result<(), SimError> {
+fn join_all(peers: &mut Vec<Peer>, hosts: &[usize], policy: &Policy, ready: bool, paths: &mut [Vec<usize>]) -> Result<(), SimError> {
     for &h in hosts {
         let nc = Newcomer::new(host(h), None);
         let pl = placement::choose_parents(&nc, peers, policy).map_err(place)?;

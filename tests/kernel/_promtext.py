@@ -1,6 +1,7 @@
 """A strict reader of Prometheus' text exposition format 0.0.4 (what node_exporter's textfile
 collector accepts), for tests: every line must be a HELP, TYPE or comment line or a sample, a
 family's TYPE comes before its samples, and a family's samples are contiguous."""
+
 import re
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -49,8 +50,15 @@ def parse(text):
         if not m or not VALUE.fullmatch(m.group(5)):
             raise FormatError(f"line {n}: not a sample: {line!r}")
         name, labels = m.group(1), dict((k, _unescape(v)) for k, v in re.findall(LABEL, m.group(2) or ""))
-        family = next((name[: len(name) - len(s)] for f in families.values() for s in SUFFIXES.get(f["type"], ())
-                       if s and name.endswith(s) and families.get(name[: len(name) - len(s)]) is f), name)
+        family = next(
+            (
+                name[: len(name) - len(s)]
+                for f in families.values()
+                for s in SUFFIXES.get(f["type"], ())
+                if s and name.endswith(s) and families.get(name[: len(name) - len(s)]) is f
+            ),
+            name,
+        )
         if family != current:
             if family in done:
                 raise FormatError(f"line {n}: samples of {family} are not together")
@@ -58,7 +66,8 @@ def parse(text):
                 done.add(current)
             current = family
         families.setdefault(family, {"type": "untyped", "help": None, "samples": []})["samples"].append(
-            (name, labels, float(m.group(5))))
+            (name, labels, float(m.group(5)))
+        )
     for f in families.values():
         f.pop("typed", None)
     return families
@@ -66,8 +75,12 @@ def parse(text):
 
 def value(families, name, **labels):
     """The one sample `name` whose labels include `labels`."""
-    hits = [v for fam in families.values() for (n, ls, v) in fam["samples"]
-            if n == name and all(ls.get(k) == str(x) for k, x in labels.items())]
+    hits = [
+        v
+        for fam in families.values()
+        for (n, ls, v) in fam["samples"]
+        if n == name and all(ls.get(k) == str(x) for k, x in labels.items())
+    ]
     if len(hits) != 1:
         raise AssertionError(f"{len(hits)} samples {name}{labels}")
     return hits[0]

@@ -3,6 +3,7 @@
 Every `py()` call is a new Python process on the node: state must come back from the kernel,
 which is exactly what a restarted Nova compute does.
 """
+
 import hashlib
 import json
 import os
@@ -11,7 +12,6 @@ import time
 import pytest
 
 from lab import uml_available
-
 from lab.guestpy import GuestError, py  # noqa: F401  (re-exported for the tests)
 
 STATE_DIR = "/var/lib/vmthunder"
@@ -44,8 +44,12 @@ echo "sessions: $(ls /sys/class/iscsi_session 2>/dev/null | tr '\n' ' ')"
 def assert_clean(node, keep_targets=()):
     left = leftovers(node)
     left["targets"] = [t for t in left.get("targets", []) if t not in keep_targets]
-    left["backstores"] = [b for b in left.get("backstores", []) if not any(b == f"volume_{k.split(':')[-1]}" for k in keep_targets)]
-    assert left == {"dm": [], "targets": [], "backstores": [], "local_disks": [], "sessions": []}, f"{node.name} not clean: {left}"
+    left["backstores"] = [
+        b for b in left.get("backstores", []) if not any(b == f"volume_{k.split(':')[-1]}" for k in keep_targets)
+    ]
+    assert left == {"dm": [], "targets": [], "backstores": [], "local_disks": [], "sessions": []}, (
+        f"{node.name} not clean: {left}"
+    )
 
 
 def md5_of(node, path, size):
@@ -101,9 +105,11 @@ def wait_json(node, path, timeout, cond=lambda v: True):
 
 def start_etcd(node, timeout=60):
     """A real etcd on `node` (the registry of relay-tree tests); returns its tooz URL."""
-    node.spawn(f"etcd --name {node.name} --data-dir /tmp/etcd --listen-client-urls http://{node.ip}:2379 "
-               f"--advertise-client-urls http://{node.ip}:2379 --listen-peer-urls http://127.0.0.1:2380 "
-               f"> /tmp/etcd.log 2>&1")
+    node.spawn(
+        f"etcd --name {node.name} --data-dir /tmp/etcd --listen-client-urls http://{node.ip}:2379 "
+        f"--advertise-client-urls http://{node.ip}:2379 --listen-peer-urls http://127.0.0.1:2380 "
+        f"> /tmp/etcd.log 2>&1"
+    )
     health = f"python3 -c \"import urllib.request; urllib.request.urlopen('http://{node.ip}:2379/health', timeout=2)\""
     deadline = time.monotonic() + timeout
     while node.run(health, timeout=20)[0] != 0:

@@ -4,6 +4,7 @@ working set, the relay tree o -> r1 -> r2 -> r3 plus r1 -> r1b in UML nodes.
 Checks the shape of the JSON it writes and that the working set reached every node, correct,
 over every tree edge. No timing assertions: the benchmark measures, this only keeps it working.
 """
+
 import json
 import os
 import subprocess
@@ -18,10 +19,15 @@ EDGES = {("o", "r1"), ("r1", "r2"), ("r2", "r3"), ("r1", "r1b")}
 def test_cache_engines_smoke(tmp_path):
     require_uml()
     out = tmp_path / "cache-engines.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.cache_engines", "--smoke", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.cache_engines", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr[-6000:]}"
-    assert "| bcache" in proc.stdout, proc.stdout           # the markdown table
+    assert "| bcache" in proc.stdout, proc.stdout  # the markdown table
 
     doc = json.loads(out.read_text())
     assert set(doc) >= {"default", "working_set_bytes", "engines"}

@@ -6,12 +6,13 @@
   promotes only after repeated hits, which is why it is not the default);
 - teardown frees the cache space on the local device.
 """
+
 import os
 
 import pytest
 
-from tests.kernel._vmt import STATE_DIR, GuestError, assert_clean, file_md5, md5_of, node_ctor, py, random_disk, require_uml
 from lab import Fleet
+from tests.kernel._vmt import STATE_DIR, GuestError, assert_clean, file_md5, md5_of, node_ctor, py, random_disk, require_uml
 
 IMAGE = 48 << 20
 IMAGE_ID = "img-cache"
@@ -77,7 +78,7 @@ def test_cache_on_read_through_the_chain(fleet, engine):
 
 # A boot profile: scattered, unaligned, with a re-read (first-read order, byte offsets).
 PROFILE = [[5 << 20, 3 << 20], [100, 70000], [30 << 20, 2 << 20], [5 << 20, 4096], [47 << 20, 1 << 20]]
-PROFILE_BYTES = (3 << 20) + 73728 + (2 << 20) + (1 << 20)   # 4 KiB-aligned union
+PROFILE_BYTES = (3 << 20) + 73728 + (2 << 20) + (1 << 20)  # 4 KiB-aligned union
 
 
 def test_prefetch_fills_the_cache_from_the_profile(fleet):
@@ -87,8 +88,7 @@ def test_prefetch_fills_the_cache_from_the_profile(fleet):
     vm = py(b, ctor + f"out(node.attach('img-pf', [{conn!r}], 'vm-pf'))")
     try:
         # a stop that is already set ends it before the first read
-        rep = py(b, ctor + f"import threading\ne = threading.Event(); e.set()\n"
-                 f"out(node.prefetch('img-pf', {PROFILE!r}, stop=e))")
+        rep = py(b, ctor + f"import threading\ne = threading.Event(); e.set()\nout(node.prefetch('img-pf', {PROFILE!r}, stop=e))")
         assert rep["bytes"] == 0 and rep["complete"] is False and rep["planned_bytes"] == PROFILE_BYTES
         # bad input: typed errors naming the value, nothing read
         with pytest.raises(GuestError) as e:
@@ -102,7 +102,7 @@ def test_prefetch_fills_the_cache_from_the_profile(fleet):
         assert e.value.exc_type == "NotFound" and "img-none" in e.value.message
 
         disk = py(b, ctor + "out(node.status())")["templates"]["img-pf"]["devices"]["disk"]
-        disk_reads = f"cut -c1-16 /sys/block/{os.path.basename(disk)}/stat"   # reads completed
+        disk_reads = f"cut -c1-16 /sys/block/{os.path.basename(disk)}/stat"  # reads completed
         local0 = int(b.check(disk_reads))
         rx0 = b.rx_bytes()
         rep = py(b, ctor + f"out(node.prefetch('img-pf', {PROFILE!r}, reverse=True))")
@@ -114,8 +114,10 @@ def test_prefetch_fills_the_cache_from_the_profile(fleet):
         assert int(b.check(disk_reads)) == local0, "the prefetch went through the local disk"
 
         # the VM's boot reads of the profile are now served by the cache
-        reads = "; ".join(f"dd if={vm} of=/dev/null bs=4096 skip={o // 4096} count={-(-(o % 4096 + n) // 4096)} "
-                          f"iflag=direct 2>/dev/null" for o, n in PROFILE)
+        reads = "; ".join(
+            f"dd if={vm} of=/dev/null bs=4096 skip={o // 4096} count={-(-(o % 4096 + n) // 4096)} iflag=direct 2>/dev/null"
+            for o, n in PROFILE
+        )
         rx1 = b.rx_bytes()
         b.check(reads, timeout=120)
         again = b.rx_bytes() - rx1
@@ -140,8 +142,7 @@ def test_the_prefetch_fetches_from_the_parent_only_what_the_profile_names(fleet)
     py(b, ctor + f"out(node.attach('img-pfx', [{conn!r}], 'vm-pfx'))")
     try:
         paths = py(b, ctor + "out(node.status())")["templates"]["img-pfx"]["devices"]["paths"]
-        sectors_read = (f"set -- $(stat -L -c '%t %T' {paths}); "
-                        f"awk '{{print $3}}' /sys/dev/block/$((0x$1)):$((0x$2))/stat")
+        sectors_read = f"set -- $(stat -L -c '%t %T' {paths}); awk '{{print $3}}' /sys/dev/block/$((0x$1)):$((0x$2))/stat"
         profile = [[(8 << 20) + i * (256 << 10), 32 << 10] for i in range(64)]
         before = int(b.check(sectors_read))
         rep = py(b, ctor + f"out(node.prefetch('img-pfx', {profile!r}, reverse=True))")
@@ -180,9 +181,12 @@ def test_detach_stops_a_running_prefetch(fleet):
     template goes; with a shaped link the prefetch of the whole image is still running then."""
     a, b = fleet["a"], fleet["b"]
     conn = py(a, f"out(vmthunder.allow_initiator('vol', {b.initiator_iqn!r}, '{a.ip}:3260'))")
-    fleet.network.shape(b.index, "40mbit")      # the whole image then takes ~10 s
+    fleet.network.shape(b.index, "40mbit")  # the whole image then takes ~10 s
     try:
-        out = py(b, node_ctor(b) + f"""
+        out = py(
+            b,
+            node_ctor(b)
+            + f"""
 import time
 from vmthunder.tree import Tree
 tree = Tree(node, None, initiator={b.initiator_iqn!r}, state_dir={STATE_DIR!r})
@@ -191,7 +195,8 @@ time.sleep(1.0)
 running = tree.prefetch_report('img-pfd') is None
 tree.detach('vm-pfd')
 out({{"running": running, "templates": list(node.status()["templates"])}})
-""")
+""",
+        )
     finally:
         fleet.network.shape(b.index, None)
     assert out["templates"] == []
@@ -206,6 +211,7 @@ def test_a_relay_fetches_a_block_once_for_its_vm_and_its_child(fleet):
     Neither cache engine merges concurrent misses itself: with coalesce=False the same run
     fetched 1.3-1.9x the image (see bench/README.md)."""
     import threading
+
     a, b, c = fleet["a"], fleet["b"], fleet["c"]
     ctor_b = node_ctor(b, export_ip=b.ip)
     ctor_c = node_ctor(c)
@@ -224,7 +230,7 @@ def test_a_relay_fetches_a_block_once_for_its_vm_and_its_child(fleet):
             try:
                 go.wait(timeout=60)
                 read_all(node, dev)
-            except Exception as e:      # surfaced below
+            except Exception as e:  # surfaced below
                 errors.append(e)
 
         rx0 = b.rx_bytes()
@@ -247,10 +253,10 @@ def test_a_relay_fetches_a_block_once_for_its_vm_and_its_child(fleet):
 
 def _local_disk_wwn(image):
     """The tcm_loop target WWN vmthunder uses for an image's local disk (src/lio/loopback.rs)."""
-    h = 0xcbf29ce484222325
+    h = 0xCBF29CE484222325
     for b in image.encode():
-        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-    return f"naa.5001405{h & 0xfffffffff:09x}"
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"naa.5001405{h & 0xFFFFFFFFF:09x}"
 
 
 def test_a_failed_local_disk_leaves_nothing_it_made(fleet):
@@ -263,22 +269,31 @@ def test_a_failed_local_disk_leaves_nothing_it_made(fleet):
     cfs = "/sys/kernel/config/target"
     tpg = f"{cfs}/loopback/{_local_disk_wwn('img-ld')}/tpgt_1"
     foreign = f"{cfs}/core/fileio_1/foreign"
-    b.check(f"dd if=/dev/zero of=/tmp/foreign.img bs=1M count=4 2>/dev/null && mkdir -p {foreign} && "
-            f"echo fd_dev_name=/tmp/foreign.img,fd_dev_size=4194304 > {foreign}/control && echo 1 > {foreign}/enable && "
-            f"mkdir -p {tpg}/lun/lun_0 && echo {_local_disk_wwn('img-ld')[:-1]}f > {tpg}/nexus && "
-            f"ln -s {foreign} {tpg}/lun/lun_0/x", timeout=30)
+    b.check(
+        f"dd if=/dev/zero of=/tmp/foreign.img bs=1M count=4 2>/dev/null && mkdir -p {foreign} && "
+        f"echo fd_dev_name=/tmp/foreign.img,fd_dev_size=4194304 > {foreign}/control && echo 1 > {foreign}/enable && "
+        f"mkdir -p {tpg}/lun/lun_0 && echo {_local_disk_wwn('img-ld')[:-1]}f > {tpg}/nexus && "
+        f"ln -s {foreign} {tpg}/lun/lun_0/x",
+        timeout=30,
+    )
     try:
         conn = py(a, f"out(vmthunder.allow_initiator('vol', {b.initiator_iqn!r}, '{a.ip}:3260'))")
         with pytest.raises(GuestError) as e:
             py(b, ctor + f"node.attach('img-ld', [{conn!r}], 'vm-ld')")
         assert e.value.exc_type == "LioError", e.value
         assert "fileio_1/foreign" in e.value.message and "vmthunder-1_img-ld" in e.value.message, e.value.message
-        left = b.check(f"ls {cfs}/core/fileio_0 2>/dev/null | grep vmthunder; find {tpg}/lun/lun_0 -maxdepth 1 -type l -printf '%f\\n'; "
-                       "dmsetup ls | grep vmthunder; ls /sys/class/iscsi_session", timeout=30).split()
+        left = b.check(
+            f"ls {cfs}/core/fileio_0 2>/dev/null | grep vmthunder; find {tpg}/lun/lun_0 -maxdepth 1 -type l -printf '%f\\n'; "
+            "dmsetup ls | grep vmthunder; ls /sys/class/iscsi_session",
+            timeout=30,
+        ).split()
         assert left == ["x"], f"the failed attach left {left} (only the foreign LUN link should be there)"
     finally:
-        b.run(f"rm -f {tpg}/lun/lun_0/x; rmdir {tpg}/lun/lun_0; echo NULL > {tpg}/nexus; rmdir {tpg} {os.path.dirname(tpg)}; "
-              f"rmdir {foreign} {cfs}/core/fileio_1; rm -f /tmp/foreign.img", timeout=30)
+        b.run(
+            f"rm -f {tpg}/lun/lun_0/x; rmdir {tpg}/lun/lun_0; echo NULL > {tpg}/nexus; rmdir {tpg} {os.path.dirname(tpg)}; "
+            f"rmdir {foreign} {cfs}/core/fileio_1; rm -f /tmp/foreign.img",
+            timeout=30,
+        )
     assert_clean(b)
 
 
@@ -295,7 +310,9 @@ def test_building_a_template_reads_little_from_the_parent(fleet):
     vm = py(b, ctor_b + f"out(node.attach('img-build', [{conn_b!r}], 'vm-build'))")
     built = b.rx_bytes() - rx0
     print(f"\nbuilding the template received {built} bytes from the origin")
-    assert built < 128 << 10, f"the build read {built} bytes from the parent"  # 384 KB before (make-bcache probing over the parent)
+    assert built < 128 << 10, (
+        f"the build read {built} bytes from the parent"
+    )  # 384 KB before (make-bcache probing over the parent)
     assert md5_of(b, vm, IMAGE) == fleet.origin_md5, "the real table is in place after formatting"
     py(b, ctor_b + "node.detach('vm-build')")
     assert_clean(b)

@@ -5,6 +5,7 @@ without a registry) and relays; C attaches VM2 from B's export. Each node's conf
 nova.conf with [vmthunder], as nova-compute has it. The command runs as the operator runs it
 (the wheel's console script, a new process each time).
 """
+
 import json
 import os
 import shlex
@@ -12,9 +13,9 @@ import shlex
 import pytest
 
 import vmthunder
+from lab import Fleet
 from tests.kernel._promtext import parse, value
 from tests.kernel._vmt import STATE_DIR, file_md5, md5_of, node_ctor, py, random_disk, require_uml
-from lab import Fleet
 
 IMAGE = 32 << 20
 VOLUME = "img1"
@@ -28,8 +29,10 @@ VMTHUNDER = _SCRIPT if os.access(_SCRIPT, os.X_OK) else "python3 -m vmthunder"
 def nova_conf(node):
     # enabled = false: the nodes' Python has no Nova, and with vmthunder enabled in nova.conf
     # a Nova without the patch is a failure that blocks (doctor says so)
-    return (f"[DEFAULT]\nhost = {node.name}\nmy_block_storage_ip = {node.ip}\nstate_path = /var/lib/nova\n\n"
-            f"[vmthunder]\nenabled = false\ncache_device = /dev/ubdb\nstate_dir = {STATE_DIR}\ncow_size_mib = 32\n")
+    return (
+        f"[DEFAULT]\nhost = {node.name}\nmy_block_storage_ip = {node.ip}\nstate_path = /var/lib/nova\n\n"
+        f"[vmthunder]\nenabled = false\ncache_device = /dev/ubdb\nstate_dir = {STATE_DIR}\ncow_size_mib = 32\n"
+    )
 
 
 def vmt(node, args, timeout=120):
@@ -40,7 +43,7 @@ def vmt(node, args, timeout=120):
 def vmt_json(node, args, want_rc=0):
     rc, out = vmt(node, args + " --json")
     assert rc == want_rc, out
-    return json.loads(out[out.index("{"):])
+    return json.loads(out[out.index("{") :])
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +84,24 @@ def test_doctor_passes_on_a_prepared_node(fleet):
     b = fleet["b"]
     checks = vmt_json(b, "doctor")["checks"]
     names = [ch["name"] for ch in checks]
-    for want in ("module dm-snapshot", "module dm-multipath", "module bcache", "module target_core_mod",
-                 "module target_core_file", "module iscsi_tcp", "module tcm_loop", "configfs", "iscsid",
-                 "initiator name", "make-bcache", "bcache udev rule", "cache device", "state dir", "registry",
-                 "nova patch"):
+    for want in (
+        "module dm-snapshot",
+        "module dm-multipath",
+        "module bcache",
+        "module target_core_mod",
+        "module target_core_file",
+        "module iscsi_tcp",
+        "module tcm_loop",
+        "configfs",
+        "iscsid",
+        "initiator name",
+        "make-bcache",
+        "bcache udev rule",
+        "cache device",
+        "state dir",
+        "registry",
+        "nova patch",
+    ):
         assert want in names, names
     assert all(ch["ok"] for ch in checks), [ch for ch in checks if not ch["ok"]]
     dev = checks[names.index("cache device")]
@@ -96,10 +113,14 @@ def attach_b_and_c(fleet):
     """VM1 on B through a Tree (no registry: a join from the origin), B relays to C's VM2."""
     a, b, c = fleet["a"], fleet["b"], fleet["c"]
     conn_b = py(a, f"out(vmthunder.allow_initiator({VOLUME!r}, {b.initiator_iqn!r}, '{a.ip}:3260'))")
-    vm1 = py(b, node_ctor(b, export_ip=b.ip) + f"""
+    vm1 = py(
+        b,
+        node_ctor(b, export_ip=b.ip)
+        + f"""
 from vmthunder.tree import Tree
 tree = Tree(node, None, initiator={b.initiator_iqn!r}, export_ip={b.ip!r}, state_dir={STATE_DIR!r})
-out(tree.attach({IMAGE_ID!r}, {conn_b!r}, 'vm1'))""")
+out(tree.attach({IMAGE_ID!r}, {conn_b!r}, 'vm1'))""",
+    )
     conn_c = py(b, node_ctor(b, export_ip=b.ip) + f"out(node.export_info({IMAGE_ID!r}, {c.initiator_iqn!r}))")
     vm2 = py(c, node_ctor(c) + f"out(node.attach({IMAGE_ID!r}, [{conn_c!r}], 'vm2'))")
     # every block read once on each node: B fetches the image from A, C from B
@@ -125,9 +146,9 @@ def test_status_shows_what_attach_built(fleet, attached):
     [path] = t["paths"]
     assert path["parent"] == "origin" and path["portal"] == f"{a.ip}:3260" and path["state"] == "A", path
     assert path["target"] == f"iqn.2026-11.org.vmthunder.volume:{VOLUME}"
-    assert path["read_bytes"] >= IMAGE, path                  # B read all of it from A
+    assert path["read_bytes"] >= IMAGE, path  # B read all of it from A
     assert t["served"][c.initiator_iqn]["session"] is True
-    assert t["served"][c.initiator_iqn]["bytes"] >= IMAGE, t["served"]   # ... and sent all of it to C
+    assert t["served"][c.initiator_iqn]["bytes"] >= IMAGE, t["served"]  # ... and sent all of it to C
     assert set(t["cache"]) == {"hits", "misses"}
     assert t["local_read_bytes"] >= IMAGE
     assert st["vms"]["vm1"]["image"] == IMAGE_ID and st["vms"]["vm1"]["state"] == "attached"
@@ -158,7 +179,7 @@ def test_metrics_are_prometheus_text_with_the_expected_series(fleet, attached):
     assert 0 < value(fam, "vmthunder_vm_cow_used_bytes", vm="vm1") < 32 << 20
     assert value(fam, "vmthunder_vm_cow_valid", vm="vm1") == 1
     assert value(fam, "vmthunder_cache_hits_total", engine="bcache", **img) >= 0
-    assert value(fam, "vmthunder_join_duration_seconds_count") == 1      # the Tree's join
+    assert value(fam, "vmthunder_join_duration_seconds_count") == 1  # the Tree's join
     assert value(fam, "vmthunder_attach_duration_seconds_count") >= 1
     assert value(fam, "vmthunder_join_duration_seconds_sum") > 0
     for name in ("vmthunder_parent_read_bytes_total", "vmthunder_child_served_bytes_total", "vmthunder_cache_misses_total"):
@@ -166,19 +187,19 @@ def test_metrics_are_prometheus_text_with_the_expected_series(fleet, attached):
     assert fam["vmthunder_attach_duration_seconds"]["type"] == "summary"
     # for node_exporter's textfile collector: written whole, then renamed into place
     rc, out = vmt(b, "metrics --output /tmp/textfile/vmthunder.prom")
-    assert rc != 0 and "/tmp/textfile/vmthunder.prom" in out, out          # no such directory: said so
+    assert rc != 0 and "/tmp/textfile/vmthunder.prom" in out, out  # no such directory: said so
     b.check("mkdir -p /tmp/textfile")
     rc, out = vmt(b, "metrics --output /tmp/textfile/vmthunder.prom")
     assert rc == 0 and out.strip() == "", out
     written = parse(b.check("cat /tmp/textfile/vmthunder.prom"))
     assert value(written, "vmthunder_template_vms", **img) == 1
-    assert b.check("ls -A /tmp/textfile").split() == ["vmthunder.prom"]      # no temporary file left
+    assert b.check("ls -A /tmp/textfile").split() == ["vmthunder.prom"]  # no temporary file left
 
 
 def test_recover_rebuilds_a_lost_disk_at_its_path(fleet, attached):
     b = fleet["b"]
     vm1, _ = attached
-    rep = vmt_json(b, "recover")       # nothing lost: the disk is adopted where it is
+    rep = vmt_json(b, "recover")  # nothing lost: the disk is adopted where it is
     assert rep["reassembled"]["disks"] == {"vm1": vm1} and rep["reassembled"]["failed"] == {}, rep
     b.check(f"printf vmthunder-cli-write | dd of={vm1} bs=4096 seek=256 conv=sync,fsync oflag=direct 2>&1")
     written = b.check(f"dd if={vm1} bs=4096 skip=256 count=1 iflag=direct 2>/dev/null | md5sum").split()[0]
@@ -189,4 +210,6 @@ def test_recover_rebuilds_a_lost_disk_at_its_path(fleet, attached):
     assert rc == 0 and f"rebuilt  VM vm1: {vm1}" in out, out
     # ... and comes back at its path with the VM's write, the rest still the image
     assert b.check(f"dd if={vm1} bs=4096 skip=256 count=1 iflag=direct 2>/dev/null | md5sum").split()[0] == written
-    assert md5_of(b, vm1, 1 << 20) == py(fleet["a"], "import hashlib; out(hashlib.md5(open('/dev/ubdb','rb').read(1 << 20)).hexdigest())")
+    assert md5_of(b, vm1, 1 << 20) == py(
+        fleet["a"], "import hashlib; out(hashlib.md5(open('/dev/ubdb','rb').read(1 << 20)).hexdigest())"
+    )

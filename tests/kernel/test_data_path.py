@@ -3,14 +3,14 @@
 A exports an origin volume (the stand-in for Cinder); B attaches VM1 from A; C attaches VM2
 with B as its parent. Every step runs in a new Python process on the node.
 """
+
 import os
 import time
 
 import pytest
 
-from tests.kernel._vmt import (GuestError, assert_clean, file_md5, leftovers, md5_of, node_ctor, py,
-                               random_disk, require_uml)
 from lab import Fleet
+from tests.kernel._vmt import GuestError, assert_clean, file_md5, leftovers, md5_of, node_ctor, py, random_disk, require_uml
 
 IMAGE_MB = 64
 IMAGE = IMAGE_MB << 20
@@ -116,7 +116,7 @@ def test_a_child_logs_in_to_a_prepared_target_before_its_parent_builds(fleet):
     b, c = fleet["b"], fleet["c"]
     nb = node_ctor(b, export_ip=b.ip)
     assert py(b, nb + f"out(node.prepare_export({IMAGE_ID!r}))") is True
-    assert py(b, nb + f"out(node.prepare_export({IMAGE_ID!r}))") is False        # idempotent
+    assert py(b, nb + f"out(node.prepare_export({IMAGE_ID!r}))") is False  # idempotent
     conn_c = py(b, nb + f"out(node.export_info({IMAGE_ID!r}, {c.initiator_iqn!r}))")
     assert py(c, node_ctor(c) + f"out(node.prelogin({conn_c!r}))") == 1
     sessions = c.check("ls /sys/class/iscsi_session").split()
@@ -124,13 +124,16 @@ def test_a_child_logs_in_to_a_prepared_target_before_its_parent_builds(fleet):
     assert py(b, nb + "out(node.status())")["templates"] == {}
 
     vm1 = py(b, nb + f"out(node.attach({IMAGE_ID!r}, [{origin_conn(fleet, b)!r}], 'vm1'))")
-    out = c.check(f"python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n"
-                  f"{node_ctor(c)}print(node.attach({IMAGE_ID!r}, [{conn_c!r}], 'vm2'))\nEOF", timeout=180)
+    out = c.check(
+        f"python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n"
+        f"{node_ctor(c)}print(node.attach({IMAGE_ID!r}, [{conn_c!r}], 'vm2'))\nEOF",
+        timeout=180,
+    )
     assert "reusing iSCSI session" in out, out
     assert c.check("ls /sys/class/iscsi_session").split() == sessions
     vm2 = out.strip().splitlines()[-1]
     assert md5_of(c, vm2, IMAGE) == fleet.origin_md5 and md5_of(b, vm1, IMAGE) == fleet.origin_md5
-    assert py(c, node_ctor(c) + f"out(node.logout_unused({conn_c!r}))") == 0     # in use: kept
+    assert py(c, node_ctor(c) + f"out(node.logout_unused({conn_c!r}))") == 0  # in use: kept
     py(c, node_ctor(c) + "node.detach('vm2')")
     assert_clean(c)
     py(b, nb + "node.detach('vm1')")
@@ -157,20 +160,26 @@ def test_recover_removes_what_a_crashed_join_left_and_leaves_a_join_in_flight_al
     assert py(b, nb + f"out(node.prepare_export({IMAGE_ID!r}))") is True
     conn_b = py(b, nb + f"out(node.export_info({IMAGE_ID!r}, {c.initiator_iqn!r}))")
     with pytest.raises(GuestError) as crash:
-        py(c, nc + f"""
+        py(
+            c,
+            nc
+            + f"""
 import signal
 mark = node.joining({IMAGE_ID!r})
 node.prepare_export({IMAGE_ID!r})
 node.export_info({IMAGE_ID!r}, {b.initiator_iqn!r})
 node.prelogin({origin!r})
 node.prelogin({conn_b!r})
-os.kill(os.getpid(), signal.SIGKILL)""")
+os.kill(os.getpid(), signal.SIGKILL)""",
+        )
     assert crash.value.exc_type == "exit"
     left = leftovers(c)
     assert len(left["sessions"]) == 2 and left["targets"] == [f"iqn.2026-11.org.vmthunder:c:{IMAGE_ID}"], left
 
-    holder = c.spawn(f"python3 - <<'EOF'\nimport time, vmthunder\n{nc}mark = node.joining({IMAGE_ID!r})\n"
-                     f"print('held', flush=True)\ntime.sleep(120)\nEOF")
+    holder = c.spawn(
+        f"python3 - <<'EOF'\nimport time, vmthunder\n{nc}mark = node.joining({IMAGE_ID!r})\n"
+        f"print('held', flush=True)\ntime.sleep(120)\nEOF"
+    )
     try:
         for _ in range(300):
             if "held" in holder.output() or holder.poll() is not None:
@@ -180,17 +189,21 @@ os.kill(os.getpid(), signal.SIGKILL)""")
         with pytest.raises(GuestError) as busy:
             py(c, nc + f"out(node.recover({IMAGE_ID!r}, [{origin!r}]))")
         assert busy.value.exc_type == "Busy" and "in flight" in busy.value.message
-        assert leftovers(c) == left                     # untouched
+        assert leftovers(c) == left  # untouched
     finally:
         holder.kill()
         holder.wait(30)
 
     removed = py(c, nc + f"out(node.recover({IMAGE_ID!r}, [{origin!r}]))")
-    assert sorted(removed) == sorted([f"prepared export of image {IMAGE_ID}",
-                                      f"session to {fleet.origin_iqn} at {fleet['a'].ip}:3260",
-                                      f"session to {conn_b['data']['target_iqn']} at {b.ip}:3260"]), removed
+    assert sorted(removed) == sorted(
+        [
+            f"prepared export of image {IMAGE_ID}",
+            f"session to {fleet.origin_iqn} at {fleet['a'].ip}:3260",
+            f"session to {conn_b['data']['target_iqn']} at {b.ip}:3260",
+        ]
+    ), removed
     assert_clean(c)
-    assert py(c, nc + f"out(node.recover({IMAGE_ID!r}, [{origin!r}]))") == []     # nothing left
+    assert py(c, nc + f"out(node.recover({IMAGE_ID!r}, [{origin!r}]))") == []  # nothing left
     assert py(b, nb + f"out(node.drop_export({IMAGE_ID!r}))") is True
     assert_clean(b)
 
@@ -221,8 +234,11 @@ def test_cache_device_too_small_leaves_nothing(fleet):
     b = fleet["b"]
     # 24 MiB local device: the node accepts it, but a 64 MiB image's cache does not fit.
     with pytest.raises(GuestError) as e:
-        py(b, node_ctor(b, cache_device="/dev/ubdc", export_ip=b.ip)
-           + f"node.attach({IMAGE_ID!r}, [{origin_conn(fleet, b)!r}], 'vm1')")
+        py(
+            b,
+            node_ctor(b, cache_device="/dev/ubdc", export_ip=b.ip)
+            + f"node.attach({IMAGE_ID!r}, [{origin_conn(fleet, b)!r}], 'vm1')",
+        )
     assert e.value.exc_type == "CacheDeviceError"
     assert "no room" in e.value.message or "too small" in e.value.message, e.value.message
     assert_clean(b)
@@ -255,8 +271,18 @@ def test_malformed_connection_info(fleet, conn, needle):
     assert_clean(b)
 
 
-@pytest.mark.parametrize("image,vm", [("a/b", "vm1"), ("..", "vm1"), ("img 1", "vm1"), ("img\n1", "vm1"),
-                                      (IMAGE_ID, "../vm"), (IMAGE_ID, "vm 1"), (IMAGE_ID, "vm/1")])
+@pytest.mark.parametrize(
+    "image,vm",
+    [
+        ("a/b", "vm1"),
+        ("..", "vm1"),
+        ("img 1", "vm1"),
+        ("img\n1", "vm1"),
+        (IMAGE_ID, "../vm"),
+        (IMAGE_ID, "vm 1"),
+        (IMAGE_ID, "vm/1"),
+    ],
+)
 def test_bad_names(fleet, image, vm):
     b = fleet["b"]
     with pytest.raises(GuestError) as e:
@@ -270,7 +296,9 @@ def test_failure_after_the_cache_set_leaves_nothing(fleet):
     bcache cache set and the template exist; all of it is undone."""
     b = fleet["b"]
     with pytest.raises(GuestError) as e:
-        py(b, node_ctor(b, export_ip=b.ip, cow_size_mib=100000)
-           + f"node.attach({IMAGE_ID!r}, [{origin_conn(fleet, b)!r}], 'vm1')")
+        py(
+            b,
+            node_ctor(b, export_ip=b.ip, cow_size_mib=100000) + f"node.attach({IMAGE_ID!r}, [{origin_conn(fleet, b)!r}], 'vm1')",
+        )
     assert e.value.exc_type == "CacheDeviceError" and "COW" in e.value.message, e.value.message
     assert_clean(b)

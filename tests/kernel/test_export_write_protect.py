@@ -6,13 +6,14 @@ a raw SCSI WRITE(10) through SG_IO, which skips the child kernel's own read-only
 write-protect error from the parent's target, and nothing above changes: B's VM, C's VM and the
 origin volume still read as the origin file.
 """
+
 import json
 import os
 
 import pytest
 
-from tests.kernel._vmt import assert_clean, file_md5, node_ctor, py, random_disk, require_uml
 from lab import Fleet
+from tests.kernel._vmt import assert_clean, file_md5, node_ctor, py, random_disk, require_uml
 
 IMAGE_MB = 32
 IMAGE = IMAGE_MB << 20
@@ -66,9 +67,12 @@ def fleet(tmp_path_factory):
 
 def session_disk(node, iqn):
     """The SCSI disk (sdX) of NODE's iSCSI session to target IQN."""
-    out = node.check(f"""for s in /sys/class/iscsi_session/*; do
+    out = node.check(
+        f"""for s in /sys/class/iscsi_session/*; do
   [ "$(cat $s/targetname)" = "{iqn}" ] && ls $s/device/target*/*/block/
-done; true""", timeout=30)
+done; true""",
+        timeout=30,
+    )
     disks = out.split()
     assert len(disks) == 1, f"{node.name}: disks of the session to {iqn}: {out!r}"
     return "/dev/" + disks[0]
@@ -108,7 +112,7 @@ def test_write_protect_a_childs_write_to_its_parents_export_fails_and_changes_no
     b_rc, b_dd, b_sg = write_attempts(b, b_disk)
     print(f"C dd to {c_disk}: rc={c_rc}: {c_dd!r}; SG_IO WRITE(10): {c_sg}")
     print(f"B dd to {b_disk}: rc={b_rc}: {b_dd!r}; SG_IO WRITE(10): {b_sg}")
-    protected = {"status": 2, "sense_key": 7, "asc": 0x27}      # CHECK CONDITION, DATA PROTECT, WRITE PROTECTED
+    protected = {"status": 2, "sense_key": 7, "asc": 0x27}  # CHECK CONDITION, DATA PROTECT, WRITE PROTECTED
     seen = {
         "write_protect": wp,
         "C's dd to B fails": c_rc != 0,

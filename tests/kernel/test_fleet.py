@@ -6,23 +6,25 @@ documented shape and its provenance, every VM finished its reads with the right 
 timeline PNG exists, and the run's summary went to the history file beside them (the
 temporary directory, not bench/results).
 """
+
 import json
 import os
 
+from bench import fleet
 from tests.kernel._vmt import require_uml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import fleet  # noqa: E402
 
 
 def test_fleet_smoke(tmp_path, capsys):
     require_uml()
     try:
         import tooz  # noqa: F401
+
         import vmthunder.registry  # noqa: F401
     except ImportError as e:
         import pytest
+
         pytest.skip(f"the tree mode needs the registry: {e}")
     rc = fleet.main(["--nodes", "3", "--smoke", "--full-copy", "measure", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "fleet-3n-100mbit-synthetic.json").read_text())

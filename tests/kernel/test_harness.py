@@ -8,18 +8,17 @@ import time
 
 import pytest
 
-from lab import (CommandTimeout, Fleet, HarnessError, NodeDead, IQN_PREFIX,
-                                  uml_available)
+from lab import IQN_PREFIX, CommandTimeout, Fleet, HarnessError, NodeDead, uml_available
 
 _OK, _REASON = uml_available()
 needs_uml = pytest.mark.skipif(not _OK, reason=f"UML nodes cannot run here: {_REASON}")
 pytestmark = [pytest.mark.kernel]
 
-TAG = f"th{os.getpid()}"          # unique per pytest process: concurrent sessions do not collide
+TAG = f"th{os.getpid()}"  # unique per pytest process: concurrent sessions do not collide
 DISK_B = 64 * 2**20
 
 # guest-side throughput probe: receiver prints how fast the bytes arrived
-_RECV = r'''
+_RECV = r"""
 import socket, sys, time
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1)
@@ -32,14 +31,14 @@ while True:
     t = t or time.time()
     n += len(d)
 print("BYTES %d SECS %.3f" % (n, time.time() - t))
-'''
-_SEND = r'''
+"""
+_SEND = r"""
 import socket, sys
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
 for _ in range(int(sys.argv[3])):
     c.sendall(b"x" * (1 << 20))
 c.close()
-'''
+"""
 
 
 def _ping(src, dst_ip, count=2):
@@ -61,8 +60,9 @@ def _leftovers(fleet_info):
         except OSError:
             pass
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    found += [f"process: {line.strip()[:100]}" for line in ps.splitlines()
-              if "linux.uml" in line and fleet_info["workdir"] in line]
+    found += [
+        f"process: {line.strip()[:100]}" for line in ps.splitlines() if "linux.uml" in line and fleet_info["workdir"] in line
+    ]
     with open("/proc/self/mounts") as f:
         found += [f"mount {line.split()[1]}" for line in f if fleet_info["workdir"] in line]
     if os.path.exists(fleet_info["workdir"]):
@@ -71,11 +71,11 @@ def _leftovers(fleet_info):
 
 
 def _info(fleet):
-    return {"netns": fleet.netns, "workdir": fleet.workdir,
-            "pids": [n.pid for n in fleet if n.pid]}
+    return {"netns": fleet.netns, "workdir": fleet.workdir, "pids": [n.pid for n in fleet if n.pid]}
 
 
 # ------------------------------------------------------------------ no UML needed
+
 
 def test_subnet_must_be_in_benchmark_range():
     with pytest.raises(HarnessError, match="198.18.0.0/15"):
@@ -98,15 +98,16 @@ def test_subnet_must_be_in_benchmark_range():
 
 # ------------------------------------------------------------------ one fleet for most tests
 
+
 @pytest.fixture(scope="module")
 def fleet():
     if not _OK:
         pytest.skip(f"UML nodes cannot run here: {_REASON}")
     t0 = time.monotonic()
-    with Fleet(nodes={"a": {"disks": {"ubdb": DISK_B, "ubdc": "16M"}}, "b": {}},
-               name=TAG, mem="256M", subnet="198.18.7.0/24") as f:
-        print(f"\nfleet booted in {time.monotonic() - t0:.1f}s "
-              f"({', '.join(f'{n.name}: {n.boot_seconds:.1f}s' for n in f)})")
+    with Fleet(
+        nodes={"a": {"disks": {"ubdb": DISK_B, "ubdc": "16M"}}, "b": {}}, name=TAG, mem="256M", subnet="198.18.7.0/24"
+    ) as f:
+        print(f"\nfleet booted in {time.monotonic() - t0:.1f}s ({', '.join(f'{n.name}: {n.boot_seconds:.1f}s' for n in f)})")
         yield f
     left = _leftovers(_info(f))
     assert not left, f"teardown left: {left}"
@@ -117,8 +118,10 @@ def test_nodes_identity(fleet):
     a, b = fleet["a"], fleet["b"]
     assert (a.ip, b.ip) == ("198.18.7.1", "198.18.7.2")
     assert a.initiator_iqn != b.initiator_iqn
-    out = a.check("hostname; cat /etc/iscsi/initiatorname.iscsi; ip -4 -br addr show vec0; "
-                  "blockdev --getsize64 /dev/ubdb /dev/ubdc; uname -r")
+    out = a.check(
+        "hostname; cat /etc/iscsi/initiatorname.iscsi; ip -4 -br addr show vec0; "
+        "blockdev --getsize64 /dev/ubdb /dev/ubdc; uname -r"
+    )
     lines = out.splitlines()
     assert lines[0] == f"{TAG}-a"
     assert lines[1] == f"InitiatorName={a.initiator_iqn}"
@@ -128,8 +131,7 @@ def test_nodes_identity(fleet):
     with pytest.raises(HarnessError):
         b.disk_path("ubdb")
     mods = a.check("lsmod")
-    for m in ("dm_mod", "dm_cache", "dm_snapshot", "dm_multipath", "target_core_mod",
-              "iscsi_target_mod", "iscsi_tcp", "sd_mod"):
+    for m in ("dm_mod", "dm_cache", "dm_snapshot", "dm_multipath", "target_core_mod", "iscsi_target_mod", "iscsi_tcp", "sd_mod"):
         assert m in mods, f"module {m} not loaded:\n{mods}"
     env = a.check("echo $DM_DISABLE_UDEV $HOME; test -d /etc/target; mount")
     assert env.startswith("1 /root\n")
@@ -171,8 +173,9 @@ def test_concurrent_runs_from_threads(fleet):
     def worker(node, i):
         try:
             results[(node.name, i)] = node.run(
-                f"s=$(date +%s.%N); sleep 1; e=$(date +%s.%N); echo $(hostname) {i} $s $e", timeout=60)
-        except Exception as e:          # pragma: no cover - reported below
+                f"s=$(date +%s.%N); sleep 1; e=$(date +%s.%N); echo $(hostname) {i} $s $e", timeout=60
+            )
+        except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(n, i)) for n in fleet for i in range(3)]
@@ -197,7 +200,7 @@ def test_spawn_poll_timeout(fleet):
     p = a.spawn("echo started; sleep 3; echo finished; exit 5")
     time.sleep(0.5)
     assert p.poll() is None
-    assert a.check("echo meanwhile") == "meanwhile\n"       # the node is not blocked
+    assert a.check("echo meanwhile") == "meanwhile\n"  # the node is not blocked
     assert p.wait(30) == (5, "started\nfinished\n")
     t0 = time.monotonic()
     with pytest.raises(CommandTimeout) as ei:
@@ -219,15 +222,13 @@ def test_files_and_python_in_guest(fleet):
     a = fleet["a"]
     gpath = a.write_file("sub/data.bin", b"\x00\x01binary" * 1000)
     assert gpath == "/vmt-share/sub/data.bin"
-    assert a.check(f"md5sum < {gpath}").split()[0] == \
-        __import__("hashlib").md5(b"\x00\x01binary" * 1000).hexdigest()
-    a.write_file("sub/data.bin", b"second version")       # rewritten: no stale guest cache
+    assert a.check(f"md5sum < {gpath}").split()[0] == __import__("hashlib").md5(b"\x00\x01binary" * 1000).hexdigest()
+    a.write_file("sub/data.bin", b"second version")  # rewritten: no stale guest cache
     assert a.check(f"cat {gpath}") == "second version"
     a.check("echo from-guest > /vmt-share/out.txt")
     assert a.read_file("out.txt") == b"from-guest\n"
     # the host's python and its site-packages work inside the guest
-    out = a.check("python3 -c 'import sys, pytest; print(sys.version); print(pytest.__file__)'",
-                  timeout=120)
+    out = a.check("python3 -c 'import sys, pytest; print(sys.version); print(pytest.__file__)'", timeout=120)
     version, pytest_file = out.splitlines()
     assert version == sys.version
     assert pytest_file == pytest.__file__
@@ -251,8 +252,7 @@ def test_kill_makes_node_unreachable_and_restart(fleet):
     p = b.spawn("sleep 60")
     b.kill()
     assert not b.alive()
-    assert not os.path.exists(f"/proc/{pid}") or b"linux.uml" not in open(
-        f"/proc/{pid}/cmdline", "rb").read()
+    assert not os.path.exists(f"/proc/{pid}") or b"linux.uml" not in open(f"/proc/{pid}/cmdline", "rb").read()
     with pytest.raises(NodeDead):
         p.wait(5)
     with pytest.raises(NodeDead):
@@ -267,18 +267,18 @@ def test_kill_makes_node_unreachable_and_restart(fleet):
 
 # ------------------------------------------------------------------ teardown, shaping
 
+
 @needs_uml
 def test_shaping_and_teardown_leave_nothing():
     info = None
     with pytest.raises(RuntimeError, match="inside the with block"):
-        with Fleet(nodes={"x": {"rate": "20mbit"}, "y": {}}, name=f"{TAG}s", mem="256M",
-                   subnet="198.18.8.0/24") as f:
+        with Fleet(nodes={"x": {"rate": "20mbit"}, "y": {}}, name=f"{TAG}s", mem="256M", subnet="198.18.8.0/24") as f:
             info = _info(f)
             x, y = f["x"], f["y"]
             for n in (x, y):
                 n.write_file("recv.py", _RECV)
                 n.write_file("send.py", _SEND)
-            for src, dst, port in ((x, y, 5001), (y, x, 5002)):     # x upload, x download
+            for src, dst, port in ((x, y, 5001), (y, x, 5002)):  # x upload, x download
                 recv = dst.spawn(f"python3 /vmt-share/recv.py {port}")
                 deadline = time.monotonic() + 60
                 while "listening" not in recv.output() and time.monotonic() < deadline:
@@ -290,7 +290,7 @@ def test_shaping_and_teardown_leave_nothing():
                 print(f"\n{src.name}->{dst.name}: {mbit:.1f} Mbit/s (limit 20 on x)")
                 assert nbytes == 4 * 2**20
                 assert 10 < mbit < 24, f"{src.name}->{dst.name}: {mbit:.1f} Mbit/s"
-            x.kill()                     # a dead node must not disturb teardown
+            x.kill()  # a dead node must not disturb teardown
             raise RuntimeError("inside the with block")
     assert info is not None
     left = _leftovers(info)
@@ -316,13 +316,14 @@ def test_host_service_is_reachable_from_nodes_and_stopped_at_teardown(tmp_path):
     with Fleet(nodes=["x"], name=f"{TAG}h", mem="256M", subnet="198.18.9.0/24") as f:
         info = _info(f)
         assert f["x"].ip == "198.18.9.1" and f.host_ip == "198.18.9.254"
-        proc = f.host_service("web", [sys.executable, "-m", "http.server", "--bind", f.host_ip,
-                                      "--directory", str(tmp_path), "8000"])
+        proc = f.host_service(
+            "web", [sys.executable, "-m", "http.server", "--bind", f.host_ip, "--directory", str(tmp_path), "8000"]
+        )
         with pytest.raises(HarnessError, match="duplicate"):
             f.host_service("web", ["true"])
         code = f"import urllib.request; print(urllib.request.urlopen('http://{f.host_ip}:8000/hello.txt', timeout=3).read().decode())"
         out = ""
-        for _ in range(50):                  # the server needs a moment to bind
+        for _ in range(50):  # the server needs a moment to bind
             rc, out = f["x"].run(f'python3 -c "{code}"', timeout=30)
             if rc == 0:
                 break

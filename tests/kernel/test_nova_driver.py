@@ -6,6 +6,7 @@ BlockDeviceMapping, nova.conf with [vmthunder]) and calls
 `nova.virt.block_device.DriverVMThunderVolumeBlockDevice.attach` then `.detach`. Cinder and the
 virt driver are fakes; vmthunder is real (iSCSI, LIO, device-mapper in the node's kernel).
 """
+
 import glob
 import hashlib
 import json
@@ -15,21 +16,23 @@ import uuid
 
 import pytest
 
-from tests.kernel._vmt import assert_clean, file_md5, md5_of, py, random_disk, require_uml
 from lab import Fleet
+from tests.kernel._vmt import assert_clean, file_md5, md5_of, py, random_disk, require_uml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV = os.environ.get("NOVA_TEST_VENV") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmthunder", "nova-34.0.0-venv")
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmthunder", "nova-34.0.0-venv"
+)
 VPY = os.path.join(VENV, "bin", "python")
 IMAGE = 48 << 20
 VOLUME_NAME = "img1"
-VOLUME_ID = "6c0b3a52-1f7e-4d2a-9b8e-5a4f3e2d1c0b"   # the Cinder volume (vmthunder's image id)
+VOLUME_ID = "6c0b3a52-1f7e-4d2a-9b8e-5a4f3e2d1c0b"  # the Cinder volume (vmthunder's image id)
 
 
 def _wheel():
     """The newest vmthunder wheel that has the Nova helpers (vmthunder/nova.py)."""
     import zipfile
+
     found = []
     for w in glob.glob(os.path.join(REPO, "target/wheels/vmthunder-*.whl")) + glob.glob("/tmp/wheels-dev/vmthunder-*.whl"):
         try:
@@ -42,8 +45,9 @@ def _wheel():
 
 def _patched_nova_venv():
     """The patched Nova venv with vmthunder installed in it, or pytest.skip."""
-    r = subprocess.run(["bash", os.path.join(REPO, "nova_patch/run-nova-tests.sh"), "--setup-only"],
-                       capture_output=True, text=True, timeout=3600)
+    r = subprocess.run(
+        ["bash", os.path.join(REPO, "nova_patch/run-nova-tests.sh"), "--setup-only"], capture_output=True, text=True, timeout=3600
+    )
     if r.returncode != 0 or not os.access(VPY, os.X_OK):
         pytest.skip(f"no patched Nova venv ({VENV}): {(r.stdout + r.stderr)[-800:]}")
     wheel = _wheel()
@@ -54,12 +58,18 @@ def _patched_nova_venv():
     stamp = os.path.join(VENV, ".vmthunder-wheel")
     installed = open(stamp).read() if os.path.exists(stamp) else None
     if installed != digest:
-        subprocess.run([VPY, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                        "--force-reinstall", wheel], check=True, timeout=600)
+        subprocess.run(
+            [VPY, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--force-reinstall", wheel],
+            check=True,
+            timeout=600,
+        )
         with open(stamp, "w") as f:
             f.write(digest)
-    subprocess.run([VPY, "-c", "import vmthunder.nova, nova.virt.block_device as b; "
-                    "b.DriverVMThunderVolumeBlockDevice"], check=True, timeout=300)
+    subprocess.run(
+        [VPY, "-c", "import vmthunder.nova, nova.virt.block_device as b; b.DriverVMThunderVolumeBlockDevice"],
+        check=True,
+        timeout=300,
+    )
     return VPY
 
 
@@ -69,11 +79,13 @@ def fleet(tmp_path_factory):
     _patched_nova_venv()
     origin = tmp_path_factory.mktemp("origin") / "origin.img"
     random_disk(origin, IMAGE)
-    nodes = {"a": {"disks": {"ubdb": str(origin)}},
-             # Nova's path takes vmthunder's default COW size (1024 MiB) per instance: the cache
-             # disk (a sparse file) must hold it next to the cache set (about half the disk).
-             "b": {"disks": {"ubdb": 3 << 30}},
-             "c": {"disks": {"ubdb": 3 << 30}}}
+    nodes = {
+        "a": {"disks": {"ubdb": str(origin)}},
+        # Nova's path takes vmthunder's default COW size (1024 MiB) per instance: the cache
+        # disk (a sparse file) must hold it next to the cache set (about half the disk).
+        "b": {"disks": {"ubdb": 3 << 30}},
+        "c": {"disks": {"ubdb": 3 << 30}},
+    }
     with Fleet(nodes=nodes, name=f"nv{os.getpid()}", subnet="198.18.40.0/24") as f:
         a = f["a"]
         py(a, f"out(vmthunder.export_volume({VOLUME_NAME!r}, '/dev/ubdb', '{a.ip}:3260'))")
@@ -197,9 +209,16 @@ def test_patched_driver_boots_two_instances_on_two_nodes(fleet):
         node = fleet[name]
         cinder_info = py(a, f"out(vmthunder.allow_initiator({VOLUME_NAME!r}, {node.initiator_iqn!r}, '{a.ip}:3260'))")
         cinder_info["data"]["target_lun"] = 0
-        params = {"step": "attach", "host": f"compute-{name}", "ip": node.ip, "initiator": node.initiator_iqn,
-                  "instance": str(uuid.uuid4()), "volume": VOLUME_ID, "attachment": str(uuid.uuid4()),
-                  "cinder_info": cinder_info}
+        params = {
+            "step": "attach",
+            "host": f"compute-{name}",
+            "ip": node.ip,
+            "initiator": node.initiator_iqn,
+            "instance": str(uuid.uuid4()),
+            "volume": VOLUME_ID,
+            "attachment": str(uuid.uuid4()),
+            "cinder_info": cinder_info,
+        }
         res = nova_run(node, params)
         info = res["connection_info"]
         assert info["driver_volume_type"] == "local", info

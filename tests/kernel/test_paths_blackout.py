@@ -18,6 +18,7 @@ equals the origin and what the VM wrote before the outage is still there.
 Each test uses its own origin volume and image, and detaches at the end. Timings are printed
 and, with VMT_BLACKOUT_RESULTS=<file>, written there as JSON.
 """
+
 import hashlib
 import json
 import os
@@ -28,15 +29,15 @@ import time
 
 import pytest
 
-from tests.kernel._vmt import md5_of, node_ctor, py, random_disk, require_uml
 from lab import Fleet
+from tests.kernel._vmt import md5_of, node_ctor, py, random_disk, require_uml
 
 IMAGE_MB = 64
 IMAGE = IMAGE_MB << 20
 BLOCK = 4096
-SLOT = 16 << 10            # one read per 16 KiB: readahead of a neighbour never makes a read warm
+SLOT = 16 << 10  # one read per 16 KiB: readahead of a neighbour never makes a read warm
 UPKEEP_S = 2.0
-READ_GAP_S = 0.04          # the reader's pace: at most 25 reads a second
+READ_GAP_S = 0.04  # the reader's pace: at most 25 reads a second
 PATTERN_MIB = IMAGE_MB - 1  # (c): the VM writes its last MiB before the outage; the reader skips it
 VOLUMES = {"a": "ubdb", "b": "ubdc", "c": "ubdd"}
 
@@ -130,7 +131,7 @@ def fleet(tmp_path_factory):
     random_disk(origin, IMAGE)
     data = origin.read_bytes()
     disks = {}
-    for tag, ubd in VOLUMES.items():      # one volume per test: LIO's iblock holds its disk exclusively
+    for tag, ubd in VOLUMES.items():  # one volume per test: LIO's iblock holds its disk exclusively
         p = work / f"origin-{tag}.img"
         p.write_bytes(data)
         disks[ubd] = str(p)
@@ -145,14 +146,19 @@ def fleet(tmp_path_factory):
         path = os.environ.get("VMT_BLACKOUT_RESULTS")
         if path and f.results:
             from bench import record
+
             record.write_result(path, {"provenance": record.provenance(), **f.results})
 
 
 def set_port(fleet, node, up):
     """Enable (forwarding) or disable node's port on the fleet's bridge: a disabled port drops
     every frame both ways, as a pulled cable or a dead switch port does."""
-    subprocess.run(["ip", "netns", "exec", fleet.netns, "bridge", "link", "set", "dev", node.tap,
-                    "state", "3" if up else "0"], check=True, timeout=30, capture_output=True)
+    subprocess.run(
+        ["ip", "netns", "exec", fleet.netns, "bridge", "link", "set", "dev", node.tap, "state", "3" if up else "0"],
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
 
 
 def read_json(node, name, default=None):
@@ -171,9 +177,13 @@ def rounds_of(node, d):
 
 
 def healthy(r, queueing):
-    return (r["sessions"] and all(s == "LOGGED_IN" for s in r["sessions"].values())
-            and r["paths"] and all(p["state"] == "A" for p in r["paths"])
-            and (not queueing or r.get("queueing") is True))
+    return (
+        r["sessions"]
+        and all(s == "LOGGED_IN" for s in r["sessions"].values())
+        and r["paths"]
+        and all(p["state"] == "A" for p in r["paths"])
+        and (not queueing or r.get("queueing") is True)
+    )
 
 
 def recovery(rounds, t_cut, t_back):
@@ -182,19 +192,26 @@ def recovery(rounds, t_cut, t_back):
     failed = any(p["state"] == "F" for r in rounds if t_cut <= r["t"] for p in (r["paths"] or []))
     after = [r for r in rounds if r["t"] >= t_back]
     back = next((i for i, r in enumerate(after) if r["sessions"] and all(s == "LOGGED_IN" for s in r["sessions"].values())), None)
-    active = None if back is None else next(
-        (i for i, r in enumerate(after) if i >= back and r["paths"] and all(p["state"] == "A" for p in r["paths"])), None)
-    return {"failed_during_outage": failed,
-            "sessions_back_s": None if back is None else round(after[back]["t"] - t_back, 1),
-            "paths_active_s": None if active is None else round(after[active]["t"] - t_back, 1),
-            "rounds_to_active": None if active is None else active - back}
+    active = (
+        None
+        if back is None
+        else next(
+            (i for i, r in enumerate(after) if i >= back and r["paths"] and all(p["state"] == "A" for p in r["paths"])), None
+        )
+    )
+    return {
+        "failed_during_outage": failed,
+        "sessions_back_s": None if back is None else round(after[back]["t"] - t_back, 1),
+        "paths_active_s": None if active is None else round(after[active]["t"] - t_back, 1),
+        "rounds_to_active": None if active is None else active - back,
+    }
 
 
 def plan_for(fleet, tag):
     """[offset, md5] of 4 KiB reads at distinct slots in a random order (fresh: never read)."""
     slots = [i * SLOT for i in range(IMAGE // SLOT) if i * SLOT < PATTERN_MIB << 20]
     random.Random(tag).shuffle(slots)
-    return [[off, hashlib.md5(fleet.data[off:off + BLOCK]).hexdigest()] for off in slots]
+    return [[off, hashlib.md5(fleet.data[off : off + BLOCK]).hexdigest()] for off in slots]
 
 
 def run_outage(fleet, tag, cut, outage_s, queue_timeout_s=None, write=None):
@@ -220,9 +237,15 @@ def run_outage(fleet, tag, cut, outage_s, queue_timeout_s=None, write=None):
     try:
         for n in (r, l):
             n.write_file(f"{dirs[n]}/.keep", b"")
-            args = {"node": dict(host=n.name, cache_device="/dev/ubdb", state_dir="/var/lib/vmthunder", cow_size_mib=32, **ctor[n]),
-                    "initiator": n.initiator_iqn, "image": image, "iqns": iqns[n], "interval": UPKEEP_S,
-                    "dir": f"/vmt-share/{dirs[n]}", "max_s": 900}
+            args = {
+                "node": dict(host=n.name, cache_device="/dev/ubdb", state_dir="/var/lib/vmthunder", cow_size_mib=32, **ctor[n]),
+                "initiator": n.initiator_iqn,
+                "image": image,
+                "iqns": iqns[n],
+                "interval": UPKEEP_S,
+                "dir": f"/vmt-share/{dirs[n]}",
+                "max_s": 900,
+            }
             script = n.write_file(f"blackout-{tag}/upkeep.py", UPKEEP.encode())
             procs.append(n.spawn(f"python3 {script} '{json.dumps(args)}' 2>&1"))
         l.write_file(f"{rdir}/plan.json", json.dumps(plan_for(fleet, tag)).encode())
@@ -253,7 +276,7 @@ def run_outage(fleet, tag, cut, outage_s, queue_timeout_s=None, write=None):
                 break
             time.sleep(2)
         l.write_file(f"{rdir}/mark", b"")
-        time.sleep(6)                          # read on after the recovery
+        time.sleep(6)  # read on after the recovery
         l.write_file(f"{rdir}/stop", b"")
         deadline = time.monotonic() + 120
         while not (read_json(l, f"{rdir}/reader.json") or {}).get("done"):
@@ -267,10 +290,13 @@ def run_outage(fleet, tag, cut, outage_s, queue_timeout_s=None, write=None):
             if p.poll() is None:
                 p.wait(60)
     reader = read_json(l, f"{rdir}/reader.json")
-    res = {"outage_s": round(t_back - t_cut, 1), "reader": {k: v for k, v in reader.items() if k != "stalls"},
-           "stalls": [[round(t - t_cut, 1), dt, ok] for t, dt, ok in reader["stalls"]],
-           "first_error_after_cut_s": reader["first_error_t"] and round(reader["first_error_t"] - t_cut, 1),
-           "last_error_after_back_s": reader["last_error_t"] and round(reader["last_error_t"] - t_back, 1)}
+    res = {
+        "outage_s": round(t_back - t_cut, 1),
+        "reader": {k: v for k, v in reader.items() if k != "stalls"},
+        "stalls": [[round(t - t_cut, 1), dt, ok] for t, dt, ok in reader["stalls"]],
+        "first_error_after_cut_s": reader["first_error_t"] and round(reader["first_error_t"] - t_cut, 1),
+        "last_error_after_back_s": reader["last_error_t"] and round(reader["last_error_t"] - t_back, 1),
+    }
     res.update({n.name: recovery(rounds_of(n, dirs[n]), t_cut, t_back) for n in (r, l)})
     res["last_round"] = {n.name: rounds_of(n, dirs[n])[-1] for n in (r, l)}
     res["reinstated"] = {n.name: n.read_file(f"{dirs[n]}/log").decode().count("reinstated path") for n in (r, l)}
@@ -294,11 +320,13 @@ def assert_survived(fleet, res, tag):
     assert rd["reads_after_mark"] > 0, f"the reader did not read on after the recovery: {res}"
     for n in ("r", "l"):
         rec = res[n]
-        assert rec["rounds_to_active"] is not None and rec["rounds_to_active"] <= 2, \
+        assert rec["rounds_to_active"] is not None and rec["rounds_to_active"] <= 2, (
             f"{n}: paths not all active within two upkeep rounds of the sessions' return: {res}"
+        )
         last = res["last_round"][n]
-        assert last["complete"] and re.search(r"bcache state=(clean|dirty) ", last["cache"] or ""), \
+        assert last["complete"] and re.search(r"bcache state=(clean|dirty) ", last["cache"] or ""), (
             f"{n}: the template lost its cache: {last}"
+        )
     expect = hashlib.md5(fleet.data).hexdigest()
     assert md5_of(fleet["l"], res["vms"]["l"], IMAGE) == expect, "the leaf's VM does not read as the origin"
     assert md5_of(fleet["r"], res["vms"]["r"], IMAGE) == expect, "the relay's VM does not read as the origin"
@@ -329,15 +357,17 @@ def test_blackout_longer_than_the_queueing_bound(fleet):
     for n in ("r", "l"):
         last = res["last_round"][n]
         assert healthy(last, True), f"{n}: not healed (paths, sessions, queueing): {last}"
-        assert last["complete"] and re.search(r"bcache state=(clean|dirty) ", last["cache"] or ""), \
+        assert last["complete"] and re.search(r"bcache state=(clean|dirty) ", last["cache"] or ""), (
             f"{n}: the template lost its cache: {last}"
+        )
     # The leaf's paths failed with the relay cut off; the relay's had no I/O to fail.
     assert res["l"]["failed_during_outage"] and res["reinstated"]["l"] > 0, f"upkeep reinstated none of the leaf's paths: {res}"
     l = fleet["l"]
     vm_l = res["vms"]["l"]
     expect = bytearray(fleet.data)
-    expect[PATTERN_MIB << 20:(PATTERN_MIB + 1) << 20] = pattern
-    assert md5_of(l, vm_l, IMAGE) == hashlib.md5(bytes(expect)).hexdigest(), \
+    expect[PATTERN_MIB << 20 : (PATTERN_MIB + 1) << 20] = pattern
+    assert md5_of(l, vm_l, IMAGE) == hashlib.md5(bytes(expect)).hexdigest(), (
         "after the recovery the leaf's VM does not read as the origin plus what it wrote"
+    )
     assert md5_of(fleet["r"], res["vms"]["r"], IMAGE) == hashlib.md5(fleet.data).hexdigest()
     detach(fleet, "c", {"queue_timeout_s": bound})

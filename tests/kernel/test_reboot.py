@@ -8,6 +8,7 @@ A exports the origin volume (the stand-in for Cinder); B is the compute node. B'
 reboots; everything else on B (its tmpfs root, /etc/iscsi, the dm tables, configfs) is lost, as
 on a real host.
 """
+
 import hashlib
 import json
 import os
@@ -19,9 +20,9 @@ import uuid
 
 import pytest
 
-from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
 from lab import Fleet
 from lab.guestpy import PRELUDE
+from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
 
 IMAGE_MB = 64
 IMAGE = IMAGE_MB << 20
@@ -58,11 +59,13 @@ def no_vm_left_behind(request):
     if "fleet" not in request.fixturenames:
         return
     b = request.getfixturevalue("fleet")["b"]
-    b.run("ip route flush type blackhole", timeout=30)     # the unreachable-image test's
-    rc, out = b.run("python3 - <<'EOF'\nimport vmthunder\n" + node_ctor(b)
-                    + "for vm in sorted(node.status()['vms']):\n"
-                      "    try:\n        node.detach(vm); print('detached', vm)\n"
-                      "    except vmthunder.Error as e:\n        print('left', vm, e)\nEOF", timeout=300)
+    b.run("ip route flush type blackhole", timeout=30)  # the unreachable-image test's
+    rc, out = b.run(
+        "python3 - <<'EOF'\nimport vmthunder\n" + node_ctor(b) + "for vm in sorted(node.status()['vms']):\n"
+        "    try:\n        node.detach(vm); print('detached', vm)\n"
+        "    except vmthunder.Error as e:\n        print('left', vm, e)\nEOF",
+        timeout=300,
+    )
     if out.strip():
         print(f"after the test, on B: {out.strip()}")
 
@@ -73,8 +76,9 @@ def origin_conn(fleet, node):
 
 
 def node_ctor(node):
-    return (f"node = vmthunder.Node(host={node.name!r}, cache_device='/dev/ubdb', state_dir={STATE_DIR!r}, "
-            f"cow_size_mib={COW_MIB})\n")
+    return (
+        f"node = vmthunder.Node(host={node.name!r}, cache_device='/dev/ubdb', state_dir={STATE_DIR!r}, cow_size_mib={COW_MIB})\n"
+    )
 
 
 def attach_code(fleet, node, vm, mode="dm"):
@@ -83,7 +87,9 @@ def attach_code(fleet, node, vm, mode="dm"):
 
 def start_up(node):
     """What nova-compute runs when it starts (before Nova resumes instances)."""
-    return py(node, f"""
+    return py(
+        node,
+        f"""
         import types, vmthunder.nova
         conf = types.SimpleNamespace(cache_device='/dev/ubdb', state_dir={STATE_DIR!r}, cow_size_mib={COW_MIB})
         import io
@@ -91,14 +97,16 @@ def start_up(node):
         logging.getLogger("vmthunder").addHandler(logging.StreamHandler(log))
         tree = vmthunder.nova.get_node(conf, {node.name!r})
         out(dict(tree.node.status(), start_up_log=log.getvalue()))
-    """, timeout=300)
+    """,
+        timeout=300,
+    )
 
 
 def power_cycle(node):
     """Power loss: the node's UML process group is killed, then booted with the same disks."""
     node.kill()
     node.restart(timeout=120)
-    node.check(f"mkdir -p {STATE_DIR} && mount /dev/ubdc {STATE_DIR}", timeout=60)   # the host's fstab
+    node.check(f"mkdir -p {STATE_DIR} && mount /dev/ubdc {STATE_DIR}", timeout=60)  # the host's fstab
 
 
 def spawn_py(node, code):
@@ -118,7 +126,7 @@ def expected_image(fleet, patches, name):
     with open(fleet.origin_path, "rb") as f:
         img = bytearray(f.read())
     for off, data in patches:
-        img[off << 20:(off << 20) + len(data)] = data
+        img[off << 20 : (off << 20) + len(data)] = data
     path = fleet.work / name
     path.write_bytes(bytes(img))
     return path, file_md5(path, IMAGE)
@@ -173,12 +181,15 @@ def assert_converged(node, status):
 def test_reboot_brings_back_every_vm_disk_with_its_writes(fleet):
     a, b = fleet["a"], fleet["b"]
     b.check(f"mkdir -p {STATE_DIR}")
-    paths = {vm: py(b, attach_code(fleet, b, vm, mode), timeout=240) for vm, mode in
-             (("vm1", "dm"), ("vm2", "dm"), ("vm3", "vmm"))}
+    paths = {
+        vm: py(b, attach_code(fleet, b, vm, mode), timeout=240) for vm, mode in (("vm1", "dm"), ("vm2", "dm"), ("vm3", "vmm"))
+    }
     assert paths["vm3"].endswith(".qcow2")
     rnd = random.Random(19)
-    patches = {"vm1": [(1, rnd.randbytes(1 << 20)), (20, rnd.randbytes(2 << 20)), (63, rnd.randbytes(1 << 20))],
-               "vm2": [(0, rnd.randbytes(1 << 20)), (20, rnd.randbytes(1 << 20)), (40, rnd.randbytes(1 << 20))]}
+    patches = {
+        "vm1": [(1, rnd.randbytes(1 << 20)), (20, rnd.randbytes(2 << 20)), (63, rnd.randbytes(1 << 20))],
+        "vm2": [(0, rnd.randbytes(1 << 20)), (20, rnd.randbytes(1 << 20)), (40, rnd.randbytes(1 << 20))],
+    }
     for vm, ps in patches.items():
         for i, (off, data) in enumerate(ps):
             write_pattern(b, paths[vm], off, data, f"{vm}-{i}")
@@ -213,8 +224,10 @@ def test_reboot_brings_back_every_vm_disk_with_its_writes(fleet):
     b.check(f"find {STATE_DIR} -mindepth 1 -maxdepth 1 ! -name vmm ! -name lost+found -exec rm -rf {{}} +")
     # bcache-tools' udev rule registers every bcache device as it appears: emulated, so that
     # reassembly meets devices registered before it reaches them.
-    udev = b.spawn("for i in $(seq 1200); do for d in /dev/mapper/vmthunder-1_*; do "
-                   "[ -b \"$d\" ] && echo \"$d\" > /sys/fs/bcache/register 2>/dev/null; done; sleep 0.05; done")
+    udev = b.spawn(
+        "for i in $(seq 1200); do for d in /dev/mapper/vmthunder-1_*; do "
+        '[ -b "$d" ] && echo "$d" > /sys/fs/bcache/register 2>/dev/null; done; sleep 0.05; done'
+    )
     try:
         status = start_up(b)
     finally:
@@ -282,7 +295,14 @@ def test_a_vm_whose_image_is_unreachable_is_named_and_its_cow_kept(fleet):
     st = py(b, node_ctor(b) + "out(node.status())")
     assert st["layout"]["slices"][f"vmthunder-1_{IMAGE_ID}_vm_vmy_cow"]["start"] != cow_start
     for vm in ("vmx", "vmy"):
-        print(b.check("python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n" + node_ctor(b) + f"node.detach({vm!r})\nEOF", timeout=120))
+        print(
+            b.check(
+                "python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n"
+                + node_ctor(b)
+                + f"node.detach({vm!r})\nEOF",
+                timeout=120,
+            )
+        )
     final = py(b, node_ctor(b) + "out(node.status())")
     assert final["layout"]["slices"] == {}, (final, b.check("dmsetup ls; dmsetup table"))
 
@@ -356,7 +376,14 @@ def test_power_loss_at_random_instants_of_attach_and_detach_converges(fleet):
             path = py(b, attach_code(fleet, b, vm))
             assert md5_of(b, path, IMAGE) == file_md5(fleet.origin_path, IMAGE)
             py(b, node_ctor(b) + f"node.detach({vm!r})")
-    print(b.check("python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n" + node_ctor(b) + "node.detach('keep')\nEOF", timeout=120))
+    print(
+        b.check(
+            "python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.INFO)\n"
+            + node_ctor(b)
+            + "node.detach('keep')\nEOF",
+            timeout=120,
+        )
+    )
     st = py(b, node_ctor(b) + "out(node.status())")
     assert st["vms"] == {} and st["layout"]["slices"] == {}, (st, b.check("dmsetup ls"))
 
@@ -370,8 +397,11 @@ def test_a_full_cow_fails_only_its_own_vm(fleet):
     other = py(b, attach_code(fleet, b, "other"), timeout=240)
     # 30 of 32 MiB (the exception store takes its share too): past the warning threshold.
     b.check(f"dd if=/dev/urandom of={full} bs=1M count=30 oflag=direct conv=notrunc 2>&1", timeout=120)
-    out = b.check("python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.WARNING)\n"
-                  f"{node_ctor(b)}print(node.status()['vms']['full']['cow'])\nEOF", timeout=60)
+    out = b.check(
+        "python3 - <<'EOF'\nimport logging, vmthunder\nlogging.basicConfig(level=logging.WARNING)\n"
+        f"{node_ctor(b)}print(node.status()['vms']['full']['cow'])\nEOF",
+        timeout=60,
+    )
     assert "VM full: its copy-on-write space is" in out, out
     # Past the end of the COW: the guest's writes fail.
     rc, out = b.run(f"dd if=/dev/urandom of={full} bs=1M count=8 seek=30 oflag=direct conv=notrunc 2>&1", timeout=120)
@@ -405,9 +435,12 @@ def tree_fleet(tmp_path_factory):
     require_uml()
     origin = tmp_path_factory.mktemp("rtree") / "origin.img"
     random_disk(origin, TREE_IMAGE_BYTES)
-    nodes = {"o": {"disks": {"ubdb": str(origin)}},
-             "r1": {"disks": {"ubdb": 160 << 20, "ubdc": 64 << 20}},
-             "r2": {"disks": {"ubdb": 160 << 20}}, "r3": {"disks": {"ubdb": 160 << 20}}}
+    nodes = {
+        "o": {"disks": {"ubdb": str(origin)}},
+        "r1": {"disks": {"ubdb": 160 << 20, "ubdc": 64 << 20}},
+        "r2": {"disks": {"ubdb": 160 << 20}},
+        "r3": {"disks": {"ubdb": 160 << 20}},
+    }
     with Fleet(nodes=nodes, name=f"rt{os.getpid()}", subnet="198.18.11.0/24", mem="320M") as f:
         o = f["o"]
         f.registry = start_etcd(o)
@@ -429,20 +462,28 @@ def tree_fleet(tmp_path_factory):
 
 def tree_peers(fleet):
     o = fleet["o"]
-    return {r["host"]: r for r in py(o, f"""
+    return {
+        r["host"]: r
+        for r in py(
+            o,
+            f"""
 from vmthunder.registry import Registry
 r = Registry({fleet.registry!r}, "probe-{uuid.uuid4().hex[:8]}")
 r.start()
 out(r.peers({TREE_IMAGE!r}))
 r.stop()
-""")}
+""",
+        )
+    }
 
 
 def member(fleet, name, workdir, extra=""):
     node = fleet[name]
-    return node.spawn(f"python3 /vmt-share/tree_member.py --registry {fleet.registry} --host {name} --image {TREE_IMAGE} "
-                      f"--origin /vmt-share/origin.json --vm vm-{name} --export-ip {node.ip} --fanout 1 "
-                      f"--workdir /vmt-share/{workdir} --max-seconds 900 {extra}")
+    return node.spawn(
+        f"python3 /vmt-share/tree_member.py --registry {fleet.registry} --host {name} --image {TREE_IMAGE} "
+        f"--origin /vmt-share/origin.json --vm vm-{name} --export-ip {node.ip} --fanout 1 "
+        f"--workdir /vmt-share/{workdir} --max-seconds 900 {extra}"
+    )
 
 
 def test_a_relay_reboots_under_its_children_rejoins_and_serves_again(tree_fleet):
@@ -459,8 +500,10 @@ def test_a_relay_reboots_under_its_children_rejoins_and_serves_again(tree_fleet)
     assert "error" not in att2, att2
     recs = tree_peers(f)
     assert recs["r2"]["parents"][0] == "r1", recs
-    r2.spawn(f"python3 /vmt-share/tree_member.py --reader-only {att2['path']} --read-expect /vmt-share/expect.json "
-             f"--workdir /vmt-share/reader --max-seconds 600")
+    r2.spawn(
+        f"python3 /vmt-share/tree_member.py --reader-only {att2['path']} --read-expect /vmt-share/expect.json "
+        f"--workdir /vmt-share/reader --max-seconds 600"
+    )
     wait_json(r2, "/vmt-share/reader/reader.json", 60)
     r1.check("sync; sleep 2")
 
@@ -486,20 +529,21 @@ def test_a_relay_reboots_under_its_children_rejoins_and_serves_again(tree_fleet)
     recs = tree_peers(f)
     assert recs["r1"]["state"] == "ready" and recs["r1"]["parents"] == ["origin"], recs["r1"]
     expected = bytearray(open(f.origin_path, "rb").read())
-    expected[3 << 20:4 << 20] = data
+    expected[3 << 20 : 4 << 20] = data
     assert md5_of(r1, att1["path"], TREE_IMAGE_BYTES) == hashlib.md5(expected).hexdigest(), "r1's VM kept its write"
 
     # It serves again: a newcomer takes it as a parent (fan-out 1: the origin's slot is r2's or
     # r1's, so r3 reads from a relay, its two parents r1 and r2) and reads the image.
     wait_json(r1, "/vmt-share/member-after/status.json", 30)
-    member(f, "r3", "member", "--wait-grant-from r1")      # r1's upkeep grants r3 first
+    member(f, "r3", "member", "--wait-grant-from r1")  # r1's upkeep grants r3 first
     att3 = wait_json(r3, "/vmt-share/member/attached.json", 240)
     assert "error" not in att3, att3
     assert "r1" in tree_peers(f)["r3"]["parents"], tree_peers(f)
     tx0 = r1.tx_bytes()
     assert md5_of(r3, att3["path"], TREE_IMAGE_BYTES) == origin_md5
-    status = wait_json(r1, "/vmt-share/member-after/status.json", 30,
-                       lambda s: r3.initiator_iqn in s["templates"][TREE_IMAGE]["children"])
+    status = wait_json(
+        r1, "/vmt-share/member-after/status.json", 30, lambda s: r3.initiator_iqn in s["templates"][TREE_IMAGE]["children"]
+    )
     assert r3.initiator_iqn in status["templates"][TREE_IMAGE]["children"]
     print(f"r1 sent {r1.tx_bytes() - tx0} bytes while r3 read the image")
 
@@ -531,7 +575,7 @@ def test_reboot_with_the_dm_cache_engine_keeps_the_vm_and_its_cache_metadata(fle
     st = start_up(b)
     assert st["templates"][IMAGE_ID]["engine"] == "dm-cache", st["templates"]
     assert_converged(b, st)
-    cset = "vmthunder-1_node_cset"     # start-up prepares a bcache set: the node's engine
+    cset = "vmthunder-1_node_cset"  # start-up prepares a bcache set: the node's engine
     assert {k: v for k, v in st["layout"]["slices"].items() if k != cset} == before["layout"]["slices"]
     assert md5_of(b, path, IMAGE) == expected
     py(b, ctor + "node.detach('dmc')")

@@ -9,6 +9,7 @@ renews bench/results/failover.json and appends its line to history.jsonl there).
 Each relay runs tests/kernel/tree_member.py, a stand-in for nova-compute: it holds the registry
 membership (heartbeats) and runs the tree upkeep on a thread, as the Nova process would.
 """
+
 import hashlib
 import json
 import math
@@ -18,8 +19,8 @@ import time
 import pytest
 
 from bench import record
-from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
 from lab import Fleet
+from tests.kernel._vmt import file_md5, md5_of, py, random_disk, require_uml, start_etcd, wait_json
 
 IMAGE = 32 << 20
 IMAGE_ID = "img-tree"
@@ -49,13 +50,16 @@ def fleet(tmp_path_factory):
 
 def peers(fleet):
     o = fleet["o"]
-    return py(o, f"""
+    return py(
+        o,
+        f"""
 from vmthunder.registry import Registry
 r = Registry({fleet.registry!r}, "probe-{int(time.time())}")
 r.start()
 out(r.peers({IMAGE_ID!r}))
 r.stop()
-""")
+""",
+    )
 
 
 def check_tree(records, n):
@@ -87,9 +91,11 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet, tmp_
     # All five join at once.
     for r in RELAYS:
         node = fleet[r]
-        node.spawn(f"python3 /vmt-share/tree_member.py --registry {fleet.registry} --host {r} --image {IMAGE_ID} "
-                   f"--origin /vmt-share/origin.json --vm vm-{r} --export-ip {node.ip} --domain {DOMAINS[r]} "
-                   f"--fanout {FANOUT} --workdir /vmt-share/member --max-seconds 1500")
+        node.spawn(
+            f"python3 /vmt-share/tree_member.py --registry {fleet.registry} --host {r} --image {IMAGE_ID} "
+            f"--origin /vmt-share/origin.json --vm vm-{r} --export-ip {node.ip} --domain {DOMAINS[r]} "
+            f"--fanout {FANOUT} --workdir /vmt-share/member --max-seconds 1500"
+        )
     for r in RELAYS:
         att = wait_json(fleet[r], "/vmt-share/member/attached.json", 240)
         assert "error" not in att, att
@@ -105,8 +111,10 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet, tmp_
     parent = by[leaf]["parents"][0]
     ln = fleet[leaf]
     path = wait_json(ln, "/vmt-share/member/attached.json", 10)["path"]
-    ln.spawn(f"python3 /vmt-share/tree_member.py --reader-only {path} --read-expect /vmt-share/expect.json "
-             f"--workdir /vmt-share/reader --max-seconds 120")
+    ln.spawn(
+        f"python3 /vmt-share/tree_member.py --reader-only {path} --read-expect /vmt-share/expect.json "
+        f"--workdir /vmt-share/reader --max-seconds 120"
+    )
     wait_json(ln, "/vmt-share/reader/reader.json", 60)
     fleet[parent].kill()
     killed_at = time.monotonic()
@@ -120,34 +128,48 @@ def test_concurrent_joins_form_a_tree_and_a_leaf_survives_its_parent(fleet, tmp_
         time.sleep(2)
     assert new_parents is not None, f"{leaf} did not re-parent away from {parent}"
     reparent_s = time.monotonic() - killed_at
-    time.sleep(5)                     # keep reading from the new parent for a while
+    time.sleep(5)  # keep reading from the new parent for a while
     ln.write_file("reader/stop", b"")
     res = wait_json(ln, "/vmt-share/reader/reader.json", 60)
     deadline = time.monotonic() + 60
     while not res.get("done") and time.monotonic() < deadline:
         time.sleep(1)
         res = wait_json(ln, "/vmt-share/reader/reader.json", 10)
-    print(f"failover: leaf {leaf} lost parent {parent}; re-parented to {new_parents} after {reparent_s:.1f}s; "
-          f"reader: {res}")
+    print(f"failover: leaf {leaf} lost parent {parent}; re-parented to {new_parents} after {reparent_s:.1f}s; reader: {res}")
     assert res["errors"] == 0 and res["mismatches"] == 0, res
     assert res["reads"] > len(fleet.chunks), "the reader kept reading through the failover"
     status = wait_json(ln, "/vmt-share/member/status.json", 10)
     states = status["templates"][IMAGE_ID]["paths"]
     assert states and all(p["state"] == "A" for p in states), f"leaf paths after re-parenting: {states}"
-    write_failover(os.environ.get("VMT_BENCH_RESULTS") or str(tmp_path),
-                   {"leaf": leaf, "dead_parent": parent, "new_parents": new_parents, "reparent_s": round(reparent_s, 1),
-                    "worst_read_stall_s": round(res["worst_stall_s"], 2), "read_errors": res["errors"],
-                    "mismatches": res["mismatches"], "reads": res["reads"]})
+    write_failover(
+        os.environ.get("VMT_BENCH_RESULTS") or str(tmp_path),
+        {
+            "leaf": leaf,
+            "dead_parent": parent,
+            "new_parents": new_parents,
+            "reparent_s": round(reparent_s, 1),
+            "worst_read_stall_s": round(res["worst_stall_s"], 2),
+            "read_errors": res["errors"],
+            "mismatches": res["mismatches"],
+            "reads": res["reads"],
+        },
+    )
 
 
 def write_failover(out_dir, figures):
     prov = {**record.provenance(), "command": "python3 -m pytest tests/kernel/test_relay_tree.py -k leaf_survives"}
     path = os.path.join(out_dir, "failover.json")
     record.write_result(path, {"provenance": prov, **figures})
-    record.append_history(path, {**record.run_fields(prov), "bench": "relay_tree_failover", "scenario": "failover",
-                                 "command": prov["command"],
-                                 **{k: figures[k] for k in ("reparent_s", "worst_read_stall_s", "reads", "read_errors",
-                                                            "mismatches")}})
+    record.append_history(
+        path,
+        {
+            **record.run_fields(prov),
+            "bench": "relay_tree_failover",
+            "scenario": "failover",
+            "command": prov["command"],
+            **{k: figures[k] for k in ("reparent_s", "worst_read_stall_s", "reads", "read_errors", "mismatches")},
+        },
+    )
 
 
 def test_registry_down_falls_back_to_the_origin(fleet):
@@ -155,7 +177,9 @@ def test_registry_down_falls_back_to_the_origin(fleet):
     o = fleet["o"]
     n = next(fleet[r] for r in reversed(RELAYS) if fleet[r].alive())
     conn = py(o, f"out(vmthunder.allow_initiator('tree', {n.initiator_iqn!r}, '{o.ip}:3260'))")
-    out = py(n, f"""
+    out = py(
+        n,
+        f"""
 import io
 from vmthunder.registry import Registry, RegistryError
 from vmthunder.tree import Tree
@@ -173,7 +197,8 @@ path = tree.attach("img-down", {conn!r}, "vm-down")
 st = node.status()
 tree.detach("vm-down")
 out({{"started": started, "path": path, "log": buf.getvalue(), "paths": st["templates"]["img-down"]["paths"]}})
-""")
+""",
+    )
     assert out["started"] is not True and "2999" in out["started"], out
     assert "registry unavailable" in out["log"] and "origin alone" in out["log"], out["log"]
     assert len(out["paths"]) == 1

@@ -7,20 +7,20 @@ os-brick does (its own node record, manual scan, LUN 0 only) and reads LUN 0 con
 O_DIRECT while vmthunder attaches and detaches a VM from LUN 1 and recovers a crashed join of it:
 the reader must see no failed read, and keep its session and its node record.
 """
+
 import os
 import time
 
 import pytest
 
-from tests.kernel._vmt import (GuestError, file_md5, leftovers, md5_of, node_ctor, py, random_disk,
-                               require_uml)
 from lab import Fleet
+from tests.kernel._vmt import GuestError, file_md5, leftovers, md5_of, node_ctor, py, random_disk, require_uml
 
 VOLUME = "shared"
 LUN0_MB, IMAGE_MB = 16, 32
 IMAGE_ID = "5b2d7e10-3c4f-4a6b-8d9e-0f1a2b3c4d5e"
 CONFIGFS = "/sys/kernel/config/target"
-READER_MAX_S = 240      # the reader loop's own bound, whatever the test does
+READER_MAX_S = 240  # the reader loop's own bound, whatever the test does
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +42,14 @@ def fleet(tmp_path_factory):
         # LUN 1 of the same target, mapped for B next to LUN 0 (write-protected like LUN 0).
         tpg = f"{CONFIGFS}/iscsi/{f.iqn}/tpgt_1"
         so = f"{CONFIGFS}/core/iblock_0/shared_lun1"
-        a.check(f"""set -e
+        a.check(
+            f"""set -e
 mkdir {so}; echo udev_path=/dev/ubdc > {so}/control; echo /dev/ubdc > {so}/udev_path; echo 1 > {so}/enable
 mkdir {tpg}/lun/lun_1; ln -s {so} {tpg}/lun/lun_1/lun1
 mkdir {tpg}/acls/{b.initiator_iqn}/lun_1; ln -s {tpg}/lun/lun_1 {tpg}/acls/{b.initiator_iqn}/lun_1/lun1
-test "$(cat {tpg}/acls/{b.initiator_iqn}/lun_1/write_protect)" = 1""", timeout=30)
+test "$(cat {tpg}/acls/{b.initiator_iqn}/lun_1/write_protect)" = 1""",
+            timeout=30,
+        )
         f.conn1 = {"driver_volume_type": "iscsi", "data": dict(f.conn0["data"], target_lun=1)}
         f.lun0_md5 = file_md5(lun0, LUN0_MB << 20)
         f.image_md5 = file_md5(image, IMAGE_MB << 20)
@@ -61,13 +64,16 @@ def reader_login(fleet):
     """The other user's login, as os-brick makes it: a node record (default interface), manual
     scan, CHAP, login, then a scan of its own LUN 0 only. Returns (session id, /dev/sdX)."""
     b, d = fleet["b"], fleet.conn0["data"]
-    b.check(f"""set -e
-{adm(fleet, '')} >/dev/null 2>&1 || {adm(fleet, '--interface default --op new')}
-{adm(fleet, '--op update -n node.session.scan -v manual')}
-{adm(fleet, '--op update -n node.session.auth.authmethod -v CHAP')}
+    b.check(
+        f"""set -e
+{adm(fleet, "")} >/dev/null 2>&1 || {adm(fleet, "--interface default --op new")}
+{adm(fleet, "--op update -n node.session.scan -v manual")}
+{adm(fleet, "--op update -n node.session.auth.authmethod -v CHAP")}
 {adm(fleet, f"--op update -n node.session.auth.username -v {d['auth_username']}")}
 {adm(fleet, f"--op update -n node.session.auth.password -v {d['auth_password']}")}
-{adm(fleet, '--login')} || true""", timeout=90)
+{adm(fleet, "--login")} || true""",
+        timeout=90,
+    )
     sid = session_of(fleet)
     assert sid is not None, "the reader's login made no session"
     b.check(f"echo '0 0 0' > /sys/class/scsi_host/{scsi_host(b, sid)}/scan", timeout=30)
@@ -81,15 +87,21 @@ def reader_login(fleet):
 
 def scsi_host(node, sid):
     """hostN of iSCSI session `sid` (/sys/devices/platform/hostN/sessionM/...)."""
-    return node.check(f"readlink -f /sys/class/iscsi_session/session{sid} | grep -o 'host[0-9]*' | tail -1",
-                      timeout=30).strip()
+    return node.check(f"readlink -f /sys/class/iscsi_session/session{sid} | grep -o 'host[0-9]*' | tail -1", timeout=30).strip()
 
 
 def session_of(fleet):
-    out = fleet["b"].check(f"""for s in /sys/class/iscsi_session/session*; do
+    out = (
+        fleet["b"]
+        .check(
+            f"""for s in /sys/class/iscsi_session/session*; do
   [ -e "$s" ] && [ "$(cat $s/targetname)" = "{fleet.iqn}" ] && basename $s
-done; true""", timeout=30).split()
-    return int(out[0][len("session"):]) if out else None
+done; true""",
+            timeout=30,
+        )
+        .split()
+    )
+    return int(out[0][len("session") :]) if out else None
 
 
 def session_disks(fleet):
@@ -97,8 +109,9 @@ def session_disks(fleet):
     sid = session_of(fleet)
     if sid is None:
         return {}
-    out = fleet["b"].check(f"cd /sys/class/iscsi_session/session{sid}/device && ls -d target*/*:*:*:*/block/* 2>/dev/null; true",
-                           timeout=30)
+    out = fleet["b"].check(
+        f"cd /sys/class/iscsi_session/session{sid}/device && ls -d target*/*:*:*:*/block/* 2>/dev/null; true", timeout=30
+    )
     return {int(p.split("/")[1].split(":")[3]): p.split("/")[-1] for p in out.split()}
 
 
@@ -114,12 +127,15 @@ class Reader:
         self.b = fleet["b"]
         self.b.check("rm -f /tmp/reader.stop /tmp/reader.count", timeout=30)
         blocks = (LUN0_MB << 20) // 65536
-        self.proc = self.b.spawn(f"""ok=0; fail=0; i=0; end=$(( $(date +%s) + {READER_MAX_S} ))
+        self.proc = self.b.spawn(
+            f"""ok=0; fail=0; i=0; end=$(( $(date +%s) + {READER_MAX_S} ))
 while [ ! -e /tmp/reader.stop ] && [ $(date +%s) -lt $end ]; do
   if dd if={dev} of=/dev/null bs=64k count=1 skip=$((i % {blocks})) iflag=direct 2>/dev/null
   then ok=$((ok+1)); else fail=$((fail+1)); fi
   i=$((i+1)); echo "$ok $fail" > /tmp/reader.count.tmp; mv /tmp/reader.count.tmp /tmp/reader.count
-done; echo "$ok $fail" """, shell="/bin/bash")
+done; echo "$ok $fail" """,
+            shell="/bin/bash",
+        )
 
     def counts(self):
         rc, out = self.b.run("cat /tmp/reader.count 2>/dev/null", timeout=30)
@@ -160,8 +176,12 @@ def assert_reader_unharmed(fleet, reader, ok, fail):
         "LUNs in the session": sorted(session_disks(fleet)),
     }
     print(f"reader: {ok} reads, {fail} failed; {seen}")
-    assert seen == {"failed reads": 0, "reader's session": reader.sid, "reader's node record": True,
-                    "LUNs in the session": [0]}, seen
+    assert seen == {
+        "failed reads": 0,
+        "reader's session": reader.sid,
+        "reader's node record": True,
+        "LUNs in the session": [0],
+    }, seen
     assert ok > 40, ok
     assert md5_of(b, reader.dev, LUN0_MB << 20) == fleet.lun0_md5
 
@@ -213,7 +233,7 @@ def clean_up(b):
             except GuestError as e:
                 print(f"clean-up: detach {vm}: {e}")
         py(b, nb + "out(node.sweep())")
-    except GuestError as e:     # reported, never in place of the test's own failure
+    except GuestError as e:  # reported, never in place of the test's own failure
         print(f"clean-up: {e}")
 
 
@@ -231,8 +251,11 @@ def test_vmm_detach_refuses_while_a_process_holds_the_overlay_open(fleet):
             detach = "ok"
         except GuestError as e:
             detach = f"{e.exc_type}: {e.message}"
-        seen = {"detach": detach, "overlay kept": b.run(f"test -f {ovl}")[0] == 0,
-                "VM attached": "vm2" in py(b, nb + "out(node.status())")["vms"]}
+        seen = {
+            "detach": detach,
+            "overlay kept": b.run(f"test -f {ovl}")[0] == 0,
+            "VM attached": "vm2" in py(b, nb + "out(node.status())")["vms"],
+        }
         print(f"VMM detach with the overlay open: {seen}")
         assert seen["detach"].startswith("Busy: ") and ovl in seen["detach"] and "sleep" in seen["detach"], seen
         assert seen["overlay kept"] and seen["VM attached"], seen
@@ -260,19 +283,37 @@ def test_teardown_stops_at_an_open_layer(fleet):
         except GuestError as e:
             detach = f"{e.exc_type}: {e.message}"
         dm = leftovers(b)["dm"]
-        rc, out = b.run(f"set -o pipefail; dd if={origin} bs=1M count={IMAGE_MB} iflag=direct 2>/dev/null | md5sum",
-                        timeout=120, shell="/bin/bash")
+        rc, out = b.run(
+            f"set -o pipefail; dd if={origin} bs=1M count={IMAGE_MB} iflag=direct 2>/dev/null | md5sum",
+            timeout=120,
+            shell="/bin/bash",
+        )
         # bcache refuses new opens of a device it was told to stop (ENXIO), even while its
         # holder keeps it: a stop under the open origin shows here.
-        bcache_opens = b.run(f"bc=$(ls /sys/block/dm-$(dmsetup info -c --noheadings -o minor {origin.rsplit('/', 1)[-1]})/slaves); "
-                             "dd if=/dev/$bc of=/dev/null bs=4k count=1 iflag=direct", timeout=60)[0] == 0
+        bcache_opens = (
+            b.run(
+                f"bc=$(ls /sys/block/dm-$(dmsetup info -c --noheadings -o minor {origin.rsplit('/', 1)[-1]})/slaves); "
+                "dd if=/dev/$bc of=/dev/null bs=4k count=1 iflag=direct",
+                timeout=60,
+            )[0]
+            == 0
+        )
         # The node's bcache cache set (`_cset`) is shared by every image: not a layer of this one.
-        seen = {"detach": detach, "layers": sorted(d.rsplit("_", 1)[-1] for d in dm if not d.endswith("_cset")),
-                "origin reads": rc == 0 and out.split()[0] == fleet.image_md5, "bcache device opens": bcache_opens,
-                "LUN 1 kept": 1 in session_disks(fleet)}
+        seen = {
+            "detach": detach,
+            "layers": sorted(d.rsplit("_", 1)[-1] for d in dm if not d.endswith("_cset")),
+            "origin reads": rc == 0 and out.split()[0] == fleet.image_md5,
+            "bcache device opens": bcache_opens,
+            "LUN 1 kept": 1 in session_disks(fleet),
+        }
         print(f"dm VM detach with the origin open: {seen}")
-        assert seen == {"detach": "ok", "layers": ["bdev", "origin", "paths"], "origin reads": True,
-                        "bcache device opens": True, "LUN 1 kept": True}, seen
+        assert seen == {
+            "detach": "ok",
+            "layers": ["bdev", "origin", "paths"],
+            "origin reads": True,
+            "bcache device opens": True,
+            "LUN 1 kept": True,
+        }, seen
     finally:
         holder.kill()
         holder.wait(30)

@@ -9,6 +9,7 @@ tree upkeep, optionally reads the VM's device continuously, and reports JSON fil
 
 Stops when <workdir>/stop exists (bounded by --max-seconds).
 """
+
 import argparse
 import hashlib
 import json
@@ -54,8 +55,10 @@ def reader(dev, expect, workdir, deadline, stop_file):
             if os.path.exists(stop_file) or time.monotonic() > deadline:
                 break
         rounds += 1
-        write_json(os.path.join(workdir, "reader.json"),
-                   {"reads": reads, "errors": errors, "mismatches": mismatches, "worst_stall_s": worst, "rounds": rounds})
+        write_json(
+            os.path.join(workdir, "reader.json"),
+            {"reads": reads, "errors": errors, "mismatches": mismatches, "worst_stall_s": worst, "rounds": rounds},
+        )
     os.close(fd)
     return {"reads": reads, "errors": errors, "mismatches": mismatches, "worst_stall_s": worst, "rounds": rounds, "done": True}
 
@@ -74,30 +77,46 @@ def main():
     ap.add_argument("--read-expect", help="JSON list of md5 per 64 KiB chunk: read continuously")
     ap.add_argument("--max-seconds", type=float, default=300)
     ap.add_argument("--reader-only", metavar="DEV", help="only read DEV continuously (needs --read-expect)")
-    ap.add_argument("--wait-grant-from", metavar="HOST",
-                    help="publish our host record, then join only once HOST's record grants us (bounded)")
-    ap.add_argument("--start-up", action="store_true",
-                    help="what nova-compute does when it starts: reassemble the node's VM disks and rejoin the tree")
+    ap.add_argument(
+        "--wait-grant-from", metavar="HOST", help="publish our host record, then join only once HOST's record grants us (bounded)"
+    )
+    ap.add_argument(
+        "--start-up",
+        action="store_true",
+        help="what nova-compute does when it starts: reassemble the node's VM disks and rejoin the tree",
+    )
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, filename=os.path.join(a.workdir, "log"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, filename=os.path.join(a.workdir, "log"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     deadline = time.monotonic() + a.max_seconds
     stop_file = os.path.join(a.workdir, "stop")
     if a.reader_only:
-        write_json(os.path.join(a.workdir, "reader.json"),
-                   reader(a.reader_only, json.load(open(a.read_expect)), a.workdir, deadline, stop_file))
+        write_json(
+            os.path.join(a.workdir, "reader.json"),
+            reader(a.reader_only, json.load(open(a.read_expect)), a.workdir, deadline, stop_file),
+        )
         return 0
     initiator = open("/etc/iscsi/initiatorname.iscsi").read().split("=", 1)[1].strip()
-    node = vmthunder.Node(host=a.host, cache_device="/dev/ubdb", state_dir="/var/lib/vmthunder",
-                          export_ip=a.export_ip, engine="bcache", cow_size_mib=32, path_timeout_s=4)
+    node = vmthunder.Node(
+        host=a.host,
+        cache_device="/dev/ubdb",
+        state_dir="/var/lib/vmthunder",
+        export_ip=a.export_ip,
+        engine="bcache",
+        cow_size_mib=32,
+        path_timeout_s=4,
+    )
     reg = Registry(a.registry, a.host, lease_s=6.0)
     reg.start()
     tree = Tree(node, reg, initiator=initiator, export_ip=a.export_ip, failure_domain=a.domain, fanout=a.fanout)
     if a.start_up:
         report = node.reassemble()
-        write_json(os.path.join(a.workdir, "attached.json"),
-                   {"path": report["disks"].get(a.vm), "report": report, "rejoined": tree.rejoin(), "status": node.status()})
+        write_json(
+            os.path.join(a.workdir, "attached.json"),
+            {"path": report["disks"].get(a.vm), "report": report, "rejoined": tree.rejoin(), "status": node.status()},
+        )
         return watch(node, tree, a, reg, stop_file, deadline)
     origin = json.load(open(a.origin))
     if a.wait_grant_from:
@@ -106,7 +125,8 @@ def main():
         tree._registry_ok("wait for a grant")
         until = time.monotonic() + 60
         while time.monotonic() < until and not any(
-                r["host"] == a.wait_grant_from and a.host in (r.get("grants") or {}) for r in reg.peers(a.image)):
+            r["host"] == a.wait_grant_from and a.host in (r.get("grants") or {}) for r in reg.peers(a.image)
+        ):
             time.sleep(0.5)
     try:
         path = tree.attach(a.image, origin, a.vm)

@@ -4,6 +4,7 @@ module of this checkout (the installed wheel may predate it).
 They run on the host: no UML, no root needed. etcd is Debian's `etcd-server`
 (`scripts/setup.sh` installs it); without the binary the etcd tests skip with the reason.
 """
+
 import importlib.util
 import os
 import shutil
@@ -18,8 +19,9 @@ import pytest
 
 import vmthunder
 
-_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                    "python", "vmthunder", "registry.py")
+_SRC = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "python", "vmthunder", "registry.py"
+)
 # Test the checkout's registry.py (pure Python), not whatever copy the installed wheel holds:
 # the wheel may predate it. Forked children (multiprocessing "fork") inherit this module.
 if os.path.exists(_SRC) and "vmthunder.registry" not in sys.modules:
@@ -58,12 +60,35 @@ class Etcd:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [shutil.which("etcd"), "--name", "t", "--data-dir", str(data_dir),
-             "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
-             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-             "--initial-cluster", f"t={peer_url}", "--initial-cluster-state", "new",
-             "--log-level", "warn", "--logger", "zap", "--snapshot-count", "10000"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                shutil.which("etcd"),
+                "--name",
+                "t",
+                "--data-dir",
+                str(data_dir),
+                "--listen-client-urls",
+                self.client_url,
+                "--advertise-client-urls",
+                self.client_url,
+                "--listen-peer-urls",
+                peer_url,
+                "--initial-advertise-peer-urls",
+                peer_url,
+                "--initial-cluster",
+                f"t={peer_url}",
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "warn",
+                "--logger",
+                "zap",
+                "--snapshot-count",
+                "10000",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while not _healthy(self.client_url):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -75,7 +100,7 @@ class Etcd:
 
     def stop(self):
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)     # by PID, never by name
+            os.kill(self.proc.pid, signal.SIGKILL)  # by PID, never by name
             self.proc.wait(timeout=10)
         self._log.close()
 

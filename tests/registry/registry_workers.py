@@ -4,6 +4,7 @@
 lock, read the peers, publish its own record, release. Tests with many processes on one
 coordination service (the placement property test) can reuse it.
 """
+
 import os
 import signal
 import time
@@ -29,7 +30,7 @@ def member(url, host, image_id, lease_s, ready, hold_lock=False):
     reg.publish(image_id, {"state": "ready", "pid": os.getpid()})
     held = reg.lock(image_id, timeout_s=10) if hold_lock else None
     if held is not None:
-        held.__enter__()            # kept referenced: never released, the process dies holding it
+        held.__enter__()  # kept referenced: never released, the process dies holding it
     ready.set()
     while True:
         time.sleep(60)

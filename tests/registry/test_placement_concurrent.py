@@ -2,15 +2,15 @@
 protocol that `vmthunder.tree` runs (choose -> image lock -> read again -> keep the choice if it
 holds, else choose again -> publish the claim; src/placement/protocol.rs), form a valid relay
 tree: fan-out never exceeded, depth <= ceil(log_k N) + 1, no cycles, failure domains spread."""
+
 import math
 import multiprocessing
 import traceback
 import uuid
 
-
 import vmthunder
-from vmthunder.registry import Registry
 from tests.registry import registry_workers as W
+from vmthunder.registry import Registry
 
 N = 12
 K = 3
@@ -27,8 +27,10 @@ def place_joiner(url, host, domain, image_id, barrier, done, results):
 
     def choose(recs, previous=None):
         # Every joiner here counts every peer as having granted it (no exports in this test).
-        return vmthunder.choose_parents(image_id, host, recs, policy, failure_domain=domain,
-                                        granted=[r.host for r in recs], previous=previous)
+        return vmthunder.choose_parents(
+            image_id, host, recs, policy, failure_domain=domain, granted=[r.host for r in recs], previous=previous
+        )
+
     try:
         reg.start()
         barrier.wait(60)
@@ -41,9 +43,11 @@ def place_joiner(url, host, domain, image_id, barrier, done, results):
             # Its export verified at once: ready before the next joiner reads.
             reg.publish(image_id, claim.with_state(vmthunder.JoinState.READY).to_dict())
         out["placement"] = {"parents": placement.parents, "depth": placement.depth}
-        out["order"] = len(recs)        # joins are serialized by the lock: how many came before
-        out["seen"] = [{"host": r.host, "state": str(r.state), "depth": r.depth, "failure_domain": r.failure_domain,
-                        "parents": r.parents} for r in recs]
+        out["order"] = len(recs)  # joins are serialized by the lock: how many came before
+        out["seen"] = [
+            {"host": r.host, "state": str(r.state), "depth": r.depth, "failure_domain": r.failure_domain, "parents": r.parents}
+            for r in recs
+        ]
     except BaseException:
         out["error"] = traceback.format_exc()
     results.put(out)
@@ -59,9 +63,15 @@ def secondary_candidates(peers, depth, primary_domain, primary):
         for q in p["parents"][1:]:
             if q != "origin":
                 secondary_kids[q] = secondary_kids.get(q, 0) + 1
-    return [p["host"] for p in peers
-            if p["host"] != primary and p["state"] == "ready" and p["depth"] <= depth
-            and p["failure_domain"] != primary_domain and secondary_kids.get(p["host"], 0) < K]
+    return [
+        p["host"]
+        for p in peers
+        if p["host"] != primary
+        and p["state"] == "ready"
+        and p["depth"] <= depth
+        and p["failure_domain"] != primary_domain
+        and secondary_kids.get(p["host"], 0) < K
+    ]
 
 
 def test_concurrent_joiners_form_a_valid_tree(etcd_url):
@@ -69,8 +79,10 @@ def test_concurrent_joiners_form_a_valid_tree(etcd_url):
     ctx = multiprocessing.get_context(W.FORK)
     barrier, done, results = ctx.Barrier(N), ctx.Event(), ctx.Queue()
     W.prewarm()
-    procs = [ctx.Process(target=place_joiner, args=(etcd_url, f"cn{i}", DOMAINS[i % 3], img, barrier, done, results),
-                         daemon=True) for i in range(N)]
+    procs = [
+        ctx.Process(target=place_joiner, args=(etcd_url, f"cn{i}", DOMAINS[i % 3], img, barrier, done, results), daemon=True)
+        for i in range(N)
+    ]
     for p in procs:
         p.start()
     try:
@@ -118,7 +130,13 @@ def test_concurrent_joiners_form_a_valid_tree(etcd_url):
         parent = r["parents"][0]
         if parent == "origin" or recs[parent]["failure_domain"] != r["failure_domain"]:
             continue
-        better = [q for q, rq in recs.items()
-                  if q not in (child, parent) and order[q] < order[child] and rq["depth"] == recs[parent]["depth"]
-                  and rq["failure_domain"] != r["failure_domain"] and kids_of.get(q, 0) < K]
+        better = [
+            q
+            for q, rq in recs.items()
+            if q not in (child, parent)
+            and order[q] < order[child]
+            and rq["depth"] == recs[parent]["depth"]
+            and rq["failure_domain"] != r["failure_domain"]
+            and kids_of.get(q, 0) < K
+        ]
         assert not better, f"{child} ({r['failure_domain']}) joined {parent} of its own domain while {better} had room"

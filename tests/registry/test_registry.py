@@ -2,6 +2,7 @@
 
 Timings are printed (run with -s to see them) and asserted only with generous bounds.
 """
+
 import math
 import multiprocessing
 import socket
@@ -10,14 +11,13 @@ import time
 import uuid
 
 import pytest
+import registry_workers as W
+from conftest import Etcd, free_port
 
 import vmthunder
 from vmthunder.registry import HOSTS_GROUP, Registry, RegistryError, image_group, wait_for
 
-import registry_workers as W
-from conftest import Etcd, free_port
-
-LEASE = 3.0          # short leases keep the liveness tests quick
+LEASE = 3.0  # short leases keep the liveness tests quick
 
 
 def new_image():
@@ -50,19 +50,22 @@ def test_error_is_a_vmthunder_error():
     assert issubclass(RegistryError, vmthunder.Error)
 
 
-@pytest.mark.parametrize("url,needle", [
-    ("bogus://x", "bogus://x"),
-    ("etcd3+http://", "no host"),
-    ("file://relative", "file://relative"),
-    ("file://", "absolute path"),
-    ("file:///a/../b", "'..'"),
-    ("etcd3+http://h:99999", "h:99999"),
-    ("etcd3+http://h:2379?membership_timeout=1", "lease_s"),
-    ("etcd3+http://h:2379?nosuch=1", "nosuch"),
-    ("etcd3+http://u:pw@h:2379", "user information"),
-    ("", "non-empty"),
-    (None, "None"),
-])
+@pytest.mark.parametrize(
+    "url,needle",
+    [
+        ("bogus://x", "bogus://x"),
+        ("etcd3+http://", "no host"),
+        ("file://relative", "file://relative"),
+        ("file://", "absolute path"),
+        ("file:///a/../b", "'..'"),
+        ("etcd3+http://h:99999", "h:99999"),
+        ("etcd3+http://h:2379?membership_timeout=1", "lease_s"),
+        ("etcd3+http://h:2379?nosuch=1", "nosuch"),
+        ("etcd3+http://u:pw@h:2379", "user information"),
+        ("", "non-empty"),
+        (None, "None"),
+    ],
+)
 def test_bad_url(url, needle):
     with pytest.raises(RegistryError) as ei:
         Registry(url, "cn1")
@@ -71,11 +74,19 @@ def test_bad_url(url, needle):
         assert repr(url) in str(ei.value) or url in str(ei.value)
 
 
-@pytest.mark.parametrize("url", ["file:///var/lib/vmthunder/registry", "etcd3+http://198.18.0.1:2379",
-                                 "etcd://198.18.0.1:2379", "etcd://localhost", "etcd3+https://[::1]:2379",
-                                 "etcd3+http://h:2379?api_version=v3"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///var/lib/vmthunder/registry",
+        "etcd3+http://198.18.0.1:2379",
+        "etcd://198.18.0.1:2379",
+        "etcd://localhost",
+        "etcd3+https://[::1]:2379",
+        "etcd3+http://h:2379?api_version=v3",
+    ],
+)
 def test_good_urls_accepted(url):
-    Registry(url, "cn1")            # nothing contacted before start()
+    Registry(url, "cn1")  # nothing contacted before start()
 
 
 @pytest.mark.parametrize("member", ["CN1", "a_b", "", "x" * 41, "-a", "a/b", "a..b", 7])
@@ -94,14 +105,13 @@ def test_not_started(tmp_path):
     r = Registry(f"file://{tmp_path}", "cn1")
     with pytest.raises(RegistryError, match="not started"):
         r.peers("img1")
-    r.stop()                        # harmless
+    r.stop()  # harmless
 
 
 def test_bad_image_ids_and_records(tmp_path, regs):
     r = regs(f"file://{tmp_path}", "cn1")
     for bad in ["a_b", "../x", "", "x" * 41, "a/b"]:
-        for call in (lambda: r.publish(bad, {}), lambda: r.peers(bad), lambda: r.leave(bad),
-                     lambda: r.lock(bad).__enter__()):
+        for call in (lambda: r.publish(bad, {}), lambda: r.peers(bad), lambda: r.leave(bad), lambda: r.lock(bad).__enter__()):
             with pytest.raises(RegistryError, match="image id"):
                 call()
     with pytest.raises(RegistryError, match="dict"):
@@ -118,18 +128,33 @@ def test_bad_image_ids_and_records(tmp_path, regs):
 def test_round_trip(backend_url, regs):
     img = new_image()
     a = regs(backend_url, "cn1")
-    assert a.peers(img) == []                          # group missing
-    rec = {"state": "joining", "depth": 1, "parents": ["origin"], "grants": {"cn2": {"lun": 0}},
-           "failure_domain": None, "t": (1, 2)}
+    assert a.peers(img) == []  # group missing
+    rec = {
+        "state": "joining",
+        "depth": 1,
+        "parents": ["origin"],
+        "grants": {"cn2": {"lun": 0}},
+        "failure_domain": None,
+        "t": (1, 2),
+    }
     a.publish(img, rec)
-    assert a.peers(img) == [{"host": "cn1", "state": "joining", "depth": 1, "parents": ["origin"],
-                             "grants": {"cn2": {"lun": 0}}, "failure_domain": None, "t": [1, 2]}]
-    a.publish(img, {"state": "ready"})                 # replaces the record
+    assert a.peers(img) == [
+        {
+            "host": "cn1",
+            "state": "joining",
+            "depth": 1,
+            "parents": ["origin"],
+            "grants": {"cn2": {"lun": 0}},
+            "failure_domain": None,
+            "t": [1, 2],
+        }
+    ]
+    a.publish(img, {"state": "ready"})  # replaces the record
     assert a.peers(img) == [{"host": "cn1", "state": "ready"}]
     a.leave(img)
     assert a.peers(img) == []
-    a.leave(img)                                       # not a member: nothing
-    a.publish(img, {"state": "again"})                 # re-join an existing, empty group
+    a.leave(img)  # not a member: nothing
+    a.publish(img, {"state": "again"})  # re-join an existing, empty group
     assert hosts_of(a.peers(img)) == ["cn1"]
 
 
@@ -140,14 +165,15 @@ def test_two_instances_see_each_other(backend_url, regs):
     b.publish(img, {"depth": 2, "parents": ["cn1"]})
     for r in (a, b):
         assert r.peers(img) == [{"host": "cn1", "depth": 1}, {"host": "cn2", "depth": 2, "parents": ["cn1"]}]
-    a.publish_host({"host": "cn1", "initiator": "iqn.1993-08.org.debian:01:cn1", "export_ip": "198.18.0.2",
-                    "failure_domain": "rack1"})
+    a.publish_host(
+        {"host": "cn1", "initiator": "iqn.1993-08.org.debian:01:cn1", "export_ip": "198.18.0.2", "failure_domain": "rack1"}
+    )
     b.publish_host({"initiator": "iqn.1993-08.org.debian:01:cn2", "export_ip": None, "failure_domain": "rack2"})
     assert {h["host"]: h["failure_domain"] for h in a.hosts()} == {"cn1": "rack1", "cn2": "rack2"}
     assert b.hosts()[0]["initiator"] == "iqn.1993-08.org.debian:01:cn1"
     # other images are separate groups
     assert a.peers(new_image()) == []
-    b.stop()                                           # stop leaves every group
+    b.stop()  # stop leaves every group
     assert hosts_of(a.peers(img)) == ["cn1"]
     assert hosts_of(a.hosts()) == ["cn1"]
 
@@ -156,8 +182,8 @@ def test_context_manager_and_restart(backend_url):
     img = new_image()
     with Registry(backend_url, "cn1", lease_s=LEASE) as a:
         a.publish(img, {"n": 1})
-        with Registry(backend_url, "cn1", lease_s=LEASE) as again:   # same member, second process
-            again.publish(img, {"n": 2})                             # takes the record over
+        with Registry(backend_url, "cn1", lease_s=LEASE) as again:  # same member, second process
+            again.publish(img, {"n": 2})  # takes the record over
             assert a.peers(img) == [{"host": "cn1", "n": 2}]
     with Registry(backend_url, "cn9", lease_s=LEASE) as c:
         assert c.peers(img) == []
@@ -174,9 +200,9 @@ def test_lock_excludes_second_holder(backend_url, regs):
         waited = time.monotonic() - t
         print(f"\n[{backend_url.split(':')[0]}] second holder gave up after {waited:.2f}s (timeout 0.5s)")
         assert 0.4 < waited < 4 * 0.5 + 2
-        with b.lock(new_image(), timeout_s=1):          # another image's lock is independent
+        with b.lock(new_image(), timeout_s=1):  # another image's lock is independent
             pass
-    with b.lock(img, timeout_s=5):                      # released: the other one gets it
+    with b.lock(img, timeout_s=5):  # released: the other one gets it
         pass
     # threads of one process exclude each other too
     inside, overlap = [], []
@@ -189,6 +215,7 @@ def test_lock_excludes_second_holder(backend_url, regs):
                     overlap.append(1)
                 time.sleep(0.02)
                 inside.pop()
+
     ts = [threading.Thread(target=worker) for _ in range(3)]
     for t in ts:
         t.start()
@@ -231,15 +258,16 @@ def test_killed_member_disappears(backend_url, regs):
         time.sleep(0.2)
         W.kill(p)
         t = time.monotonic()
-        wait_for(lambda: hosts_of(me.peers(img)) == ["cn1"], math.ceil(LEASE) + 8, interval_s=0.1,
-                 what="the killed member's expiry")
+        wait_for(
+            lambda: hosts_of(me.peers(img)) == ["cn1"], math.ceil(LEASE) + 8, interval_s=0.1, what="the killed member's expiry"
+        )
         gone = time.monotonic() - t
     finally:
         W.kill(p)
     kind = backend_url.split(":")[0]
     print(f"\n[{kind}] killed member gone from peers() {gone:.2f}s after SIGKILL (lease_s={LEASE})")
     assert gone > 0.3 * LEASE, "dropped long before its lease could have expired"
-    time.sleep(LEASE)                                  # the survivor outlives more than 2 leases
+    time.sleep(LEASE)  # the survivor outlives more than 2 leases
     assert hosts_of(me.peers(img)) == ["cn1"]
 
 
@@ -276,17 +304,21 @@ def test_etcd_republish_after_lease_lost(etcd_url, regs):
     a, b = regs(etcd_url, "cn1"), regs(etcd_url, "cn2")
     a.publish(img, {"state": "ready"})
     a.publish_host({"initiator": "iqn.x:cn1"})
-    a._coord._membership_lease.revoke()             # white-box: what an expiry does
+    a._coord._membership_lease.revoke()  # white-box: what an expiry does
     assert hosts_of(b.peers(img)) == [] and b.hosts() == []
     t = time.monotonic()
-    wait_for(lambda: hosts_of(b.peers(img)) == ["cn1"] and hosts_of(b.hosts()) == ["cn1"],
-             3 * LEASE + 5, interval_s=0.1, what="re-publication")
+    wait_for(
+        lambda: hosts_of(b.peers(img)) == ["cn1"] and hosts_of(b.hosts()) == ["cn1"],
+        3 * LEASE + 5,
+        interval_s=0.1,
+        what="re-publication",
+    )
     print(f"\n[etcd] records re-published {time.monotonic() - t:.2f}s after the lease was lost")
     assert b.peers(img) == [{"host": "cn1", "state": "ready"}]
 
 
 def test_etcd_unreachable_closed_port(regs):
-    url = f"etcd3+http://127.0.0.1:{free_port()}"      # nothing listens there
+    url = f"etcd3+http://127.0.0.1:{free_port()}"  # nothing listens there
     timeout = 2.0
     t = time.monotonic()
     with pytest.raises(RegistryError) as ei:
@@ -327,7 +359,7 @@ def test_etcd_dies_under_us(tmp_path):
         img = new_image()
         r.publish(img, {})
         srv.stop()
-        time.sleep(LEASE / 2)                      # let the heartbeat hit the dead server
+        time.sleep(LEASE / 2)  # let the heartbeat hit the dead server
         for call in (lambda: r.peers(img), lambda: r.publish(img, {"x": 1}), lambda: r.lock(img, 1).__enter__()):
             t = time.monotonic()
             with pytest.raises(RegistryError, match="unreachable"):
@@ -389,13 +421,15 @@ def test_slow_lock_attempt_leaves_no_orphan(backend_url, regs, monkeypatch):
             if slow["on"]:
                 time.sleep(0.6)
             return real_acquire(*args, **kw)
+
         lk.acquire = acquire
         return lk
+
     monkeypatch.setattr(a._coord, "get_lock", get_lock)
     with pytest.raises(RegistryError, match="no answer within 0.3s"):
         with a.lock(img, timeout_s=5):
             pytest.fail("got a lock whose attempt timed out")
-    time.sleep(1.0)                                  # the late attempt has finished (and undone itself)
+    time.sleep(1.0)  # the late attempt has finished (and undone itself)
     with b.lock(img, timeout_s=2):
         pass
 

@@ -1,6 +1,7 @@
 """The registry over etcd with TLS and client certificates: a CA the test makes with openssl,
 a real etcd that requires a client certificate signed by it, and the CA, certificate and key
 passed through the URL to tooz/etcd3gw (`ca_cert`, `cert_cert`, `cert_key`)."""
+
 import os
 import shutil
 import signal
@@ -15,8 +16,9 @@ import pytest
 from tests.registry.conftest import free_port
 from vmthunder.registry import Registry, RegistryError
 
-pytestmark = pytest.mark.skipif(shutil.which("etcd") is None or shutil.which("openssl") is None,
-                                reason="needs the etcd and openssl binaries")
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None or shutil.which("openssl") is None, reason="needs the etcd and openssl binaries"
+)
 
 
 def _openssl(*args, cwd):
@@ -24,17 +26,63 @@ def _openssl(*args, cwd):
 
 
 def _make_ca(d, name):
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
 
 
 def _make_cert(d, ca, name, ext):
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    _openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
     with open(os.path.join(d, f"{name}.ext"), "w") as f:
         f.write(ext)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
     os.chmod(os.path.join(d, f"{name}.key"), 0o600)
 
 
@@ -49,16 +97,43 @@ def tls_etcd(tmp_path_factory):
     _make_cert(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n")
     port, peer = free_port(), free_port()
     url, peer_url = f"https://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
-    p = lambda n: os.path.join(d, n)    # noqa: E731
+    p = lambda n: os.path.join(d, n)  # noqa: E731
     log = open(p("etcd.log"), "wb")
     proc = subprocess.Popen(
-        [shutil.which("etcd"), "--name", "t", "--data-dir", p("data"),
-         "--listen-client-urls", url, "--advertise-client-urls", url,
-         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-         "--initial-cluster", f"t={peer_url}", "--initial-cluster-state", "new",
-         "--cert-file", p("server.pem"), "--key-file", p("server.key"),
-         "--trusted-ca-file", p("ca.pem"), "--client-cert-auth", "--log-level", "warn", "--logger", "zap"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        [
+            shutil.which("etcd"),
+            "--name",
+            "t",
+            "--data-dir",
+            p("data"),
+            "--listen-client-urls",
+            url,
+            "--advertise-client-urls",
+            url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            f"t={peer_url}",
+            "--initial-cluster-state",
+            "new",
+            "--cert-file",
+            p("server.pem"),
+            "--key-file",
+            p("server.key"),
+            "--trusted-ca-file",
+            p("ca.pem"),
+            "--client-cert-auth",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     ctx = ssl.create_default_context(cafile=p("ca.pem"))
     ctx.load_cert_chain(p("cn1.pem"), p("cn1.key"))
     try:
@@ -76,7 +151,7 @@ def tls_etcd(tmp_path_factory):
         yield {"port": port, "dir": d}
     finally:
         if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)       # by PID
+            os.kill(proc.pid, signal.SIGKILL)  # by PID
             proc.wait(timeout=10)
         log.close()
 
@@ -91,20 +166,27 @@ def _url(etcd, ca="ca", cert="cn1"):
 def test_a_registry_with_the_ca_and_a_client_certificate_works(tls_etcd, monkeypatch):
     # The URL's CA verifies etcd, not a bundle the environment names.
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", os.path.join(tls_etcd["dir"], "other-ca.pem"))
-    with Registry(_url(tls_etcd), "cn1", lease_s=5, timeout_s=5) as a, \
-            Registry(_url(tls_etcd), "cn2", lease_s=5, timeout_s=5) as b:
+    with (
+        Registry(_url(tls_etcd), "cn1", lease_s=5, timeout_s=5) as a,
+        Registry(_url(tls_etcd), "cn2", lease_s=5, timeout_s=5) as b,
+    ):
         a.publish("img", {"state": "ready", "depth": 1, "parents": ["origin"]})
         assert [r["host"] for r in b.peers("img")] == ["cn1"]
         with b.lock("img", timeout_s=5):
             pass
 
 
-@pytest.mark.parametrize("ca, cert, why", [("ca", None, "no client certificate"),
-                                          ("ca", "stranger", "a certificate of another CA"),
-                                          ("other-ca", "cn1", "a CA that did not sign the server")])
+@pytest.mark.parametrize(
+    "ca, cert, why",
+    [
+        ("ca", None, "no client certificate"),
+        ("ca", "stranger", "a certificate of another CA"),
+        ("other-ca", "cn1", "a CA that did not sign the server"),
+    ],
+)
 def test_a_registry_without_the_right_certificates_is_refused(tls_etcd, ca, cert, why):
     r = Registry(_url(tls_etcd, ca, cert), "cn1", lease_s=5, timeout_s=3)
     with pytest.raises(RegistryError):
         r.start()
-        r.publish("img", {"state": "ready", "depth": 1, "parents": ["origin"]})     # in case start() is lazy
+        r.publish("img", {"state": "ready", "depth": 1, "parents": ["origin"]})  # in case start() is lazy
     r.stop()

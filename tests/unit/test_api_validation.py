@@ -3,6 +3,7 @@
 These run on any Linux host (no device-mapper needed): validation happens before any kernel
 object is touched. A loop-free way to get a real block device node is mknod in a tmp dir.
 """
+
 import json
 import os
 import stat
@@ -24,9 +25,18 @@ def blockdev(tmp_path):
 
 
 def test_exception_hierarchy():
-    kinds = [vmthunder.InvalidArgument, vmthunder.NotFound, vmthunder.Busy, vmthunder.CacheDeviceError,
-             vmthunder.IscsiError, vmthunder.LioError, vmthunder.DeviceMapperError, vmthunder.SnapshotError,
-             vmthunder.RollbackError, vmthunder.StateDirError]
+    kinds = [
+        vmthunder.InvalidArgument,
+        vmthunder.NotFound,
+        vmthunder.Busy,
+        vmthunder.CacheDeviceError,
+        vmthunder.IscsiError,
+        vmthunder.LioError,
+        vmthunder.DeviceMapperError,
+        vmthunder.SnapshotError,
+        vmthunder.RollbackError,
+        vmthunder.StateDirError,
+    ]
     assert len(set(kinds)) == len(kinds)
     for k in kinds:
         assert issubclass(k, vmthunder.Error)
@@ -65,23 +75,28 @@ def test_bad_paths(path, tmp_path):
         vmthunder.Node(host="b", cache_device="/dev/null", state_dir=path)
 
 
-@pytest.mark.parametrize("kw,needle", [
-    ({"export_ip": "not-an-ip"}, "not-an-ip"),
-    ({"export_port": 0}, "port"),
-    ({"engine": "flashcache"}, "flashcache"),
-    ({"cache_block_kib": 48}, "48 KiB"),
-    ({"cow_size_mib": 0}, "COW"),
-    ({"scan_timeout_s": -1.0}, "scan_timeout_s"),
-    ({"readahead_kib": 70000}, "readahead 70000 KiB"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"export_ip": "not-an-ip"}, "not-an-ip"),
+        ({"export_port": 0}, "port"),
+        ({"engine": "flashcache"}, "flashcache"),
+        ({"cache_block_kib": 48}, "48 KiB"),
+        ({"cow_size_mib": 0}, "COW"),
+        ({"scan_timeout_s": -1.0}, "scan_timeout_s"),
+        ({"readahead_kib": 70000}, "readahead 70000 KiB"),
+    ],
+)
 def test_bad_options(kw, needle, tmp_path):
     with pytest.raises(vmthunder.InvalidArgument) as e:
         vmthunder.Node(host="b", cache_device="/dev/null", state_dir=str(tmp_path / "s"), **kw)
     assert needle in str(e.value)
 
 
-GOOD = {"driver_volume_type": "iscsi", "data": {
-    "target_portal": "198.18.0.1:3260", "target_iqn": "iqn.2010-10.org.openstack:volume-1", "target_lun": 0}}
+GOOD = {
+    "driver_volume_type": "iscsi",
+    "data": {"target_portal": "198.18.0.1:3260", "target_iqn": "iqn.2010-10.org.openstack:volume-1", "target_lun": 0},
+}
 
 
 def _node(blockdev, tmp_path):
@@ -104,8 +119,9 @@ def test_repr_and_signature_documented():
     assert "cache_device" in vmthunder.Node.__doc__ or vmthunder.Node.__init__.__doc__ is not None
 
 
-@pytest.mark.parametrize("raw,want", [("cn1", "cn1"), ("Compute_1.Example.COM", "compute-1.example.com"),
-                                      ("-a..b_", "a.b"), ("__", "host")])
+@pytest.mark.parametrize(
+    "raw,want", [("cn1", "cn1"), ("Compute_1.Example.COM", "compute-1.example.com"), ("-a..b_", "a.b"), ("__", "host")]
+)
 def test_host_name_from_nova(raw, want):
     assert vmthunder.host_name(raw) == want
 
@@ -115,7 +131,7 @@ def test_long_host_names_stay_valid_and_apart():
     b = vmthunder.host_name("rack12-compute-node-0042.dc1.example.org.internal2")
     assert a != b
     for n in (a, b):
-        assert len(n) <= 40 and vmthunder.template_iqn(n, "img")      # a valid host for an IQN
+        assert len(n) <= 40 and vmthunder.template_iqn(n, "img")  # a valid host for an IQN
 
 
 def test_initiator_name_is_read_or_named_missing():

@@ -30,7 +30,7 @@ def test_reporting_is_paused_inside_and_restored_after(fake_host):
 
 def test_the_prefault_stays_within_available_memory_minus_the_reserve(fake_host):
     with host_memory.kept_memory(want_bytes=100 << 20, reserve_bytes=6 << 20) as info:
-        assert info["prefault_gib"] == round((2 << 20) / (1 << 30), 2)     # 8 MiB available - 6 reserved
+        assert info["prefault_gib"] == round((2 << 20) / (1 << 30), 2)  # 8 MiB available - 6 reserved
 
 
 def test_restored_when_the_run_fails(fake_host):
@@ -54,6 +54,7 @@ def test_smoke_runs_leave_the_host_alone_unless_told(fake_host):
     assert host_memory.choice(None, smoke=False) == "keep"
     assert host_memory.choice("keep", smoke=True) == "keep"
     import contextlib
+
     with contextlib.ExitStack() as stack:
         info = host_memory.enter(stack, "as-is", want_bytes=1 << 20)
         assert param.read_text() == "9\n" and "as-is" in info["page_reporting"]

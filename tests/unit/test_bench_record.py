@@ -1,26 +1,50 @@
 """bench/record.py: results named by their scenario, provenance inside, one history line per run
 written beside the result (a temporary directory in tests, never bench/results)."""
+
 import json
 import os
+import subprocess
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 from bench import record, simulate
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 
 W = 80 << 20
 
 
 def fleet_doc(nodes=8):
-    mode = {"completion_s": 16.0333, "vm_min_s": 12.24, "vm_median_s": 15.19, "origin_bytes": int(1.08 * W),
-            "origin_data_bytes": int(1.06 * W), "origin_ratio": 1.0799, "max_edge_ratio": 1.0583,
-            "all_finished": True, "data_ok": True, "tree": {"joins_wall_s": 5.766},
-            "cpu": {"fleet_cpu_s": 25.7, "host_busy": 0.91}}
-    return {"nodes": nodes, "vms": nodes, "rate_bps": 100e6, "working_set_bytes": W, "link_bound_s": 6.71,
-            "start": "attach", "command": "python3 -m bench.fleet --modes tree-f1,direct",
-            "provenance": {"date": "2026-12-03T10:00:00Z", "commit": "0421ba3", "trace_sha1": "cacecce15295",
-                           "host": {"cpu_model": "AMD EPYC", "cores": 2}, "host_speed": {"python_loop_2e6_s": 0.044}},
-            "modes": {"tree-f1": mode, "direct": {"error": "RuntimeError: boom"}}}
+    mode = {
+        "completion_s": 16.0333,
+        "vm_min_s": 12.24,
+        "vm_median_s": 15.19,
+        "origin_bytes": int(1.08 * W),
+        "origin_data_bytes": int(1.06 * W),
+        "origin_ratio": 1.0799,
+        "max_edge_ratio": 1.0583,
+        "all_finished": True,
+        "data_ok": True,
+        "tree": {"joins_wall_s": 5.766},
+        "cpu": {"fleet_cpu_s": 25.7, "host_busy": 0.91},
+    }
+    return {
+        "nodes": nodes,
+        "vms": nodes,
+        "rate_bps": 100e6,
+        "working_set_bytes": W,
+        "link_bound_s": 6.71,
+        "start": "attach",
+        "command": "python3 -m bench.fleet --modes tree-f1,direct",
+        "provenance": {
+            "date": "2026-12-03T10:00:00Z",
+            "commit": "0421ba3",
+            "trace_sha1": "cacecce15295",
+            "host": {"cpu_model": "AMD EPYC", "cores": 2},
+            "host_speed": {"python_loop_2e6_s": 0.044},
+        },
+        "modes": {"tree-f1": mode, "direct": {"error": "RuntimeError: boom"}},
+    }
 
 
 def test_results_are_named_by_their_parameters():
@@ -31,15 +55,17 @@ def test_results_are_named_by_their_parameters():
     readers = ["r1", "r2", "r3", "r1b"]
     assert record.cache_engines_name(False, None, "200mbit", True, False, readers, readers) == "cache-engines"
     assert record.cache_engines_name(True, 0, "200mbit", True, False, readers, readers) == "cache-engines-prefetch-readahead0"
-    assert record.cache_engines_name(False, None, "100mbit", False, False, ["r3"], readers) == \
-        "cache-engines-100mbit-readers-r3-synthetic"
+    assert (
+        record.cache_engines_name(False, None, "100mbit", False, False, ["r3"], readers)
+        == "cache-engines-100mbit-readers-r3-synthetic"
+    )
     assert record.cache_engines_name(False, None, "200mbit", False, True, readers, readers) == "cache-engines-smoke"
 
 
 def test_provenance_names_date_commit_and_host():
     p = record.provenance()
     assert p["date"].endswith("Z") and len(p["date"]) == 20
-    assert p["commit"]                       # the tests run in a git checkout
+    assert p["commit"]  # the tests run in a git checkout
     assert p["host"]["cores"] == os.cpu_count() and p["host"]["cpu_model"]
 
 
@@ -52,12 +78,24 @@ def test_history_goes_beside_the_result(tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["file"] == "fleet-8n-100mbit.json"
     h = lines[0]
-    assert (h["date"], h["commit"], h["scenario"], h["trace_sha1"]) == ("2026-12-03", "0421ba3", "fleet-8n-100mbit",
-                                                                         "cacecce15295")
+    assert (h["date"], h["commit"], h["scenario"], h["trace_sha1"]) == (
+        "2026-12-03",
+        "0421ba3",
+        "fleet-8n-100mbit",
+        "cacecce15295",
+    )
     assert h["host"] == {"cpu_model": "AMD EPYC", "cores": 2, "python_loop_2e6_s": 0.044}
-    assert h["modes"]["tree-f1"] == {"completion_s": 16.033, "vm_min_s": 12.2, "vm_median_s": 15.2, "origin_w": 1.08,
-                                     "origin_data_w": 1.06, "max_edge_w": 1.058, "slowest_join_s": 5.8,
-                                     "fleet_cpu_s": 25.7, "host_busy": 0.91}
+    assert h["modes"]["tree-f1"] == {
+        "completion_s": 16.033,
+        "vm_min_s": 12.2,
+        "vm_median_s": 15.2,
+        "origin_w": 1.08,
+        "origin_data_w": 1.06,
+        "max_edge_w": 1.058,
+        "slowest_join_s": 5.8,
+        "fleet_cpu_s": 25.7,
+        "host_busy": 0.91,
+    }
     assert h["modes"]["direct"] == {"error": "RuntimeError: boom"}
     assert json.loads(out.read_text())["provenance"]["commit"] == "0421ba3"
     assert not (tmp_path / "fleet-8n-100mbit.json.tmp").exists()
@@ -78,15 +116,22 @@ def test_every_kept_result_carries_its_provenance():
         if f.endswith(".json"):
             prov = json.load(open(os.path.join(res, f)))["provenance"]
             assert prov["date"] and "commit" in prov and prov["host"]["cores"], (f, prov)
-    assert not [f for f in os.listdir(res) if f.endswith(".png")], "PNGs are drawn on demand (bench/plot.py)"
+    # A fleet run draws its PNG beside the JSON; .gitignore keeps it out of the repository.
+    tracked = subprocess.run(["git", "ls-files", "*.png"], cwd=res, capture_output=True, text=True, check=True).stdout
+    assert not tracked.split(), "PNGs are drawn on demand (bench/plot.py), never kept"
 
 
 def test_plot_draws_a_fleet_result_from_its_json(tmp_path):
     pytest.importorskip("matplotlib")
     from bench import plot
+
     doc = fleet_doc(2)
-    tl = {"t": [0.0, 1.0, 2.0], "tx": {"o": [0, 5 << 20, 9 << 20], "cn1": [0, 0, 1 << 20]}, "vm_bytes": 100,
-          "vm_progress": {"vm01": [[0.5, 10], [1.5, 100]], "vm02": [[0.7, 50], [1.9, 100]]}}
+    tl = {
+        "t": [0.0, 1.0, 2.0],
+        "tx": {"o": [0, 5 << 20, 9 << 20], "cn1": [0, 0, 1 << 20]},
+        "vm_bytes": 100,
+        "vm_progress": {"vm01": [[0.5, 10], [1.5, 100]], "vm02": [[0.7, 50], [1.9, 100]]},
+    }
     doc["modes"] = {"tree-f1": {"completion_s": 1.9, "vm_times_s": {"vm01": 1.5, "vm02": 1.9}, "timeline": tl}}
     doc["fanout"] = 1
     src = tmp_path / "fleet-2n-100mbit.json"
@@ -112,8 +157,12 @@ def test_a_fleet_run_names_its_result_and_writes_history_only_into_its_out_dir(t
         def run(self):
             doc = fleet_doc(self.n)
             doc["working_set_bytes"], doc["rate_bps"] = self.W, self.rate
-            doc["modes"]["tree-f1"]["timeline"] = {"t": [0.0, 1.0], "tx": {"o": [0, 1 << 20]}, "vm_bytes": 1,
-                                                   "vm_progress": {"vm01": [[0.5, 1]]}}
+            doc["modes"]["tree-f1"]["timeline"] = {
+                "t": [0.0, 1.0],
+                "tx": {"o": [0, 1 << 20]},
+                "vm_bytes": 1,
+                "vm_progress": {"vm01": [[0.5, 1]]},
+            }
             doc["modes"]["tree-f1"]["vm_times_s"] = {"vm01": 0.5}
             doc.update(fanout=1, image_bytes=32 << 20)
             del doc["provenance"], doc["command"]
@@ -129,14 +178,20 @@ def test_a_fleet_run_names_its_result_and_writes_history_only_into_its_out_dir(t
     fleet.main(["--nodes", "2", "--smoke", "--modes", "tree-f1,direct", "--out", str(tmp_path)])
     fleet.main(["--scaling", "2,3", "--smoke", "--rate", "25mbit", "--modes", "tree-f1,direct", "--out", str(tmp_path)])
     names = sorted(os.listdir(tmp_path))
-    assert names == ["fleet-2n-100mbit-synthetic-timeline.png", "fleet-2n-100mbit-synthetic.json",
-                     "fleet-scaling-25mbit-synthetic.json", "history.jsonl"], names
+    assert names == [
+        "fleet-2n-100mbit-synthetic-timeline.png",
+        "fleet-2n-100mbit-synthetic.json",
+        "fleet-scaling-25mbit-synthetic.json",
+        "history.jsonl",
+    ], names
     doc = json.loads((tmp_path / "fleet-2n-100mbit-synthetic.json").read_text())
     assert doc["provenance"]["commit"] and doc["provenance"]["date"].endswith("Z")
     assert doc["png"] == "fleet-2n-100mbit-synthetic-timeline.png"
     hist = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
-    assert [(h["file"], h["nodes"]) for h in hist] == [("fleet-2n-100mbit-synthetic.json", 2),
-                                                       ("fleet-scaling-25mbit-synthetic.json", 2),
-                                                       ("fleet-scaling-25mbit-synthetic.json", 3)]
+    assert [(h["file"], h["nodes"]) for h in hist] == [
+        ("fleet-2n-100mbit-synthetic.json", 2),
+        ("fleet-scaling-25mbit-synthetic.json", 2),
+        ("fleet-scaling-25mbit-synthetic.json", 3),
+    ]
     assert hist[0]["host"]["python_loop_2e6_s"] == 0.05 and hist[0]["modes"]["tree-f1"]["completion_s"] == 16.033
     assert open(repo_history).read() == before

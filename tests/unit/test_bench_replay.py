@@ -1,5 +1,6 @@
 """The fleet's two VM stand-ins (bench/replay.c and fleet_guest.py's replay) read the same bytes:
 same digest as the host computes from the image, same result fields; errors are reported."""
+
 import json
 import os
 import shutil
@@ -8,9 +9,10 @@ import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 from bench import fleet, fleet_guest
 from bench.trace import expected_digest, trace_bin
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 
 # page-aligned reads, with an overlap (waits for the read in flight) and a re-read
 READS = [[0.0, 0, 65536], [0.0, 1 << 20, 4096], [0.01, 8192, 16384], [0.02, 3 << 20, 131072], [0.02, 0, 4096]]
@@ -32,15 +34,15 @@ def replay_bin(tmp_path_factory):
 @pytest.fixture
 def image(tmp_path):
     p = tmp_path / "img"
-    p.write_bytes(os.urandom(IMAGE))        # not tmpfs: O_DIRECT
+    p.write_bytes(os.urandom(IMAGE))  # not tmpfs: O_DIRECT
     return str(p)
 
 
 def run_c(binary, dev, reads, out, depth=2):
     trace = os.path.join(os.path.dirname(out), "trace.json")
-    with open(trace[:-5] + ".bin", "wb") as fh:       # the C replay reads the .json's .bin twin
+    with open(trace[:-5] + ".bin", "wb") as fh:  # the C replay reads the .json's .bin twin
         fh.write(trace_bin(reads))
-    argv = fleet_guest.replay_argv(dev, trace, out, depth, False, binary=binary)     # as the fleet starts it
+    argv = fleet_guest.replay_argv(dev, trace, out, depth, False, binary=binary)  # as the fleet starts it
     rc = subprocess.run(argv, capture_output=True, timeout=60).returncode
     return rc, json.load(open(out))
 
@@ -50,8 +52,11 @@ def test_c_and_python_replays_read_the_same_bytes(replay_bin, image, tmp_path):
     rc, c = run_c(replay_bin, image, READS, str(tmp_path / "c.json"))
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"image_bytes": IMAGE, "reads": READS}))
-    subprocess.run(fleet_guest.replay_argv(image, str(trace), str(tmp_path / "py.json"), 2, False, python=sys.executable),
-                   check=True, timeout=60)
+    subprocess.run(
+        fleet_guest.replay_argv(image, str(trace), str(tmp_path / "py.json"), 2, False, python=sys.executable),
+        check=True,
+        timeout=60,
+    )
     py = json.load(open(tmp_path / "py.json"))
     assert rc == 0
     assert c["digest"] == py["digest"] == want

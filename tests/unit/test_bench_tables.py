@@ -1,4 +1,5 @@
 """bench/fleet_report.py: the tables and goals of a fleet run; bench/fleet.py: its CPU figures and flags."""
+
 import os
 
 from bench import fleet, fleet_report
@@ -17,17 +18,27 @@ def test_the_scaling_table_takes_the_chain_as_the_tree():
 
 def test_goals_judge_every_tree_mode_against_its_own_fanout():
     W = 80 << 20
-    tree = lambda s, k, origin, busy=0.4: {"completion_s": s, "fanout": k, "origin_bytes": origin * W,   # noqa: E731
-                                           "origin_data_bytes": origin * W, "max_edge_ratio": 1.05,
-                                           "cpu": {"host_busy": busy}}
-    doc = {"working_set_bytes": W, "fanout": 3, "rate_bps": 100e6, "link_bound_s": W * 8 / 100e6,
-           "modes": {"tree-f1": tree(8.0, 1, 1.04), "tree": tree(25.0, 3, 3.17, busy=0.85), "direct": {"completion_s": 62.0}}}
+    tree = lambda s, k, origin, busy=0.4: {
+        "completion_s": s,
+        "fanout": k,
+        "origin_bytes": origin * W,  # noqa: E731
+        "origin_data_bytes": origin * W,
+        "max_edge_ratio": 1.05,
+        "cpu": {"host_busy": busy},
+    }
+    doc = {
+        "working_set_bytes": W,
+        "fanout": 3,
+        "rate_bps": 100e6,
+        "link_bound_s": W * 8 / 100e6,
+        "modes": {"tree-f1": tree(8.0, 1, 1.04), "tree": tree(25.0, 3, 3.17, busy=0.85), "direct": {"completion_s": 62.0}},
+    }
     g = fleet_report.goals(doc)
     assert sorted(g) == ["tree", "tree-f1"]
     assert g["tree-f1"]["tree >= 5x faster than direct"] == "7.75x -> met"
     assert g["tree"]["tree >= 5x faster than direct"] == "2.48x -> NOT met"
     assert g["tree-f1"]["origin sends <= fan-out x W x 1.05 (84.0 MiB)"].endswith("-> met")
-    assert g["tree"]["origin sends <= fan-out x W x 1.05 (252.0 MiB)"].endswith("-> NOT met")   # 3.17 W > 3.15 W
+    assert g["tree"]["origin sends <= fan-out x W x 1.05 (252.0 MiB)"].endswith("-> NOT met")  # 3.17 W > 3.15 W
     assert g["tree-f1"]["tree within 1.3x its shape's bound (k x W / rate = 6.7 s)"] == "1.19x -> met"
     assert g["tree-f1"]["host link-bound (busy < 70 %)"].startswith("40% busy -> yes")
     assert g["tree"]["host link-bound (busy < 70 %)"].startswith("85% busy -> NO")
@@ -59,12 +70,33 @@ def test_by_default_the_full_copy_is_its_link_bound_and_measure_measures_it():
     assert fleet.parse_args([]).modes == ["tree", "direct"]
     assert fleet.parse_args(["--full-copy", "measure"]).modes == ["tree", "direct", "full_copy"]
     W = 80 << 20
-    tree = {"completion_s": 27.3, "fanout": 3, "origin_bytes": 3.1 * W, "origin_data_bytes": 3.1 * W,
-            "origin_ratio": 3.1, "max_edge_ratio": 1.03, "vm_min_s": 26.2, "vm_median_s": 26.9, "all_finished": True,
-            "data_ok": True, "cpu": {"fleet_cores": 1.1, "host_busy": 0.9}, "tree": {"joins_wall_s": 9.5}}
-    doc = {"nodes": 8, "vms": 8, "working_set_bytes": W, "image_bytes": 2 << 30, "fanout": 3, "rate_bps": 100e6,
-           "link_bound_s": 6.7, "tree_bound_s": 20.1, "direct_bound_s": 53.5, "full_copy_bound_s": 1374.4,
-           "modes": {"tree": tree}}
+    tree = {
+        "completion_s": 27.3,
+        "fanout": 3,
+        "origin_bytes": 3.1 * W,
+        "origin_data_bytes": 3.1 * W,
+        "origin_ratio": 3.1,
+        "max_edge_ratio": 1.03,
+        "vm_min_s": 26.2,
+        "vm_median_s": 26.9,
+        "all_finished": True,
+        "data_ok": True,
+        "cpu": {"fleet_cores": 1.1, "host_busy": 0.9},
+        "tree": {"joins_wall_s": 9.5},
+    }
+    doc = {
+        "nodes": 8,
+        "vms": 8,
+        "working_set_bytes": W,
+        "image_bytes": 2 << 30,
+        "fanout": 3,
+        "rate_bps": 100e6,
+        "link_bound_s": 6.7,
+        "tree_bound_s": 20.1,
+        "direct_bound_s": 53.5,
+        "full_copy_bound_s": 1374.4,
+        "modes": {"tree": tree},
+    }
     assert fleet_report.goals(doc)["tree"]["tree vs full copy"].startswith(">= 50.34x faster (against the full copy's link bound")
     table = fleet_report.table(doc)
     row = next(line for line in table.splitlines() if line.startswith("| full_copy"))

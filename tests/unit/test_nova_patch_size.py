@@ -1,6 +1,7 @@
 """The Nova patch stays small: Nova keeps only what must live inside it (the driver class, the
 compute manager's start and departure hooks, the qcow2 file case of the local volume driver,
 registering vmthunder's options); everything else is vmthunder.nova and vmthunder.conf."""
+
 import os
 import re
 
@@ -22,8 +23,7 @@ def changed_lines(text):
 
 
 def test_the_counter_counts_added_and_removed_lines_but_not_headers():
-    diff = ("diff -ruN a/nova/x.py b/nova/x.py\n--- a/nova/x.py\t1\n+++ b/nova/x.py\t2\n"
-            "@@ -1,2 +1,3 @@\n ctx\n-old\n+new\n+\n")
+    diff = "diff -ruN a/nova/x.py b/nova/x.py\n--- a/nova/x.py\t1\n+++ b/nova/x.py\t2\n@@ -1,2 +1,3 @@\n ctx\n-old\n+new\n+\n"
     assert changed_lines(diff) == {"nova/x.py": 3}
 
 
@@ -31,8 +31,12 @@ def test_the_nova_patch_changes_at_most_90_non_test_lines():
     with open(PATCH) as f:
         counts = changed_lines(f.read())
     code = {p: n for p, n in counts.items() if not p.startswith("nova/tests/")}
-    assert set(code) == {"nova/compute/manager.py", "nova/conf/__init__.py", "nova/virt/block_device.py",
-                         "nova/virt/libvirt/volume/volume.py"}, code
+    assert set(code) == {
+        "nova/compute/manager.py",
+        "nova/conf/__init__.py",
+        "nova/virt/block_device.py",
+        "nova/virt/libvirt/volume/volume.py",
+    }, code
     total = sum(code.values())
     print(f"Nova patch: {total} changed non-test lines {code}")
     assert total <= MAX_CHANGED_LINES, code

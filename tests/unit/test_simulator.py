@@ -1,5 +1,6 @@
 """The boot-storm simulator (vmthunder.simulate, src/sim) and its command: properties that
 must hold whatever the calibration, not timings."""
+
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ def sim(**kw):
 
 def test_direct_boot_of_n_nodes_is_bound_below_by_n_w_over_u():
     out = sim(shape="direct")
-    u = 100e6 * 0.95 / 8        # the default link efficiency: data bytes per second
+    u = 100e6 * 0.95 / 8  # the default link efficiency: data bytes per second
     assert out["completion_s"] >= 6 * W / u
     assert out["origin_bytes"] == pytest.approx(6 * W, rel=0.01)
 
@@ -70,8 +71,15 @@ def test_the_trace_is_replayed_and_direct_reads_include_its_re_reads():
     assert out["origin_bytes"] / out["working_set_bytes"] == pytest.approx(2 * 1.078, rel=0.01)
 
 
-@pytest.mark.parametrize("bad, field", [({"rate_bps": 0}, "rate_bps"), ({"nodes": 0}, "nodes"),
-                                        ({"fanuot": 2}, "fanuot"), ({"fail": {"node": "cn99", "at_s": 1}}, "cn99")])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"rate_bps": 0}, "rate_bps"),
+        ({"nodes": 0}, "nodes"),
+        ({"fanuot": 2}, "fanuot"),
+        ({"fail": {"node": "cn99", "at_s": 1}}, "cn99"),
+    ],
+)
 def test_bad_parameters_raise_invalid_argument_naming_them(bad, field):
     with pytest.raises(vmthunder.InvalidArgument, match=field):
         sim(**bad)
@@ -79,8 +87,9 @@ def test_bad_parameters_raise_invalid_argument_naming_them(bad, field):
 
 def test_plan_command_prints_json_and_plots(tmp_path, capsys):
     png = tmp_path / "t.png"
-    rc = plan.main(["--nodes", "4", "--rate", "100mbit", "--working-set-bytes", str(W), "--shape", "chain",
-                    "--json", "--png", str(png)])
+    rc = plan.main(
+        ["--nodes", "4", "--rate", "100mbit", "--working-set-bytes", str(W), "--shape", "chain", "--json", "--png", str(png)]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["nodes"] == 4 and len(out["vm_times_s"]) == 4
@@ -93,8 +102,13 @@ def test_validate_quick_writes_the_documented_fields(tmp_path):
     out = tmp_path / "v.json"
     repo_history = os.path.join(ROOT, "bench", "results", "history.jsonl")
     before = open(repo_history).read()
-    subprocess.run([sys.executable, "-m", "bench.simulate", "--validate", "--quick",
-                    "--out", str(out)], check=True, capture_output=True, timeout=300, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "bench.simulate", "--validate", "--quick", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     doc = json.loads(out.read_text())
     keys = {"nodes", "rate_bps", "shape", "measured_s", "predicted_s", "error", "cpu_bound"}
     assert doc["cases"] and all(keys <= set(c) for c in doc["cases"])
@@ -109,12 +123,21 @@ def test_validate_quick_writes_the_documented_fields(tmp_path):
 
 def test_shapes_writes_provenance_a_summary_and_failures_that_hit_a_subtree_still_fetching(tmp_path):
     out = tmp_path / "s.json"
-    subprocess.run([sys.executable, "-m", "bench.simulate", "--shapes", "--sizes", "13:1e8",
-                    "--out", str(out)], check=True, capture_output=True, timeout=300, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "bench.simulate", "--shapes", "--sizes", "13:1e8", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     doc = json.loads(out.read_text())
     assert {"commit", "host", "date"} <= set(doc["provenance"]) and doc["host_load"]["load_avg_at_end"]
     assert {(s["working_set"], s["claims"]) for s in doc["summary"]} == {
-        ("trace", "serial"), ("trace", "free"), ("424MB", "serial"), ("424MB", "free")}
+        ("trace", "serial"),
+        ("trace", "free"),
+        ("424MB", "serial"),
+        ("424MB", "free"),
+    }
     failed = [r for r in doc["rows"] if r["fail"]]
     assert failed and all(r["shape"] != "direct" for r in failed)
     for r in failed:

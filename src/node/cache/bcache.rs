@@ -88,9 +88,15 @@ pub(in crate::node) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &m
     if space.slice(names::CACHE_SET_DM_NAME).is_none() {
         if let Some(live) = dm.info(names::CACHE_SET_DM_NAME)? {
             // bcache's set is the host's one: it cannot also live on this device.
-            return Err(Error::new(Kind::CacheDevice, format!(
-                "the host's bcache cache set ({}) lies on another device than {}: one cache device per host with bcache; \
-                 use that device, or engine=\"dm-cache\" for this one", live.device, node.cfg.cache_device.display())));
+            return Err(Error::new(
+                Kind::CacheDevice,
+                format!(
+                    "the host's bcache cache set ({}) lies on another device than {}: one cache device per host with bcache; \
+                 use that device, or engine=\"dm-cache\" for this one",
+                    live.device,
+                    node.cfg.cache_device.display()
+                ),
+            ));
         }
     }
     let (cset, created) = slice(node, dm, undo, &mut space, names::CACHE_SET_DM_NAME.to_string(), want, "the bcache cache set")?;
@@ -105,7 +111,13 @@ pub(in crate::node) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &m
         let bytes = dm::size_sectors(cset.device)? * 512;
         let bucket_kib = (bytes / 1024 / 1024).next_power_of_two().clamp(64, 1024);
         let path = cset.path().display().to_string();
-        cmd::check(Kind::CacheDevice, "make-bcache", &["-C", "--block", "4k", "--bucket", &format!("{bucket_kib}k"), &path], &[], Duration::from_secs(60))?;
+        cmd::check(
+            Kind::CacheDevice,
+            "make-bcache",
+            &["-C", "--block", "4k", "--bucket", &format!("{bucket_kib}k"), &path],
+            &[],
+            Duration::from_secs(60),
+        )?;
         space.set_ready(names::CACHE_SET_DM_NAME)?;
     }
     drop(space);
@@ -175,7 +187,7 @@ pub(super) fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev,
             let path = dev.path().display().to_string();
             cmd::check(Kind::CacheDevice, "make-bcache", &["-B", "--block", "4k", &path], &[], Duration::from_secs(60))?;
             dm.reload(&name, &with_paths)?;
-            flush_buffers(&dev.path())?;     // the probe's zero pages must not be read again
+            flush_buffers(&dev.path())?; // the probe's zero pages must not be read again
             space.set_ready(&name)?;
             dev
         } else {
@@ -210,9 +222,11 @@ pub(super) fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev,
     // stop the backing device (bcache does after io_error_limit errors, 64 by default, and the
     // template is then dead): the template reads again once its paths heal.
     write_sysfs(&sys.join("io_error_limit"), &i32::MAX.to_string())?;
-    let bc = fs::read_to_string(sys.join("dev/dev")).map_err(|e| Error::new(Kind::CacheDevice, format!("{}/dev/dev: {e}", sys.display())))?;
+    let bc =
+        fs::read_to_string(sys.join("dev/dev")).map_err(|e| Error::new(Kind::CacheDevice, format!("{}/dev/dev: {e}", sys.display())))?;
     let device: Device = bc.trim().parse().map_err(|_| Error::new(Kind::CacheDevice, format!("bad bcache dev {bc:?}")))?;
-    let bname = fs::read_link(sys.join("dev")).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
+    let bname =
+        fs::read_link(sys.join("dev")).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
     Ok(Cached { device, path: PathBuf::from("/dev").join(bname) })
 }
 

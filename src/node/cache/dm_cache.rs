@@ -18,10 +18,24 @@ pub(super) fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev,
     let meta_sectors = ((8u64 << 20) + nblocks * 64).div_ceil(1 << 20) * 2048;
     let (meta, data) = {
         let mut space = node.space()?;
-        let (meta, meta_new) = slice(node, dm, undo, &mut space, names::template_dm_name(image, Role::CacheMeta), meta_sectors,
-                                     &format!("the cache metadata of image {image}"))?;
-        let (data, data_new) = slice(node, dm, undo, &mut space, names::template_dm_name(image, Role::CacheData), data_sectors,
-                                     &format!("the cache of image {image}"))?;
+        let (meta, meta_new) = slice(
+            node,
+            dm,
+            undo,
+            &mut space,
+            names::template_dm_name(image, Role::CacheMeta),
+            meta_sectors,
+            &format!("the cache metadata of image {image}"),
+        )?;
+        let (data, data_new) = slice(
+            node,
+            dm,
+            undo,
+            &mut space,
+            names::template_dm_name(image, Role::CacheData),
+            data_sectors,
+            &format!("the cache of image {image}"),
+        )?;
         // dm-cache reads nothing of the data slice that its (zeroed) metadata does not map.
         if meta_new {
             zero_head(&meta.path(), 1 << 20)?;

@@ -93,7 +93,15 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sector
 /// of `want` sectors. Returns the device and whether its contents are fresh (just carved, or
 /// carved by a build that died before formatting it): the caller formats it, then
 /// `set_ready`s it. The caller holds `space`.
-fn slice<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>, space: &mut Space, name: String, want: u64, what: &str) -> Result<(DmDev, bool)> {
+fn slice<'a>(
+    node: &'a Node,
+    dm: &'a Dm,
+    undo: &mut Undo<'a>,
+    space: &mut Space,
+    name: String,
+    want: u64,
+    what: &str,
+) -> Result<(DmDev, bool)> {
     let (table, fresh) = match space.slice(&name) {
         Some(s) => (space.table(&name).expect("recorded"), s.state == SliceState::New),
         None => {
