@@ -80,16 +80,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
-import uuid
 
 from bench import fleet_guest, host_memory, record  # fleet_guest: the replay's command line
 from bench.fleet_report import goals, plot, scaling_table, table
 from bench.trace import expected_digest, load_trace, make_origin_image, synthetic_trace, trace_bin, union_bytes
 from lab import Fleet, HarnessError, uml_available
 from lab._util import parse_rate, parse_size
+from lab.guestpy import py  # a vmthunder snippet run on a node; its errors come back as GuestError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -124,42 +123,8 @@ def build_replay():
             return fh.read()
 
 
-PRELUDE = """\
-import json, logging, os, sys
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-import vmthunder
-def out(v):
-    print("@@JSON " + json.dumps(v))
-"""
-
-
 class BenchError(RuntimeError):
     pass
-
-
-def py(node, code: str, timeout: float = 120):
-    body = (
-        PRELUDE
-        + "try:\n"
-        + textwrap.indent(textwrap.dedent(code), "    ")
-        + """
-except vmthunder.Error as e:
-    print("@@ERR " + json.dumps([type(e).__name__, str(e)]))
-    sys.exit(3)
-"""
-    )
-    path = node.write_file(f"snippet-{uuid.uuid4().hex[:10]}.py", body.encode())
-    rc, output = node.run(f"python3 {path}", timeout=timeout)
-    result = None
-    for line in output.splitlines():
-        if line.startswith("@@ERR "):
-            t, m = json.loads(line[6:])
-            raise BenchError(f"{node.name}: {t}: {m}\n{output[-3000:]}")
-        if line.startswith("@@JSON "):
-            result = json.loads(line[7:])
-    if rc != 0:
-        raise BenchError(f"{node.name}: snippet failed rc={rc}\n{output[-3000:]}")
-    return result
 
 
 def guest(node, args: str, timeout: float = 120) -> str:

@@ -49,6 +49,34 @@ def _healthy(client_url: str) -> bool:
         return False
 
 
+def etcd_argv(data_dir, client_url: str, peer_url: str, *extra: str) -> list:
+    """The command line of a single-member etcd named "t" (extra: TLS files, tuning)."""
+    return [
+        shutil.which("etcd"),
+        "--name",
+        "t",
+        "--data-dir",
+        str(data_dir),
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        f"t={peer_url}",
+        "--initial-cluster-state",
+        "new",
+        "--log-level",
+        "warn",
+        "--logger",
+        "zap",
+        *extra,
+    ]
+
+
 class Etcd:
     """One single-member etcd on 127.0.0.1, data in `data_dir`; stopped by PID."""
 
@@ -60,31 +88,7 @@ class Etcd:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [
-                shutil.which("etcd"),
-                "--name",
-                "t",
-                "--data-dir",
-                str(data_dir),
-                "--listen-client-urls",
-                self.client_url,
-                "--advertise-client-urls",
-                self.client_url,
-                "--listen-peer-urls",
-                peer_url,
-                "--initial-advertise-peer-urls",
-                peer_url,
-                "--initial-cluster",
-                f"t={peer_url}",
-                "--initial-cluster-state",
-                "new",
-                "--log-level",
-                "warn",
-                "--logger",
-                "zap",
-                "--snapshot-count",
-                "10000",
-            ],
+            etcd_argv(data_dir, self.client_url, peer_url, "--snapshot-count", "10000"),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.registry.conftest import free_port
+from tests.registry.conftest import etcd_argv, free_port
 from vmthunder.registry import Registry, RegistryError
 
 pytestmark = pytest.mark.skipif(
@@ -100,24 +100,10 @@ def tls_etcd(tmp_path_factory):
     p = lambda n: os.path.join(d, n)  # noqa: E731
     log = open(p("etcd.log"), "wb")
     proc = subprocess.Popen(
-        [
-            shutil.which("etcd"),
-            "--name",
-            "t",
-            "--data-dir",
+        etcd_argv(
             p("data"),
-            "--listen-client-urls",
             url,
-            "--advertise-client-urls",
-            url,
-            "--listen-peer-urls",
             peer_url,
-            "--initial-advertise-peer-urls",
-            peer_url,
-            "--initial-cluster",
-            f"t={peer_url}",
-            "--initial-cluster-state",
-            "new",
             "--cert-file",
             p("server.pem"),
             "--key-file",
@@ -125,11 +111,7 @@ def tls_etcd(tmp_path_factory):
             "--trusted-ca-file",
             p("ca.pem"),
             "--client-cert-auth",
-            "--log-level",
-            "warn",
-            "--logger",
-            "zap",
-        ],
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
