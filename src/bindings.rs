@@ -144,18 +144,18 @@ impl Node {
             return Err(InvalidArgument::new_err(format!("invalid scan_timeout_s {scan_timeout_s}: 0 < t <= 600")));
         }
         let mut cfg = Config::new(host, cache_device, state_dir);
-        cfg.export_ip = export_ip;
-        cfg.export_port = export_port;
-        cfg.cache_block_sectors = cache_block_kib.saturating_mul(2);
-        cfg.cache_sectors = cache_size_mib.map(|m| m.saturating_mul(2048));
+        cfg.export.export_ip = export_ip;
+        cfg.export.export_port = export_port;
+        cfg.cache.cache_block_sectors = cache_block_kib.saturating_mul(2);
+        cfg.cache.cache_sectors = cache_size_mib.map(|m| m.saturating_mul(2048));
         cfg.cow_sectors = cow_size_mib.saturating_mul(2048);
-        cfg.scan_timeout = Duration::from_secs_f64(scan_timeout_s);
-        cfg.engine = engine.parse().map_err(to_py)?;
-        cfg.path_timeout_s = path_timeout_s;
-        cfg.coalesce = coalesce;
-        cfg.readahead_kib = readahead_kib;
+        cfg.paths.scan_timeout = Duration::from_secs_f64(scan_timeout_s);
+        cfg.cache.engine = engine.parse().map_err(to_py)?;
+        cfg.paths.path_timeout_s = path_timeout_s;
+        cfg.export.coalesce = coalesce;
+        cfg.export.readahead_kib = readahead_kib;
         cfg.cow_warn_percent = cow_warn_percent;
-        cfg.queue_timeout_s = queue_timeout_s;
+        cfg.paths.queue_timeout_s = queue_timeout_s;
         let inner = py.allow_threads(|| node::Node::new(cfg)).map_err(to_py)?;
         Ok(Node { inner })
     }
@@ -375,12 +375,15 @@ impl Node {
 
     #[getter]
     fn host(&self) -> String {
-        self.inner.config().host.clone()
+        self.inner.config().export.host.clone()
     }
 
     fn __repr__(&self) -> String {
         let c = self.inner.config();
-        format!("Node(host={:?}, cache_device={:?}, state_dir={:?}, export_ip={:?})", c.host, c.cache_device, c.state_dir, c.export_ip)
+        format!(
+            "Node(host={:?}, cache_device={:?}, state_dir={:?}, export_ip={:?})",
+            c.export.host, c.cache_device, c.state_dir, c.export.export_ip
+        )
     }
 }
 

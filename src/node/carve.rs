@@ -1,17 +1,18 @@
 //! Carving the node's one local device into slices (cache set, cache metadata and data, VM
 //! COWs) for every image and VM. The slices are dm-linear devices; where each lies is recorded
 //! on the device itself (`layout.rs`), so a rebooted host finds every slice again.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use devicemapper::{Device, LinearTargetParams, Sectors};
 
 use super::{
     layout::{Label, Layout, Slice, SliceState, Store},
-    lock::Lock,
+    lock::{Lock, Locks},
 };
 use crate::{
     dm::{Table, Target},
     error::{Error, Kind, Result},
+    rollback::Undo,
 };
 
 /// Slices start on 1 MiB boundaries.
@@ -30,6 +31,53 @@ pub fn first_fit(total: u64, used: &[(u64, u64)], want: u64, align: u64) -> Opti
         cursor = cursor.max(start + len);
     }
     None
+}
+
+/// The node's local device, what the cache engines and the VMs' COWs are carved from.
+pub struct LocalDevice {
+    path: PathBuf,
+    device: Device,
+    total: u64,
+    locks: Locks,
+}
+
+impl LocalDevice {
+    /// `total`: its size in sectors; `locks`: where its carving lock lives.
+    pub fn new(path: &Path, device: Device, total: u64, locks: Locks) -> Self {
+        LocalDevice { path: path.to_path_buf(), device, total, locks }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its size in sectors.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The layout under the carving lock (lock order: image -> cache set -> local device).
+    pub fn space(&self) -> Result<Space> {
+        Space::open(self.locks.local_device()?, &self.path, self.device, self.total)
+    }
+
+    /// The recorded label, read without the lock: a write in progress leaves the previous
+    /// generation readable, so this is a consistent, perhaps just superseded, layout.
+    pub fn label(&self) -> Result<Label> {
+        Store::new(&self.path, self.total).read()
+    }
+
+    /// The recorded layout, read without the lock (see `label`).
+    pub fn layout(&self) -> Result<Layout> {
+        Ok(self.label()?.layout)
+    }
+
+    /// Free the slice `name` if the call that carved it fails.
+    pub fn undo_slice<'a>(&'a self, undo: &mut Undo<'a>, name: String) {
+        undo.push(format!("slice {name} of the local device"), move || {
+            self.space().and_then(|mut s| s.free(&[name])).map_err(|e| e.to_string())
+        });
+    }
 }
 
 /// The local device's layout held under the carving lock: read once, every change written

@@ -2,7 +2,7 @@
 //! carving the local device, and a *join mark* per image. `flock` locks go away with the
 //! process, so a crash never leaves a stale lock.
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -12,6 +12,48 @@ use crate::error::{Error, Kind, Result};
 
 pub struct Lock {
     _flock: Flock<std::fs::File>,
+}
+
+/// The node's locks, in the state dir's `locks/`. Lock order: image -> cache set -> local
+/// device.
+#[derive(Debug, Clone)]
+pub struct Locks {
+    dir: PathBuf,
+}
+
+impl Locks {
+    pub fn new(state_dir: &Path) -> Self {
+        Locks { dir: state_dir.join("locks") }
+    }
+
+    /// Image `image`'s lock, waiting up to `timeout`.
+    pub fn image(&self, image: &str, timeout: Duration) -> Result<Lock> {
+        acquire(&self.dir, &format!("image-{image}"), timeout)
+    }
+
+    /// The node's shared bcache cache set.
+    pub fn cache_set(&self) -> Result<Lock> {
+        acquire(&self.dir, "cache-set", Duration::from_secs(120))
+    }
+
+    /// The carving lock of the local device.
+    pub fn local_device(&self) -> Result<Lock> {
+        acquire(&self.dir, "local-device", Duration::from_secs(60))
+    }
+
+    /// A shared join mark of `image` (see `Node::joining`).
+    pub fn join_mark(&self, image: &str) -> Result<Lock> {
+        acquire_shared(&self.dir, &Self::join_mark_name(image), Duration::from_secs(120))
+    }
+
+    /// The join mark of `image` held exclusively if no join holds it, else `None`.
+    pub fn no_join(&self, image: &str) -> Result<Option<Lock>> {
+        try_exclusive(&self.dir, &Self::join_mark_name(image))
+    }
+
+    fn join_mark_name(image: &str) -> String {
+        format!("join-{image}")
+    }
 }
 
 /// The exclusive lock `name`, waiting up to `timeout` for whoever holds it.

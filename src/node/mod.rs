@@ -20,7 +20,6 @@ use std::{
     time::Duration,
 };
 
-use devicemapper::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -54,33 +53,39 @@ impl std::str::FromStr for SnapshotMode {
     }
 }
 
+/// How a template reaches its parents: iSCSI logins, LUN scans and dm-multipath failover
+/// (paths.rs, the logins of template.rs).
 #[derive(Debug, Clone)]
-pub struct Config {
-    /// This node's name in IQNs and in the registry (lower case).
-    pub host: String,
-    /// The local block device carved for caches and COWs of all images.
-    pub cache_device: PathBuf,
-    /// Locks and qcow2 overlays.
-    pub state_dir: PathBuf,
-    /// Where children reach this node's exports; `None`: this node does not relay.
-    pub export_ip: Option<String>,
-    pub export_port: u16,
-    /// dm-cache block size in sectors (multiple of 64).
-    pub cache_block_sectors: u64,
-    /// Cache data per image; `None`: as large as the image.
-    pub cache_sectors: Option<u64>,
-    /// COW space per VM (dm mode).
-    pub cow_sectors: u64,
-    /// How long to wait for a LUN to appear after a scan.
-    pub scan_timeout: Duration,
-    /// Cache engine for new templates (an existing one keeps its own).
-    pub engine: cache::Engine,
+pub struct PathPolicy {
     /// Seconds I/O waits on a dead parent before failing over to the next path.
     pub path_timeout_s: u32,
     /// Seconds dm-multipath holds I/O when every path is down (an outage of the origin and
     /// all parents) before failing it to the guest; 0: fail at once. Host-wide (dm_multipath's
     /// `queue_if_no_path_timeout_secs`). Upkeep (`heal_paths`) reinstates paths afterwards.
     pub queue_timeout_s: u32,
+    /// How long to wait for a LUN to appear after a scan.
+    pub scan_timeout: Duration,
+}
+
+/// How a template caches on the local device (cache/).
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Cache engine for new templates (an existing one keeps its own).
+    pub engine: cache::Engine,
+    /// Cache data per image; `None`: as large as the image.
+    pub cache_sectors: Option<u64>,
+    /// dm-cache block size in sectors (multiple of 64).
+    pub cache_block_sectors: u64,
+}
+
+/// How a template is exported to children and read by this node's VMs (LIO, template.rs).
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    /// This node's name in IQNs and in the registry (lower case).
+    pub host: String,
+    /// Where children reach this node's exports; `None`: this node does not relay.
+    pub export_ip: Option<String>,
+    pub export_port: u16,
     /// VMs, children and the prefetch read a template through one page cache (LIO fileio,
     /// VMs through a local tcm_loop disk), so concurrent misses on a block fetch it once.
     /// Off: children read through iblock and VMs the cached device directly.
@@ -90,6 +95,19 @@ pub struct Config {
     /// 0 = exact (every edge 1.00 x W) but one 4 KiB page per round trip, twice the time;
     /// 4 = 1.05-1.10 x W at full speed; 128 (the kernel's default) = up to 1.35 x W.
     pub readahead_kib: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The local block device carved for caches and COWs of all images.
+    pub cache_device: PathBuf,
+    /// Locks and qcow2 overlays.
+    pub state_dir: PathBuf,
+    pub paths: PathPolicy,
+    pub cache: CacheConfig,
+    pub export: ExportConfig,
+    /// COW space per VM (dm mode).
+    pub cow_sectors: u64,
     /// `status()` logs a warning for a VM whose COW is this full (percent).
     pub cow_warn_percent: u8,
 }
@@ -97,48 +115,41 @@ pub struct Config {
 impl Config {
     pub fn new(host: &str, cache_device: &str, state_dir: &str) -> Self {
         Config {
-            host: host.to_string(),
             cache_device: cache_device.into(),
             state_dir: state_dir.into(),
-            export_ip: None,
-            export_port: 3260,
-            cache_block_sectors: 128,
-            cache_sectors: None,
+            paths: PathPolicy { path_timeout_s: 5, queue_timeout_s: 60, scan_timeout: Duration::from_secs(15) },
+            cache: CacheConfig { engine: cache::Engine::Bcache, cache_sectors: None, cache_block_sectors: 128 },
+            export: ExportConfig { host: host.to_string(), export_ip: None, export_port: 3260, coalesce: true, readahead_kib: 4 },
             cow_sectors: 2 * 1024 * 1024, // 1 GiB
-            scan_timeout: Duration::from_secs(15),
-            engine: cache::Engine::Bcache,
-            path_timeout_s: 5,
-            queue_timeout_s: 60,
-            coalesce: true,
-            readahead_kib: 4,
             cow_warn_percent: 90,
         }
     }
 
     pub fn validate(&self) -> Result<()> {
-        names::validate_host(&self.host)?;
+        let (p, c, x) = (&self.paths, &self.cache, &self.export);
+        names::validate_host(&x.host)?;
         let cd = self.cache_device.to_str().ok_or_else(|| Error::invalid("cache device path is not UTF-8"))?;
         names::validate_path("cache device", cd)?;
         let sd = self.state_dir.to_str().ok_or_else(|| Error::invalid("state dir path is not UTF-8"))?;
         names::validate_path("state dir", sd)?;
-        if let Some(ip) = &self.export_ip {
+        if let Some(ip) = &x.export_ip {
             ip.parse::<std::net::Ipv4Addr>().map_err(|_| Error::invalid(format!("invalid export IP {ip:?}: expected IPv4")))?;
         }
-        if self.export_port == 0 {
+        if x.export_port == 0 {
             return Err(Error::invalid("invalid export port 0"));
         }
-        let b = self.cache_block_sectors;
+        let b = c.cache_block_sectors;
         if !(64..=2_097_152).contains(&b) || b % 64 != 0 {
             return Err(Error::invalid(format!("invalid cache block size {} KiB: a multiple of 32 KiB, 32 KiB..1 GiB", b / 2)));
         }
-        if !(1..=600).contains(&self.path_timeout_s) {
-            return Err(Error::invalid(format!("invalid path timeout {}s: 1..600", self.path_timeout_s)));
+        if !(1..=600).contains(&p.path_timeout_s) {
+            return Err(Error::invalid(format!("invalid path timeout {}s: 1..600", p.path_timeout_s)));
         }
-        if self.queue_timeout_s > 3600 {
-            return Err(Error::invalid(format!("invalid queue timeout {}s: 0..3600 (0: no queueing)", self.queue_timeout_s)));
+        if p.queue_timeout_s > 3600 {
+            return Err(Error::invalid(format!("invalid queue timeout {}s: 0..3600 (0: no queueing)", p.queue_timeout_s)));
         }
-        if self.readahead_kib > 65536 {
-            return Err(Error::invalid(format!("invalid readahead {} KiB: 0..65536", self.readahead_kib)));
+        if x.readahead_kib > 65536 {
+            return Err(Error::invalid(format!("invalid readahead {} KiB: 0..65536", x.readahead_kib)));
         }
         if !(1..=100).contains(&self.cow_warn_percent) {
             return Err(Error::invalid(format!("invalid COW warning threshold {}%: 1..100", self.cow_warn_percent)));
@@ -152,8 +163,9 @@ impl Config {
 
 pub struct Node {
     cfg: Config,
-    cache_dev: Device,
-    cache_total: u64,
+    locks: lock::Locks,
+    local: carve::LocalDevice,
+    overlays: vm::Overlays,
 }
 
 /// What `reassemble()` did: the VM disks back (VM id -> path), the VMs that could not be
@@ -199,7 +211,10 @@ impl Node {
         }
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| Error::caused_by(Kind::StateDir, format!("state dir {}", cfg.state_dir.display()), e))?;
-        Ok(Node { cfg, cache_dev, cache_total })
+        let locks = lock::Locks::new(&cfg.state_dir);
+        let local = carve::LocalDevice::new(&cfg.cache_device, cache_dev, cache_total, locks.clone());
+        let overlays = vm::Overlays::new(&cfg.state_dir);
+        Ok(Node { cfg, locks, local, overlays })
     }
 
     pub fn config(&self) -> &Config {
@@ -207,40 +222,28 @@ impl Node {
     }
 
     fn lock_image(&self, image: &str) -> Result<lock::Lock> {
-        lock::acquire(&self.cfg.state_dir.join("locks"), &format!("image-{image}"), Duration::from_secs(120))
+        self.locks.image(image, Duration::from_secs(120))
     }
 
-    /// The node's shared bcache cache set (lock order: image -> cache set -> local device).
-    fn lock_cache_set(&self) -> Result<lock::Lock> {
-        lock::acquire(&self.cfg.state_dir.join("locks"), "cache-set", Duration::from_secs(120))
+    /// What the cache engines use: their settings, the local device, the cache set's lock.
+    fn cache_ctx(&self) -> cache::Ctx<'_> {
+        cache::Ctx { cfg: &self.cfg.cache, local: &self.local, locks: &self.locks }
     }
 
-    fn join_mark_name(image: &str) -> String {
-        format!("join-{image}")
+    /// What a template is built and torn down with.
+    fn template_ctx(&self) -> template::Ctx<'_> {
+        template::Ctx { paths: &self.cfg.paths, export: &self.cfg.export, cache: self.cache_ctx() }
     }
 
-    /// The local device's layout under the carving lock (lock order: image -> cache set ->
-    /// local device).
-    fn space(&self) -> Result<carve::Space> {
-        let lock = lock::acquire(&self.cfg.state_dir.join("locks"), "local-device", Duration::from_secs(60))?;
-        carve::Space::open(lock, &self.cfg.cache_device, self.cache_dev, self.cache_total)
+    /// What VM disks are made on.
+    fn disks(&self) -> vm::Disks<'_> {
+        vm::Disks { local: &self.local, overlays: &self.overlays, cow_sectors: self.cfg.cow_sectors }
     }
 
-    /// The recorded layout, read without the lock: a write in progress leaves the previous
-    /// generation readable, so this is a consistent, perhaps just superseded, layout.
-    fn layout(&self) -> Result<layout::Layout> {
-        Ok(layout::Store::new(&self.cfg.cache_device, self.cache_total).read()?.layout)
-    }
-
-    /// Free the slice `name` if the call that carved it fails.
-    fn undo_slice<'a>(&'a self, undo: &mut Undo<'a>, name: String) {
-        undo.push(format!("slice {name} of the local device"), move || {
-            self.space().and_then(|mut s| s.free(&[name])).map_err(|e| e.to_string())
-        });
-    }
-
-    fn vmm_dir(&self, image: &str) -> PathBuf {
-        self.cfg.state_dir.join("vmm").join(image)
+    /// Tear `image`'s template down if no VM and no child uses it (the caller holds the
+    /// image lock). Returns whether it went.
+    fn release_template(&self, dm: &Dm, image: &str) -> Result<bool> {
+        template::release_if_unused(&self.template_ctx(), dm, image, &self.vms_of(dm, image)?)
     }
 
     /// Attach VM `vm` to image `image`: build (or reuse) the image's template from `sources`
@@ -259,10 +262,10 @@ impl Node {
         let mut undo = Undo::default();
         let result = (|| -> Result<String> {
             let attached = self.record_attaching(image, raw_sources.last(), vm, mode, &mut undo)?;
-            let t = template::ensure(self, &dm, image, &sources, &mut undo)?;
-            let path = vm::ensure(self, &dm, &t, vm, mode, attached, &mut undo)?;
+            let t = template::ensure(&self.template_ctx(), &dm, image, &sources, &mut undo)?;
+            let path = vm::ensure(&self.disks(), &dm, &t, vm, mode, attached, &mut undo)?;
             if !attached {
-                self.space()?.update(|l| l.vms.get_mut(vm).map(|r| r.state = layout::VmState::Attached))?;
+                self.local.space()?.update(|l| l.vms.get_mut(vm).map(|r| r.state = layout::VmState::Attached))?;
             }
             Ok(path)
         })();
@@ -289,7 +292,7 @@ impl Node {
         undo: &mut Undo<'a>,
     ) -> Result<bool> {
         use layout::{TemplateRecord, VmRecord, VmState};
-        let mut space = self.space()?;
+        let mut space = self.local.space()?;
         let (new_template, new_vm, attached) = {
             let l = space.layout();
             if let Some(r) = l.vms.get(vm) {
@@ -323,7 +326,8 @@ impl Node {
         if new_template {
             let image = image.to_string();
             undo.push(format!("record of image {image}'s template"), move || {
-                self.space()
+                self.local
+                    .space()
                     .and_then(|mut s| {
                         s.update(|l| {
                             if !l.vms.values().any(|r| r.image == image) {
@@ -337,7 +341,8 @@ impl Node {
         if new_vm {
             let vm = vm.to_string();
             undo.push(format!("record of VM {vm}"), move || {
-                self.space()
+                self.local
+                    .space()
                     .and_then(|mut s| {
                         s.update(|l| {
                             l.vms.remove(&vm);
@@ -354,13 +359,13 @@ impl Node {
     /// the engine keeps a cache per image (dm-cache). Returns true when it made the set. The
     /// set is still released with the last image that used it.
     pub fn prepare_cache(&self) -> Result<bool> {
-        if self.cfg.engine != cache::Engine::Bcache {
+        if self.cfg.cache.engine != cache::Engine::Bcache {
             return Ok(false);
         }
         let dm = Dm::open()?;
-        let _set = self.lock_cache_set()?;
+        let _set = self.locks.cache_set()?;
         let mut undo = Undo::default();
-        match cache::ensure_cache_set(self, &dm, &mut undo) {
+        match cache::ensure_cache_set(&self.cache_ctx(), &dm, &mut undo) {
             Ok((_, created)) => {
                 undo.commit();
                 Ok(created)
@@ -380,7 +385,7 @@ impl Node {
         }
         let dm = Dm::open()?;
         let _lock = self.lock_image(image)?;
-        template::reparent(self, &dm, image, &sources)
+        template::reparent(&self.cfg.paths, &dm, image, &sources)
     }
 
     /// One upkeep round over every template's parent paths: reinstate each failed path whose
@@ -389,7 +394,7 @@ impl Node {
     /// reinstated. Cheap when nothing failed (sysfs and dm status reads); run it every few
     /// seconds (`Tree.maintain` does).
     pub fn heal_paths(&self) -> Result<Vec<paths::Healed>> {
-        paths::heal(self, &Dm::open()?)
+        paths::heal(&self.cfg.paths, &self.locks, &Dm::open()?)
     }
 
     /// Read a recorded boot profile (`ranges`: byte offset, length; first-read order) through
@@ -438,7 +443,7 @@ impl Node {
         let _lock = self.lock_image(&image)?;
         self.remove_vm(&dm, &image, vm, mode)?;
         log::info!("detached VM {vm} from image {image}");
-        template::release_if_unused(self, &dm, &image)?;
+        self.release_template(&dm, &image)?;
         Ok(())
     }
 
@@ -453,18 +458,18 @@ impl Node {
     /// caller holds the image lock.
     fn remove_vm(&self, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -> Result<()> {
         use layout::VmState;
-        let was = self.space()?.update(|l| l.vms.get_mut(vm).map(|r| std::mem::replace(&mut r.state, VmState::Detaching)))?;
-        if let Err(e) = vm::remove(self, dm, image, vm, mode) {
+        let was = self.local.space()?.update(|l| l.vms.get_mut(vm).map(|r| std::mem::replace(&mut r.state, VmState::Detaching)))?;
+        if let Err(e) = vm::remove(&self.overlays, dm, image, vm, mode) {
             if e.kind == Kind::Busy {
                 // Still in use: the VM keeps its disk and its state.
                 if let Some(was) = was {
-                    self.space()?.update(|l| l.vms.get_mut(vm).map(|r| r.state = was))?;
+                    self.local.space()?.update(|l| l.vms.get_mut(vm).map(|r| r.state = was))?;
                 }
             }
             return Err(e);
         }
         let cow = names::vm_dm_name(image, vm, names::VmRole::Cow);
-        self.space()?.update(|l| {
+        self.local.space()?.update(|l| {
             l.vms.remove(vm);
             l.slices.remove(&cow);
         })
@@ -490,7 +495,7 @@ impl Node {
 
     fn release_locked(&self, dm: &Dm, image: &str) -> Result<bool> {
         let _lock = self.lock_image(image)?;
-        template::release_if_unused(self, dm, image)
+        self.release_template(dm, image)
     }
 
     /// Mark a join of `image` as in flight until the returned mark is dropped: a shared flock,
@@ -499,7 +504,7 @@ impl Node {
     /// join (`prepare_export`, `prelogin`) until `attach` has returned.
     pub fn joining(&self, image: &str) -> Result<lock::Lock> {
         names::validate_id("image id", image)?;
-        lock::acquire_shared(&self.cfg.state_dir.join("locks"), &Self::join_mark_name(image), Duration::from_secs(120))
+        self.locks.join_mark(image)
     }
 
     /// Remove what a join of `image` that died half-way (its process crashed between the
@@ -513,17 +518,17 @@ impl Node {
     pub fn recover(&self, image: &str, sources: &[Value]) -> Result<Vec<String>> {
         names::validate_id("image id", image)?;
         let sources = sources.iter().map(Source::from_json).collect::<Result<Vec<_>>>()?;
-        let Some(_quiet) = lock::try_exclusive(&self.cfg.state_dir.join("locks"), &Self::join_mark_name(image))? else {
+        let Some(_quiet) = self.locks.no_join(image)? else {
             return Err(Error::new(Kind::Busy, format!("a join of image {image:?} is in flight on this node; nothing recovered")));
         };
         let dm = Dm::open()?;
         let _lock = self.lock_image(image)?;
         let mut removed = self.finish_unfinished_vms(&dm, image)?;
-        if template::devices(&dm, image)?.is_empty() && !self.layout()?.templates.contains_key(image) {
+        if template::devices(&dm, image)?.is_empty() && !self.local.layout()?.templates.contains_key(image) {
             if self.drop_export_locked(&dm, image)? {
                 removed.push(format!("prepared export of image {image}"));
             }
-        } else if template::release_if_unused(self, &dm, image)? {
+        } else if self.release_template(&dm, image)? {
             removed.push(format!("template of image {image}"));
         }
         let relays = iscsi::sessions().into_iter().filter(|s| names::is_relay_of(&s.iqn, image));
@@ -559,7 +564,7 @@ impl Node {
     fn finish_unfinished_vms(&self, dm: &Dm, image: &str) -> Result<Vec<String>> {
         let mut removed = Vec::new();
         let unfinished: Vec<(String, layout::VmRecord)> =
-            self.layout()?.vms.into_iter().filter(|(_, r)| r.image == image && r.state != layout::VmState::Attached).collect();
+            self.local.layout()?.vms.into_iter().filter(|(_, r)| r.image == image && r.state != layout::VmState::Attached).collect();
         for (vm, r) in unfinished {
             self.remove_vm(dm, image, &vm, r.mode).map_err(|e| e.context(format!("recover VM {vm:?} of image {image:?}")))?;
             removed
@@ -578,12 +583,12 @@ impl Node {
     pub fn reassemble(&self) -> Result<Reassembly> {
         let dm = Dm::open()?;
         let mut report = Reassembly::default();
-        let l = self.layout()?;
+        let l = self.local.layout()?;
         let mut images: Vec<String> = l.templates.keys().cloned().chain(l.vms.values().map(|r| r.image.clone())).collect();
         images.sort();
         images.dedup();
         for image in images {
-            let Some(_quiet) = lock::try_exclusive(&self.cfg.state_dir.join("locks"), &Self::join_mark_name(&image))? else {
+            let Some(_quiet) = self.locks.no_join(&image)? else {
                 log::info!("image {image}: a join is in flight; left to it");
                 continue;
             };
@@ -594,7 +599,7 @@ impl Node {
             }
         }
         let orphans = {
-            let mut space = self.space()?;
+            let mut space = self.local.space()?;
             let orphans = space.layout().orphan_slices();
             space.free(&orphans)?;
             orphans
@@ -612,10 +617,10 @@ impl Node {
 
     fn reassemble_image(&self, dm: &Dm, image: &str, report: &mut Reassembly) -> Result<()> {
         report.removed.extend(self.finish_unfinished_vms(dm, image)?);
-        let l = self.layout()?;
+        let l = self.local.layout()?;
         let vms: Vec<(String, SnapshotMode)> = l.vms.iter().filter(|(_, r)| r.image == image).map(|(vm, r)| (vm.clone(), r.mode)).collect();
         if vms.is_empty() {
-            if template::release_if_unused(self, dm, image)? {
+            if self.release_template(dm, image)? {
                 report.removed.push(format!("template of image {image} (no VM uses it)"));
             }
             return Ok(());
@@ -638,7 +643,7 @@ impl Node {
             }
         };
         let mut undo = Undo::default();
-        let t = match template::ensure(self, dm, image, &sources, &mut undo) {
+        let t = match template::ensure(&self.template_ctx(), dm, image, &sources, &mut undo) {
             Ok(t) => {
                 undo.commit();
                 t
@@ -650,7 +655,7 @@ impl Node {
         };
         for (vm, mode) in vms {
             let mut undo = Undo::default();
-            match vm::ensure(self, dm, &t, &vm, mode, true, &mut undo) {
+            match vm::ensure(&self.disks(), dm, &t, &vm, mode, true, &mut undo) {
                 Ok(path) => {
                     undo.commit();
                     log::info!("VM {vm} of image {image}: disk back at {path}");
@@ -670,10 +675,11 @@ impl Node {
     fn relay_portal(&self) -> Result<String> {
         let ip = self
             .cfg
+            .export
             .export_ip
             .as_ref()
-            .ok_or_else(|| Error::new(Kind::Lio, format!("host {} has no export_ip: it does not relay", self.cfg.host)))?;
-        Ok(format!("{ip}:{}", self.cfg.export_port))
+            .ok_or_else(|| Error::new(Kind::Lio, format!("host {} has no export_ip: it does not relay", self.cfg.export.host)))?;
+        Ok(format!("{ip}:{}", self.cfg.export.export_port))
     }
 
     /// The connection info a child node (`initiator`) attaches with: this node's export of
@@ -683,11 +689,11 @@ impl Node {
         names::validate_iqn(initiator)?;
         let portal = self.relay_portal()?;
         let _lock = self.lock_image(image)?;
-        let iqn = names::template_iqn(&self.cfg.host, image);
+        let iqn = names::template_iqn(&self.cfg.export.host, image);
         let lio = Lio::new()?;
         let chap = lio.allow(&iqn, initiator).map_err(|e| {
             if e.kind == Kind::NotFound {
-                Error::new(Kind::NotFound, format!("image {image:?} is not exported by {}", self.cfg.host))
+                Error::new(Kind::NotFound, format!("image {image:?} is not exported by {}", self.cfg.export.host))
             } else {
                 e
             }
@@ -703,7 +709,7 @@ impl Node {
             names::validate_iqn(i)?;
         }
         let _lock = self.lock_image(image)?;
-        Lio::new()?.revoke_except(&names::template_iqn(&self.cfg.host, image), keep)
+        Lio::new()?.revoke_except(&names::template_iqn(&self.cfg.export.host, image), keep)
     }
 
     /// Create this node's iSCSI target for `image` before its template exists, without a LUN:
@@ -714,7 +720,7 @@ impl Node {
         names::validate_id("image id", image)?;
         let portal = self.relay_portal()?;
         let _lock = self.lock_image(image)?;
-        Lio::new()?.prepare(&names::template_iqn(&self.cfg.host, image), &portal)
+        Lio::new()?.prepare(&names::template_iqn(&self.cfg.export.host, image), &portal)
     }
 
     /// Remove this node's export of `image` when the image has no template here (a prepared
@@ -731,7 +737,7 @@ impl Node {
         if !template::devices(dm, image)?.is_empty() {
             return Ok(false);
         }
-        template::unexport_image(self, &Lio::new()?, image)
+        template::unexport_image(&self.cfg.export, &Lio::new()?, image)
             .map_err(|left| Error::new(Kind::Rollback, format!("removing the export of image {image:?} left: {left}")))
     }
 
@@ -742,7 +748,7 @@ impl Node {
         let src = Source::from_json(source)?;
         let mut created = 0;
         for t in &src.targets {
-            if iscsi::login(t, src.chap.as_ref(), self.cfg.path_timeout_s)?.1 {
+            if iscsi::login(t, src.chap.as_ref(), self.cfg.paths.path_timeout_s)?.1 {
                 created += 1;
             }
         }
@@ -773,10 +779,10 @@ impl Node {
                 Parsed::CacheSet => None,
             })
             .collect();
-        if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("vmm")) {
+        if let Ok(rd) = std::fs::read_dir(self.overlays.root()) {
             v.extend(rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()));
         }
-        let l = self.layout()?;
+        let l = self.local.layout()?;
         v.extend(l.templates.into_keys());
         v.extend(l.vms.into_values().map(|r| r.image));
         v.sort();
@@ -786,7 +792,7 @@ impl Node {
 
     /// `(image, mode)` of a VM, from the dm names and the overlay files.
     fn find_vm(&self, dm: &Dm, vm: &str) -> Result<Option<(String, SnapshotMode)>> {
-        if let Some(r) = self.layout()?.vms.remove(vm) {
+        if let Some(r) = self.local.layout()?.vms.remove(vm) {
             return Ok(Some((r.image, r.mode)));
         }
         for d in dm.list(names::DM_PREFIX)? {
@@ -797,7 +803,7 @@ impl Node {
             }
         }
         for image in self.images(dm)? {
-            if vm::overlay_path(self, &image, vm).exists() {
+            if self.overlays.path(&image, vm).exists() {
                 return Ok(Some((image, SnapshotMode::Vmm)));
             }
         }
@@ -814,8 +820,8 @@ impl Node {
                 _ => None,
             })
             .collect();
-        v.extend(vm::overlays(self, image));
-        v.extend(self.layout()?.vms.into_iter().filter(|(_, r)| r.image == image).map(|(vm, _)| vm));
+        v.extend(self.overlays.list(image));
+        v.extend(self.local.layout()?.vms.into_iter().filter(|(_, r)| r.image == image).map(|(vm, _)| vm));
         v.sort();
         v.dedup();
         Ok(v)
@@ -833,7 +839,7 @@ impl Node {
             if let Some(disk) = lio.as_ref().and_then(|l| l.find_local_disk(&image)) {
                 devices.insert("disk".into(), disk.path.display().to_string());
             }
-            let iqn = names::template_iqn(&self.cfg.host, &image);
+            let iqn = names::template_iqn(&self.cfg.export.host, &image);
             let exported = lio.as_ref().is_some_and(|l| l.exports().contains(&iqn));
             let size_bytes = devs.get(&Role::Origin).and_then(|d| dm::size_sectors(d.device).ok()).unwrap_or(0) * 512;
             let cache_status = cache::status(&dm, &image);
@@ -861,7 +867,7 @@ impl Node {
     pub fn status(&self) -> Result<Value> {
         let dm = Dm::open()?;
         let templates = self.templates()?;
-        let label = layout::Store::new(&self.cfg.cache_device, self.cache_total).read()?;
+        let label = self.local.label()?;
         let l = &label.layout;
         let mut vms = BTreeMap::new();
         for (vm, r) in &l.vms {
@@ -888,13 +894,13 @@ impl Node {
             vms.insert(vm.clone(), v);
         }
         Ok(serde_json::json!({
-            "host": self.cfg.host,
+            "host": self.cfg.export.host,
             "cache_device": self.cfg.cache_device,
-            "local_device_bytes": self.cache_total * 512,
+            "local_device_bytes": self.local.total() * 512,
             "local_device_used_bytes": l.used_sectors() * 512,      // slices; the label's MiB is not counted
             "layout": {"generation": label.generation, "slices": l.slices},
             "vms": vms,
-            "engine": self.cfg.engine.as_str(),
+            "engine": self.cfg.cache.engine.as_str(),
             "templates": templates,
         }))
     }

@@ -18,7 +18,7 @@ use devicemapper::Device;
 use log::{info, warn};
 use serde::Serialize;
 
-use super::{lock, Node};
+use super::{lock::Locks, PathPolicy};
 use crate::{
     cmd,
     dm::{Dm, Target},
@@ -72,8 +72,8 @@ pub(super) fn set_command_timeout(dev: Device, secs: u32) -> Result<()> {
 
 /// The SCSI command timeout that lets a parent's queueing through: the bound plus a normal
 /// command's time; the kernel's default when nothing queues.
-pub(super) fn command_timeout(node: &Node) -> u32 {
-    node.cfg.queue_timeout_s.saturating_add(SCSI_DEFAULT_TIMEOUT_S)
+pub(super) fn command_timeout(policy: &PathPolicy) -> u32 {
+    policy.queue_timeout_s.saturating_add(SCSI_DEFAULT_TIMEOUT_S)
 }
 
 /// Each path of a multipath status line and whether it is active, in table order.
@@ -121,15 +121,15 @@ fn disk_name(dev: Device) -> Option<String> {
 /// One upkeep round over every template's paths (see the module doc). Returns the paths it
 /// reinstated. An image whose lock another call holds (an attach, a reparent) is left to the
 /// next round; one that fails is logged and the others are still healed.
-pub fn heal(node: &Node, dm: &Dm) -> Result<Vec<Healed>> {
+pub fn heal(policy: &PathPolicy, locks: &Locks, dm: &Dm) -> Result<Vec<Healed>> {
     let mut healed = Vec::new();
     for d in dm.list(names::DM_PREFIX)? {
         let Some(Parsed::Template { image, role: Role::Paths }) = names::parse_dm_name(&d.name) else { continue };
-        let Ok(_lock) = lock::acquire(&node.cfg.state_dir.join("locks"), &format!("image-{image}"), Duration::from_secs(2)) else {
+        let Ok(_lock) = locks.image(&image, Duration::from_secs(2)) else {
             info!("image {image}: busy; its paths are looked at next round");
             continue;
         };
-        match heal_one(node, dm, &image, &d.name) {
+        match heal_one(policy, dm, &image, &d.name) {
             Ok(h) => healed.extend(h),
             Err(e) => warn!("image {image}: paths not healed: {e}"),
         }
@@ -137,7 +137,7 @@ pub fn heal(node: &Node, dm: &Dm) -> Result<Vec<Healed>> {
     Ok(healed)
 }
 
-fn heal_one(node: &Node, dm: &Dm, image: &str, name: &str) -> Result<Vec<Healed>> {
+fn heal_one(policy: &PathPolicy, dm: &Dm, image: &str, name: &str) -> Result<Vec<Healed>> {
     let Some(Target::Multipath(table)) = dm.table(name)?.lines.into_iter().next().map(|l| l.target) else {
         return Ok(vec![]);
     };
@@ -158,10 +158,10 @@ fn heal_one(node: &Node, dm: &Dm, image: &str, name: &str) -> Result<Vec<Healed>
     // The bound expired during an outage: the kernel turned queueing off (the live table shows
     // it). Once a path works again, queue again for the next outage.
     let queueing = table.features.iter().any(|f| f == "queue_if_no_path");
-    if node.cfg.queue_timeout_s > 0 && !queueing && active > 0 {
-        bound_queueing(node.cfg.queue_timeout_s)?;
+    if policy.queue_timeout_s > 0 && !queueing && active > 0 {
+        bound_queueing(policy.queue_timeout_s)?;
         dm.message(name, "queue_if_no_path").map_err(|e| e.context(format!("image {image:?}")))?;
-        warn!("image {image}: queueing without a path re-armed ({}s bound): it had expired", node.cfg.queue_timeout_s);
+        warn!("image {image}: queueing without a path re-armed ({}s bound): it had expired", policy.queue_timeout_s);
     }
     Ok(healed)
 }

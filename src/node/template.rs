@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use devicemapper::Device;
 use log::{info, warn};
 
-use super::{cache, paths, Node};
+use super::{cache, lock::Locks, paths, ExportConfig, PathPolicy};
 use crate::{
     dm::{self, multipath::MultipathParams, snapshot::SnapshotOriginParams, Dm, DmDev, Table, Target},
     error::{Error, Kind, Result},
@@ -35,6 +35,14 @@ pub struct Template {
     pub sectors: u64,
 }
 
+/// What a template is built and torn down with: the path policy of its logins, how it is
+/// exported, and the cache engines' context.
+pub struct Ctx<'a> {
+    pub paths: &'a PathPolicy,
+    pub export: &'a ExportConfig,
+    pub cache: cache::Ctx<'a>,
+}
+
 pub fn devices(dm: &Dm, image: &str) -> Result<BTreeMap<Role, DmDev>> {
     let mut m = BTreeMap::new();
     for role in Role::ALL {
@@ -45,21 +53,21 @@ pub fn devices(dm: &Dm, image: &str) -> Result<BTreeMap<Role, DmDev>> {
     Ok(m)
 }
 
-fn backstore_kind(node: &Node) -> Backstore {
-    if node.cfg.coalesce {
+fn backstore_kind(export: &ExportConfig) -> Backstore {
+    if export.coalesce {
         Backstore::File
     } else {
         Backstore::Block
     }
 }
 
-fn export_of(node: &Node, image: &str) -> Option<Export> {
-    let ip = node.cfg.export_ip.as_ref()?;
+fn export_of(export: &ExportConfig, image: &str) -> Option<Export> {
+    let ip = export.export_ip.as_ref()?;
     Some(Export {
-        iqn: names::template_iqn(&node.cfg.host, image),
+        iqn: names::template_iqn(&export.host, image),
         backstore: names::backstore_name(image),
-        portal: format!("{ip}:{}", node.cfg.export_port),
-        kind: backstore_kind(node),
+        portal: format!("{ip}:{}", export.export_port),
+        kind: backstore_kind(export),
     })
 }
 
@@ -75,7 +83,7 @@ fn set_readahead(dev: Device, kib: u32) -> Result<()> {
     std::fs::write(&p, kib.to_string()).map_err(|e| Error::new(Kind::DeviceMapper, format!("write {kib} to {p}: {e}")))
 }
 
-pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], undo: &mut Undo<'a>) -> Result<Template> {
+pub fn ensure<'a>(ctx: &Ctx<'a>, dm: &'a Dm, image: &str, sources: &[Source], undo: &mut Undo<'a>) -> Result<Template> {
     let have = devices(dm, image)?;
     let paths_name = names::template_dm_name(image, Role::Paths);
     let paths = match have.get(&Role::Paths) {
@@ -89,26 +97,26 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
             if sources.is_empty() {
                 return Err(Error::invalid(format!("image {image:?} is not on this node yet: at least one source is needed")));
             }
-            let table = paths_table(node, image, sources, undo)?;
+            let table = paths_table(ctx.paths, image, sources, undo)?;
             dm.ensure_with_undo(undo, paths_name, &table)?
         }
     };
     let sectors = dm::size_sectors(paths.device)?;
 
-    let cached = cache::ensure(node, dm, image, &paths, sectors, undo)?;
+    let cached = cache::ensure(&ctx.cache, dm, image, &paths, sectors, undo)?;
     let origin_table = Table::single(sectors, Target::SnapshotOrigin(SnapshotOriginParams { origin: cached.device }));
     let origin = dm.ensure_with_undo(undo, names::template_dm_name(image, Role::Origin), &origin_table)?;
 
     let mut read_dev = cached.device;
-    if node.cfg.coalesce {
+    if ctx.export.coalesce {
         let lio = Lio::new()?;
         let backstore = names::backstore_name(image);
         let existed = lio.find_local_disk(image).is_some();
         if !existed {
-            set_readahead(origin.device, node.cfg.readahead_kib)?;
+            set_readahead(origin.device, ctx.export.readahead_kib)?;
         }
         let dev = origin.path().display().to_string();
-        let disk = lio.local_disk(image, &backstore, Backstore::File, &dev, node.cfg.scan_timeout);
+        let disk = lio.local_disk(image, &backstore, Backstore::File, &dev, ctx.paths.scan_timeout);
         if !existed {
             let image = image.to_string();
             undo.push(format!("local disk of {image}"), move || {
@@ -123,13 +131,13 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
             });
         }
         let disk = disk?;
-        if node.cfg.queue_timeout_s > 0 {
+        if ctx.paths.queue_timeout_s > 0 {
             // The VMs' reads wait here while the paths queue: no SCSI error handling first.
-            paths::set_command_timeout(disk.device, paths::command_timeout(node))?;
+            paths::set_command_timeout(disk.device, paths::command_timeout(ctx.paths))?;
         }
         read_dev = disk.device;
     }
-    if let Some(exp) = export_of(node, image) {
+    if let Some(exp) = export_of(ctx.export, image) {
         let lio = Lio::new()?;
         // A target prepared for early logins has no LUN yet: this call makes the export.
         let existed = lio.has_lun(&exp.iqn);
@@ -143,8 +151,8 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, sources: &[Source], u
 
 /// Log in to every source and make the multipath table over them: failover order = the order
 /// of `sources` (parents first, the origin last).
-fn paths_table<'a>(node: &Node, image: &str, sources: &[Source], undo: &mut Undo<'a>) -> Result<Table> {
-    let disks = login_all(node, sources, undo)?;
+fn paths_table<'a>(policy: &PathPolicy, image: &str, sources: &[Source], undo: &mut Undo<'a>) -> Result<Table> {
+    let disks = login_all(policy, sources, undo)?;
     let sectors = dm::size_sectors(disks[0])?;
     for d in &disks[1..] {
         let s = dm::size_sectors(*d)?;
@@ -154,18 +162,18 @@ fn paths_table<'a>(node: &Node, image: &str, sources: &[Source], undo: &mut Undo
     }
     // Bounded queueing when every path is down (see paths.rs); the path disks wait for a
     // parent that is itself queueing.
-    let queue = node.cfg.queue_timeout_s > 0;
+    let queue = policy.queue_timeout_s > 0;
     if queue {
-        paths::bound_queueing(node.cfg.queue_timeout_s)?;
+        paths::bound_queueing(policy.queue_timeout_s)?;
         for d in &disks {
-            paths::set_command_timeout(*d, paths::command_timeout(node))?;
+            paths::set_command_timeout(*d, paths::command_timeout(policy))?;
         }
     }
     Ok(Table::single(sectors, Target::Multipath(MultipathParams::failover(&disks, queue))))
 }
 
 /// Swap the parents of a live template (see `Node::reparent`).
-pub fn reparent(node: &Node, dm: &Dm, image: &str, sources: &[Source]) -> Result<String> {
+pub fn reparent(policy: &PathPolicy, dm: &Dm, image: &str, sources: &[Source]) -> Result<String> {
     let name = names::template_dm_name(image, Role::Paths);
     let old = dm.table(&name).map_err(|e| {
         if dm.info(&name).ok().flatten().is_none() {
@@ -175,7 +183,7 @@ pub fn reparent(node: &Node, dm: &Dm, image: &str, sources: &[Source]) -> Result
         }
     })?;
     let mut undo = Undo::default();
-    let new = match paths_table(node, image, sources, &mut undo) {
+    let new = match paths_table(policy, image, sources, &mut undo) {
         Ok(t) => t,
         Err(e) => return Err(undo.rollback(e.context(format!("reparent image {image:?}")))),
     };
@@ -267,10 +275,10 @@ pub fn queueing(dm: &Dm, image: &str) -> Option<bool> {
 
 /// Log in to every path of every source, all at once (a login is several round trips and
 /// process starts: in sequence they add up to most of a join); the block devices in source order.
-fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result<Vec<Device>> {
+fn login_all<'a>(policy: &PathPolicy, sources: &[Source], undo: &mut Undo<'a>) -> Result<Vec<Device>> {
     let paths: Vec<_> = sources.iter().flat_map(|src| src.targets.iter().map(move |t| (t, src.chap.as_ref()))).collect();
     let logins: Vec<Result<(iscsi::Session, bool)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = paths.iter().map(|(t, chap)| s.spawn(move || iscsi::login(t, *chap, node.cfg.path_timeout_s))).collect();
+        let handles: Vec<_> = paths.iter().map(|(t, chap)| s.spawn(move || iscsi::login(t, *chap, policy.path_timeout_s))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::new(Kind::Iscsi, "iSCSI login thread panicked")))).collect()
     });
     // Every session this call created is undone on failure, also when another login failed.
@@ -297,7 +305,7 @@ fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result
     }
     let mut disks = Vec::new();
     for (session, lun) in sessions {
-        let disk = iscsi::scan_lun(&session, lun, node.cfg.scan_timeout)?;
+        let disk = iscsi::scan_lun(&session, lun, policy.scan_timeout)?;
         disks.push(dm::device_of(&disk)?);
     }
     Ok(disks)
@@ -305,21 +313,22 @@ fn login_all<'a>(node: &Node, sources: &[Source], undo: &mut Undo<'a>) -> Result
 
 /// Remove this node's export of `image`, found by its IQN (also one made under an earlier
 /// export_ip, or prepared without a LUN). Returns whether there was one.
-pub fn unexport_image(node: &Node, lio: &Lio, image: &str) -> std::result::Result<bool, String> {
-    let iqn = names::template_iqn(&node.cfg.host, image);
+pub fn unexport_image(export: &ExportConfig, lio: &Lio, image: &str) -> std::result::Result<bool, String> {
+    let iqn = names::template_iqn(&export.host, image);
     if !lio.exports().contains(&iqn) {
         return Ok(false);
     }
-    let exp = export_of(node, image).unwrap_or(Export {
+    let exp = export_of(export, image).unwrap_or(Export {
         iqn,
         backstore: names::backstore_name(image),
         portal: String::new(),
-        kind: backstore_kind(node),
+        kind: backstore_kind(export),
     });
     lio.unexport(&exp).map(|()| true)
 }
 
-/// Tear the template down if no VM and no child session uses it. Returns whether it went.
+/// Tear the template down if no VM (`vms`: those using it) and no child session uses it.
+/// Returns whether it went.
 ///
 /// Top down, and it stops at the first layer it cannot remove: a layer still open (a process
 /// reading the local disk or the origin, a qemu whose overlay went) keeps itself and every
@@ -327,14 +336,13 @@ pub fn unexport_image(node: &Node, lio: &Lio, image: &str) -> std::result::Resul
 /// under an open origin; an iSCSI logout would fail its disk). The template is then kept
 /// (`Ok(false)`, the layer named in the log) and a later release finishes it. A layer whose
 /// removal fails is an error that names it, and nothing below it is touched either.
-pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
-    let vms = node.vms_of(dm, image)?;
+pub fn release_if_unused(ctx: &Ctx<'_>, dm: &Dm, image: &str, vms: &[String]) -> Result<bool> {
     if !vms.is_empty() {
         info!("image {image}: kept, used by VMs {vms:?}");
         return Ok(false);
     }
     let lio = Lio::new().ok();
-    let export = export_of(node, image);
+    let export = export_of(ctx.export, image);
     if let (Some(l), Some(exp)) = (&lio, &export) {
         let children = l.active_sessions(&exp.iqn);
         if !children.is_empty() {
@@ -342,7 +350,7 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
             return Ok(false);
         }
     }
-    match teardown(node, dm, lio.as_ref(), image) {
+    match teardown(ctx.export, ctx.cache.locks, dm, lio.as_ref(), image) {
         Ok(()) => {}
         Err(e) if e.kind == Kind::Busy => {
             warn!("image {image}: template kept: {e}");
@@ -356,7 +364,7 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
     // Its slices and record go only once its devices are gone; the cache set's slice
     // once no image's cache is recorded in it (its cache survives a reboot until then).
     let cset_live = dm.info(names::CACHE_SET_DM_NAME)?.is_some();
-    node.space()?.update(|l| {
+    ctx.cache.local.space()?.update(|l| {
         l.templates.remove(image);
         l.slices.retain(|n, _| !matches!(names::parse_dm_name(n), Some(names::Parsed::Template { image: i, .. }) if i == image));
         let bcache_used =
@@ -371,7 +379,7 @@ pub fn release_if_unused(node: &Node, dm: &Dm, image: &str) -> Result<bool> {
 
 /// The layers of `image`'s template, top down, each only once nothing uses it; the first that
 /// cannot go ends the teardown (`Busy` when it is in use).
-fn teardown(node: &Node, dm: &Dm, lio: Option<&Lio>, image: &str) -> Result<()> {
+fn teardown(export: &ExportConfig, locks: &Locks, dm: &Dm, lio: Option<&Lio>, image: &str) -> Result<()> {
     let lio_err = |what: &str, left: Vec<String>| {
         if left.is_empty() {
             Ok(())
@@ -387,7 +395,7 @@ fn teardown(node: &Node, dm: &Dm, lio: Option<&Lio>, image: &str) -> Result<()> 
                 return Err(Error::new(Kind::Busy, format!("its local disk {} is {why}", disk.path.display())));
             }
         }
-        unexport_image(node, l, image).map_err(|e| Error::new(Kind::Lio, format!("remove the export of image {image:?}: {e}")))?;
+        unexport_image(export, l, image).map_err(|e| Error::new(Kind::Lio, format!("remove the export of image {image:?}: {e}")))?;
         // The VMs' local disk, then the backstore it kept (also after a crash left them).
         let mut left = Vec::new();
         l.remove_local_disk(image, &mut left);
@@ -401,7 +409,7 @@ fn teardown(node: &Node, dm: &Dm, lio: Option<&Lio>, image: &str) -> Result<()> 
     cache::remove(dm, image)?;
     dm.remove(&names::template_dm_name(image, Role::Paths))?;
     let mut left = Vec::new();
-    cache::release_cache_set_if_unused(node, dm, &mut left);
+    cache::release_cache_set_if_unused(locks, dm, &mut left);
     // Our LUNs of the sessions that carried the paths, and those sessions if nothing else is in them.
     if let Some(t) = paths_table {
         release_devices(multipath_devices(&t).into_iter(), &mut left);

@@ -1,10 +1,13 @@
 //! A VM's writable disk over a template: a persistent dm-snapshot whose COW is a slice of the
 //! local device, or a qcow2 overlay file (the hypervisor's own snapshot, "VMM mode").
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use log::info;
 
-use super::{layout::SliceState, template::Template, zero_head, Node, SnapshotMode};
+use super::{carve::LocalDevice, layout::SliceState, template::Template, zero_head, SnapshotMode};
 use crate::rollback::Undo;
 use crate::{
     cmd,
@@ -20,20 +23,49 @@ use crate::{
 /// dm-snapshot chunk: 4 KiB, the guest's page size (small chunks copy least on first write).
 const CHUNK_SECTORS: u64 = 8;
 
-pub fn overlay_path(node: &Node, image: &str, vm: &str) -> PathBuf {
-    node.vmm_dir(image).join(format!("{vm}.qcow2"))
+/// The qcow2 overlays of VMM-mode VMs: `<state dir>/vmm/<image>/<vm>.qcow2`.
+pub struct Overlays {
+    root: PathBuf,
 }
 
-pub fn overlays(node: &Node, image: &str) -> Vec<String> {
-    std::fs::read_dir(node.vmm_dir(image))
-        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.strip_suffix(".qcow2").map(str::to_string)).collect())
-        .unwrap_or_default()
+impl Overlays {
+    pub fn new(state_dir: &Path) -> Self {
+        Overlays { root: state_dir.join("vmm") }
+    }
+
+    /// The directory of every image's overlays.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, image: &str) -> PathBuf {
+        self.root.join(image)
+    }
+
+    pub fn path(&self, image: &str, vm: &str) -> PathBuf {
+        self.dir(image).join(format!("{vm}.qcow2"))
+    }
+
+    /// The VMs with an overlay over `image`.
+    pub fn list(&self, image: &str) -> Vec<String> {
+        std::fs::read_dir(self.dir(image))
+            .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.strip_suffix(".qcow2").map(str::to_string)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What VM disks are made on: COWs of `cow_sectors` carved from the local device (dm mode),
+/// overlays in the state dir (VMM mode).
+pub struct Disks<'a> {
+    pub local: &'a LocalDevice,
+    pub overlays: &'a Overlays,
+    pub cow_sectors: u64,
 }
 
 /// The VM's disk over template `t`. `attached`: the layout records the VM as attached, so its
 /// disk holds the guest's writes and must be found again, never made anew.
 pub fn ensure<'a>(
-    node: &'a Node,
+    disks: &Disks<'a>,
     dm: &'a Dm,
     t: &Template,
     vm: &str,
@@ -42,16 +74,16 @@ pub fn ensure<'a>(
     undo: &mut Undo<'a>,
 ) -> Result<String> {
     match mode {
-        SnapshotMode::Dm => ensure_dm(node, dm, t, vm, undo),
-        SnapshotMode::Vmm => ensure_overlay(node, t, vm, attached, undo),
+        SnapshotMode::Dm => ensure_dm(disks.local, disks.cow_sectors, dm, t, vm, undo),
+        SnapshotMode::Vmm => ensure_overlay(disks.overlays, t, vm, attached, undo),
     }
 }
 
-fn ensure_dm<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, undo: &mut Undo<'a>) -> Result<String> {
+fn ensure_dm<'a>(local: &'a LocalDevice, cow_sectors: u64, dm: &'a Dm, t: &Template, vm: &str, undo: &mut Undo<'a>) -> Result<String> {
     let snap_name = names::vm_dm_name(&t.image, vm, VmRole::Snap);
     let cow_name = names::vm_dm_name(&t.image, vm, VmRole::Cow);
     let cow = {
-        let mut space = node.space()?;
+        let mut space = local.space()?;
         // A recorded, formatted COW is this VM's disk: adopted as it is, never zeroed.
         let fresh = space.slice(&cow_name).is_none_or(|s| s.state == SliceState::New);
         if fresh {
@@ -59,8 +91,8 @@ fn ensure_dm<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, undo: &mut 
             dm.remove(&snap_name)?;
             dm.remove(&cow_name)?;
             if space.slice(&cow_name).is_none() {
-                space.allocate(&cow_name, node.cfg.cow_sectors, &format!("the COW of VM {vm}"))?;
-                node.undo_slice(undo, cow_name.clone());
+                space.allocate(&cow_name, cow_sectors, &format!("the COW of VM {vm}"))?;
+                local.undo_slice(undo, cow_name.clone());
             }
         }
         let table = space.table(&cow_name).expect("recorded");
@@ -92,8 +124,8 @@ fn ensure_dm<'a>(node: &'a Node, dm: &'a Dm, t: &Template, vm: &str, undo: &mut 
     Ok(snap.path().display().to_string())
 }
 
-fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, attached: bool, undo: &mut Undo<'a>) -> Result<String> {
-    let path = overlay_path(node, &t.image, vm);
+fn ensure_overlay(overlays: &Overlays, t: &Template, vm: &str, attached: bool, undo: &mut Undo<'_>) -> Result<String> {
+    let path = overlays.path(&t.image, vm);
     let shown = path.display().to_string();
     if path.exists() {
         return Ok(shown);
@@ -107,7 +139,7 @@ fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, attached: bool, un
             ),
         ));
     }
-    std::fs::create_dir_all(node.vmm_dir(&t.image)).map_err(|e| Error::new(Kind::Snapshot, format!("mkdir for {shown}: {e}")))?;
+    std::fs::create_dir_all(overlays.dir(&t.image)).map_err(|e| Error::new(Kind::Snapshot, format!("mkdir for {shown}: {e}")))?;
     let backing = t.origin.path().display().to_string();
     let tmp = format!("{shown}.part");
     // Made under a temporary name and renamed: a crash never leaves a half-written overlay
@@ -151,7 +183,7 @@ fn ensure_overlay<'a>(node: &'a Node, t: &Template, vm: &str, attached: bool, un
     Ok(shown)
 }
 
-pub fn remove(node: &Node, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -> Result<()> {
+pub fn remove(overlays: &Overlays, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -> Result<()> {
     match mode {
         SnapshotMode::Dm => {
             let snap = names::vm_dm_name(image, vm, VmRole::Snap);
@@ -170,7 +202,7 @@ pub fn remove(node: &Node, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -
             dm.remove(&cow)?;
         }
         SnapshotMode::Vmm => {
-            let p = overlay_path(node, image, vm);
+            let p = overlays.path(image, vm);
             // Unlinking an open file succeeds, and the guest would go on writing to a file
             // nobody can find; and the template under it would lose its last known user.
             if let Some(why) = crate::usage::file_in_use(&p) {
@@ -181,7 +213,7 @@ pub fn remove(node: &Node, dm: &Dm, image: &str, vm: &str, mode: SnapshotMode) -
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::new(Kind::Snapshot, format!("remove {}: {e}", p.display()))),
             }
-            let _ = std::fs::remove_dir(node.vmm_dir(image));
+            let _ = std::fs::remove_dir(overlays.dir(image));
         }
     }
     Ok(())

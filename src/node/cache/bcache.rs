@@ -9,13 +9,13 @@ use std::{
 use devicemapper::{Device, LinearTargetParams, Sectors};
 use log::info;
 
-use super::{slice, Cached};
+use super::{slice, Cached, Ctx};
 use crate::{
     cmd,
     dm::{self, Dm, DmDev, Line, Table, Target},
     error::{Error, Kind, Result},
     names::{self, Role},
-    node::{carve, layout::SliceState, zero_head, Node},
+    node::{carve, layout::SliceState, lock::Locks, zero_head},
     rollback::Undo,
 };
 
@@ -69,14 +69,14 @@ fn register(dev: &Path) -> Result<()> {
 
 /// The node's cache set: its dm slice and its UUID, made on first use (or by
 /// `Node::prepare_cache`), and whether this call made it. The caller holds the cache-set lock.
-pub(in crate::node) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<(String, bool)> {
+pub(in crate::node) fn ensure_cache_set<'a>(ctx: &Ctx<'a>, dm: &'a Dm, undo: &mut Undo<'a>) -> Result<(String, bool)> {
     if !Path::new("/sys/fs/bcache/register").exists() {
         let _ = cmd::run(Kind::CacheDevice, "modprobe", &["bcache"], &[], Duration::from_secs(10));
     }
     if !Path::new("/sys/fs/bcache/register").exists() {
         return Err(Error::new(Kind::CacheDevice, "the bcache kernel module is not available: load it, or use engine=\"dm-cache\""));
     }
-    let want = node.cfg.cache_sectors.unwrap_or(node.cache_total / 2);
+    let want = ctx.cfg.cache_sectors.unwrap_or(ctx.local.total() / 2);
     // bcache refuses a set of fewer than 1024 buckets, and buckets are at least 64 KiB.
     if want < MIN_CACHE_SET_SECTORS && dm.info(names::CACHE_SET_DM_NAME)?.is_none() {
         return Err(Error::new(
@@ -84,7 +84,7 @@ pub(in crate::node) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &m
             format!("bcache cache set of {} MiB is too small: at least {} MiB", want / 2048, MIN_CACHE_SET_SECTORS / 2048),
         ));
     }
-    let mut space = node.space()?;
+    let mut space = ctx.local.space()?;
     if space.slice(names::CACHE_SET_DM_NAME).is_none() {
         if let Some(live) = dm.info(names::CACHE_SET_DM_NAME)? {
             // bcache's set is the host's one: it cannot also live on this device.
@@ -94,12 +94,12 @@ pub(in crate::node) fn ensure_cache_set<'a>(node: &'a Node, dm: &'a Dm, undo: &m
                     "the host's bcache cache set ({}) lies on another device than {}: one cache device per host with bcache; \
                  use that device, or engine=\"dm-cache\" for this one",
                     live.device,
-                    node.cfg.cache_device.display()
+                    ctx.local.path().display()
                 ),
             ));
         }
     }
-    let (cset, created) = slice(node, dm, undo, &mut space, names::CACHE_SET_DM_NAME.to_string(), want, "the bcache cache set")?;
+    let (cset, created) = slice(ctx.local, dm, undo, &mut space, names::CACHE_SET_DM_NAME.to_string(), want, "the bcache cache set")?;
     let set_link = sysfs_dev(cset.device).join("bcache/set");
     if created {
         if set_link.exists() {
@@ -154,14 +154,14 @@ fn unregister_set(dm: &Dm, link: &Path) -> std::result::Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-pub(super) fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
+pub(super) fn ensure<'a>(ctx: &Ctx<'a>, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
     // The cache set is shared by every image: hold it until our backing device is attached,
     // or a teardown of another image's last use could release it under us.
-    let _set = node.lock_cache_set()?;
-    let (uuid, _) = ensure_cache_set(node, dm, undo)?;
+    let _set = ctx.locks.cache_set()?;
+    let (uuid, _) = ensure_cache_set(ctx, dm, undo)?;
     let name = names::template_dm_name(image, Role::Bdev);
     let (bdev, created) = {
-        let mut space = node.space()?;
+        let mut space = ctx.local.space()?;
         let fresh = space.slice(&name).is_none_or(|s| s.state == SliceState::New);
         if fresh {
             if let Some(old) = dm.info(&name)? {
@@ -171,7 +171,7 @@ pub(super) fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev,
             }
             if space.slice(&name).is_none() {
                 space.allocate(&name, carve::ALIGN_SECTORS, &format!("the bcache head of image {image}"))?;
-                node.undo_slice(undo, name.clone());
+                ctx.local.undo_slice(undo, name.clone());
             }
         }
         let mut head_line = space.table(&name).expect("recorded").lines[0].clone();
@@ -246,10 +246,10 @@ fn stop_backing(bdev: &DmDev, detach: bool) -> Result<()> {
 }
 
 /// Unregister and free the node's cache set once no image uses bcache.
-pub(in crate::node) fn release_cache_set_if_unused(node: &Node, dm: &Dm, left: &mut Vec<String>) {
+pub(in crate::node) fn release_cache_set_if_unused(locks: &Locks, dm: &Dm, left: &mut Vec<String>) {
     // Same lock as ensure_bcache: an attach of another image between our check and the
     // teardown would otherwise lose the set it just found.
-    let _set = match node.lock_cache_set() {
+    let _set = match locks.cache_set() {
         Ok(l) => l,
         Err(e) => return left.push(e.to_string()),
     };

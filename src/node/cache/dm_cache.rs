@@ -6,20 +6,28 @@ use crate::{
     dm::{Dm, DmDev, Table, Target},
     error::Result,
     names::{self, Role},
-    node::{zero_head, Node},
+    node::{carve::LocalDevice, zero_head, CacheConfig},
     rollback::Undo,
 };
 
-pub(super) fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
-    let block = node.cfg.cache_block_sectors;
-    let data_sectors = node.cfg.cache_sectors.unwrap_or(sectors).min(sectors).div_ceil(block) * block;
+pub(super) fn ensure<'a>(
+    cfg: &CacheConfig,
+    local: &'a LocalDevice,
+    dm: &'a Dm,
+    image: &str,
+    paths: &DmDev,
+    sectors: u64,
+    undo: &mut Undo<'a>,
+) -> Result<Cached> {
+    let block = cfg.cache_block_sectors;
+    let data_sectors = cfg.cache_sectors.unwrap_or(sectors).min(sectors).div_ceil(block) * block;
     let nblocks = data_sectors / block;
     // dm-cache needs ~16 bytes per block plus a fixed part; be generous, it is small.
     let meta_sectors = ((8u64 << 20) + nblocks * 64).div_ceil(1 << 20) * 2048;
     let (meta, data) = {
-        let mut space = node.space()?;
+        let mut space = local.space()?;
         let (meta, meta_new) = slice(
-            node,
+            local,
             dm,
             undo,
             &mut space,
@@ -28,7 +36,7 @@ pub(super) fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev,
             &format!("the cache metadata of image {image}"),
         )?;
         let (data, data_new) = slice(
-            node,
+            local,
             dm,
             undo,
             &mut space,

@@ -14,7 +14,12 @@ use std::path::PathBuf;
 
 use devicemapper::Device;
 
-use super::{carve::Space, layout::SliceState, Node};
+use super::{
+    carve::{LocalDevice, Space},
+    layout::SliceState,
+    lock::Locks,
+    CacheConfig,
+};
 use crate::{
     dm::{Dm, DmDev},
     error::{Error, Result},
@@ -55,6 +60,15 @@ pub struct Cached {
     pub path: PathBuf,
 }
 
+/// What the cache engines use of the node: their settings, the local device their slices
+/// (bcache's cache set included) are carved from, and the node's locks (the cache set's).
+#[derive(Clone, Copy)]
+pub struct Ctx<'a> {
+    pub cfg: &'a CacheConfig,
+    pub local: &'a LocalDevice,
+    pub locks: &'a Locks,
+}
+
 /// Which engine an existing template was built with, from its devices.
 pub fn engine_of(dm: &Dm, image: &str) -> Result<Option<Engine>> {
     if dm.info(&names::template_dm_name(image, Role::Bdev))?.is_some() {
@@ -66,11 +80,11 @@ pub fn engine_of(dm: &Dm, image: &str) -> Result<Option<Engine>> {
     }
 }
 
-pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
+pub fn ensure<'a>(ctx: &Ctx<'a>, dm: &'a Dm, image: &str, paths: &DmDev, sectors: u64, undo: &mut Undo<'a>) -> Result<Cached> {
     // A template keeps the engine it was built with: its live devices say which, or after a
     // reboot the slices the layout records for it.
     let recorded = || -> Result<Option<Engine>> {
-        let l = node.layout()?;
+        let l = ctx.local.layout()?;
         Ok(if l.slices.contains_key(&names::template_dm_name(image, Role::Bdev)) {
             Some(Engine::Bcache)
         } else if l.slices.contains_key(&names::template_dm_name(image, Role::CacheMeta)) {
@@ -81,11 +95,11 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sector
     };
     let engine = match engine_of(dm, image)? {
         Some(e) => e,
-        None => recorded()?.unwrap_or(node.cfg.engine),
+        None => recorded()?.unwrap_or(ctx.cfg.engine),
     };
     match engine {
-        Engine::DmCache => dm_cache::ensure(node, dm, image, paths, sectors, undo),
-        Engine::Bcache => bcache::ensure(node, dm, image, paths, sectors, undo),
+        Engine::DmCache => dm_cache::ensure(ctx.cfg, ctx.local, dm, image, paths, sectors, undo),
+        Engine::Bcache => bcache::ensure(ctx, dm, image, paths, sectors, undo),
     }
 }
 
@@ -94,7 +108,7 @@ pub fn ensure<'a>(node: &'a Node, dm: &'a Dm, image: &str, paths: &DmDev, sector
 /// carved by a build that died before formatting it): the caller formats it, then
 /// `set_ready`s it. The caller holds `space`.
 fn slice<'a>(
-    node: &'a Node,
+    local: &'a LocalDevice,
     dm: &'a Dm,
     undo: &mut Undo<'a>,
     space: &mut Space,
@@ -106,7 +120,7 @@ fn slice<'a>(
         Some(s) => (space.table(&name).expect("recorded"), s.state == SliceState::New),
         None => {
             let t = space.allocate(&name, want, what)?;
-            node.undo_slice(undo, name.clone());
+            local.undo_slice(undo, name.clone());
             (t, true)
         }
     };
