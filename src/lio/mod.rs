@@ -62,6 +62,28 @@ fn w(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).io_ctx(Kind::Lio, || format!("write {value:?} to {}", path.display()))
 }
 
+/// Logical block size of what a template's fileio backstore shows its readers (the node's VMs
+/// through the local disk, children through the export).
+pub const READER_BLOCK: u64 = 4096;
+
+/// Give a fileio backstore READER_BLOCK logical blocks (before any LUN links it: LIO refuses
+/// while exported). A VM's dm-snapshot over the local disk then inherits them, so every write
+/// it gets covers whole 4 KiB chunks and never reads the origin: a smaller first write to a
+/// chunk makes dm-snapshot copy the chunk from the origin, and a failed copy (every parent gone
+/// past the queueing bound) invalidates the VM's whole snapshot. With 4 KiB blocks qemu (or the
+/// page cache) reads-modifies-writes instead, and that read fails as one write error. A device
+/// whose size is not a multiple of the block keeps its own (fileio would hide its tail).
+fn set_reader_block_size(so: &Path, dev: &str) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let size = fs::File::open(dev).and_then(|mut f| f.seek(SeekFrom::End(0))).io_ctx(Kind::Lio, || format!("size of {dev}"))?;
+    let hw: u64 = fs::read_to_string(so.join("attrib/hw_block_size")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(512);
+    if hw > READER_BLOCK || size % READER_BLOCK != 0 {
+        warn!("backstore {}: keeps {hw}-byte blocks ({dev} is {size} bytes)", so.display());
+        return Ok(());
+    }
+    w(&so.join("attrib/block_size"), &READER_BLOCK.to_string())
+}
+
 /// `w` of a secret (a CHAP password): the message names the file, not the value. Nova turns
 /// a failed attach into an instance fault its tenant reads.
 fn w_secret(path: &Path, value: &str) -> Result<()> {
@@ -158,6 +180,9 @@ impl Lio {
             // Also the attribute itself: it is what adoption compares against.
             w(&so.join("udev_path"), dev)?;
             w(&so.join("enable"), "1")?;
+            if kind == Backstore::File {
+                set_reader_block_size(&so, dev)?;
+            }
         } else {
             let cur = fs::read_to_string(so.join("udev_path")).unwrap_or_default();
             if cur.trim() != dev {
