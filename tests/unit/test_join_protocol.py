@@ -5,9 +5,8 @@ transitions checked where a host's own record is made, and the tree following th
 import pytest
 
 import vmthunder
-from tests.unit.test_tree_grants import FakeNode, FakeRegistry, grant, peer_host
+from tests.unit.test_tree_grants import FakeNode, FakeRegistry, cn1_tree, grant, peer_host
 from vmthunder import ImageRecord, InvalidArgument, JoinState, Placement, Policy
-from vmthunder.tree import Tree
 
 
 def record(**kw):
@@ -79,12 +78,10 @@ def test_a_join_publishes_its_states_in_the_protocols_order(tmp_path):
     published = []
     real_publish = reg.publish
     reg.publish = lambda image, rec: (published.append(vmthunder.parse_image_record(rec).state), real_publish(image, rec))[1]
-    tree = Tree(
+    tree = cn1_tree(
         node,
         reg,
-        initiator="iqn.1993-08.org.debian:01:cn1",
-        export_ip="198.18.0.1",
-        state_dir=str(tmp_path),
+        tmp_path,
         fanout=1,
         leave_timeout_s=0.1,
     )

@@ -17,6 +17,11 @@ EXPORT_IPS = {"cn0": "198.18.0.10", "cn2": "198.18.0.12", "cn3": "198.18.0.13"}
 CN0_IQN = vmthunder.template_iqn("cn0", "img")
 
 
+def cn1_tree(node, reg, tmp_path, **kw):
+    """The Tree of host cn1 (its initiator, export address 198.18.0.1), state in tmp_path."""
+    return Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), **kw)
+
+
 def grant(parent, image="img", **data):
     """What `parent`'s Node.export_info returns for us: its export of `image`, with CHAP."""
     d = {
@@ -180,7 +185,7 @@ class FakeRegistry:
 def test_upkeep_grants_only_new_hosts_and_a_rebuilt_template_grants_again(tmp_path):
     node, reg = FakeNode(), FakeRegistry()
     reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree = cn1_tree(node, reg, tmp_path)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     assert node.export_calls == [("img", "iqn.1993-08.org.debian:01:cn2")]
     first = reg.records["img"]["cn1"]["grants"]["cn2"]
@@ -234,7 +239,7 @@ def test_a_joiner_builds_from_the_origin_at_once_and_switches_to_its_parent_once
         events.append(("publish", rec["state"], rec.get("built", False))),
         real_publish(image, rec),
     )[1]
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree = cn1_tree(node, reg, tmp_path, fanout=1)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     for t in threading.enumerate():  # the unused sessions are dropped on a thread
         if t.name.startswith("vmthunder-logout-"):
@@ -282,7 +287,7 @@ def test_a_parent_gone_before_it_built_leaves_the_joiner_on_the_origin(tmp_path)
     reg.on_peers = parent_leaves
     reparents = []
     node.reparent = lambda image, sources: reparents.append(sources) or "table"
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree = cn1_tree(node, reg, tmp_path, fanout=1)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     me = reg.records["img"]["cn1"]
     assert me["parents"] == ["origin"] and me["state"] == "ready" and reparents == []
@@ -295,7 +300,7 @@ def test_a_joiner_never_claims_under_its_own_descendant(tmp_path):
         "cn2": {"state": "ready", "depth": 2, "parents": ["cn1", "origin"], "grants": {"cn1": grant("cn2")}},
         "cn1": {"state": "joining", "depth": 1, "parents": ["origin"]},
     }
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree = cn1_tree(node, reg, tmp_path, fanout=1)
     placement, _ = tree._choose("img", tree._records("img"), last_resort=True, early=True)
     assert "cn2" not in placement.parents
 
@@ -304,7 +309,7 @@ def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_retu
     """The mark is what keeps `recover` in another process away from a join that is only
     half-built because it is still going, also when the join fails."""
     node, reg = FakeNode(), FakeRegistry()
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree = cn1_tree(node, reg, tmp_path)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     steps = [c[0] for c in node.calls if c[1] == "img" or c[0] in ("prelogin", "logout_unused")]
     assert steps[0] == "joining" and steps.count("joined") == 1
@@ -324,7 +329,7 @@ def test_a_join_is_marked_in_flight_from_before_its_first_step_until_attach_retu
 
 def test_recover_goes_over_every_image_attached_here_and_leaves_joins_in_flight_alone(tmp_path):
     node, reg = FakeNode(), FakeRegistry()
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree = cn1_tree(node, reg, tmp_path)
     assert tree.recover() == {}  # nothing attached here yet
     origins = {i: {"target_iqn": f"iqn.x:origin-{i}"} for i in ("a", "b", "c", "d")}
     for image, origin in origins.items():
@@ -351,7 +356,7 @@ def test_a_failed_build_removes_the_prepared_target(tmp_path):
         raise vmthunder.CacheDeviceError("the cache device is gone")
 
     node.attach = broken_attach
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree = cn1_tree(node, reg, tmp_path)
     with pytest.raises(vmthunder.CacheDeviceError):
         tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     assert ("drop_export", "img") in node.calls and "cn1" not in reg.records.get("img", {})
@@ -362,7 +367,7 @@ def test_only_the_primary_parent_may_still_be_building(tmp_path):
     secondary parent we would wait for (placement alone would pick it: [origin, cn3])."""
     node, reg = FakeNode(), FakeRegistry()
     reg.records["img"] = {"cn3": {"state": "joining", "depth": 1, "parents": ["origin"], "grants": {"cn1": grant("cn3")}}}
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=3)
+    tree = cn1_tree(node, reg, tmp_path, fanout=3)
     placement, sources = tree._choose("img", tree._records("img"), early=True)
     assert placement.parents == ["origin"] and sources == [None]
     reg.records["img"]["cn3"]["state"] = "ready"
@@ -380,12 +385,10 @@ def test_a_parent_whose_lun_cannot_be_used_is_excluded_and_the_joiner_still_gets
         raise vmthunder.DeviceMapperError("load a table into vmthunder-1_img_paths: ENXIO")
 
     node.reparent = broken_reparent
-    tree = Tree(
+    tree = cn1_tree(
         node,
         reg,
-        initiator="iqn.1993-08.org.debian:01:cn1",
-        export_ip="198.18.0.1",
-        state_dir=str(tmp_path),
+        tmp_path,
         fanout=1,
         max_parents=1,
         join_wait_s=0.5,
@@ -420,7 +423,7 @@ def test_the_build_does_not_wait_for_the_claim(tmp_path):
 
     node.attach = attach
     node.reparent = lambda image, sources: "table"
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree = cn1_tree(node, reg, tmp_path, fanout=1)
     assert tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1") == "/dev/mapper/img-vm1"
     me = reg.records["img"]["cn1"]
     assert me["parents"][0] == "cn0" and me["state"] == "ready" and set(me["grants"]) == {"cn2"}
@@ -439,7 +442,7 @@ def test_a_claim_that_fails_leaves_the_vm_on_the_origin_and_the_group(tmp_path):
     reg.lock = refused
     left = []
     reg.leave = lambda image: left.append(image)
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree = cn1_tree(node, reg, tmp_path, fanout=1)
     assert tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1") == "/dev/mapper/img-vm1"
     assert left == ["img"] and node.images == {"img": ["vm1"]}
 
@@ -467,9 +470,7 @@ class RelayNode(FakeNode):
 
 def test_a_relay_kept_for_a_slow_child_is_removed_by_upkeep_once_the_child_leaves(tmp_path):
     node, reg = RelayNode(), FakeRegistry()
-    tree = Tree(
-        node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), leave_timeout_s=0.1
-    )
+    tree = cn1_tree(node, reg, tmp_path, leave_timeout_s=0.1)
     node.images["building"] = []  # another caller's template, its VM not attached yet
     tree.maintain()
     assert "building" in node.images, "upkeep removed a template it had not kept"
@@ -497,7 +498,7 @@ def test_upkeep_heals_the_paths_with_or_without_a_registry_and_goes_on_when_heal
 
     node.heal_paths = broken
     reg = FakeRegistry()
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree = cn1_tree(node, reg, tmp_path)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     reg.publish_host(peer_host("cn3", "iqn.1993-08.org.debian:01:cn3"))
     tree.maintain()
@@ -537,7 +538,7 @@ def test_the_join_prefetches_the_profile_in_the_order_the_tree_was_given(tmp_pat
         asked.append((image, ranges, reverse)) or {"bytes": 0, "complete": True}
     )
     kwargs = {} if reverse else {"prefetch_reverse": False}
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), **kwargs)
+    tree = cn1_tree(node, reg, tmp_path, **kwargs)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1", profile=[[0, 4096], [8192, 4096]])
     assert tree.prefetch_report("img", wait_s=10) == {"bytes": 0, "complete": True}
     assert asked == [("img", [[0, 4096], [8192, 4096]], reverse)]
@@ -549,7 +550,7 @@ def test_rejoin_offers_a_rebuilt_template_from_the_origin_with_fresh_grants(tmp_
     within the lease) or never joined through this tree is left alone."""
     node, reg = FakeNode(), FakeRegistry()
     reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree = cn1_tree(node, reg, tmp_path)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     tree.attach("other", {"target_iqn": "iqn.x:origin2"}, "vm2")
     reparented = []
@@ -626,12 +627,10 @@ def test_a_forged_grant_gets_no_login_and_one_warning_naming_the_host(tmp_path, 
     node, reg = FakeNode(), FakeRegistry()
     reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": forged}}}
     node.reparent = lambda image, sources: "table"
-    tree = Tree(
+    tree = cn1_tree(
         node,
         reg,
-        initiator="iqn.1993-08.org.debian:01:cn1",
-        export_ip="198.18.0.1",
-        state_dir=str(tmp_path),
+        tmp_path,
         fanout=1,
         max_parents=1,
         join_wait_s=0.5,
@@ -655,7 +654,7 @@ def test_a_grant_that_becomes_valid_is_used_and_a_refusal_is_logged_once(tmp_pat
             "grants": {"cn1": grant("cn0", target_portal="198.18.0.99:3260")},
         }
     }
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree = cn1_tree(node, reg, tmp_path, fanout=1)
     for _ in range(3):
         placement, sources = tree._choose("img", tree._records("img"), last_resort=True)
         assert placement.parents == ["origin"] and sources == [None]
@@ -669,7 +668,7 @@ def test_a_grant_of_a_host_that_published_no_export_address_is_not_used(tmp_path
     node, reg = FakeNode(), FakeRegistry()
     del reg.host_records["cn0"]
     reg.records["img"] = {"cn0": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": grant("cn0")}}}
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree = cn1_tree(node, reg, tmp_path, fanout=1)
     placement, _ = tree._choose("img", tree._records("img"), last_resort=True)
     assert placement.parents == ["origin"]
 
@@ -691,12 +690,10 @@ def test_bad_records_are_skipped_with_one_line_naming_host_and_field(tmp_path, c
         "cn9": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": "Pw-cn9-Secret9"}},
     }
     node.reparent = lambda image, sources: "table"
-    tree = Tree(
+    tree = cn1_tree(
         node,
         reg,
-        initiator="iqn.1993-08.org.debian:01:cn1",
-        export_ip="198.18.0.1",
-        state_dir=str(tmp_path),
+        tmp_path,
         fanout=1,
         max_parents=1,
     )
@@ -771,7 +768,7 @@ def test_random_records_never_raise_anything_but_a_typed_error(tmp_path):
         return rnd.choice(atoms)
 
     node, reg = FakeNode(), FakeRegistry()
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=2)
+    tree = cn1_tree(node, reg, tmp_path, fanout=2)
     accepted = 0
     for i in range(3000):
         # near-misses of a valid record: one to three fields replaced or dropped
@@ -845,7 +842,7 @@ def test_grants_go_out_sealed_each_readable_by_its_recipient_only(tmp_path):
     reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
     reg.publish_host(peer_host("cn3", "iqn.1993-08.org.debian:01:cn3"))
     reg.publish_host({"host": "cn4", "initiator": "iqn.1993-08.org.debian:01:cn4"})  # an older vmthunder
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree = cn1_tree(node, reg, tmp_path)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     rec = reg.records["img"]["cn1"]
     assert set(rec["grants"]) == {"cn2", "cn3"}
@@ -862,7 +859,7 @@ def test_a_grant_sealed_for_us_is_opened_checked_and_used(tmp_path):
     reg.records["img"] = {
         "cn0": {"state": "ready", "depth": 1, "parents": ["origin"], "grants": {"cn1": vmthunder.seal_grant(grant("cn0"), mine)}}
     }
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path), fanout=1)
+    tree = cn1_tree(node, reg, tmp_path, fanout=1)
     placement, sources = tree._choose("img", tree._records("img"))
     assert placement.parents[0] == "cn0" and sources[0] == checked("cn0")
     # sealed for us but forged inside: refused like a plain forgery
@@ -875,7 +872,7 @@ def test_upkeep_revokes_the_grants_of_hosts_that_left(tmp_path):
     node, reg = FakeNode(), FakeRegistry()
     reg.publish_host(peer_host("cn2", "iqn.1993-08.org.debian:01:cn2"))
     reg.publish_host(peer_host("cn3", "iqn.1993-08.org.debian:01:cn3"))
-    tree = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    tree = cn1_tree(node, reg, tmp_path)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1")
     tree.maintain()
     assert not [c for c in node.calls if c[0] == "revoke_grants"], "nobody left"
@@ -885,6 +882,6 @@ def test_upkeep_revokes_the_grants_of_hosts_that_left(tmp_path):
     assert set(reg.records["img"]["cn1"]["grants"]) == {"cn2"}
     # a restarted process does not know whom it granted: its first round revokes all but the live
     node.calls = []
-    fresh = Tree(node, reg, initiator="iqn.1993-08.org.debian:01:cn1", export_ip="198.18.0.1", state_dir=str(tmp_path))
+    fresh = cn1_tree(node, reg, tmp_path)
     fresh.maintain()
     assert [c for c in node.calls if c[0] == "revoke_grants"] == [("revoke_grants", "img", ("iqn.1993-08.org.debian:01:cn2",))]
