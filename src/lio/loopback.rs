@@ -75,7 +75,7 @@ impl Lio {
         let scsi = format!("{}:0", addr.trim());
         let start = Instant::now();
         loop {
-            if let Some(d) = disk_of(&scsi) {
+            if let Some(d) = disk_of(&scsi).filter(|d| ready(&scsi, d)) {
                 info!("image {image}: local disk {} (SCSI {scsi}) reads {dev} through {}", d.path.display(), so.display());
                 return Ok(d);
             }
@@ -153,18 +153,20 @@ pub struct LocalDisk {
     pub path: PathBuf,
 }
 
-/// The block device of SCSI device `h:c:t:l`, once it has a size, its SCSI device runs and the
-/// disk opens: a disk sd has added may still refuse opens (ENXIO) while its device is not yet
-/// online or in error handling, and a dm table over it would fail to load.
+/// The block device of SCSI device `h:c:t:l`, once it has a size.
 fn disk_of(scsi: &str) -> Option<LocalDisk> {
-    let sdev = format!("/sys/class/scsi_device/{scsi}/device");
-    let b = fs::read_dir(format!("{sdev}/block")).ok()?.filter_map(|e| e.ok()).next()?;
+    let blocks = fs::read_dir(format!("/sys/class/scsi_device/{scsi}/device/block")).ok()?;
+    let b = blocks.filter_map(|e| e.ok()).next()?;
     let device: Device = fs::read_to_string(b.path().join("dev")).ok()?.trim().parse().ok()?;
     let size: u64 = fs::read_to_string(b.path().join("size")).ok()?.trim().parse().ok()?;
-    let running = fs::read_to_string(format!("{sdev}/state")).is_ok_and(|s| s.trim() == "running");
-    let path = Path::new("/dev").join(b.file_name());
-    let opens = !path.exists() || fs::File::open(&path).is_ok();
-    (size > 0 && running && opens).then_some(LocalDisk { device, path })
+    (size > 0).then(|| LocalDisk { device, path: Path::new("/dev").join(b.file_name()) })
+}
+
+/// Whether a disk that sd has added is ready for a dm table over it: its SCSI device runs and
+/// it opens (it refuses opens with ENXIO while not yet online or in error handling).
+fn ready(scsi: &str, disk: &LocalDisk) -> bool {
+    let running = fs::read_to_string(format!("/sys/class/scsi_device/{scsi}/device/state")).is_ok_and(|s| s.trim() == "running");
+    running && (!disk.path.exists() || fs::File::open(&disk.path).is_ok())
 }
 
 #[cfg(test)]
