@@ -674,6 +674,8 @@ class FleetRun:
         if prefetch:
             # the recorded boot profile of the image: the member prefetches it through its template
             replay += f" --profile /vmt-share/trace.json --prefetch-order {self.a.prefetch_order}"
+            if self.a.prefetch_depth:
+                replay += f" --prefetch-depth {self.a.prefetch_depth}"
         for c in self.cns:
             members[c] = f[c].spawn(
                 f"python3 /vmt-share/fleet_guest.py member --registry {self.registry} --host {c} --image {image} "
@@ -1052,6 +1054,13 @@ def parse_args(argv):
         help="the tree modes' prefetch walks the boot profile from its end while the VM boots from "
         "its start (reverse, the library default) or ahead of the VM from the start (forward; "
         "default: %(default)s)",
+    )
+    ap.add_argument(
+        "--prefetch-depth",
+        type=int,
+        choices=range(1, 65),
+        metavar="N",
+        help="the tree modes' prefetch keeps N reads in flight (1..64; default: the library's, 2 through a coalescing template)",
     )
     ap.add_argument(
         "--local-disk",

@@ -467,9 +467,18 @@ def member(a):
     result = {"host": a.host, "t_registered": None, "paths": {}, "attach_s": {}}
     try:
         tree = Tree(
-            node, reg, initiator=initiator, export_ip=a.export_ip, fanout=a.fanout, prefetch_reverse=a.prefetch_order == "reverse"
+            node,
+            reg,
+            initiator=initiator,
+            export_ip=a.export_ip,
+            fanout=a.fanout,
+            prefetch_reverse=a.prefetch_order == "reverse",
+            prefetch_depth=a.prefetch_depth,
         )
-        reg.publish_host({"host": a.host, "initiator": initiator, "export_ip": a.export_ip, "failure_domain": None})
+        # As nova-compute does at start (vmthunder.nova: rejoin, then upkeep every 2 s): the host
+        # record with its grant key goes out before any join, so the first relays grant every
+        # member from their first claim on.
+        tree.register()
         while len(reg.hosts()) < a.expect_hosts:
             if time.monotonic() > deadline - 60:
                 raise SystemExit(f"only {len(reg.hosts())}/{a.expect_hosts} hosts registered")
@@ -572,6 +581,7 @@ def main():
         default="reverse",
         help="walk the profile from its end (the library default) or from its start",
     )
+    m.add_argument("--prefetch-depth", type=int, help="the prefetch's reads in flight (default: the library's)")
     b = sub.add_parser("boot")
     b.add_argument("--host", required=True)
     b.add_argument("--origin", required=True)

@@ -174,21 +174,31 @@ class Tree:
         self._states: Dict[str, JoinState] = {}  # image -> state of the record we last published
 
     # -- registry access that degrades to "origin only" ------------------------------------
+    def register(self) -> None:
+        """Publish this host's record (initiator, export address, grant key) in the hosts group,
+        so that peers grant it access from their first join on: a host that is known only from
+        its own first join gets no grant from the templates built before it (until their next
+        upkeep round), and in a boot storm its claim waits for that. Idempotent; RegistryError
+        if the registry does not answer."""
+        if self.registry is None:
+            raise InvalidArgument("Tree.register needs a registry")
+        if self._key is None:
+            self._key = grant_key(self.state_dir)
+        self.registry.publish_host(
+            {
+                "host": self.host,
+                "initiator": self.initiator,
+                "export_ip": self.export_ip,
+                "failure_domain": self.failure_domain,
+                "grant_key": self._key,
+            }
+        )
+
     def _registry_ok(self, what: str) -> bool:
         if self.registry is None:
             return False
         try:
-            if self._key is None:
-                self._key = grant_key(self.state_dir)
-            self.registry.publish_host(
-                {
-                    "host": self.host,
-                    "initiator": self.initiator,
-                    "export_ip": self.export_ip,
-                    "failure_domain": self.failure_domain,
-                    "grant_key": self._key,
-                }
-            )
+            self.register()
             return True
         except Error as e:
             LOG.warning("registry unavailable (%s): %s from the origin alone", e, what)

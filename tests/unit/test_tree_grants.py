@@ -885,3 +885,23 @@ def test_upkeep_revokes_the_grants_of_hosts_that_left(tmp_path):
     fresh = cn1_tree(node, reg, tmp_path)
     fresh.maintain()
     assert [c for c in node.calls if c[0] == "revoke_grants"] == [("revoke_grants", "img", ("iqn.1993-08.org.debian:01:cn2",))]
+
+
+def test_register_publishes_the_grant_key_before_any_join_and_needs_a_registry(tmp_path):
+    """A host registered before the storm is granted by the first template built elsewhere."""
+    node, reg = FakeNode(), FakeRegistry()
+    tree = cn1_tree(node, reg, tmp_path)
+    tree.register()
+    rec = reg.host_records["cn1"]
+    assert rec["grant_key"] == vmthunder.grant_key(str(tmp_path))
+    assert rec["initiator"] == "iqn.1993-08.org.debian:01:cn1" and rec["export_ip"] == "198.18.0.1"
+    assert node.calls == [], "registering touches no storage"
+    with pytest.raises(vmthunder.InvalidArgument, match="registry"):
+        cn1_tree(node, None, tmp_path).register()
+
+    class DownRegistry(FakeRegistry):
+        def publish_host(self, rec):
+            raise RegistryError("etcd at 198.18.0.2:2379: connection refused")
+
+    with pytest.raises(RegistryError):
+        cn1_tree(node, DownRegistry(), tmp_path).register()
