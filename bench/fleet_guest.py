@@ -460,8 +460,10 @@ def member(a):
         path_timeout_s=4,
     )
     # A long-running nova-compute has its cache set from earlier images (vmthunder.nova makes
-    # it at start): the fleet's first join should not pay for make-bcache -C.
+    # it at start, and the open-iscsi interface record): the fleet's first join should not pay
+    # for make-bcache -C or iscsiadm -m iface.
     node.prepare_cache()
+    node.prepare_initiator()
     reg = Registry(a.registry, a.host)  # the library default lease (10 s)
     reg.start()
     result = {"host": a.host, "t_registered": None, "paths": {}, "attach_s": {}}

@@ -263,6 +263,11 @@ impl Node {
         py.allow_threads(|| self.inner.prepare_cache()).map_err(to_py)
     }
 
+    /// Make this node's open-iscsi interface record now, not at the first login.
+    fn prepare_initiator(&self, py: Python<'_>) -> PyResult<bool> {
+        py.allow_threads(|| self.inner.prepare_initiator()).map_err(to_py)
+    }
+
     /// Create this node's iSCSI target for `image_id` before its template exists (no LUN):
     /// children log in and are granted (`export_info`) while this node builds; the template's
     /// export adds LUN 0 for them. Returns whether it was created. Needs `export_ip`.

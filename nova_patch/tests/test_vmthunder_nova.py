@@ -147,13 +147,16 @@ class GetNodeTest(HelperTestCase):
         self.helpers.get_node(Conf(), "cn1")
         self.assertEqual(node, self.Tree.call_args.args[0])
 
-    def test_the_cache_is_prepared_at_start_and_a_failure_is_not_fatal(self):
+    def test_the_cache_and_the_initiator_are_prepared_at_start_and_a_failure_is_not_fatal(self):
         self.helpers.get_node(Conf(), "cn1")
         self.Node.return_value.prepare_cache.assert_called_once_with()
+        self.Node.return_value.prepare_initiator.assert_called_once_with()
         self.Node.return_value.prepare_cache.side_effect = Error("cache device busy")
+        self.Node.return_value.prepare_initiator.side_effect = Error("iscsiadm: iface not created")
         with self.assertLogs("vmthunder.nova", "WARNING") as logs:
             self.helpers.get_node(Conf(state_dir="/srv/vmthunder"), "cn1")
         self.assertIn("cache device busy", logs.output[0])
+        self.assertIn("iface not created", logs.output[1])
         self.assertEqual(2, self.Tree.call_count)
 
     def test_the_disks_are_rebuilt_first_and_a_vm_that_cannot_be_is_logged(self):
@@ -169,10 +172,11 @@ class GetNodeTest(HelperTestCase):
             }
         )
         node.prepare_cache.side_effect = lambda: calls.append("prepare_cache")
+        node.prepare_initiator.side_effect = lambda: calls.append("prepare_initiator")
         self.Tree.return_value.recover.side_effect = lambda: calls.append("recover") or {}
         with self.assertLogs("vmthunder.nova", "INFO") as logs:
             self.helpers.get_node(Conf(), "cn1")
-        self.assertEqual(["reassemble", "prepare_cache", "recover"], calls)
+        self.assertEqual(["reassemble", "prepare_cache", "prepare_initiator", "recover"], calls)
         errors = [line for line in logs.output if line.startswith("ERROR")]
         self.assertEqual(1, len(errors))
         self.assertIn("vm2", errors[0])

@@ -70,6 +70,7 @@ def get_node(conf, host, export_ip=None):
             )
             _reassemble(node)
             _prepare_cache(node, conf.cache_device)
+            _prepare_initiator(node)
             registry = None
             if url:
                 from vmthunder.registry import Registry
@@ -115,6 +116,16 @@ def _prepare_cache(node, device):
             LOG.info("vmthunder: made the node's cache set on %s", device)
     except vmthunder.Error as e:
         LOG.warning("vmthunder: could not prepare the cache on %s (the first attach will retry): %s", device, e)
+
+
+def _prepare_initiator(node):
+    """Make vmthunder's open-iscsi interface record at start, not in the first join's logins;
+    if that fails the first login tries again and raises the error where Nova reports it."""
+    try:
+        if node.prepare_initiator():
+            LOG.info("vmthunder: made the open-iscsi interface record for its logins")
+    except vmthunder.Error as e:
+        LOG.warning("vmthunder: could not make the open-iscsi interface record (the first login will retry): %s", e)
 
 
 def _recover(tree):

@@ -374,6 +374,13 @@ impl Node {
         }
     }
 
+    /// Make this node's open-iscsi interface record (`iscsi::IFACE`) now, so that the first
+    /// join's logins do not pay for it (three `iscsiadm` runs on the critical path of a boot
+    /// storm). Returns true when it made the record; the record stays (as open-iscsi's own do).
+    pub fn prepare_initiator(&self) -> Result<bool> {
+        iscsi::ensure_iface().map_err(|e| e.context("prepare the iSCSI initiator"))
+    }
+
     /// Point an existing template at new parents (`sources`, parents first, the origin last):
     /// log in to the new paths, reload the multipath table in place (guest I/O is only
     /// suspended for the swap), then log out of paths no longer used. Returns the new table.

@@ -173,6 +173,28 @@ def test_prepare_cache_makes_the_cache_set_before_the_first_attach(fleet):
     finally:
         py(b, ctor + "node.detach('vm-prep')")
     assert b.check(cset).strip() == "0", "the set goes with the last image"
+
+
+def test_prepare_initiator_makes_the_interface_record_once_and_the_first_login_uses_it(fleet):
+    """nova-compute makes vmthunder's open-iscsi interface record at start: the first join's
+    login then runs no `iscsiadm -m iface` (three process starts on a boot storm's critical path)."""
+    a, b = fleet["a"], fleet["b"]
+    ctor = node_ctor(b)
+    b.check("iscsiadm -m iface -I vmthunder -o delete >/dev/null 2>&1 || true")
+    assert b.run("iscsiadm -m iface -I vmthunder")[0] != 0, "the record is gone before the test"
+    assert py(b, ctor + "out(node.prepare_initiator())") is True
+    assert "iface.iscsi_ifacename = vmthunder" in b.check("iscsiadm -m iface -I vmthunder")
+    assert py(b, ctor + "out(node.prepare_initiator())") is False, "a second call makes nothing"
+    conn = py(a, f"out(vmthunder.allow_initiator('vol', {b.initiator_iqn!r}, '{a.ip}:3260'))")
+    log = "/tmp/prep-initiator.log"
+    debug_to_log = f"logging.getLogger().addHandler(logging.FileHandler({log!r}))\nlogging.getLogger().setLevel(logging.DEBUG)\n"
+    vm = py(b, debug_to_log + ctor + f"out(node.attach('img-ini', [{conn!r}], 'vm-ini'))")
+    try:
+        assert md5_of(b, vm, IMAGE) == fleet.origin_md5
+        ran = b.check(f"grep '^run: iscsiadm' {log} || true")
+        assert "--login" in ran and "-m iface" not in ran, ran
+    finally:
+        py(b, ctor + "node.detach('vm-ini')")
     assert_clean(b)
 
 
