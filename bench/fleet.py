@@ -1050,9 +1050,9 @@ def parse_args(argv):
     ap.add_argument(
         "--prefetch-order",
         choices=fleet_guest.PREFETCH_ORDERS,
-        default="reverse",
-        help="the tree modes' prefetch walks the boot profile from its end while the VM boots from "
-        "its start (reverse, the library default) or ahead of the VM from the start (forward; "
+        default="forward",
+        help="the tree modes' prefetch walks the boot profile ahead of the VM from its start "
+        "(forward, the library default) or from its end while the VM boots from its start (reverse; "
         "default: %(default)s)",
     )
     ap.add_argument(
@@ -1060,7 +1060,7 @@ def parse_args(argv):
         type=int,
         choices=range(1, 65),
         metavar="N",
-        help="the tree modes' prefetch keeps N reads in flight (1..64; default: the library's, 2 through a coalescing template)",
+        help="the tree modes' prefetch keeps N reads in flight (1..64; default: the library's, 8 through a coalescing template)",
     )
     ap.add_argument(
         "--local-disk",

@@ -580,8 +580,8 @@ def main():
     m.add_argument(
         "--prefetch-order",
         choices=PREFETCH_ORDERS,
-        default="reverse",
-        help="walk the profile from its end (the library default) or from its start",
+        default="forward",
+        help="walk the profile from its start (the library default) or from its end",
     )
     m.add_argument("--prefetch-depth", type=int, help="the prefetch's reads in flight (default: the library's)")
     b = sub.add_parser("boot")

@@ -47,6 +47,9 @@ CASES = [
     ("fleet-scaling-100mbit", "7c5fe9e", 16, "direct", "direct", None),
 ]
 QUICK = {0, 3, 6}  # 2-node cases: a second or less of simulation each
+# The library's prefetch when those runs were made (until 2026-12-05): from the profile's end,
+# two reads in flight. Each case is predicted with the settings it ran with.
+PREFETCH_BEFORE_2026_12_05 = {"prefetch_reverse": True, "prefetch_depth": 2}
 
 
 def lab_run(scenario, commit, nodes, mode, history=None):
@@ -88,7 +91,7 @@ def validate(quick):
             continue
         run, m = lab_run(scenario, commit, nodes, mode, history)
         n, rate = run["nodes"], run["rate_bps"]
-        _, out = run_sim(params(n, rate, shape, k))
+        _, out = run_sim(params(n, rate, shape, k, **PREFETCH_BEFORE_2026_12_05))
         busy = m.get("host_busy")
         pred, meas = out["completion_s"], m["completion_s"]
         cases.append(

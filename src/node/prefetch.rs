@@ -80,14 +80,19 @@ pub enum Access {
 impl Access {
     /// Reads in flight unless the caller says otherwise. Direct: 1, because bcache drops the
     /// cache inserts of misses that come faster than its allocator frees buckets (UML, a second
-    /// pass re-fetched 7 % at 64 KiB x 1, 23 % at x 2, 53 % at 256 KiB x 1). Buffered: 2; the
-    /// page cache paces the misses (a second pass after drop_caches re-fetched 0-1.1 % at 1, 2
-    /// and 4 in flight), and in the 8-node chain the origin sent 1.06-1.07 x W instead of
-    /// 1.08-1.10 at 1 (the VMs' forward misses, which each add the readahead, found more of W
-    /// fetched), in the same time; 4 sent 1.04 but cost the fleet more CPU (bench/README.md).
+    /// pass re-fetched 7 % at 64 KiB x 1, 23 % at x 2, 53 % at 256 KiB x 1). Buffered: 8, for
+    /// a prefetch that walks the profile forwards, ahead of the VM (`Tree`'s default): the page
+    /// cache paces the misses (a second pass after drop_caches re-fetched 0-1.1 % at 1, 2 and
+    /// 4 in flight), and a relay's requests to its parent wait in the parent's downlink queue
+    /// behind the parent's own fetches, so a child needs many in flight to fill its link. The
+    /// 8-node chain at 15 Mbit/s (link-bound, 2026-12-05, bench/README.md): forwards x 8 in
+    /// 55.7 s, the origin sending 1.009 x W; forwards x 2 67.4 s and 1.10 x W (the VMs caught
+    /// up with the prefetch and their misses each add the readahead); from the end x 2 65.0 s
+    /// and 1.046, x 4 66.2 s and 1.024, x 8 76.9 s (the VMs' reads queued behind the
+    /// prefetch's of blocks they need last).
     pub fn default_depth(self) -> usize {
         match self {
-            Access::Buffered => 2,
+            Access::Buffered => 8,
             Access::Direct => 1,
         }
     }

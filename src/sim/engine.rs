@@ -3,8 +3,9 @@
 //! later askers wait for that fetch. A chunk reaches the child one hop latency after its last
 //! byte left the parent. VMs read their chunks in trace order, a few ahead (their requests in
 //! flight), each at the local read rate once present; the prefetch walks the boot profile
-//! from its end, as `Node.prefetch` does. A dead relay's children move to their next path
-//! after the failover time and ask it again for what the dead relay still owed them.
+//! ahead of the VMs (or from its end: `prefetch_reverse`), as `Node.prefetch` does. A dead
+//! relay's children move to their next path after the failover time and ask it again for what
+//! the dead relay still owed them.
 
 use std::collections::HashMap;
 

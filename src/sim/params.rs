@@ -71,9 +71,12 @@ pub struct Params {
     pub request_bytes: u64,
     /// Requests a session keeps in flight at most (open-iscsi `cmds_max`).
     pub session_depth: u32,
-    /// The boot-profile prefetch (every node that builds a template runs it, from the end).
+    /// The boot-profile prefetch (every node that builds a template runs it): requests in
+    /// flight, their size, and whether it walks the profile from its end (the library's
+    /// default until 2026-12-05, with 2 in flight) instead of ahead of the VMs.
     pub prefetch: bool,
     pub prefetch_depth: u32,
+    pub prefetch_reverse: bool,
     pub prefetch_request_bytes: u64,
     /// How fast a VM reads blocks its node already holds.
     pub local_read_bps: f64,
@@ -116,7 +119,8 @@ impl Default for Params {
             request_bytes: 40 * 1024,
             session_depth: 128,
             prefetch: true,
-            prefetch_depth: 2,
+            prefetch_depth: 8,
+            prefetch_reverse: false,
             prefetch_request_bytes: 64 * 1024,
             local_read_bps: 40.0 * MIB,
             login_s: 0.6,

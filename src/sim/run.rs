@@ -202,7 +202,7 @@ pub fn simulate(p: &Params) -> Result<Outcome, SimError> {
         .map(|i| NodeSpec {
             attach_s: attach[i],
             prefetch: (p.prefetch && !matches!(p.shape, Shape::Direct)) || full,
-            prefetch_reverse: !full,
+            prefetch_reverse: p.prefetch_reverse && !full,
             wait_for_all: full,
             latency_cap: win[i] / hop_s,
             amp,

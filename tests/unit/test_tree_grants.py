@@ -537,7 +537,7 @@ def test_the_join_prefetches_the_profile_in_the_order_the_tree_was_given(tmp_pat
     node.prefetch = lambda image, ranges, depth=None, reverse=False, stop=None: (
         asked.append((image, ranges, reverse)) or {"bytes": 0, "complete": True}
     )
-    kwargs = {} if reverse else {"prefetch_reverse": False}
+    kwargs = {"prefetch_reverse": True} if reverse else {}  # forwards by default
     tree = cn1_tree(node, reg, tmp_path, **kwargs)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1", profile=[[0, 4096], [8192, 4096]])
     assert tree.prefetch_report("img", wait_s=10) == {"bytes": 0, "complete": True}
