@@ -26,30 +26,36 @@ CPU_BOUND = 0.70  # host busy above this: the lab measured its CPU, not its link
 
 HISTORY = os.path.join(RESULTS, record.HISTORY)
 
-# (scenario, commit of the run, nodes, mode, shape, fanout): one fleet run in history.jsonl
+# The boot-profile prefetch a run had (the library's, of its day): from the profile's end with
+# two reads in flight until 2026-12-05, then forwards with eight. Each case is predicted with its own.
+END_X2 = {"prefetch_reverse": True, "prefetch_depth": 2}
+FORWARD_X8 = {"prefetch_reverse": False, "prefetch_depth": 8}
+
+# (scenario, commit of the run, nodes, mode, shape, fanout, prefetch): one fleet run in history.jsonl
 CASES = [
-    ("fleet-scaling-100mbit", "3f6a64f", 2, "tree-f1", "chain", 1),
-    ("fleet-scaling-100mbit", "3f6a64f", 4, "tree-f1", "chain", 1),
-    ("fleet-scaling-100mbit", "3f6a64f", 8, "tree-f1", "chain", 1),
-    ("fleet-scaling-100mbit", "3f6a64f", 2, "direct", "direct", None),
-    ("fleet-scaling-100mbit", "3f6a64f", 4, "direct", "direct", None),
-    ("fleet-scaling-100mbit", "3f6a64f", 8, "direct", "direct", None),
-    ("fleet-scaling-100mbit", "3f76a2b", 2, "tree", "tree", 3),
-    ("fleet-scaling-100mbit", "3f76a2b", 4, "tree", "tree", 3),
-    ("fleet-scaling-100mbit", "3f76a2b", 8, "tree", "tree", 3),
-    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree", "tree", 3),
-    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree-f2", "tree", 2),
-    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree-f1", "chain", 1),
-    ("fleet-8n-25mbit", "67c5095", 8, "tree-f1", "chain", 1),
-    ("fleet-8n-25mbit", "67c5095", 8, "direct", "direct", None),
-    ("fleet-8n-25mbit", "3698a8d", 8, "tree", "tree", 3),
-    ("fleet-scaling-100mbit", "7c5fe9e", 16, "tree-f1", "chain", 1),
-    ("fleet-scaling-100mbit", "7c5fe9e", 16, "direct", "direct", None),
+    ("fleet-scaling-100mbit", "3f6a64f", 2, "tree-f1", "chain", 1, END_X2),
+    ("fleet-scaling-100mbit", "3f6a64f", 4, "tree-f1", "chain", 1, END_X2),
+    ("fleet-scaling-100mbit", "3f6a64f", 8, "tree-f1", "chain", 1, END_X2),
+    ("fleet-scaling-100mbit", "3f6a64f", 2, "direct", "direct", None, END_X2),
+    ("fleet-scaling-100mbit", "3f6a64f", 4, "direct", "direct", None, END_X2),
+    ("fleet-scaling-100mbit", "3f6a64f", 8, "direct", "direct", None, END_X2),
+    ("fleet-scaling-100mbit", "3f76a2b", 2, "tree", "tree", 3, END_X2),
+    ("fleet-scaling-100mbit", "3f76a2b", 4, "tree", "tree", 3, END_X2),
+    ("fleet-scaling-100mbit", "3f76a2b", 8, "tree", "tree", 3, END_X2),
+    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree", "tree", 3, END_X2),
+    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree-f2", "tree", 2, END_X2),
+    ("fleet-8n-100mbit", "7c5fe9e", 8, "tree-f1", "chain", 1, END_X2),
+    ("fleet-8n-25mbit", "67c5095", 8, "tree-f1", "chain", 1, END_X2),
+    ("fleet-8n-25mbit", "67c5095", 8, "direct", "direct", None, END_X2),
+    ("fleet-8n-25mbit", "3698a8d", 8, "tree", "tree", 3, END_X2),
+    ("fleet-scaling-100mbit", "7c5fe9e", 16, "tree-f1", "chain", 1, END_X2),
+    ("fleet-scaling-100mbit", "7c5fe9e", 16, "direct", "direct", None, END_X2),
+    ("fleet-8n-15mbit", "5e2f7e9", 8, "tree-f1", "chain", 1, END_X2),
+    ("fleet-8n-15mbit", "5e2f7e9", 8, "direct", "direct", None, END_X2),
+    ("fleet-8n-15mbit", "10a95d3", 8, "tree-f1", "chain", 1, FORWARD_X8),
+    ("fleet-8n-15mbit", "10a95d3", 8, "direct", "direct", None, FORWARD_X8),
 ]
 QUICK = {0, 3, 6}  # 2-node cases: a second or less of simulation each
-# The library's prefetch when those runs were made (until 2026-12-05): from the profile's end,
-# two reads in flight. Each case is predicted with the settings it ran with.
-PREFETCH_BEFORE_2026_12_05 = {"prefetch_reverse": True, "prefetch_depth": 2}
 
 
 def lab_run(scenario, commit, nodes, mode, history=None):
@@ -86,12 +92,12 @@ def run_sim(p):
 def validate(quick):
     cases, scale = [], []
     history = record.read_history(HISTORY)
-    for i, (scenario, commit, nodes, mode, shape, k) in enumerate(CASES):
+    for i, (scenario, commit, nodes, mode, shape, k, prefetch) in enumerate(CASES):
         if quick and i not in QUICK:
             continue
         run, m = lab_run(scenario, commit, nodes, mode, history)
         n, rate = run["nodes"], run["rate_bps"]
-        _, out = run_sim(params(n, rate, shape, k, **PREFETCH_BEFORE_2026_12_05))
+        _, out = run_sim(params(n, rate, shape, k, **prefetch))
         busy = m.get("host_busy")
         pred, meas = out["completion_s"], m["completion_s"]
         cases.append(

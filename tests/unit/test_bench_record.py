@@ -103,7 +103,7 @@ def test_history_goes_beside_the_result(tmp_path):
 
 def test_the_simulator_finds_each_lab_run_once_in_the_history():
     history = record.read_history()
-    for scenario, commit, nodes, mode, _shape, _k in simulate.CASES:
+    for scenario, commit, nodes, mode, _shape, _k, _prefetch in simulate.CASES:
         run, m = simulate.lab_run(scenario, commit, nodes, mode, history)
         assert run["rate_bps"] > 0 and m["completion_s"] > 0 and m["origin_data_w"] > 0
     with pytest.raises(SystemExit, match="0 runs of fleet-8n-100mbit at nope"):
