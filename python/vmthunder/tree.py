@@ -160,8 +160,8 @@ class Tree:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()  # one upkeep round at a time in this process
         self.prefetch_depth = prefetch_depth
-        # Forwards (default): the 8-node chain at 15 Mbit/s took 55.7 s against 65.0 s from the
-        # end, the origin sending 1.009 x W against 1.046 (bench/README.md, 2026-12-05).
+        # Forwards (default): the 8-node chain at 15 Mbit/s took 54.5 s against 64.3 s from the
+        # end, the origin sending 1.007 x W against 1.047 (bench/README.md, 2026-12-05).
         self.prefetch_reverse = prefetch_reverse
         self._prefetches: Dict[str, Any] = {}  # image -> (thread, stop event, report dict)
         self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, its key, sealed grant)

@@ -83,13 +83,13 @@ impl Access {
     /// pass re-fetched 7 % at 64 KiB x 1, 23 % at x 2, 53 % at 256 KiB x 1). Buffered: 8, for
     /// a prefetch that walks the profile forwards, ahead of the VM (`Tree`'s default): the page
     /// cache paces the misses (a second pass after drop_caches re-fetched 0-1.1 % at 1, 2 and
-    /// 4 in flight), and a relay's requests to its parent wait in the parent's downlink queue
-    /// behind the parent's own fetches, so a child needs many in flight to fill its link. The
-    /// 8-node chain at 15 Mbit/s (link-bound, 2026-12-05, bench/README.md): forwards x 8 in
-    /// 55.7 s, the origin sending 1.009 x W; forwards x 2 67.4 s and 1.10 x W (the VMs caught
-    /// up with the prefetch and their misses each add the readahead); from the end x 2 65.0 s
-    /// and 1.046, x 4 66.2 s and 1.024, x 8 76.9 s (the VMs' reads queued behind the
-    /// prefetch's of blocks they need last).
+    /// 4 in flight), and a relay's requests to its parent most likely wait in the parent's
+    /// downlink queue behind the parent's own fetches, so a child needs many in flight to fill
+    /// its link. The 8-node chain at 15 Mbit/s (link-bound, 2026-12-05, bench/README.md):
+    /// forwards x 8 in 54.5 s, the origin sending 1.007 x W; forwards x 2 68.3 s and 1.12 x W
+    /// (the VMs caught up with the prefetch and their misses each add the readahead); from the
+    /// end x 2 64.3 s and 1.047, x 4 64.9 s and 1.022, x 8 73.9 s (the VMs' reads queued behind
+    /// the prefetch's of blocks they need last).
     pub fn default_depth(self) -> usize {
         match self {
             Access::Buffered => 8,

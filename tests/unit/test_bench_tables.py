@@ -101,3 +101,12 @@ def test_by_default_the_full_copy_is_its_link_bound_and_measure_measures_it():
     table = fleet_report.table(doc)
     row = next(line for line in table.splitlines() if line.startswith("| full_copy"))
     assert "LINK BOUND, not measured (--full-copy measure)" in row and ">= 1374.4 (bound)" in row, row
+
+
+def test_by_default_a_fleet_runs_at_the_labs_faithful_rate_for_its_largest_size():
+    assert fleet.parse_args([]).rate == fleet.faithful_rate(8) == "15mbit"
+    assert fleet.parse_args(["--nodes", "2"]).rate == "100mbit"
+    assert fleet.parse_args(["--nodes", "3"]).rate == fleet.parse_args(["--scaling", "2,4"]).rate == "50mbit"
+    assert fleet.parse_args(["--scaling", "2,4,16"]).rate == "10mbit", "the largest size decides"
+    assert fleet.faithful_rate(60) == fleet.FAITHFUL_RATES[-1][1], "beyond the table: its largest size's rate"
+    assert fleet.parse_args(["--rate", "25mbit"]).rate == "25mbit"
