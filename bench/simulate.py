@@ -54,6 +54,16 @@ CASES = [
     ("fleet-8n-15mbit", "5e2f7e9", 8, "direct", "direct", None, END_X2),
     ("fleet-8n-15mbit", "10a95d3", 8, "tree-f1", "chain", 1, FORWARD_X8),
     ("fleet-8n-15mbit", "10a95d3", 8, "direct", "direct", None, FORWARD_X8),
+    # The faithful rates and the next ones up, 2026-12-05 ("+changes": result files or bench/
+    # code the run did not use were uncommitted)
+    ("fleet-2n-100mbit", "199b3c9+changes", 2, "tree-f1", "chain", 1, FORWARD_X8),
+    ("fleet-2n-100mbit", "199b3c9+changes", 2, "direct", "direct", None, FORWARD_X8),
+    ("fleet-4n-50mbit", "9e03939+changes", 4, "tree-f1", "chain", 1, FORWARD_X8),
+    ("fleet-4n-100mbit", "9e03939+changes", 4, "tree-f1", "chain", 1, FORWARD_X8),
+    ("fleet-8n-25mbit", "199b3c9+changes", 8, "tree-f1", "chain", 1, FORWARD_X8),
+    ("fleet-8n-25mbit", "199b3c9+changes", 8, "direct", "direct", None, FORWARD_X8),
+    ("fleet-16n-10mbit", "199b3c9+changes", 16, "tree-f1", "chain", 1, FORWARD_X8),
+    ("fleet-16n-15mbit", "9e03939+changes", 16, "tree-f1", "chain", 1, FORWARD_X8),
 ]
 QUICK = {0, 3, 6}  # 2-node cases: a second or less of simulation each
 
