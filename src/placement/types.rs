@@ -16,12 +16,13 @@ pub const ORIGIN: &str = "origin";
 ///
 /// Blocks stream through the tree, so a storm is bound by `k * W / u` (the origin and every
 /// relay send `k` copies) plus one join ripple (~0.5 s: a node is ready once its parents
-/// are) per level of `log_k N`, not by `k * log_k N` per block. A small `k` wins where
-/// `k * W / u` dominates (424 MB at GbE: `k = 2` is 8-13 % faster than 3), a large one where
-/// the ripple does (10 GbE: `k = 4` is 4-16 % faster); with claims serialised by the image
-/// lock, as joins take them today, every `k` ties from 1,000 nodes up. `k = 3` is never more
-/// than 16 % slower than the best fan-out (33 % with a relay failing), against 49 % for 2 and
-/// 36 % (68 %) for 4, and keeps trees shallow (64 nodes: depth 4 rather than 6 with 2).
+/// are) per level of `log_k N`, not by `k * log_k N` per block. At 160 nodes on GbE `k = 3`
+/// is the fastest or tied (the prefetch walking ahead of the VMs; from the profile's end,
+/// `k = 2` was 8-13 % faster with 424 MB), a larger `k` wins where the ripple decides (10 GbE:
+/// `k = 4` is 4-16 % faster); with claims serialised by the image lock, as joins take them
+/// today, every `k` ties from 1,000 nodes up. `k = 3` is never more than 16 % slower than the
+/// best fan-out (31 % with a relay failing), against 49 % for 2 and 24 % (71 %) for 4, and
+/// keeps trees shallow (64 nodes: depth 4 rather than 6 with 2).
 pub const DEFAULT_FANOUT: u32 = 3;
 
 /// Default [`Policy::max_parents`]: one primary and one secondary.
