@@ -187,16 +187,17 @@ impl Node {
         py.allow_threads(|| self.inner.reparent(image_id, &sources)).map_err(to_py)
     }
 
-    /// prefetch(image_id, ranges, depth=None, chunk_kib=64, reverse=False, stop=None) -> dict
+    /// prefetch(image_id, ranges, depth=None, chunk_kib=64, reverse=None, stop=None) -> dict
     ///
     /// Read a boot profile (`ranges`: [(offset, length)] in bytes, first-read order) through the
     /// template so the cache holds it. `stop`: an object with `is_set()` (threading.Event),
     /// asked before each read. Returns {"bytes", "reads", "planned_bytes", "seconds", "complete"}.
-    /// Defaults are measured: `depth` None is 2 reads in flight through a coalescing template's
-    /// page cache, 1 with O_DIRECT (bcache drops the inserts of misses that come faster than its
-    /// allocator frees buckets: a second pass refetched 7 % at 64 KiB x 1, 23 % at x 2).
+    /// Defaults are measured (`prefetch::Access`): through a coalescing template's page cache
+    /// forwards, 8 reads in flight; with O_DIRECT from the profile's end, 1 in flight (bcache
+    /// drops the inserts of misses that come faster than its allocator frees buckets: a second
+    /// pass refetched 7 % at 64 KiB x 1, 23 % at x 2).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (image_id, ranges, depth=None, chunk_kib=64, reverse=false, stop=None))]
+    #[pyo3(signature = (image_id, ranges, depth=None, chunk_kib=64, reverse=None, stop=None))]
     fn prefetch(
         &self,
         py: Python<'_>,
@@ -204,7 +205,7 @@ impl Node {
         ranges: &Bound<'_, PyAny>,
         depth: Option<usize>,
         chunk_kib: u64,
-        reverse: bool,
+        reverse: Option<bool>,
         stop: Option<PyObject>,
     ) -> PyResult<PyObject> {
         let ranges = ranges_of(py_to_json(py, "ranges", ranges)?)?;

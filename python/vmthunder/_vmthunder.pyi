@@ -144,7 +144,7 @@ class Node:
         ranges: Sequence[Sequence[int]],
         depth: Optional[int] = None,
         chunk_kib: int = 64,
-        reverse: bool = False,
+        reverse: Optional[bool] = None,
         stop: Optional[Any] = None,
     ) -> Dict[str, Any]: ...
     def detach(self, vm_id: str) -> None: ...

@@ -10,7 +10,7 @@ with or without a registry: an outage that took the registry down too must not l
 
 Boot profiles: when the caller gives one (the recorded boot reads of the image, `load_profile`),
 the node that builds a template reads those blocks through it on a thread, in the profile's
-order with eight reads in flight (`Node.prefetch`'s default depth): it runs ahead of the VMs,
+order with eight reads in flight (`Node.prefetch`'s defaults for a coalescing template): it runs ahead of the VMs,
 whose reads then find the blocks at their node, and every relay down a chain streams the image
 as fast as its link allows instead of each VM pulling its next block through every hop.
 
@@ -142,7 +142,7 @@ class Tree:
         lock_timeout_s: float = 120.0,
         join_wait_s: float = 60.0,
         prefetch_depth: Optional[int] = None,
-        prefetch_reverse: bool = False,
+        prefetch_reverse: Optional[bool] = None,
     ):
         self.node = node
         self.registry = registry
@@ -160,8 +160,9 @@ class Tree:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()  # one upkeep round at a time in this process
         self.prefetch_depth = prefetch_depth
-        # Forwards (default): the 8-node chain at 15 Mbit/s took 54.5 s against 64.3 s from the
-        # end, the origin sending 1.007 x W against 1.047 (bench/README.md, 2026-12-05).
+        # None: the node's default for the template (forwards through a coalescing template: the
+        # 8-node chain at 15 Mbit/s took 54.5 s against 64.3 s from the end, the origin sending
+        # 1.007 x W against 1.047, bench/README.md, 2026-12-05; from the end with O_DIRECT).
         self.prefetch_reverse = prefetch_reverse
         self._prefetches: Dict[str, Any] = {}  # image -> (thread, stop event, report dict)
         self._grants: Dict[str, Dict[str, Any]] = {}  # image -> host -> (initiator, its key, sealed grant)

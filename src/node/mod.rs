@@ -407,15 +407,15 @@ impl Node {
     /// Read a recorded boot profile (`ranges`: byte offset, length; first-read order) through
     /// the image's template so that its cache holds those blocks (see prefetch.rs). Takes no
     /// lock: it only reads, and `stop()` lets a detach end it early.
-    /// `depth`: reads in flight; `None` takes the default measured for the template's access
-    /// (see `prefetch::Access::default_depth`).
+    /// `depth` (reads in flight) and `reverse` (walk the profile from its end): `None` takes
+    /// the defaults measured for the template's access (`prefetch::Access`).
     pub fn prefetch(
         &self,
         image: &str,
         ranges: &[(u64, u64)],
         depth: Option<usize>,
         chunk_bytes: u64,
-        reverse: bool,
+        reverse: Option<bool>,
         stop: &(dyn Fn() -> bool + Sync),
     ) -> Result<prefetch::Report> {
         names::validate_id("image id", image)?;
@@ -424,10 +424,11 @@ impl Node {
             .info(&names::template_dm_name(image, Role::Origin))?
             .ok_or_else(|| Error::new(Kind::NotFound, format!("image {image:?} has no template on this node")))?;
         let size = dm::size_sectors(origin.device)? * 512;
-        let plan = prefetch::plan(ranges, size, chunk_bytes, reverse).map_err(|e| e.context(format!("prefetch image {image:?}")))?;
         // A coalescing template's readers share the origin's page cache (its fileio backstore
         // reads it): read it there too, buffered. Otherwise O_DIRECT, so the cache allocates.
         let access = if template::local_disk(image).is_some() { prefetch::Access::Buffered } else { prefetch::Access::Direct };
+        let reverse = reverse.unwrap_or(access.default_reverse());
+        let plan = prefetch::plan(ranges, size, chunk_bytes, reverse).map_err(|e| e.context(format!("prefetch image {image:?}")))?;
         let report = prefetch::run(&origin.path(), &plan, depth.unwrap_or(access.default_depth()), access, stop)?;
         log::info!(
             "image {image}: prefetched {} of {} bytes in {:.1}s ({} reads{}{})",

@@ -3,10 +3,12 @@
 //!
 //! The plan keeps the profile's first-touch order (a boot reads its blocks in roughly the same
 //! order every time), drops re-reads, and merges neighbouring pieces into reads of up to
-//! `chunk` bytes. `reverse` walks the plan from its end: the guest boots forward from the
-//! start while the prefetch comes from the end, so the two never chase the same blocks (a cache
-//! does not merge two misses of a block in flight: both would go to the parent) and meet in
-//! the middle, having split the work between them.
+//! `chunk` bytes. Walked forwards (the default), the prefetch runs ahead of the guest, which
+//! then finds its blocks here; through a coalescing template a guest's miss of a block the
+//! prefetch is fetching waits for that fetch (one page cache), so the two never fetch a block
+//! twice. `reverse` walks the plan from its end, meeting the guest in the middle: what a
+//! template without coalescing needs (its cache would send both misses to the parent), and
+//! slower in a chain (see `Access::default_depth`).
 use std::{
     collections::HashSet,
     fs::File,
@@ -95,6 +97,14 @@ impl Access {
             Access::Buffered => 8,
             Access::Direct => 1,
         }
+    }
+
+    /// Whether the prefetch walks the profile from its end unless the caller says otherwise:
+    /// forwards through the page cache, where a VM's miss of a block the prefetch is fetching
+    /// waits for that fetch; from the end with O_DIRECT, where the cache below would send both
+    /// misses to the parent.
+    pub fn default_reverse(self) -> bool {
+        self == Access::Direct
     }
 }
 
@@ -200,6 +210,12 @@ impl Drop for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn through_the_page_cache_the_prefetch_runs_ahead_with_eight_reads_direct_from_the_end_with_one() {
+        assert_eq!((Access::Buffered.default_reverse(), Access::Buffered.default_depth()), (false, 8));
+        assert_eq!((Access::Direct.default_reverse(), Access::Direct.default_depth()), (true, 1));
+    }
 
     #[test]
     fn plan_aligns_dedups_and_merges_in_first_touch_order() {

@@ -530,14 +530,15 @@ def test_early_logins_log_out_what_they_started_and_start_nothing_once_closed():
     ]
 
 
-@pytest.mark.parametrize("reverse", [True, False])
+@pytest.mark.parametrize("reverse", [True, False, None])
 def test_the_join_prefetches_the_profile_in_the_order_the_tree_was_given(tmp_path, reverse):
+    """None (the default) leaves the order to the node: its default for the template's access."""
     node, reg = FakeNode(), FakeRegistry()
     asked = []
-    node.prefetch = lambda image, ranges, depth=None, reverse=False, stop=None: (
+    node.prefetch = lambda image, ranges, depth=None, reverse=None, stop=None: (
         asked.append((image, ranges, reverse)) or {"bytes": 0, "complete": True}
     )
-    kwargs = {"prefetch_reverse": True} if reverse else {}  # forwards by default
+    kwargs = {} if reverse is None else {"prefetch_reverse": reverse}
     tree = cn1_tree(node, reg, tmp_path, **kwargs)
     tree.attach("img", {"target_iqn": "iqn.x:origin"}, "vm1", profile=[[0, 4096], [8192, 4096]])
     assert tree.prefetch_report("img", wait_s=10) == {"bytes": 0, "complete": True}
