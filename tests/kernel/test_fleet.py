@@ -27,7 +27,9 @@ def test_fleet_smoke(tmp_path, capsys):
 
         pytest.skip(f"the tree mode needs the registry: {e}")
     rc = fleet.main(["--nodes", "3", "--smoke", "--full-copy", "measure", "--out", str(tmp_path)])
-    doc = json.loads((tmp_path / "fleet-3n-100mbit-synthetic.json").read_text())
+    # by default the fleet runs at the lab's faithful rate for its size, and names its files by it
+    scenario = f"fleet-3n-{fleet.faithful_rate(3)}-synthetic"
+    doc = json.loads((tmp_path / f"{scenario}.json").read_text())
     assert doc["nodes"] == 3 and doc["vms"] == 3
     for k in ("rate_bps", "fanout", "working_set_bytes", "link_bound_s", "modes"):
         assert k in doc, k
@@ -50,12 +52,12 @@ def test_fleet_smoke(tmp_path, capsys):
     # every node's data came over some tree edge (a peer or the origin)
     children = {e["child"] for e in doc["modes"]["tree"]["edges"] if e["bytes"] > 0}
     assert children == {"cn1", "cn2", "cn3"}, doc["modes"]["tree"]["edges"]
-    png = tmp_path / "fleet-3n-100mbit-synthetic-timeline.png"
+    png = tmp_path / f"{scenario}-timeline.png"
     assert png.stat().st_size > 10_000
     prov = doc["provenance"]
     assert prov["date"] and prov["commit"] and prov["host"]["cores"] >= 1, prov
     hist = [json.loads(ln) for ln in (tmp_path / "history.jsonl").read_text().splitlines()]
-    assert [(h["file"], h["scenario"]) for h in hist] == [("fleet-3n-100mbit-synthetic.json", "fleet-3n-100mbit-synthetic")]
+    assert [(h["file"], h["scenario"]) for h in hist] == [(f"{scenario}.json", scenario)]
     assert set(hist[0]["modes"]) == {"tree", "direct", "full_copy"}, hist
     # the table and the PNG's path come last
     out = capsys.readouterr().out.rstrip().splitlines()
